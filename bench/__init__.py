@@ -1,0 +1,1 @@
+"""advsweep benchmark driver and the `advsweep` command line."""

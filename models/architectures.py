@@ -1,0 +1,243 @@
+"""Flax modules of the zoo. Inputs are NHWC images in [0, 1]; outputs are logits.
+
+Each module normalises its own input, so attacks work in [0, 1] pixel space. Every layer's
+post-activation output is sown into the `intermediates` collection under a stable name, so
+analyses can read all layers with `mutable=["intermediates"]` (see `models.zoo.Model`).
+`train=True` switches BatchNorm to batch statistics (and updates `batch_stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _scaled(channels: int, width: float) -> int:
+  return max(1, round(channels * width))
+
+
+def _normalize(x: jnp.ndarray, mean: Sequence[float], std: Sequence[float]) -> jnp.ndarray:
+  return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
+
+class SoftmaxRegression(nn.Module):
+  """The shallow softmax (multinomial logistic regression) of Goodfellow et al. (2015).
+
+  It reads raw [0, 1] pixels, as in the paper's FGSM table.
+  """
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    del train
+    x = x.reshape((x.shape[0], -1))
+    logits = nn.Dense(self.num_classes, name="dense")(x)
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+class PapernotLeNet(nn.Module):
+  """The MNIST network of Papernot et al. (2016), Table 1 (312k parameters).
+
+  conv32-conv32-pool-conv64-conv64-pool-fc200-fc200-fc10, 3x3 valid convolutions, ReLU.
+
+  References: Papernot et al., The Limitations of Deep Learning in Adversarial Settings,
+  EuroS&P 2016.
+  """
+
+  num_classes: int = 10
+  mean: Sequence[float] = MNIST_MEAN
+  std: Sequence[float] = MNIST_STD
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    del train
+    x = _normalize(x, self.mean, self.std)
+    for i, features in enumerate((32, 32, 64, 64)):
+      x = nn.relu(nn.Conv(features, (3, 3), padding="VALID", name=f"conv{i + 1}")(x))
+      self.sow("intermediates", f"conv{i + 1}_act", x)
+      if i in (1, 3):
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for i in range(2):
+      x = nn.relu(nn.Dense(200, name=f"fc{i + 1}")(x))
+      self.sow("intermediates", f"fc{i + 1}_act", x)
+    logits = nn.Dense(self.num_classes, name="fc3")(x)
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+class _ConvBN(nn.Module):
+  """Convolution, BatchNorm, ReLU."""
+
+  features: int
+  kernel: int = 3
+  strides: int = 1
+  padding: str = "SAME"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.strides, self.strides),
+                padding=self.padding, use_bias=False, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+    return nn.relu(x)
+
+
+def _conv_stack(module: nn.Module, x: jnp.ndarray, layers, train: bool) -> jnp.ndarray:
+  """Runs `(name, features, kernel, strides, padding)` layers (or "pool:max"/"pool:avg")."""
+  for spec in layers:
+    if spec == "pool:max":
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      continue
+    if spec == "pool:max2":
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      continue
+    if spec == "pool:avg":
+      x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      continue
+    name, features, kernel, strides, padding = spec
+    x = _ConvBN(features, kernel, strides, padding, name=name)(x, train)
+    module.sow("intermediates", f"{name}_act", x)
+  return x
+
+
+class AllConvC(nn.Module):
+  """All-CNN-C (Springenberg et al., 2015) with BatchNorm; one of Su et al.'s targets.
+
+  `width` scales every hidden layer (1.0 = 96/192 channels).
+
+  References: Springenberg et al., Striving for Simplicity: The All Convolutional Net, 2015;
+  Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, 2019.
+  """
+
+  num_classes: int = 10
+  width: float = 1.0
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    a, b = _scaled(96, self.width), _scaled(192, self.width)
+    x = _normalize(x, self.mean, self.std)
+    x = _conv_stack(self, x, [
+        ("conv1", a, 3, 1, "SAME"), ("conv2", a, 3, 1, "SAME"), ("conv3", a, 3, 2, "SAME"),
+        ("conv4", b, 3, 1, "SAME"), ("conv5", b, 3, 1, "SAME"), ("conv6", b, 3, 2, "SAME"),
+        ("conv7", b, 3, 1, "VALID"), ("conv8", b, 1, 1, "VALID"),
+    ], train)
+    x = nn.Conv(self.num_classes, (1, 1), name="conv9")(x)
+    logits = jnp.mean(x, axis=(1, 2))
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+class NiN(nn.Module):
+  """Network in Network (Lin et al., 2014) with BatchNorm; one of Su et al.'s targets.
+
+  `width` scales every hidden layer (1.0 = 192/160/96 channels).
+
+  References: Lin, Chen, Yan, Network In Network, ICLR 2014.
+  """
+
+  num_classes: int = 10
+  width: float = 1.0
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    s = lambda c: _scaled(c, self.width)  # noqa: E731
+    x = _normalize(x, self.mean, self.std)
+    x = _conv_stack(self, x, [
+        ("block1_conv", s(192), 5, 1, "SAME"), ("block1_mlp1", s(160), 1, 1, "SAME"),
+        ("block1_mlp2", s(96), 1, 1, "SAME"), "pool:max",
+        ("block2_conv", s(192), 5, 1, "SAME"), ("block2_mlp1", s(192), 1, 1, "SAME"),
+        ("block2_mlp2", s(192), 1, 1, "SAME"), "pool:avg",
+        ("block3_conv", s(192), 3, 1, "SAME"), ("block3_mlp1", s(192), 1, 1, "SAME"),
+    ], train)
+    x = nn.Conv(self.num_classes, (1, 1), name="block3_mlp2")(x)
+    logits = jnp.mean(x, axis=(1, 2))
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+class VGG16(nn.Module):
+  """VGG-16 (Simonyan and Zisserman, 2015) for 32x32 inputs, with BatchNorm.
+
+  `width` scales every convolution (1.0 = 64..512 channels).
+
+  References: Simonyan, Zisserman, Very Deep Convolutional Networks, ICLR 2015.
+  """
+
+  num_classes: int = 10
+  width: float = 1.0
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    plan = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]
+    layers = []
+    for stage, (channels, repeats) in enumerate(plan):
+      for j in range(repeats):
+        layers.append((f"conv{stage + 1}_{j + 1}", _scaled(channels, self.width), 3, 1, "SAME"))
+      layers.append("pool:max2")
+    x = _conv_stack(self, _normalize(x, self.mean, self.std), layers, train)
+    x = x.reshape((x.shape[0], -1))
+    logits = nn.Dense(self.num_classes, name="fc")(x)
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+class _ResidualBlock(nn.Module):
+  features: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    y = _ConvBN(self.features, 3, self.strides, name="convbn1")(x, train)
+    y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn2")(y)
+    if x.shape != y.shape:
+      x = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
+                  name="shortcut_conv")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="shortcut_bn")(x)
+    return nn.relu(x + y)
+
+
+class ResNet20(nn.Module):
+  """ResNet-20 for CIFAR-10 (He et al., 2016): 3 stages of 3 basic blocks, 16/32/64 channels.
+
+  Projection (1x1 conv) shortcuts where the shape changes. `width` scales the channels.
+
+  References: He, Zhang, Ren, Sun, Deep Residual Learning for Image Recognition, CVPR 2016.
+  """
+
+  num_classes: int = 10
+  width: float = 1.0
+  blocks_per_stage: int = 3
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    x = _normalize(x, self.mean, self.std)
+    x = _ConvBN(_scaled(16, self.width), name="stem")(x, train)
+    self.sow("intermediates", "stem_act", x)
+    for stage, channels in enumerate((16, 32, 64)):
+      for block in range(self.blocks_per_stage):
+        strides = 2 if stage > 0 and block == 0 else 1
+        name = f"stage{stage + 1}_block{block + 1}"
+        x = _ResidualBlock(_scaled(channels, self.width), strides, name=name)(x, train)
+        self.sow("intermediates", f"{name}_act", x)
+    x = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, name="fc")(x)
+    self.sow("intermediates", "logits", logits)
+    return logits
