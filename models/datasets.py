@@ -309,27 +309,26 @@ def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
     looked.append(f"TFDS: tensorflow_datasets cannot be imported ({err})")
     return None
   tfds_dir = os.environ.get("TFDS_DATA_DIR")
-  kwargs = {"data_dir": tfds_dir} if tfds_dir else {}
+  where = tfds_dir or "~/tensorflow_datasets"
   try:
-    source = tfds.data_source(ds.name, split=split, **kwargs)
+    source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=False)
   except Exception as err:  # noqa: BLE001  (tfds raises many kinds; each is reported)
-    looked.append(f"TFDS data_source({ds.name!r}) in {tfds_dir or '~/tensorflow_datasets'}: "
-                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    looked.append(f"TFDS data_source({ds.name!r}) in {where}: not prepared as array_record "
+                  f"({type(err).__name__}: {first_line})")
     if not _tensorflow_available():
       looked.append("TFDS download_and_prepare: skipped, TensorFlow is not installed "
-                    "(pip install 'advsweep[tfds-prepare]')")
+                    "(pip install 'advsweep[tfds-prepare]' on a machine that is online)")
       return None
     try:
-      builder = tfds.builder(ds.name, **kwargs)
-      builder.download_and_prepare(file_format="array_record")
-      source = tfds.data_source(ds.name, split=split, **kwargs)
+      source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=True,
+                                builder_kwargs={"file_format": "array_record"})
     except Exception as err2:  # noqa: BLE001
       looked.append(f"TFDS download_and_prepare({ds.name!r}): {type(err2).__name__}: {err2}")
       return None
-  n = len(source)
-  records = source.__getitems__(range(n)) if n else []
-  images = np.stack([np.asarray(r["image"]) for r in records]) if n else np.zeros(
-      (0, *ds.shape), np.uint8)
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in records]) if records else (
+      np.zeros((0, *ds.shape), np.uint8))
   labels = np.asarray([r["label"] for r in records], np.int32)
   return images, labels
 

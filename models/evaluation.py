@@ -47,3 +47,22 @@ def accuracy(apply_fn: Callable, params: Any, images_u8: np.ndarray, labels: np.
   """Top-1 accuracy of `apply_fn` on uint8 images [N,H,W,C] with int labels [N]."""
   logits = predict_logits(apply_fn, params, images_u8, batch_size)
   return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+
+
+SUBSET_SIZE = 2000  # the fixed subset: the first 2000 images of the test split
+
+
+def accuracy_summary(apply_fn: Callable, params: Any, test_images_u8: np.ndarray,
+                     test_labels: np.ndarray) -> dict:
+  """Accuracy on the whole test split and on its first `SUBSET_SIZE` images.
+
+  The subset figure is stored in each checkpoint's metadata so tests can re-measure it
+  cheaply and exactly; the full figure is the one the zoo reports.
+  """
+  correct = np.argmax(predict_logits(apply_fn, params, test_images_u8), -1) == test_labels
+  return {
+      "test_accuracy": float(np.mean(correct)),
+      "test_examples": int(len(correct)),
+      "test_subset_accuracy": float(np.mean(correct[:SUBSET_SIZE])),
+      "test_subset_examples": int(min(SUBSET_SIZE, len(correct))),
+  }

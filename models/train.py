@@ -153,7 +153,7 @@ def train_and_evaluate(
   train_seconds = time.time() - start
 
   apply_fn = zoo.Model(name, module, variables, {}).apply_fn
-  test_acc = evaluation.accuracy(apply_fn, variables, test_x, test_y)
+  scores = evaluation.accuracy_summary(apply_fn, variables, test_x, test_y)
   n_params = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
   meta = {
       "name": name,
@@ -162,8 +162,7 @@ def train_and_evaluate(
       "module": repr(module),
       "note": spec.note,
       "parameters": n_params,
-      "test_accuracy": test_acc,
-      "test_examples": len(test_y),
+      **scores,
       "train_examples": len(train_y),
       "train_loss_per_epoch": losses,
       "recipe": dataclasses.asdict(recipe),
@@ -171,7 +170,7 @@ def train_and_evaluate(
       "train_command": command or f"advsweep train {name} --seed {seed}",
       "train_seconds": round(train_seconds, 1),
       "device": jax.devices()[0].device_kind,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "versions": {p: importlib.metadata.version(p) for p in ("jax", "flax", "optax")},
   }
   if out_dir is not None:

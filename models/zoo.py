@@ -66,7 +66,7 @@ ZOO: dict[str, ZooEntry] = dict([
            functools.partial(architectures.PapernotLeNet,
                              mean=architectures.FASHION_MNIST_MEAN,
                              std=architectures.FASHION_MNIST_STD),
-           dataclasses.replace(_MNIST_ADAM, epochs=12, augment=False),
+           dataclasses.replace(_MNIST_ADAM, epochs=5),
            "Papernot et al.'s LeNet trained on Fashion-MNIST"),
     _entry("cifar10_allconv", "cifar10", "AllConvC",
            functools.partial(architectures.AllConvC, width=1 / 3),

@@ -1,0 +1,41 @@
+"""Shared fixtures: where the real data lives on this machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from models import datasets
+
+
+def _data_dir() -> Path | None:
+  env = os.environ.get(datasets.DATA_DIR_ENV)
+  if env and Path(env).is_dir():
+    return Path(env)
+  sibling = Path(__file__).resolve().parents[2] / "shared" / "data"
+  return sibling if sibling.is_dir() else None
+
+
+DATA_DIR = _data_dir()
+
+requires_data = pytest.mark.skipif(
+    DATA_DIR is None,
+    reason=f"real data not found: set ${datasets.DATA_DIR_ENV} to a folder with mnist.npz, "
+           "mnist-raw/ and cifar10.npz")
+requires_fashion = pytest.mark.skipif(
+    not datasets.DEBIAN_FASHION_MNIST.is_dir(),
+    reason="Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+  assert DATA_DIR is not None
+  return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tfds(tmp_path_factory, monkeypatch):
+  """Points TFDS at an empty folder, so no test reads a user's cache or the network."""
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.mktemp("tfds")))

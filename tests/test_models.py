@@ -1,0 +1,177 @@
+"""The zoo: shipped checkpoints load and keep their accuracy; checkpoints are exact and safe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from models import checkpoints, datasets, evaluation, train, zoo
+from tests.conftest import requires_data, requires_fashion
+
+# The floors the zoo promises, on the full test split.
+ACCURACY_FLOORS = {
+    "mnist_lenet": 0.99,
+    "mnist_softmax": 0.91,
+    "fashion_mnist_lenet": 0.90,
+    "cifar10_allconv": 0.80,
+    "cifar10_nin": 0.80,
+    "cifar10_vgg": 0.80,
+    "cifar10_resnet20": 0.80,
+}
+SHIPPED = zoo.available()
+
+
+def test_every_zoo_entry_has_a_floor():
+  assert set(ACCURACY_FLOORS) == set(zoo.ZOO)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_metadata_is_complete_and_above_floor(name):
+  meta = zoo.load(name).meta
+  for field in ("dataset", "architecture", "parameters", "test_accuracy", "train_command",
+                "seed", "sha256", "test_subset_accuracy"):
+    assert field in meta, field
+  assert meta["test_examples"] == datasets.info(meta["dataset"]).sizes["test"]
+  assert meta["test_accuracy"] >= ACCURACY_FLOORS[name]
+  assert meta["sha256"] == checkpoints.sha256_file(zoo.entry(name).checkpoint)
+
+
+@requires_data
+@requires_fashion
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_accuracy_on_fixed_subset(name, data_dir):
+  model = zoo.load(name)
+  n = model.meta["test_subset_examples"]
+  images, labels = datasets.load(model.meta["dataset"], "test", data_dir)
+  measured = evaluation.accuracy(model.apply_fn, model.params, images[:n], labels[:n])
+  assert abs(measured - model.meta["test_subset_accuracy"]) <= 0.01, (
+      measured, model.meta["test_subset_accuracy"])
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_intermediates_end_in_the_logits(name):
+  spec = zoo.entry(name)
+  module = spec.constructor()
+  variables = zoo.init_variables(module, spec.dataset, jax.random.key(1))
+  model = zoo.Model(name, module, variables, {})
+  images = jax.random.uniform(jax.random.key(2), (3, *datasets.info(spec.dataset).shape))
+  logits, layers = model.intermediates(variables, images)
+  assert logits.shape == (3, 10)
+  np.testing.assert_array_equal(layers["logits"], logits)
+  np.testing.assert_allclose(model.apply_fn(variables, images), logits, rtol=1e-6)
+  assert len(layers) >= 1 if name == "mnist_softmax" else len(layers) >= 7
+  assert all(v.shape[0] == 3 for v in layers.values())
+
+
+def _fresh(name: str, seed: int = 0):
+  spec = zoo.entry(name)
+  module = spec.constructor()
+  return module, zoo.init_variables(module, spec.dataset, jax.random.key(seed))
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+  _, variables = _fresh("cifar10_resnet20", seed=3)
+  path = tmp_path / "cifar10_resnet20.msgpack"
+  checkpoints.save(path, variables, {"name": "cifar10_resnet20"})
+  restored = zoo.load("cifar10_resnet20", tmp_path).params
+  leaves, restored_leaves = jax.tree.leaves(variables), jax.tree.leaves(restored)
+  assert jax.tree.structure(variables) == jax.tree.structure(restored)
+  for a, b in zip(leaves, restored_leaves, strict=True):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Saving what was loaded gives the same bytes.
+  again = tmp_path / "again" / "cifar10_resnet20.msgpack"
+  checkpoints.save(again, restored, {})
+  assert again.read_bytes() == path.read_bytes()
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+  _, variables = _fresh("mnist_lenet")
+  path = tmp_path / "mnist_lenet.msgpack"
+  checkpoints.save(path, variables, {})
+  blob = bytearray(path.read_bytes())
+  blob[len(blob) // 2] ^= 0x01
+  path.write_bytes(bytes(blob))
+  with pytest.raises(checkpoints.CheckpointError, match="sha256"):
+    zoo.load("mnist_lenet", tmp_path)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  _, variables = _fresh("mnist_lenet")
+  checkpoints.save(tmp_path / "fashion_mnist_lenet.msgpack", variables, {})
+  zoo.load("fashion_mnist_lenet", tmp_path)  # same architecture: fine
+  checkpoints.save(tmp_path / "cifar10_vgg.msgpack", variables, {})
+  with pytest.raises(checkpoints.CheckpointError, match="wrong model"):
+    zoo.load("cifar10_vgg", tmp_path)
+
+
+def test_missing_checkpoint_and_metadata_errors(tmp_path):
+  with pytest.raises(checkpoints.CheckpointError, match="advsweep train"):
+    zoo.load("mnist_lenet", tmp_path)
+  (tmp_path / "mnist_lenet.json").write_text(json.dumps({"sha256": "0" * 64}))
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint missing"):
+    zoo.load("mnist_lenet", tmp_path)
+
+
+def test_unknown_model_lists_choices():
+  with pytest.raises(ValueError, match="mnist_lenet"):
+    zoo.load("resnet50")
+
+
+@requires_data
+def test_short_training_run_lowers_the_loss(data_dir, tmp_path):
+  result = train.train_and_evaluate(
+      "mnist_lenet", seed=0, data_dir=data_dir, out_dir=tmp_path, epochs=3,
+      train_limit=384, test_limit=200, progress=False)
+  assert len(result.losses) == 3
+  assert result.losses[-1] < 0.7 * result.losses[0], result.losses
+  assert result.meta["test_accuracy"] > 0.5  # 384 images: far above chance (0.1)
+  loaded = zoo.load("mnist_lenet", tmp_path)
+  assert loaded.meta["sha256"] == result.meta["sha256"]
+
+
+@requires_data
+def test_training_is_deterministic(data_dir):
+  runs = [train.train_and_evaluate("cifar10_vgg", seed=7, data_dir=data_dir, epochs=1,
+                                   train_limit=64, test_limit=16, progress=False)
+          for _ in range(2)]
+  assert runs[0].losses == runs[1].losses
+  for a, b in zip(*(jax.tree.leaves(r.variables) for r in runs), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_shipped_checkpoints_fit_the_size_budget():
+  total = sum(zoo.entry(n).checkpoint.stat().st_size for n in SHIPPED)
+  assert total < 30e6, f"shipped checkpoints take {total / 1e6:.1f} MB, budget 30 MB"
+
+
+def test_models_command_lists_the_zoo(capsys, tmp_path):
+  from bench import cli
+
+  assert cli.main(["models"]) == 0
+  out = capsys.readouterr().out
+  for name in zoo.ZOO:
+    assert name in out
+  for name in SHIPPED:
+    assert f"{100 * zoo.load(name).meta['test_accuracy']:.2f}%" in out
+  # A folder holding one checkpoint lists that model and marks the others as not trained.
+  spec = zoo.entry("mnist_softmax")
+  shutil.copy(spec.checkpoint, tmp_path)
+  shutil.copy(spec.checkpoint.with_suffix(".json"), tmp_path)
+  assert cli.main(["models", "--checkpoint-dir", str(tmp_path)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  softmax_line = next(line for line in lines if line.startswith("mnist_softmax"))
+  assert f"{100 * zoo.load('mnist_softmax').meta['test_accuracy']:.2f}%" in softmax_line
+  assert sum("not trained" in line for line in lines) == len(zoo.ZOO) - 1
+
+
+def test_train_command_rejects_unknown_model(capsys):
+  from bench import cli
+
+  with pytest.raises(SystemExit):
+    cli.main(["train", "resnet50"])
+  assert "mnist_lenet" in capsys.readouterr().err
