@@ -1,4 +1,29 @@
-"""advsweep attacks: one-pixel differential evolution, the gradient-sign family and JSMA.
+"""advsweep attacks: pure, jitted functions with one signature.
 
-The attacks themselves are built in issue 3; this package holds them.
+    attack(apply_fn, params, images, labels, key, config=None, *, targets=None) -> AttackResult
+
+`config=None` is the paper's setting. `REGISTRY` maps names to (function, config class).
 """
+
+from attacks.common import (
+    EXPLICIT,
+    LEAST_LIKELY,
+    RANDOM,
+    TARGET_MODES,
+    UNTARGETED,
+    AttackResult,
+    every_other_class,
+)
+from attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
+
+REGISTRY = {
+    "fgsm": (fgsm, FGSMConfig),
+    "bim": (bim, BIMConfig),
+    "pgd": (pgd, PGDConfig),
+}
+
+__all__ = [
+    "EXPLICIT", "LEAST_LIKELY", "RANDOM", "REGISTRY", "TARGET_MODES", "UNTARGETED",
+    "AttackResult", "BIMConfig", "FGSMConfig", "PGDConfig", "bim", "every_other_class",
+    "fgsm", "pgd",
+]

@@ -1,0 +1,195 @@
+"""What every attack shares: the result type, input checks, target choice, final re-check.
+
+An attack has the signature
+
+    attack(apply_fn, params, images, labels, key, config=None, *, targets=None) -> AttackResult
+
+with `apply_fn(params, images[B,H,W,C]) -> logits[B,K]` and images in [0, 1]. Success is
+always re-checked with the model's own prediction on `adv_images` (as AutoAttack does), never
+taken from the attack's bookkeeping, and non-finite model outputs are reported, not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+# Target modes. "untargeted" pushes away from the true label (the Possas slides' "inverse"
+# perturbation); the others push toward a target class.
+UNTARGETED = "untargeted"
+LEAST_LIKELY = "least_likely"  # argmin of the clean prediction (Kurakin et al., 2017)
+RANDOM = "random"  # a class other than the label, drawn from the key
+EXPLICIT = "explicit"  # the `targets` argument
+TARGET_MODES = (UNTARGETED, LEAST_LIKELY, RANDOM, EXPLICIT)
+NO_TARGET = -1
+
+
+@struct.dataclass
+class AttackResult:
+  """Per-image outcome of an attack; every field has leading dimension B.
+
+  Attributes:
+    adv_images: [B,H,W,C] adversarial images in [0, 1].
+    success: [B] the model's prediction on `adv_images` is the target (targeted) or differs
+      from the label (untargeted), and its output is finite.
+    adv_pred: [B] top-1 class on `adv_images`.
+    adv_conf: [B] softmax probability of `adv_pred`.
+    adv_top5_correct: [B] the label is among the top 5 classes on `adv_images`.
+    target: [B] target class, or -1 for untargeted attacks.
+    queries: [B] model evaluations spent on the image (a forward+backward pass counts one).
+    l0: [B] pixels (spatial positions) changed.
+    l0_fraction: [B] fraction of input features (H*W*C values) changed.
+    l2: [B] L2 norm of the perturbation.
+    linf: [B] L-infinity norm of the perturbation.
+    finite: [B] the model's output on `adv_images` is finite.
+  """
+
+  adv_images: jax.Array
+  success: jax.Array
+  adv_pred: jax.Array
+  adv_conf: jax.Array
+  adv_top5_correct: jax.Array
+  target: jax.Array
+  queries: jax.Array
+  l0: jax.Array
+  l0_fraction: jax.Array
+  l2: jax.Array
+  linf: jax.Array
+  finite: jax.Array
+
+
+def validate(images: Any, labels: Any, *, targets: Any = None, target_mode: str = UNTARGETED
+             ) -> None:
+  """Raises ValueError naming the problem for inputs no attack can use.
+
+  Checks rank, dtype, range [0, 1] and finiteness of `images`, the shape and dtype of
+  `labels`, and the target mode. Class ranges are checked by `check_classes` once the
+  number of classes is known.
+  """
+  shape = np.shape(images)
+  if len(shape) != 4:
+    raise ValueError(f"images must have rank 4 [B,H,W,C]; got shape {shape}. Add a batch "
+                     "or channel axis.")
+  dtype = np.asarray(images).dtype if not hasattr(images, "dtype") else images.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"images must be floating point in [0, 1]; got dtype {dtype}. Convert "
+                     "uint8 images with images.astype(np.float32) / 255.")
+  values = np.asarray(images)
+  if not np.isfinite(values).all():
+    raise ValueError("images contain NaN or infinite values")
+  if values.size and (values.min() < 0.0 or values.max() > 1.0):
+    raise ValueError(f"images must lie in [0, 1]; got range [{values.min():.4g}, "
+                     f"{values.max():.4g}]. Divide uint8 pixels by 255.")
+  label_shape = np.shape(labels)
+  if label_shape != (shape[0],):
+    raise ValueError(f"labels must have shape [B] = ({shape[0]},); got {label_shape}")
+  if not jnp.issubdtype(np.asarray(labels).dtype, jnp.integer):
+    raise ValueError(f"labels must be integers; got dtype {np.asarray(labels).dtype}")
+  if target_mode not in TARGET_MODES:
+    raise ValueError(f"unknown target mode {target_mode!r}; valid choices: "
+                     f"{', '.join(TARGET_MODES)}")
+  if target_mode == EXPLICIT:
+    if targets is None:
+      raise ValueError("target mode 'explicit' needs targets=[B] class indices")
+    if np.shape(targets) != (shape[0],):
+      raise ValueError(f"targets must have shape ({shape[0]},); got {np.shape(targets)}")
+  elif targets is not None:
+    raise ValueError(f"targets were given but the target mode is {target_mode!r}; set "
+                     "target='explicit' in the config to use them")
+
+
+def check_classes(name: str, values: Any, num_classes: int) -> None:
+  values = np.asarray(values)
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, {num_classes}); got range "
+                     f"[{values.min()}, {values.max()}]")
+
+
+def num_classes_of(apply_fn: ApplyFn, params: Any, images: jax.Array) -> int:
+  """The model's number of classes, from its output shape (no computation)."""
+  out = jax.eval_shape(apply_fn, params, images[:1])
+  return int(out.shape[-1])
+
+
+def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
+  """One PRNG key per image: a single key is split into `batch` keys; [B] keys pass through.
+
+  Every random choice of an attack on image i uses only key i, so attacking a batch equals
+  attacking each image alone with its own key.
+  """
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    single = key.ndim == 0
+  else:  # raw uint32 keys from jax.random.PRNGKey
+    single = key.ndim == 1
+  if single:
+    return jax.random.split(key, batch)
+  if key.shape[0] != batch:
+    raise ValueError(f"got {key.shape[0]} keys for {batch} images; pass one key or one per "
+                     "image")
+  return key
+
+
+def choose_targets(mode: str, keys: jax.Array, labels: jax.Array, clean_logits: jax.Array,
+                   targets: jax.Array | None) -> jax.Array:
+  """Target class per image for `mode` (keys: [B]), or -1 (NO_TARGET) if untargeted."""
+  if mode == UNTARGETED:
+    return jnp.full(labels.shape, NO_TARGET, jnp.int32)
+  if mode == LEAST_LIKELY:
+    return jnp.argmin(clean_logits, -1).astype(jnp.int32)
+  if mode == RANDOM:
+    num_classes = clean_logits.shape[-1]
+    offset = jax.vmap(lambda k: jax.random.randint(k, (), 1, num_classes))(keys)
+    return ((labels + offset) % num_classes).astype(jnp.int32)
+  return jnp.asarray(targets, jnp.int32)
+
+
+def every_other_class(images: jax.Array, labels: jax.Array, num_classes: int
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Repeats each image once per other class: the "at least one target" and class-pair runs.
+
+  Returns images [B*(K-1),H,W,C], labels [B*(K-1)] and targets [B*(K-1)], image-major.
+  """
+  offsets = jnp.arange(1, num_classes)
+  targets = (labels[:, None] + offsets[None, :]) % num_classes
+  reps = num_classes - 1
+  return (jnp.repeat(images, reps, axis=0), jnp.repeat(labels, reps),
+          targets.reshape(-1).astype(jnp.int32))
+
+
+def finalize(apply_fn: ApplyFn, params: Any, images: jax.Array, adv_images: jax.Array,
+             labels: jax.Array, targets: jax.Array, queries: jax.Array) -> AttackResult:
+  """Re-checks the adversarial images with the model and measures the perturbation."""
+  logits = apply_fn(params, adv_images)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  probs = jax.nn.softmax(logits, -1)
+  adv_pred = jnp.argmax(logits, -1).astype(jnp.int32)
+  adv_conf = jnp.max(probs, -1)
+  k = min(5, logits.shape[-1])
+  top5 = jax.lax.top_k(logits, k)[1]
+  adv_top5_correct = jnp.any(top5 == labels[:, None], -1)
+  targeted = targets >= 0
+  success = jnp.where(targeted, adv_pred == targets, adv_pred != labels) & finite
+  delta = (adv_images - images).reshape(images.shape[0], -1)
+  changed = (adv_images != images)
+  return AttackResult(
+      adv_images=adv_images,
+      success=success,
+      adv_pred=adv_pred,
+      adv_conf=adv_conf,
+      adv_top5_correct=adv_top5_correct,
+      target=targets,
+      queries=queries.astype(jnp.int32),
+      l0=jnp.sum(jnp.any(changed, -1), axis=(1, 2)).astype(jnp.int32),
+      l0_fraction=jnp.mean(changed.reshape(images.shape[0], -1), -1),
+      l2=jnp.linalg.norm(delta, axis=-1),
+      linf=jnp.max(jnp.abs(delta), -1),
+      finite=finite,
+  )
