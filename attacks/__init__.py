@@ -15,15 +15,17 @@ from attacks.common import (
     every_other_class,
 )
 from attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
+from attacks.jsma import JSMAConfig, jsma
 
 REGISTRY = {
     "fgsm": (fgsm, FGSMConfig),
     "bim": (bim, BIMConfig),
     "pgd": (pgd, PGDConfig),
+    "jsma": (jsma, JSMAConfig),
 }
 
 __all__ = [
     "EXPLICIT", "LEAST_LIKELY", "RANDOM", "REGISTRY", "TARGET_MODES", "UNTARGETED",
-    "AttackResult", "BIMConfig", "FGSMConfig", "PGDConfig", "bim", "every_other_class",
-    "fgsm", "pgd",
+    "AttackResult", "BIMConfig", "FGSMConfig", "JSMAConfig", "PGDConfig", "bim",
+    "every_other_class", "fgsm", "jsma", "pgd",
 ]

@@ -1,0 +1,184 @@
+"""The Jacobian-based saliency map attack (JSMA) with the paper's pair search.
+
+Each iteration takes the forward derivative of the logits with one forward pass and two
+vector-Jacobian products (the target class, and the sum of all other classes: not one
+backward pass per class), then picks the pair of features (p, q) in the search domain that
+maximises the adversarial saliency map
+
+    alpha = d Z_t / d x_p + d Z_t / d x_q,   beta = sum_{j != t} (d Z_j / d x_p + d Z_j / d x_q)
+    score = alpha * |beta|  subject to  theta * alpha > 0  and  theta * beta < 0,
+
+and moves both features by theta (clipped to [0, 1]). Logits are used rather than softmax
+outputs: with softmax, beta = -alpha identically and the map loses its second term. The
+N x N pair scores (N = H*W*C) are never held whole: `best_pair` scans them in blocks of
+`block_rows` rows, so memory is B * block_rows * N floats, and the result is the exact
+row-major argmax of the full map.
+
+References: Papernot, McDaniel, Jha, Fredrikson, Celik, Swami, The Limitations of Deep
+Learning in Adversarial Settings, EuroS&P 2016 (theta = +1, gamma = 14.5% on MNIST: 97.10%
+success with 4.02% of the features changed).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from attacks import common
+
+
+@struct.dataclass
+class JSMAConfig:
+  """JSMA settings; defaults are the paper's MNIST ones.
+
+  Attributes:
+    gamma: maximum fraction of features changed (traced).
+    theta: +1 increases features (the paper's main variant), -1 decreases them.
+    block_rows: rows of the pair-score matrix scored at once; peak memory of the search is
+      about 4 * batch * block_rows * N * 4 bytes.
+    target: target mode; JSMA is targeted ("random", "least_likely" or "explicit").
+  """
+
+  gamma: float = 0.145
+  theta: float = struct.field(pytree_node=False, default=1.0)
+  block_rows: int = struct.field(pytree_node=False, default=64)
+  target: str = struct.field(pytree_node=False, default=common.RANDOM)
+
+
+def best_pair(alpha: jax.Array, beta: jax.Array, domain: jax.Array, block_rows: int
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Exact best saliency pair for one image, scanning the N x N map in row blocks.
+
+  Args:
+    alpha: [N] target-class derivative, already multiplied by theta.
+    beta: [N] other-classes derivative, already multiplied by theta.
+    domain: [N] bool, the features that may still be changed.
+    block_rows: rows per block.
+
+  Returns:
+    (p, q, score): the row-major first argmax of alpha_pq * -beta_pq over pairs p != q in the
+    domain with alpha_pq > 0 and beta_pq < 0; score is -inf when no pair qualifies.
+  """
+  n = alpha.shape[0]
+  rows = min(block_rows, n)
+  num_blocks = -(-n // rows)
+  pad = num_blocks * rows - n
+  alpha_rows = jnp.pad(alpha, (0, pad))
+  beta_rows = jnp.pad(beta, (0, pad))
+  domain_rows = jnp.pad(domain, (0, pad))
+  columns = jnp.arange(n)
+
+  def block(best, start):
+    a = jax.lax.dynamic_slice(alpha_rows, (start,), (rows,))
+    b = jax.lax.dynamic_slice(beta_rows, (start,), (rows,))
+    d = jax.lax.dynamic_slice(domain_rows, (start,), (rows,))
+    pair_alpha = a[:, None] + alpha[None, :]
+    pair_beta = b[:, None] + beta[None, :]
+    row_ids = start + jnp.arange(rows)
+    valid = (d[:, None] & domain[None, :] & (row_ids[:, None] != columns[None, :])
+             & (pair_alpha > 0) & (pair_beta < 0))
+    scores = jnp.where(valid, pair_alpha * -pair_beta, -jnp.inf)
+    flat = jnp.argmax(scores)
+    score = scores.reshape(-1)[flat]
+    candidate = (score, start + flat // n, flat % n)
+    better = score > best[0]
+    return jax.tree.map(lambda c, o: jnp.where(better, c, o), candidate, best), None
+
+  init = (jnp.asarray(-jnp.inf, alpha.dtype), jnp.asarray(0), jnp.asarray(0))
+  (score, p, q), _ = jax.lax.scan(block, init, jnp.arange(num_blocks) * rows)
+  return p, q, score
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("theta", "block_rows", "target_mode"))
+def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, block_rows,
+          target_mode) -> common.AttackResult:
+  batch = images.shape[0]
+  shape = images.shape[1:]
+  n = images[0].size
+  keys = common.per_image_keys(keys, batch)
+  clean_logits = apply_fn(params, images)
+  targets = common.choose_targets(target_mode, keys, labels, clean_logits, targets)
+  direction = 1.0 if theta > 0 else -1.0
+  flat_images = images.reshape(batch, n)
+  max_changed = jnp.floor(gamma * n)
+  onehot = jax.nn.one_hot(targets, clean_logits.shape[-1], dtype=images.dtype)
+
+  def logits_of(flat):
+    return apply_fn(params, flat.reshape(batch, *shape))
+
+  def cond(state):
+    return jnp.any(state[2])
+
+  def body(state):
+    x, domain, active, queries = state
+    logits, vjp = jax.vjp(logits_of, x)
+    (grad_target,) = vjp(onehot)
+    (grad_others,) = vjp(1.0 - onehot)
+    hit = jnp.argmax(logits, -1) == targets
+    p, q, score = jax.vmap(functools.partial(best_pair, block_rows=block_rows))(
+        direction * grad_target, direction * grad_others, domain)
+    changed = jnp.sum(x != flat_images, -1)
+    go = active & ~hit & jnp.isfinite(score) & (changed + 2 <= max_changed)
+    rows = jnp.arange(batch)
+    moved_p = jnp.clip(x[rows, p] + theta, 0.0, 1.0)
+    moved_q = jnp.clip(x[rows, q] + theta, 0.0, 1.0)
+    x = x.at[rows, p].set(jnp.where(go, moved_p, x[rows, p]))
+    x = x.at[rows, q].set(jnp.where(go, moved_q, x[rows, q]))
+    at_limit = (x >= 1.0) if theta > 0 else (x <= 0.0)
+    domain = domain & ~at_limit
+    queries = queries + active.astype(jnp.int32)
+    return x, domain, go, queries
+
+  domain = (flat_images < 1.0) if theta > 0 else (flat_images > 0.0)
+  init = (flat_images, domain, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
+  x, _, _, queries = jax.lax.while_loop(cond, body, init)
+  adv = x.reshape(images.shape)
+  return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
+
+
+def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+         key: jax.Array, config: JSMAConfig | None = None, *,
+         targets: jax.Array | None = None) -> common.AttackResult:
+  """Targeted JSMA: pairs of features moved by theta until the target class wins.
+
+  Args:
+    apply_fn: `apply_fn(params, images[B,H,W,C]) -> logits[B,K]`.
+    params: the model's variables.
+    images: [B,H,W,C] float in [0, 1].
+    labels: [B] true classes.
+    key: PRNG key, or one per image [B] (draws the targets in "random" mode).
+    config: `JSMAConfig`; None is the paper's setting (theta +1, gamma 14.5%).
+    targets: [B] classes for `target="explicit"`; see `attacks.every_other_class` for the
+      paper's all-targets runs.
+
+  Returns:
+    `AttackResult`; `l0_fraction` is the paper's "percentage of features modified" and
+    `queries` counts iterations (one forward pass and two vector-Jacobian products each).
+
+  References: Papernot et al., The Limitations of Deep Learning in Adversarial Settings, 2016.
+  """
+  config = config or JSMAConfig()
+  common.validate(images, labels, targets=targets, target_mode=config.target)
+  if config.target == common.UNTARGETED:
+    raise ValueError("JSMA is a targeted attack: use target='random', 'least_likely' or "
+                     "'explicit'")
+  if config.theta == 0 or not -1.0 <= config.theta <= 1.0:
+    raise ValueError(f"theta must be in [-1, 0) or (0, 1]; got {config.theta}")
+  if not 0.0 <= float(config.gamma) <= 1.0:
+    raise ValueError(f"gamma must be a fraction in [0, 1]; got {config.gamma}")
+  if config.block_rows < 1:
+    raise ValueError(f"block_rows must be >= 1; got {config.block_rows}")
+  num_classes = common.num_classes_of(apply_fn, params, images)
+  common.check_classes("labels", labels, num_classes)
+  if targets is not None:
+    common.check_classes("targets", targets, num_classes)
+  images = jnp.asarray(images)
+  return _jsma(apply_fn, params, images, jnp.asarray(labels, jnp.int32), key,
+               None if targets is None else jnp.asarray(targets, jnp.int32),
+               jnp.asarray(config.gamma, images.dtype), theta=float(config.theta),
+               block_rows=config.block_rows, target_mode=config.target)

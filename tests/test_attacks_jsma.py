@@ -1,0 +1,119 @@
+"""JSMA: the blockwise pair search against brute force, invariants, determinism."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attacks
+from attacks.jsma import best_pair
+from tests.attack_models import linear_model, random_images, small_cnn
+
+
+def _brute_force_pair(alpha, beta, domain):
+  alpha, beta, domain = map(np.asarray, (alpha, beta, domain))
+  pa = alpha[:, None] + alpha[None, :]
+  pb = beta[:, None] + beta[None, :]
+  valid = domain[:, None] & domain[None, :] & ~np.eye(len(alpha), dtype=bool) & (pa > 0) & (
+      pb < 0)
+  scores = np.where(valid, pa * -pb, -np.inf)
+  flat = int(np.argmax(scores))
+  return flat // len(alpha), flat % len(alpha), scores.reshape(-1)[flat]
+
+
+@pytest.mark.parametrize("n,block_rows,seed", [(50, 7, 0), (64, 64, 1), (97, 16, 2),
+                                                (30, 1, 3), (40, 100, 4)])
+def test_best_pair_equals_brute_force(n, block_rows, seed):
+  rng = np.random.default_rng(seed)
+  alpha = jnp.asarray(rng.normal(size=n), jnp.float32)
+  beta = jnp.asarray(rng.normal(size=n), jnp.float32)
+  domain = jnp.asarray(rng.uniform(size=n) < 0.8)
+  p, q, score = best_pair(alpha, beta, domain, block_rows)
+  ref_p, ref_q, ref_score = _brute_force_pair(alpha, beta, domain)
+  assert (int(p), int(q)) == (ref_p, ref_q)
+  np.testing.assert_allclose(float(score), ref_score, rtol=1e-6)
+
+
+def test_best_pair_with_no_valid_pair_scores_minus_inf():
+  alpha = jnp.ones(10)
+  beta = jnp.ones(10)  # beta > 0 everywhere: no pair qualifies
+  _, _, score = best_pair(alpha, beta, jnp.ones(10, bool), 4)
+  assert score == -jnp.inf
+
+
+@pytest.mark.parametrize("theta", [1.0, -1.0])
+def test_invariants_and_success_on_a_convnet(theta):
+  apply_fn, params = small_cnn(seed=1)
+  images = random_images(10, 8, 8, 3, seed=1)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  config = attacks.JSMAConfig(gamma=0.2, theta=theta, block_rows=32)
+  result = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config)
+  adv = np.asarray(result.adv_images)
+  assert adv.min() >= 0 and adv.max() <= 1
+  assert float(result.l0_fraction.max()) <= 0.2
+  changed = np.asarray(result.adv_images != images).reshape(10, -1)
+  np.testing.assert_allclose(result.l0_fraction, changed.mean(-1))
+  moved = np.asarray(result.adv_images)[changed.reshape(adv.shape)]
+  assert np.all(moved == (1.0 if theta > 0 else 0.0))  # theta = +-1 saturates features
+  logits = apply_fn(params, result.adv_images)
+  np.testing.assert_array_equal(result.success, jnp.argmax(logits, -1) == result.target)
+  assert np.all(result.target != labels)
+  assert result.success.mean() >= 0.5
+
+
+def test_first_step_follows_the_saliency_map():
+  """On a linear model the Jacobian is W, so the first pair is the brute-force best pair."""
+  apply_fn, params = linear_model(num_classes=3)
+  images = random_images(1)
+  labels = jnp.array([0])
+  targets = jnp.array([2])
+  w = np.asarray(params["w"])
+  alpha = w[:, 2]
+  beta = w[:, 0] + w[:, 1]
+  p, q, _ = _brute_force_pair(alpha, beta, np.asarray(images).reshape(-1) < 1)
+  result = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0),
+                        attacks.JSMAConfig(gamma=2.5 / 36, target=attacks.EXPLICIT),
+                        targets=targets)
+  changed = np.flatnonzero(np.asarray(result.adv_images != images).reshape(-1))
+  assert set(changed.tolist()) <= {p, q}
+  assert int(result.queries[0]) >= 1
+
+
+def test_batch_equals_per_image_loop_and_is_deterministic():
+  apply_fn, params = small_cnn(seed=2)
+  images = random_images(4, 8, 8, 3, seed=2)
+  labels = jnp.zeros(4, jnp.int32)
+  keys = jax.random.split(jax.random.key(3), 4)
+  config = attacks.JSMAConfig(gamma=0.1, block_rows=50)
+  batched = attacks.jsma(apply_fn, params, images, labels, keys, config)
+  for i in range(4):
+    single = attacks.jsma(apply_fn, params, images[i:i + 1], labels[i:i + 1], keys[i:i + 1],
+                          config)
+    chex.assert_trees_all_close(single, jax.tree.map(lambda x, i=i: x[i:i + 1], batched),
+                                atol=1e-6)
+  chex.assert_trees_all_equal(batched,
+                              attacks.jsma(apply_fn, params, images, labels, keys, config))
+
+
+def test_every_other_class_covers_all_pairs():
+  images = random_images(3)
+  labels = jnp.array([0, 2, 3])
+  rep_images, rep_labels, targets = attacks.every_other_class(images, labels, 4)
+  assert rep_images.shape == (9, 6, 6, 1)
+  pairs = set(zip(rep_labels.tolist(), targets.tolist(), strict=True))
+  assert pairs == {(y, t) for y in (0, 2, 3) for t in range(4) if t != y}
+
+
+@pytest.mark.parametrize("config,match", [
+    (attacks.JSMAConfig(target=attacks.UNTARGETED), "targeted"),
+    (attacks.JSMAConfig(theta=0.0), "theta"),
+    (attacks.JSMAConfig(gamma=1.5), "gamma"),
+])
+def test_bad_config_is_refused(config, match):
+  apply_fn, params = linear_model()
+  with pytest.raises(ValueError, match=match):
+    attacks.jsma(apply_fn, params, random_images(2), jnp.zeros(2, jnp.int32),
+                 jax.random.key(0), config)
