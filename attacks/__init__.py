@@ -16,8 +16,10 @@ from attacks.common import (
 )
 from attacks.gradient import BIMConfig, FGSMConfig, PGDConfig, bim, fgsm, pgd
 from attacks.jsma import JSMAConfig, jsma
+from attacks.one_pixel import AT_LEAST_ONE_TARGET, OnePixelConfig, one_pixel
 
 REGISTRY = {
+    "one_pixel": (one_pixel, OnePixelConfig),
     "fgsm": (fgsm, FGSMConfig),
     "bim": (bim, BIMConfig),
     "pgd": (pgd, PGDConfig),
@@ -25,7 +27,8 @@ REGISTRY = {
 }
 
 __all__ = [
-    "EXPLICIT", "LEAST_LIKELY", "RANDOM", "REGISTRY", "TARGET_MODES", "UNTARGETED",
-    "AttackResult", "BIMConfig", "FGSMConfig", "JSMAConfig", "PGDConfig", "bim",
-    "every_other_class", "fgsm", "jsma", "pgd",
+    "AT_LEAST_ONE_TARGET", "EXPLICIT", "LEAST_LIKELY", "RANDOM", "REGISTRY", "TARGET_MODES",
+    "UNTARGETED",
+    "AttackResult", "BIMConfig", "FGSMConfig", "JSMAConfig", "OnePixelConfig", "PGDConfig",
+    "bim", "every_other_class", "fgsm", "jsma", "one_pixel", "pgd",
 ]

@@ -164,6 +164,22 @@ def every_other_class(images: jax.Array, labels: jax.Array, num_classes: int
           targets.reshape(-1).astype(jnp.int32))
 
 
+def best_over_targets(result: AttackResult, batch: int, reps: int) -> AttackResult:
+  """Reduces a run over `every_other_class` to one row per image.
+
+  Success if any target worked; the row kept is the successful target with the highest
+  adversarial confidence (else the most confident failure), and `queries` sums all targets.
+  """
+  grouped = jax.tree.map(lambda x: x.reshape(batch, reps, *x.shape[1:]), result)
+  score = grouped.success.astype(grouped.adv_conf.dtype) * 2 + grouped.adv_conf
+  pick = jnp.argmax(score, axis=1)
+  chosen = jax.tree.map(
+      lambda x: jnp.take_along_axis(x, pick.reshape((batch, 1) + (1,) * (x.ndim - 2)),
+                                    axis=1)[:, 0],
+      grouped)
+  return chosen.replace(queries=jnp.sum(grouped.queries, axis=1))
+
+
 def finalize(apply_fn: ApplyFn, params: Any, images: jax.Array, adv_images: jax.Array,
              labels: jax.Array, targets: jax.Array, queries: jax.Array) -> AttackResult:
   """Re-checks the adversarial images with the model and measures the perturbation."""
