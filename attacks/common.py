@@ -11,6 +11,7 @@ taken from the attack's bookkeeping, and non-finite model outputs are reported, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,26 @@ class AttackResult:
   l2: jax.Array
   linf: jax.Array
   finite: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedCall:
+  """A checked call of an attack's jitted core: `call()` runs it, `lower()` only compiles.
+
+  `lower().compile().memory_analysis()` gives the attack's memory without running it.
+  """
+
+  core: Callable
+  args: tuple
+  kwargs: dict
+  post: Callable | None = None  # applied to the core's result (not part of lower())
+
+  def __call__(self) -> Any:
+    out = self.core(*self.args, **self.kwargs)
+    return self.post(out) if self.post is not None else out
+
+  def lower(self) -> Any:
+    return self.core.lower(*self.args, **self.kwargs)
 
 
 def validate(images: Any, labels: Any, *, targets: Any = None, target_mode: str = UNTARGETED

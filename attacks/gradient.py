@@ -151,8 +151,9 @@ def _iterate(apply_fn, params, images, labels, key, targets, eps, step_size, *, 
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
 
-def _run(apply_fn, params, images, labels, key, targets, *, eps, step_size, num_steps, norm,
-         random_start, target_mode, away_from):
+def _prepare(apply_fn, params, images, labels, key, targets, *, eps, step_size, num_steps,
+             norm, random_start, target_mode, away_from) -> common.PreparedCall:
+  """Checks the inputs and returns the jitted core with its arguments."""
   common.validate(images, labels, targets=targets, target_mode=target_mode)
   if away_from not in AWAY_FROM:
     raise ValueError(f"away_from must be one of {AWAY_FROM}; got {away_from!r}")
@@ -168,11 +169,39 @@ def _run(apply_fn, params, images, labels, key, targets, *, eps, step_size, num_
   if targets is not None:
     common.check_classes("targets", targets, num_classes)
   images = jnp.asarray(images)
-  return _iterate(apply_fn, params, images, jnp.asarray(labels, jnp.int32), key,
-                  None if targets is None else jnp.asarray(targets, jnp.int32),
-                  jnp.asarray(eps, images.dtype), jnp.asarray(step_size, images.dtype),
-                  num_steps=num_steps, norm=norm, random_start=random_start,
-                  target_mode=target_mode, away_from=away_from)
+  args = (apply_fn, params, images, jnp.asarray(labels, jnp.int32), key,
+          None if targets is None else jnp.asarray(targets, jnp.int32),
+          jnp.asarray(eps, images.dtype), jnp.asarray(step_size, images.dtype))
+  kwargs = dict(num_steps=num_steps, norm=norm, random_start=random_start,
+                target_mode=target_mode, away_from=away_from)
+  return common.PreparedCall(_iterate, args, kwargs)
+
+
+def prepare_bim(apply_fn, params, images, labels, key, config=None, *, targets=None
+                ) -> common.PreparedCall:
+  config = config or BIMConfig()
+  num_steps = config.num_steps or kurakin_num_steps(float(config.eps))
+  return _prepare(apply_fn, params, images, labels, key, targets, eps=config.eps,
+                  step_size=config.step_size, num_steps=num_steps, norm=LINF,
+                  random_start=False, target_mode=config.target, away_from=config.away_from)
+
+
+def prepare_fgsm(apply_fn, params, images, labels, key, config=None, *, targets=None
+                 ) -> common.PreparedCall:
+  config = config or FGSMConfig()
+  return prepare_bim(apply_fn, params, images, labels, key,
+                     BIMConfig(eps=config.eps, step_size=config.eps, num_steps=1,
+                               target=config.target, away_from=config.away_from),
+                     targets=targets)
+
+
+def prepare_pgd(apply_fn, params, images, labels, key, config=None, *, targets=None
+                ) -> common.PreparedCall:
+  config = config or PGDConfig()
+  return _prepare(apply_fn, params, images, labels, key, targets, eps=config.eps,
+                  step_size=config.step_size, num_steps=config.num_steps, norm=config.norm,
+                  random_start=config.random_start, target_mode=config.target,
+                  away_from=config.away_from)
 
 
 def bim(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
@@ -191,11 +220,7 @@ def bim(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Ar
 
   References: Kurakin, Goodfellow, Bengio, Adversarial Examples in the Physical World, 2017.
   """
-  config = config or BIMConfig()
-  num_steps = config.num_steps or kurakin_num_steps(float(config.eps))
-  return _run(apply_fn, params, images, labels, key, targets, eps=config.eps,
-              step_size=config.step_size, num_steps=num_steps, norm=LINF,
-              random_start=False, target_mode=config.target, away_from=config.away_from)
+  return prepare_bim(apply_fn, params, images, labels, key, config, targets=targets)()
 
 
 def fgsm(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
@@ -206,11 +231,7 @@ def fgsm(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.A
   References: Goodfellow, Shlens, Szegedy, Explaining and Harnessing Adversarial Examples,
   ICLR 2015.
   """
-  config = config or FGSMConfig()
-  return bim(apply_fn, params, images, labels, key,
-             BIMConfig(eps=config.eps, step_size=config.eps, num_steps=1,
-                       target=config.target, away_from=config.away_from),
-             targets=targets)
+  return prepare_fgsm(apply_fn, params, images, labels, key, config, targets=targets)()
 
 
 def pgd(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
@@ -221,8 +242,4 @@ def pgd(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Ar
   References: Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks,
   ICLR 2018.
   """
-  config = config or PGDConfig()
-  return _run(apply_fn, params, images, labels, key, targets, eps=config.eps,
-              step_size=config.step_size, num_steps=config.num_steps, norm=config.norm,
-              random_start=config.random_start, target_mode=config.target,
-              away_from=config.away_from)
+  return prepare_pgd(apply_fn, params, images, labels, key, config, targets=targets)()

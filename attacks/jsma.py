@@ -141,6 +141,34 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
 
+def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=None
+                 ) -> common.PreparedCall:
+  """Checks the inputs and returns the jitted core with its arguments."""
+  config = config or JSMAConfig()
+  common.validate(images, labels, targets=targets, target_mode=config.target)
+  if config.target == common.UNTARGETED:
+    raise ValueError("JSMA is a targeted attack: use target='random', 'least_likely' or "
+                     "'explicit'")
+  if config.theta == 0 or not -1.0 <= config.theta <= 1.0:
+    raise ValueError(f"theta must be in [-1, 0) or (0, 1]; got {config.theta}")
+  if not 0.0 <= float(config.gamma) <= 1.0:
+    raise ValueError(f"gamma must be a fraction in [0, 1]; got {config.gamma}")
+  if config.block_rows < 1:
+    raise ValueError(f"block_rows must be >= 1; got {config.block_rows}")
+  num_classes = common.num_classes_of(apply_fn, params, images)
+  common.check_classes("labels", labels, num_classes)
+  if targets is not None:
+    common.check_classes("targets", targets, num_classes)
+  images = jnp.asarray(images)
+  return common.PreparedCall(
+      _jsma,
+      (apply_fn, params, images, jnp.asarray(labels, jnp.int32), key,
+       None if targets is None else jnp.asarray(targets, jnp.int32),
+       jnp.asarray(config.gamma, images.dtype)),
+      dict(theta=float(config.theta), block_rows=config.block_rows,
+           target_mode=config.target))
+
+
 def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
          key: jax.Array, config: JSMAConfig | None = None, *,
          targets: jax.Array | None = None) -> common.AttackResult:
@@ -162,23 +190,4 @@ def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.A
 
   References: Papernot et al., The Limitations of Deep Learning in Adversarial Settings, 2016.
   """
-  config = config or JSMAConfig()
-  common.validate(images, labels, targets=targets, target_mode=config.target)
-  if config.target == common.UNTARGETED:
-    raise ValueError("JSMA is a targeted attack: use target='random', 'least_likely' or "
-                     "'explicit'")
-  if config.theta == 0 or not -1.0 <= config.theta <= 1.0:
-    raise ValueError(f"theta must be in [-1, 0) or (0, 1]; got {config.theta}")
-  if not 0.0 <= float(config.gamma) <= 1.0:
-    raise ValueError(f"gamma must be a fraction in [0, 1]; got {config.gamma}")
-  if config.block_rows < 1:
-    raise ValueError(f"block_rows must be >= 1; got {config.block_rows}")
-  num_classes = common.num_classes_of(apply_fn, params, images)
-  common.check_classes("labels", labels, num_classes)
-  if targets is not None:
-    common.check_classes("targets", targets, num_classes)
-  images = jnp.asarray(images)
-  return _jsma(apply_fn, params, images, jnp.asarray(labels, jnp.int32), key,
-               None if targets is None else jnp.asarray(targets, jnp.int32),
-               jnp.asarray(config.gamma, images.dtype), theta=float(config.theta),
-               block_rows=config.block_rows, target_mode=config.target)
+  return prepare_jsma(apply_fn, params, images, labels, key, config, targets=targets)()

@@ -224,29 +224,9 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
   return common.finalize(apply_fn, params, images, adv, labels, targets, final["queries"])
 
 
-def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
-              key: jax.Array, config: OnePixelConfig | None = None, *,
-              targets: jax.Array | None = None) -> common.AttackResult:
-  """Su et al.'s one-pixel attack by differential evolution.
-
-  Args:
-    apply_fn: `apply_fn(params, images[B,H,W,C]) -> logits[B,K]`.
-    params: the model's variables.
-    images: [B,H,W,C] float in [0, 1].
-    labels: [B] true classes.
-    key: PRNG key, or one per image [B].
-    config: `OnePixelConfig`; None is the paper's setting (k=1, population 400, 100
-      generations, F=0.5, untargeted).
-    targets: [B] classes for `target="explicit"`.
-
-  Returns:
-    `AttackResult`; `queries` counts model evaluations per image (population_size per
-    generation, the initial population included). With "at_least_one_target" each field
-    describes the best target (successful, then most confident) and `queries` sums over all
-    K-1 targets.
-
-  References: Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, 2019.
-  """
+def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, targets=None
+                      ) -> common.PreparedCall:
+  """Checks the inputs and returns the jitted core with its arguments."""
   config = config or OnePixelConfig()
   mode = config.target
   if mode not in ONE_PIXEL_TARGET_MODES:
@@ -274,19 +254,46 @@ def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
   labels = jnp.asarray(labels, jnp.int32)
   batch = images.shape[0]
   keys = common.per_image_keys(key, batch)
-  run = functools.partial(
-      _one_pixel, apply_fn, params,
-      differential_weight=jnp.asarray(config.differential_weight, images.dtype),
-      stop_true_prob=jnp.asarray(config.stop_true_prob, images.dtype),
-      stop_target_prob=jnp.asarray(config.stop_target_prob, images.dtype),
-      num_pixels=config.num_pixels, population_size=config.population_size,
-      num_generations=config.num_generations, stop_on_flip=config.stop_on_flip,
-      num_slots=config.num_slots, chunk_size=config.chunk_size)
+  statics = dict(num_pixels=config.num_pixels, population_size=config.population_size,
+                 num_generations=config.num_generations, stop_on_flip=config.stop_on_flip,
+                 num_slots=config.num_slots, chunk_size=config.chunk_size)
+  budgets = tuple(jnp.asarray(v, images.dtype) for v in (
+      config.differential_weight, config.stop_true_prob, config.stop_target_prob))
   if mode != AT_LEAST_ONE_TARGET:
-    return run(images, labels, keys,
-               None if targets is None else jnp.asarray(targets, jnp.int32),
-               target_mode=mode)
+    targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+    return common.PreparedCall(
+        _one_pixel, (apply_fn, params, images, labels, keys, targets, *budgets),
+        dict(statics, target_mode=mode))
   rep_images, rep_labels, rep_targets = common.every_other_class(images, labels, num_classes)
   rep_keys = jax.vmap(lambda k: jax.random.split(k, num_classes - 1))(keys).reshape(-1)
-  result = run(rep_images, rep_labels, rep_keys, rep_targets, target_mode=common.EXPLICIT)
-  return common.best_over_targets(result, batch, num_classes - 1)
+  return common.PreparedCall(
+      _one_pixel, (apply_fn, params, rep_images, rep_labels, rep_keys, rep_targets, *budgets),
+      dict(statics, target_mode=common.EXPLICIT),
+      post=functools.partial(common.best_over_targets, batch=batch, reps=num_classes - 1))
+
+
+def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+              key: jax.Array, config: OnePixelConfig | None = None, *,
+              targets: jax.Array | None = None) -> common.AttackResult:
+  """Su et al.'s one-pixel attack by differential evolution.
+
+  Args:
+    apply_fn: `apply_fn(params, images[B,H,W,C]) -> logits[B,K]`.
+    params: the model's variables.
+    images: [B,H,W,C] float in [0, 1].
+    labels: [B] true classes.
+    key: PRNG key, or one per image [B].
+    config: `OnePixelConfig`; None is the paper's setting (k=1, population 400, 100
+      generations, F=0.5, untargeted).
+    targets: [B] classes for `target="explicit"`.
+
+  Returns:
+    `AttackResult`; `queries` counts model evaluations per image (population_size per
+    generation, the initial population included). With "at_least_one_target" each field
+    describes the best target (successful, then most confident) and `queries` sums over all
+    K-1 targets.
+
+  References: Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, 2019.
+  """
+  return prepare_one_pixel(apply_fn, params, images, labels, key, config,
+                           targets=targets)()

@@ -51,6 +51,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+  from bench import run_attack
+
+  try:
+    run = run_attack.run_attack(args.model, args.attack, args.num_images, seed=args.seed,
+                                overrides=args.set, data_dir=args.data_dir)
+  except ValueError as err:
+    print(f"advsweep attack: error: {err}", file=sys.stderr)
+    return 2
+  print(run_attack.format_summary(run))
+  return 0
+
+
+def _cmd_perf(args: argparse.Namespace) -> int:
+  from bench import perf
+
+  return perf.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="advsweep", description="JAX benchmark suite for adversarial attacks.")
@@ -72,6 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
                  help="where to write <model>.msgpack and .json (default: the zoo)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(func=_cmd_train)
+
+  import attacks  # the registry names the attacks
+
+  p = sub.add_parser("attack", help="run one attack on a zoo model's first N test images")
+  p.add_argument("model", choices=list(zoo.ZOO), metavar="MODEL",
+                 help="one of: " + ", ".join(zoo.ZOO))
+  p.add_argument("attack", choices=list(attacks.REGISTRY), metavar="ATTACK",
+                 help="one of: " + ", ".join(attacks.REGISTRY))
+  p.add_argument("-n", "--num-images", type=int, default=100)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set eps=0.1 (repeatable)")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.set_defaults(func=_cmd_attack)
+
+  p = sub.add_parser("perf", help="attack throughput against the model's raw throughput")
+  p.add_argument("--models", nargs="+", default=None,
+                 help="zoo models (default: mnist_lenet and a shipped CIFAR-10 model)")
+  p.add_argument("--attacks", nargs="+", default=None, choices=list(attacks.REGISTRY))
+  p.add_argument("-n", "--num-images", type=int, default=32)
+  p.add_argument("--quick", action="store_true",
+                 help="small budgets (few generations and steps): a smoke run in a minute")
+  p.add_argument("--out", default="results/perf", help="folder for the parquet file")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.set_defaults(func=_cmd_perf)
   return parser
 
 
