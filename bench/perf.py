@@ -1,0 +1,183 @@
+"""Attack throughput against the model's physical limit (`advsweep perf`).
+
+For each attack on each model this measures, in one process:
+- the model's raw throughput of the attack's unit of work at the attack's batch size: a
+  forward pass (one-pixel), a forward+backward pass (FGSM, BIM, PGD), or a forward pass and
+  two vector-Jacobian products (a JSMA iteration);
+- the attack's units per second (from the queries it reports), images per second, and their
+  ratio to the raw figure: the efficiency against the physical limit;
+- compile time, apart from run time, and the compiled executable's memory (arguments,
+  outputs and temporaries: the CPU backend reports no live peak).
+Rows are printed as a table and written to `<out>/perf-<timestamp>.parquet`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import attacks
+from bench import run_attack
+from models import checkpoints, datasets, zoo
+
+UNITS = {"fgsm": "fwd+bwd", "bim": "fwd+bwd", "pgd": "fwd+bwd", "jsma": "fwd+2vjp",
+         "one_pixel": "fwd"}
+QUICK_OVERRIDES = {"one_pixel": ["num_generations=10"], "jsma": ["gamma=0.05"],
+                   "bim": ["num_steps=5"], "pgd": ["num_steps=5"], "fgsm": []}
+
+
+def _unit_fn(apply_fn: Callable, params: Any, unit: str) -> Callable:
+  if unit == "fwd":
+    return jax.jit(lambda x: apply_fn(params, x))
+  if unit == "fwd+bwd":
+    def loss(x):
+      logits = apply_fn(params, x)
+      labels = jnp.zeros(x.shape[0], jnp.int32)
+      return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return jax.jit(jax.grad(loss))
+
+  def two_vjps(x):
+    logits, vjp = jax.vjp(lambda y: apply_fn(params, y), x)
+    onehot = jax.nn.one_hot(jnp.zeros(x.shape[0], jnp.int32), logits.shape[-1])
+    return vjp(onehot)[0] + vjp(1.0 - onehot)[0]
+  return jax.jit(two_vjps)
+
+
+def raw_throughput(apply_fn: Callable, params: Any, shape: tuple[int, ...], unit: str,
+                   min_seconds: float = 1.0) -> float:
+  """Images per second of `unit` on a batch of `shape`, after a warm-up call."""
+  fn = _unit_fn(apply_fn, params, unit)
+  x = jax.random.uniform(jax.random.key(0), shape)
+  jax.block_until_ready(fn(x))
+  reps, start = 0, time.perf_counter()
+  while reps < 3 or time.perf_counter() - start < min_seconds:
+    jax.block_until_ready(fn(x))
+    reps += 1
+  return reps * shape[0] / (time.perf_counter() - start)
+
+
+def attack_units(name: str, result: attacks.AttackResult) -> int:
+  """Units of model work the attack reports: see UNITS."""
+  queries = np.asarray(result.queries, np.int64)
+  if UNITS[name] == "fwd+bwd":
+    return int(np.sum(queries - 1))  # one clean forward pass, then one pass per step
+  return int(np.sum(queries))
+
+
+def unit_batch(name: str, config: Any, num_images: int) -> int:
+  """The batch size the attack feeds the model."""
+  if name == "one_pixel":
+    candidates = min(config.num_slots, num_images) * config.population_size
+    return min(config.chunk_size, candidates)
+  return num_images
+
+
+def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images: jax.Array,
+            labels: np.ndarray, overrides: list[str], seed: int = 0) -> dict[str, Any]:
+  """One row: attack `name` (with `key=value` overrides) on `images` against the raw limit."""
+  config = run_attack.make_config(name, overrides)
+  key = jax.random.key(seed)
+  prepared = attacks.PREPARE[name](apply_fn, params, images, labels, key, config)
+  memory = prepared.lower().compile().memory_analysis()
+  start = time.perf_counter()
+  jax.block_until_ready(prepared())
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  result = jax.block_until_ready(prepared())
+  run_s = time.perf_counter() - start
+  unit = UNITS[name]
+  batch = unit_batch(name, config, len(images))
+  raw = raw_throughput(apply_fn, params, (batch, *images.shape[1:]), unit)
+  units = attack_units(name, result)
+  success = np.asarray(result.success)
+  return {
+      "model": model_name,
+      "attack": name,
+      "config": str(config),
+      "images": len(images),
+      "unit": unit,
+      "unit_batch": batch,
+      "raw_units_per_s": raw,
+      "attack_units_per_s": units / run_s,
+      "efficiency": units / run_s / raw,
+      "images_per_s": len(images) / run_s,
+      "s_per_image": run_s / len(images),
+      "units_per_image": units / len(images),
+      "success_rate": float(success.mean()),
+      "compile_s": max(0.0, first - run_s),
+      "run_s": run_s,
+      "memory_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                          + memory.temp_size_in_bytes),
+      "temp_bytes": int(memory.temp_size_in_bytes),
+  }
+
+
+def default_models() -> list[str]:
+  shipped = zoo.available()
+  cifar = [n for n in shipped if zoo.entry(n).dataset == "cifar10"]
+  return [n for n in ["mnist_lenet", *cifar[:1]] if n in shipped]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  header = ["model", "attack", "unit", "batch", "raw/s", "attack/s", "efficiency",
+            "img/s", "units/img", "success", "compile s", "run s", "memory MB"]
+  body = [[r["model"], r["attack"], r["unit"], str(r["unit_batch"]),
+           f"{r['raw_units_per_s']:.0f}", f"{r['attack_units_per_s']:.0f}",
+           f"{r['efficiency']:.2f}", f"{r['images_per_s']:.2f}",
+           f"{r['units_per_image']:.0f}", f"{r['success_rate']:.2f}",
+           f"{r['compile_s']:.1f}", f"{r['run_s']:.2f}",
+           f"{r['memory_bytes'] / 2**20:.1f}"] for r in rows]
+  widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+  lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+  return "\n".join(lines)
+
+
+def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike) -> Path:
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+  device = jax.devices()[0]
+  extra = {"device_kind": device.device_kind, "device_count": jax.device_count(),
+           "platform": device.platform, "host": platform.node(), "jax": jax.__version__,
+           "created_at": stamp}
+  table = pa.Table.from_pylist([{**r, **extra} for r in rows])
+  path = Path(folder) / f"perf-{device.platform}-{stamp}.parquet"
+  sink = pa.BufferOutputStream()
+  pq.write_table(table, sink)
+  checkpoints.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+  return path
+
+
+def main(args: argparse.Namespace) -> int:
+  model_names = args.models or default_models()
+  if not model_names:
+    print("advsweep perf: no trained zoo model found; run `advsweep train mnist_lenet`")
+    return 2
+  attack_names = args.attacks or list(attacks.REGISTRY)
+  rows = []
+  for model_name in model_names:
+    model = zoo.load(model_name)
+    images_u8, labels = datasets.load(model.meta["dataset"], "test", args.data_dir)
+    images = jnp.asarray(images_u8[:args.num_images], jnp.float32) / 255.0
+    labels = labels[:args.num_images]
+    for name in attack_names:
+      overrides = QUICK_OVERRIDES[name] if args.quick else []
+      print(f"[perf] {model_name} {name} {' '.join(overrides)}", flush=True)
+      rows.append(measure(model_name, model.apply_fn, model.params, name, images, labels,
+                          overrides))
+  print(format_table(rows))
+  path = write_parquet(rows, args.out)
+  print(f"wrote {path}")
+  return 0

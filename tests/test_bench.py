@@ -1,0 +1,82 @@
+"""The attack runner, config overrides and the perf benchmark's bookkeeping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import attacks
+from bench import cli, perf, run_attack
+from tests.attack_models import random_images, small_cnn
+from tests.conftest import requires_data
+
+
+def test_overrides_parse_literals_and_refuse_unknown_fields():
+  config = run_attack.make_config("bim", ["eps=0.1", "num_steps=3", "target=least_likely"])
+  assert config == attacks.BIMConfig(eps=0.1, num_steps=3, target="least_likely")
+  with pytest.raises(ValueError, match="valid fields: eps"):
+    run_attack.make_config("bim", ["epsilon=0.1"])
+  with pytest.raises(ValueError, match="valid choices: one_pixel"):
+    run_attack.make_config("deepfool")
+  with pytest.raises(ValueError, match="key=value"):
+    run_attack.make_config("fgsm", ["eps"])
+
+
+@pytest.mark.parametrize("name,overrides,units_per_image", [
+    ("fgsm", [], 1),
+    ("bim", ["num_steps=4"], 4),
+    ("pgd", ["num_steps=3"], 3),
+])
+def test_perf_counts_the_gradient_passes(name, overrides, units_per_image):
+  apply_fn, params = small_cnn()
+  images = random_images(8, 8, 8, 3)
+  row = perf.measure("tiny", apply_fn, params, name, images, np.arange(8) % 5, overrides)
+  assert row["units_per_image"] == units_per_image
+  assert row["raw_units_per_s"] > 0 and row["attack_units_per_s"] > 0
+  assert row["efficiency"] == pytest.approx(row["attack_units_per_s"] / row["raw_units_per_s"])
+  assert row["memory_bytes"] >= images.size * 4  # at least the images go in
+
+
+def test_one_pixel_unit_batch_is_what_the_model_sees():
+  config = attacks.OnePixelConfig(population_size=400, num_slots=16, chunk_size=2048)
+  assert perf.unit_batch("one_pixel", config, 100) == 2048
+  assert perf.unit_batch("one_pixel", config, 2) == 800
+  assert perf.unit_batch("bim", attacks.BIMConfig(), 32) == 32
+
+
+def test_perf_rows_round_trip_through_parquet(tmp_path):
+  rows = [{"model": "m", "attack": "fgsm", "efficiency": 0.9, "images": 3}]
+  path = perf.write_parquet(rows, tmp_path)
+  table = pq.read_table(path)
+  assert table.column("efficiency").to_pylist() == [0.9]
+  assert table.column("device_count").to_pylist() == [jax.device_count()]
+  assert "fgsm" in perf.format_table([{**rows[0], "unit": "fwd+bwd", "unit_batch": 3,
+                                       "raw_units_per_s": 1.0, "attack_units_per_s": 0.9,
+                                       "images_per_s": 1.0, "units_per_image": 1.0,
+                                       "success_rate": 1.0, "compile_s": 0.1, "run_s": 0.1,
+                                       "memory_bytes": 0}])
+
+
+@requires_data
+def test_attack_command_on_the_shipped_softmax(capsys, data_dir):
+  assert cli.main(["attack", "mnist_softmax", "fgsm", "-n", "50", "--set", "eps=0.25",
+                   "--data-dir", str(data_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "fgsm on mnist_softmax: 50 test images" in out
+  rate = float(next(line for line in out.splitlines() if "success_rate" in line).split()[-1])
+  assert rate > 0.9  # Goodfellow et al.: 99.9% error at eps 0.25 on the shallow softmax
+  assert cli.main(["attack", "mnist_softmax", "fgsm", "--set", "epsilon=1"]) == 2
+  assert "valid fields" in capsys.readouterr().err
+
+
+@requires_data
+def test_attack_summary_excludes_misclassified_images(data_dir):
+  run = run_attack.run_attack("mnist_softmax", "fgsm", 40, overrides=["eps=0.0"],
+                              data_dir=str(data_dir))
+  summary = run.summary()
+  assert summary["clean_correct"] == int(np.sum(run.clean_pred == run.labels))
+  assert summary["success_rate"] == 0.0  # eps 0 changes nothing on correct images
+  assert jnp.all(run.result.linf == 0)
