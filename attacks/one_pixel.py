@@ -122,43 +122,59 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
     state = de.init(key, population, jnp.full(population_size, jnp.inf), de_params)
     return state
 
-  def evaluate(image_ids, candidates):
-    """Fitness (lower is better) and success of [S,P] candidates, in chunks."""
-    flat_ids = jnp.repeat(image_ids, population_size)
-    flat_candidates = candidates.reshape(-1, dims)
-    total = flat_ids.shape[0]
-    chunk = min(chunk_size, total)
-    num_chunks = -(-total // chunk)
+  total = slots * population_size
+  num_chunks = -(-total // min(chunk_size, total))
+  chunk = -(-total // num_chunks)  # even chunks: at most num_chunks - 1 padded candidates
+
+  def evaluate_chunk(ids, cands):
+    perturbed = jax.vmap(apply_candidate)(images[ids], cands)
+    probs = jax.nn.softmax(apply_fn(params, perturbed), -1)
+    rows = jnp.arange(ids.shape[0])
+    pred = jnp.argmax(probs, -1)
+    if targeted:
+      p_target = probs[rows, targets[ids]]
+      fitness = -p_target
+      success = p_target > stop_target_prob
+      if stop_on_flip:
+        success |= pred == targets[ids]
+    else:
+      p_true = probs[rows, labels[ids]]
+      fitness = p_true
+      success = p_true < stop_true_prob
+      if stop_on_flip:
+        success |= pred != labels[ids]
+    finite = jnp.isfinite(fitness)
+    return jnp.where(finite, fitness, jnp.inf), success & finite
+
+  def evaluate(image_ids, candidates, active):
+    """Fitness (lower is better) and success of [S,P] candidates.
+
+    Active slots are moved to the front and only the chunks that hold them are evaluated,
+    so idle slots (at the end of a batch) cost nothing.
+    """
+    order = jnp.argsort(~active, stable=True)
+    flat_ids = jnp.repeat(image_ids[order], population_size)
+    flat_candidates = candidates[order].reshape(total, dims)
     pad = num_chunks * chunk - total
-    flat_ids = jnp.pad(flat_ids, (0, pad)).reshape(num_chunks, chunk)
-    flat_candidates = jnp.pad(flat_candidates, ((0, pad), (0, 0))).reshape(
-        num_chunks, chunk, dims)
+    flat_ids = jnp.pad(flat_ids, (0, pad))
+    flat_candidates = jnp.pad(flat_candidates, ((0, pad), (0, 0)))
+    needed = -(-(jnp.sum(active) * population_size) // chunk)
 
-    def one_chunk(args):
-      ids, cands = args
-      perturbed = jax.vmap(apply_candidate)(images[ids], cands)
-      probs = jax.nn.softmax(apply_fn(params, perturbed), -1)
-      rows = jnp.arange(chunk)
-      pred = jnp.argmax(probs, -1)
-      if targeted:
-        p_target = probs[rows, targets[ids]]
-        fitness = -p_target
-        success = p_target > stop_target_prob
-        if stop_on_flip:
-          success |= pred == targets[ids]
-      else:
-        p_true = probs[rows, labels[ids]]
-        fitness = p_true
-        success = p_true < stop_true_prob
-        if stop_on_flip:
-          success |= pred != labels[ids]
-      fitness = jnp.where(jnp.isfinite(fitness), fitness, jnp.inf)
-      return fitness, success & jnp.isfinite(fitness)
+    def body(c, buffers):
+      start = c * chunk
+      ids = jax.lax.dynamic_slice(flat_ids, (start,), (chunk,))
+      cands = jax.lax.dynamic_slice(flat_candidates, (start, 0), (chunk, dims))
+      fitness, success = evaluate_chunk(ids, cands)
+      return (jax.lax.dynamic_update_slice(buffers[0], fitness, (start,)),
+              jax.lax.dynamic_update_slice(buffers[1], success, (start,)))
 
-    fitness, success = jax.lax.map(one_chunk, (flat_ids, flat_candidates))
-    shape = candidates.shape[:2]
-    return fitness.reshape(-1)[:total].reshape(shape), success.reshape(-1)[:total].reshape(
-        shape)
+    buffers = (jnp.full(num_chunks * chunk, jnp.inf, images.dtype),
+               jnp.zeros(num_chunks * chunk, bool))
+    fitness, success = jax.lax.fori_loop(0, needed, body, buffers)
+    fitness = fitness[:total].reshape(slots, population_size)
+    success = success[:total].reshape(slots, population_size)
+    inverse = jnp.argsort(order)
+    return fitness[inverse], success[inverse]
 
   slot_image = jnp.arange(slots)
   init = dict(
@@ -183,7 +199,7 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
     trials, _ = jax.vmap(de.ask, in_axes=(0, 0, None))(ask_keys, state, de_params)
     candidates = jnp.where(s["fresh"][:, None, None], state.population, trials)
     candidates = _clip_candidates(candidates, height, width, channels)
-    fitness, success = evaluate(ids, candidates)
+    fitness, success = evaluate(ids, candidates, active)
     replace = fitness <= state.fitness
     member_success = jnp.where(replace, success, s["member_success"])
     state, _ = jax.vmap(de.tell, in_axes=(0, 0, 0, 0, None))(
