@@ -12,6 +12,7 @@ taken from the attack's bookkeeping, and non-finite model outputs are reported, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -68,22 +69,18 @@ class AttackResult:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedCall:
-  """A checked call of an attack's jitted core: `call()` runs it, `lower()` only compiles.
-
-  `lower().compile().memory_analysis()` gives the attack's memory without running it.
+  """A checked attack, ready to run: `call()` runs it, `lower()` lowers its largest jitted
+  piece without running (`lower().compile().memory_analysis()` gives its memory).
   """
 
-  core: Callable
-  args: tuple
-  kwargs: dict
-  post: Callable | None = None  # applied to the core's result (not part of lower())
+  run: Callable[[], Any]
+  lowered: Callable[[], Any]
 
   def __call__(self) -> Any:
-    out = self.core(*self.args, **self.kwargs)
-    return self.post(out) if self.post is not None else out
+    return self.run()
 
   def lower(self) -> Any:
-    return self.core.lower(*self.args, **self.kwargs)
+    return self.lowered()
 
 
 def validate(images: Any, labels: Any, *, targets: Any = None, target_mode: str = UNTARGETED
@@ -185,6 +182,7 @@ def every_other_class(images: jax.Array, labels: jax.Array, num_classes: int
           targets.reshape(-1).astype(jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def best_over_targets(result: AttackResult, batch: int, reps: int) -> AttackResult:
   """Reduces a run over `every_other_class` to one row per image.
 
@@ -201,6 +199,7 @@ def best_over_targets(result: AttackResult, batch: int, reps: int) -> AttackResu
   return chosen.replace(queries=jnp.sum(grouped.queries, axis=1))
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def finalize(apply_fn: ApplyFn, params: Any, images: jax.Array, adv_images: jax.Array,
              labels: jax.Array, targets: jax.Array, queries: jax.Array) -> AttackResult:
   """Re-checks the adversarial images with the model and measures the perturbation."""

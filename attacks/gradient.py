@@ -113,40 +113,56 @@ def _random_start(keys, images, eps, norm):
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("num_steps", "norm", "random_start", "target_mode",
-                                    "away_from"))
-def _iterate(apply_fn, params, images, labels, key, targets, eps, step_size, *, num_steps,
-             norm, random_start, target_mode, away_from) -> common.AttackResult:
-  """Signed (L-inf) or normalised (L2) gradient steps, each projected onto the budget."""
-  keys = jax.vmap(lambda k: jax.random.split(k, 2))(common.per_image_keys(key, len(images)))
+                   static_argnames=("norm", "random_start", "target_mode", "away_from"))
+def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random_start,
+           target_mode, away_from):
+  """Targets, the class whose loss each step follows (and its sign), and the start point."""
+  keys = jax.vmap(lambda k: jax.random.split(k, 2))(common.per_image_keys(keys, len(images)))
   target_keys, start_keys = keys[:, 0], keys[:, 1]
   clean_logits = apply_fn(params, images)
   targets = common.choose_targets(target_mode, target_keys, labels, clean_logits, targets)
-  targeted = target_mode != common.UNTARGETED
-  if targeted:
+  if target_mode != common.UNTARGETED:
     loss_class, sign = targets, -1.0  # descend the target's loss
   else:
     loss_class = labels if away_from == "label" else jnp.argmax(clean_logits, -1)
     sign = 1.0  # climb the loss of the class to leave
+  adv = _random_start(start_keys, images, eps, norm) if random_start else images
+  return adv, targets, loss_class.astype(jnp.int32), jnp.asarray(sign, images.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("norm",))
+def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, *, norm):
+  """One signed (L-inf) or normalised (L2) gradient step, projected onto the budget."""
 
   def loss(x):
     logits = apply_fn(params, x)
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, loss_class))
 
-  grad_fn = jax.grad(loss)
+  grad = jax.grad(loss)(adv)
+  if norm == LINF:
+    direction = jnp.sign(grad)
+  else:
+    flat = grad.reshape(grad.shape[0], -1)
+    flat = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+    direction = flat.reshape(grad.shape)
+  return _project(images, adv + sign * step_size * direction, eps, norm)
 
-  def step(_, adv):
-    grad = grad_fn(adv)
-    if norm == LINF:
-      direction = jnp.sign(grad)
-    else:
-      flat = grad.reshape(grad.shape[0], -1)
-      flat = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
-      direction = flat.reshape(grad.shape)
-    return _project(images, adv + sign * step_size * direction, eps, norm)
 
-  adv = _random_start(start_keys, images, eps, norm) if random_start else images
-  adv = jax.lax.fori_loop(0, num_steps, step, adv, unroll=num_steps <= 16)
+def _iterate(apply_fn, params, images, labels, keys, targets, eps, step_size, *, num_steps,
+             norm, random_start, target_mode, away_from) -> common.AttackResult:
+  """Start, `num_steps` jitted steps, re-check.
+
+  The steps are a host loop over one jitted step rather than a `lax.fori_loop`: on the XLA
+  CPU backend a convolution's backward pass inside a `while` body ran 4x slower than the
+  same steps unrolled (15.0 s against 3.7 s for 10 steps of the MNIST LeNet on 100 images),
+  and unrolling makes compile time grow with the step count. A host loop costs one dispatch
+  per step and compiles one step for every step count.
+  """
+  adv, targets, loss_class, sign = _start(
+      apply_fn, params, images, labels, keys, targets, eps, norm=norm,
+      random_start=random_start, target_mode=target_mode, away_from=away_from)
+  for _ in range(num_steps):
+    adv = _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, norm=norm)
   queries = jnp.full(labels.shape, num_steps + 1, jnp.int32)  # clean forward + steps
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
@@ -169,12 +185,19 @@ def _prepare(apply_fn, params, images, labels, key, targets, *, eps, step_size, 
   if targets is not None:
     common.check_classes("targets", targets, num_classes)
   images = jnp.asarray(images)
-  args = (apply_fn, params, images, jnp.asarray(labels, jnp.int32), key,
-          None if targets is None else jnp.asarray(targets, jnp.int32),
-          jnp.asarray(eps, images.dtype), jnp.asarray(step_size, images.dtype))
-  kwargs = dict(num_steps=num_steps, norm=norm, random_start=random_start,
-                target_mode=target_mode, away_from=away_from)
-  return common.PreparedCall(_iterate, args, kwargs)
+  labels = jnp.asarray(labels, jnp.int32)
+  eps = jnp.asarray(eps, images.dtype)
+  step_size = jnp.asarray(step_size, images.dtype)
+  run = functools.partial(
+      _iterate, apply_fn, params, images, labels, key,
+      None if targets is None else jnp.asarray(targets, jnp.int32), eps, step_size,
+      num_steps=num_steps, norm=norm, random_start=random_start, target_mode=target_mode,
+      away_from=away_from)
+  classes = jnp.zeros_like(labels)
+  lower_step = functools.partial(
+      _step.lower, apply_fn, params, images, images, classes, jnp.ones((), images.dtype),
+      eps, step_size, norm=norm)
+  return common.PreparedCall(run, lower_step)
 
 
 def prepare_bim(apply_fn, params, images, labels, key, config=None, *, targets=None

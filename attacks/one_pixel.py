@@ -277,15 +277,19 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
       config.differential_weight, config.stop_true_prob, config.stop_target_prob))
   if mode != AT_LEAST_ONE_TARGET:
     targets = None if targets is None else jnp.asarray(targets, jnp.int32)
-    return common.PreparedCall(
-        _one_pixel, (apply_fn, params, images, labels, keys, targets, *budgets),
-        dict(statics, target_mode=mode))
+    args = (apply_fn, params, images, labels, keys, targets, *budgets)
+    kwargs = dict(statics, target_mode=mode)
+    return common.PreparedCall(functools.partial(_one_pixel, *args, **kwargs),
+                               functools.partial(_one_pixel.lower, *args, **kwargs))
   rep_images, rep_labels, rep_targets = common.every_other_class(images, labels, num_classes)
   rep_keys = jax.vmap(lambda k: jax.random.split(k, num_classes - 1))(keys).reshape(-1)
-  return common.PreparedCall(
-      _one_pixel, (apply_fn, params, rep_images, rep_labels, rep_keys, rep_targets, *budgets),
-      dict(statics, target_mode=common.EXPLICIT),
-      post=functools.partial(common.best_over_targets, batch=batch, reps=num_classes - 1))
+  args = (apply_fn, params, rep_images, rep_labels, rep_keys, rep_targets, *budgets)
+  kwargs = dict(statics, target_mode=common.EXPLICIT)
+
+  def run() -> common.AttackResult:
+    return common.best_over_targets(_one_pixel(*args, **kwargs), batch, num_classes - 1)
+
+  return common.PreparedCall(run, functools.partial(_one_pixel.lower, *args, **kwargs))
 
 
 def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,

@@ -75,6 +75,8 @@ class AttackRun:
         "mean_queries": mean(r.queries),
         "mean_l0": mean(r.l0),
         "mean_l0_fraction": mean(r.l0_fraction),
+        "mean_l0_fraction_success": float(np.mean(r.l0_fraction[keep & r.success]))
+        if (keep & r.success).any() else float("nan"),
         "mean_linf": mean(r.linf),
         "mean_l2": mean(r.l2),
         "non_finite": int((~r.finite).sum()),
@@ -118,7 +120,8 @@ def format_summary(run: AttackRun) -> str:
            f"  config: {run.config}"]
   for key in ("success_rate", "top1_error", "top5_error", "mean_adv_conf",
               "mean_adv_conf_success", "mean_queries", "mean_l0", "mean_l0_fraction",
-              "mean_linf", "mean_l2", "non_finite", "compile_s", "run_s", "s_per_image"):
+              "mean_l0_fraction_success", "mean_linf", "mean_l2", "non_finite",
+              "compile_s", "run_s", "s_per_image"):
     value = s[key]
     text = f"{value:.4f}" if isinstance(value, float) else str(value)
     lines.append(f"  {key:<22} {text}")

@@ -33,7 +33,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  umask = os.umask(0)
+  os.umask(umask)
   try:
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; use the usual mode
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
