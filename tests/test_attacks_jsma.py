@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import attacks
-from attacks.jsma import best_pair
+from attacks.jsma import best_pair, best_pairs
 from tests.attack_models import linear_model, random_images, small_cnn
 
 
@@ -35,6 +35,22 @@ def test_best_pair_equals_brute_force(n, block_rows, seed):
   ref_p, ref_q, ref_score = _brute_force_pair(alpha, beta, domain)
   assert (int(p), int(q)) == (ref_p, ref_q)
   np.testing.assert_allclose(float(score), ref_score, rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_candidates", [0, 2, 6, 16, 200])
+def test_reduced_search_equals_brute_force(max_candidates):
+  """Small caps force the fallback scan for some images; large ones never need it."""
+  rng = np.random.default_rng(max_candidates)
+  batch, n = 12, 60
+  alpha = jnp.asarray(rng.normal(size=(batch, n)), jnp.float32)
+  beta = jnp.asarray(rng.normal(size=(batch, n)) + 0.3, jnp.float32)
+  domain = jnp.asarray(rng.uniform(size=(batch, n)) < 0.7)
+  p, q, score = best_pairs(alpha, beta, domain, block_rows=16,
+                          max_candidates=max_candidates)
+  for i in range(batch):
+    ref_p, ref_q, ref_score = _brute_force_pair(alpha[i], beta[i], domain[i])
+    assert (int(p[i]), int(q[i])) == (ref_p, ref_q), i
+    np.testing.assert_allclose(float(score[i]), ref_score, rtol=1e-6)
 
 
 def test_best_pair_with_no_valid_pair_scores_minus_inf():
