@@ -133,3 +133,14 @@ def test_bad_config_is_refused(config, match):
   with pytest.raises(ValueError, match=match):
     attacks.jsma(apply_fn, params, random_images(2), jnp.zeros(2, jnp.int32),
                  jax.random.key(0), config)
+
+
+def test_jit_and_no_jit_agree():
+  apply_fn, params = linear_model(num_classes=3)
+  images = random_images(3)
+  labels = jnp.zeros(3, jnp.int32)
+  config = attacks.JSMAConfig(gamma=0.2)
+  jitted = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config)
+  with jax.disable_jit():
+    eager = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config)
+  chex.assert_trees_all_close(jitted, eager, atol=1e-5)

@@ -150,3 +150,14 @@ def test_bad_config_is_refused(config, match):
   with pytest.raises(ValueError, match=match):
     attacks.one_pixel(apply_fn, params, random_images(2), jnp.zeros(2, jnp.int32),
                       jax.random.key(0), config)
+
+
+def test_jit_and_no_jit_agree():
+  apply_fn, params = linear_model(height=4, width=4, channels=1, num_classes=3)
+  images = random_images(2, 4, 4, 1)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  config = attacks.OnePixelConfig(population_size=6, num_generations=3, num_slots=2)
+  jitted = attacks.one_pixel(apply_fn, params, images, labels, jax.random.key(0), config)
+  with jax.disable_jit():
+    eager = attacks.one_pixel(apply_fn, params, images, labels, jax.random.key(0), config)
+  chex.assert_trees_all_close(jitted, eager, atol=1e-5)
