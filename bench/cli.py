@@ -27,6 +27,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows.append((name, spec.dataset, spec.architecture, f"{meta['parameters']:,}",
                  f"{100 * meta['test_accuracy']:.2f}%", f"{meta['test_examples']:,}",
                  f"{path.stat().st_size / 1e6:.2f} MB", spec.note))
+  if args.markdown:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+      print("| " + " | ".join(str(c) for c in r) + " |")
+    return 0
   widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
   print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
   print("  ".join("-" * w for w in widths))
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("models", help="list the model zoo with accuracy and size")
   p.add_argument("--checkpoint-dir", default=None,
                  help="folder of checkpoints (default: the shipped zoo)")
+  p.add_argument("--markdown", action="store_true", help="print a Markdown table")
   p.set_defaults(func=_cmd_models)
 
   p = sub.add_parser("train", help="train a zoo model with its recipe")

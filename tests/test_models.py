@@ -170,6 +170,16 @@ def test_models_command_lists_the_zoo(capsys, tmp_path):
   assert sum("not trained" in line for line in lines) == len(zoo.ZOO) - 1
 
 
+def test_models_command_markdown_table(capsys):
+  from bench import cli
+
+  assert cli.main(["models", "--markdown"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("| model | dataset |")
+  assert len(lines) == 2 + len(zoo.ZOO)
+  assert all(line.count("|") == lines[0].count("|") for line in lines[2:])
+
+
 def test_train_command_rejects_unknown_model(capsys):
   from bench import cli
 
