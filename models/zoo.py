@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from models import architectures, checkpoints, datasets
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 
 
 @dataclasses.dataclass(frozen=True)
