@@ -29,6 +29,10 @@ def test_every_zoo_entry_has_a_floor():
   assert set(ACCURACY_FLOORS) == set(zoo.ZOO)
 
 
+def test_the_whole_zoo_is_shipped():
+  assert SHIPPED == list(zoo.ZOO), f"missing checkpoints: {set(zoo.ZOO) - set(SHIPPED)}"
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_metadata_is_complete_and_above_floor(name):
   meta = zoo.load(name).meta
