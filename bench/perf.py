@@ -79,9 +79,10 @@ def attack_units(name: str, result: attacks.AttackResult) -> int:
 
 def unit_batch(name: str, config: Any, num_images: int) -> int:
   """The batch size the attack feeds the model."""
-  if name == "one_pixel":
+  if name == "one_pixel":  # the attack's even chunks (attacks.one_pixel._one_pixel)
     candidates = min(config.num_slots, num_images) * config.population_size
-    return min(config.chunk_size, candidates)
+    num_chunks = -(-candidates // min(config.chunk_size, candidates))
+    return -(-candidates // num_chunks)
   return num_images
 
 
