@@ -83,13 +83,13 @@ class PreparedCall:
     return self.lowered()
 
 
-def validate(images: Any, labels: Any, *, targets: Any = None, target_mode: str = UNTARGETED
-             ) -> None:
+def validate(apply_fn: ApplyFn, params: Any, images: Any, labels: Any, *, targets: Any = None,
+             target_mode: str = UNTARGETED) -> int:
   """Raises ValueError naming the problem for inputs no attack can use.
 
-  Checks rank, dtype, range [0, 1] and finiteness of `images`, the shape and dtype of
-  `labels`, and the target mode. Class ranges are checked by `check_classes` once the
-  number of classes is known.
+  Checks rank, dtype, range [0, 1] and finiteness of `images`, the shape, dtype and class
+  range of `labels` (and `targets`), and the target mode. Returns the model's number of
+  classes.
   """
   shape = np.shape(images)
   if len(shape) != 4:
@@ -121,6 +121,11 @@ def validate(images: Any, labels: Any, *, targets: Any = None, target_mode: str 
   elif targets is not None:
     raise ValueError(f"targets were given but the target mode is {target_mode!r}; set "
                      "target='explicit' in the config to use them")
+  num_classes = num_classes_of(apply_fn, params, images)
+  check_classes("labels", labels, num_classes)
+  if targets is not None:
+    check_classes("targets", targets, num_classes)
+  return num_classes
 
 
 def check_classes(name: str, values: Any, num_classes: int) -> None:

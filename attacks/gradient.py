@@ -170,7 +170,7 @@ def _iterate(apply_fn, params, images, labels, keys, targets, eps, step_size, *,
 def _prepare(apply_fn, params, images, labels, key, targets, *, eps, step_size, num_steps,
              norm, random_start, target_mode, away_from) -> common.PreparedCall:
   """Checks the inputs and returns the jitted core with its arguments."""
-  common.validate(images, labels, targets=targets, target_mode=target_mode)
+  common.validate(apply_fn, params, images, labels, targets=targets, target_mode=target_mode)
   if away_from not in AWAY_FROM:
     raise ValueError(f"away_from must be one of {AWAY_FROM}; got {away_from!r}")
   if norm not in (LINF, L2):
@@ -180,10 +180,6 @@ def _prepare(apply_fn, params, images, labels, key, targets, *, eps, step_size, 
       raise ValueError(f"{name} must be >= 0; got {value}")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-  num_classes = common.num_classes_of(apply_fn, params, images)
-  common.check_classes("labels", labels, num_classes)
-  if targets is not None:
-    common.check_classes("targets", targets, num_classes)
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
   eps = jnp.asarray(eps, images.dtype)

@@ -228,7 +228,8 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
                  ) -> common.PreparedCall:
   """Checks the inputs and returns the jitted core with its arguments."""
   config = config or JSMAConfig()
-  common.validate(images, labels, targets=targets, target_mode=config.target)
+  common.validate(apply_fn, params, images, labels, targets=targets,
+                  target_mode=config.target)
   if config.target == common.UNTARGETED:
     raise ValueError("JSMA is a targeted attack: use target='random', 'least_likely' or "
                      "'explicit'")
@@ -239,10 +240,6 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
   if config.block_rows < 1 or config.max_candidates < 0:
     raise ValueError(f"block_rows must be >= 1 and max_candidates >= 0; got "
                      f"{config.block_rows}, {config.max_candidates}")
-  num_classes = common.num_classes_of(apply_fn, params, images)
-  common.check_classes("labels", labels, num_classes)
-  if targets is not None:
-    common.check_classes("targets", targets, num_classes)
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
   gamma = jnp.asarray(config.gamma, images.dtype)

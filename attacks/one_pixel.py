@@ -248,8 +248,9 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
   if mode not in ONE_PIXEL_TARGET_MODES:
     raise ValueError(f"unknown target mode {mode!r}; valid choices: "
                      f"{', '.join(ONE_PIXEL_TARGET_MODES)}")
-  common.validate(images, labels, targets=targets,
-                  target_mode=common.UNTARGETED if mode == AT_LEAST_ONE_TARGET else mode)
+  num_classes = common.validate(
+      apply_fn, params, images, labels, targets=targets,
+      target_mode=common.UNTARGETED if mode == AT_LEAST_ONE_TARGET else mode)
   if config.num_pixels < 1:
     raise ValueError(f"num_pixels (k) must be >= 1; got {config.num_pixels}")
   if config.population_size < 4:
@@ -261,10 +262,6 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
     raise ValueError("num_slots and chunk_size must be >= 1")
   if not float(config.differential_weight) > 0:
     raise ValueError(f"differential_weight (F) must be > 0; got {config.differential_weight}")
-  num_classes = common.num_classes_of(apply_fn, params, images)
-  common.check_classes("labels", labels, num_classes)
-  if targets is not None:
-    common.check_classes("targets", targets, num_classes)
 
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
