@@ -1,0 +1,377 @@
+"""Run configs: TOML files in `bench/configs/`, `--set` overrides, and their sweep expansion.
+
+A config declares the models, the images (how many per confidence bin, drawn with the run's
+seed), the bins, and the attacks with their parameters. A list value sweeps that parameter;
+the sweep is the product of all lists, except the groups named in `zip`, whose lists advance
+together. One file serves the full run and the `--quick` run: its `[quick]` table holds
+overrides in `--set` syntax. TOML, not Python: a config is data, and loading one runs no code.
+
+    name = "main"
+    models = ["mnist_lenet"]
+    [images]
+    per_bin = 100
+    [bins]
+    thresholds = [0.99, 0.90]          # high >= 0.99 > medium >= 0.90 > low
+    [attacks.bim]
+    eps = [0.1, 0.2]
+    target = ["least_likely", "untargeted"]
+    [quick]
+    "images.per_bin" = 10
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attacks
+from models import datasets, zoo
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "main"
+
+# The top-level fields of a config, each with its default (None: required).
+TOP_LEVEL = {
+    "name": None,
+    "description": "",
+    "models": None,
+    "dataset": "",  # optional: when given, every model must be trained on it
+    "split": "test",
+    "seed": 0,
+    "batch_size": 100,  # images per attack call, and per results file
+    "images": {},
+    "bins": {},
+    "attacks": None,
+    "quick": {},
+}
+IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images (0: all)
+# Possas's slides: high >= 30%, medium 15-30%, low < 15% top-1 softmax probability.
+BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
+DRIVER_KEYS = ("zip", "target_class")  # attack-table keys that are not config fields
+
+
+class ConfigError(ValueError):
+  """A config or override names something that does not exist, or has a bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One attack configuration on one model: a cell of the sweep.
+
+  Attributes:
+    model: zoo model name.
+    attack: attack name (`attacks.REGISTRY`).
+    config: the attack's config dataclass.
+    params: the parameters the config file set for this cell (swept or fixed).
+    target_class: explicit target class for every image (images of that class are
+      skipped), or None.
+  """
+
+  model: str
+  attack: str
+  config: Any
+  params: dict[str, Any]
+  target_class: int | None = None
+
+  @property
+  def config_json(self) -> str:
+    fields = dataclasses.asdict(self.config)
+    fields = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in fields.items()}
+    return json.dumps({"attack": self.attack, "target_class": self.target_class, **fields},
+                      sort_keys=True)
+
+  @property
+  def config_hash(self) -> str:
+    return hashlib.sha256(self.config_json.encode()).hexdigest()[:16]
+
+  @property
+  def params_json(self) -> str:
+    return json.dumps(self.params, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A resolved config: defaults filled in, overrides applied, every name checked."""
+
+  raw: dict[str, Any]
+
+  @property
+  def name(self) -> str:
+    return self.raw["name"]
+
+  @property
+  def models(self) -> list[str]:
+    return list(self.raw["models"])
+
+  @property
+  def seed(self) -> int:
+    return int(self.raw["seed"])
+
+  @property
+  def split(self) -> str:
+    return self.raw["split"]
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.raw["batch_size"])
+
+  @property
+  def per_bin(self) -> int:
+    return int(self.raw["images"]["per_bin"])
+
+  @property
+  def pool(self) -> int:
+    return int(self.raw["images"]["pool"])
+
+  @property
+  def bin_names(self) -> list[str]:
+    return list(self.raw["bins"]["names"])
+
+  @property
+  def thresholds(self) -> list[float]:
+    return [float(t) for t in self.raw["bins"]["thresholds"]]
+
+  def to_json(self) -> str:
+    body = {k: v for k, v in self.raw.items() if k != "quick"}
+    return json.dumps(body, sort_keys=True)
+
+  @property
+  def config_hash(self) -> str:
+    """Everything that decides the rows; a run folder belongs to one hash."""
+    return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+  def cells(self) -> list[Cell]:
+    """The sweep: every model x attack x parameter combination, in config order."""
+    out = []
+    for model in self.models:
+      for attack, table in self.raw["attacks"].items():
+        for params in expand(table, f"attacks.{attack}"):
+          fields = {k: v for k, v in params.items() if k != "target_class"}
+          _, config_cls = attacks.REGISTRY[attack]
+          try:
+            config = config_cls(**fields)
+          except TypeError as err:
+            raise ConfigError(f"attacks.{attack}: {err}") from None
+          target_class = params.get("target_class")
+          out.append(Cell(model, attack, config, params,
+                          None if target_class is None else int(target_class)))
+    hashes = [(c.model, c.config_hash) for c in out]
+    if len(set(hashes)) != len(hashes):
+      raise ConfigError("the sweep lists the same attack configuration twice; remove the "
+                        "duplicate values")
+    return out
+
+
+def expand(table: dict[str, Any], where: str) -> list[dict[str, Any]]:
+  """Expands one attack table into parameter dicts: product of lists, `zip` groups zipped."""
+  table = dict(table)
+  groups = table.pop("zip", [])
+  if groups and isinstance(groups[0], str):
+    groups = [groups]
+  zipped = {k for group in groups for k in group}
+  for key in zipped:
+    if key not in table or not isinstance(table[key], list):
+      raise ConfigError(f"{where}.zip names {key!r}, which must be a list in {where}")
+  axes: list[list[dict[str, Any]]] = []
+  for group in groups:
+    lengths = {len(table[k]) for k in group}
+    if len(lengths) != 1:
+      raise ConfigError(f"{where}.zip: the lists {group} must have the same length; got "
+                        + ", ".join(f"{k}: {len(table[k])}" for k in group))
+    axes.append([dict(zip(group, values, strict=True))
+                 for values in zip(*(table[k] for k in group), strict=True)])
+  for key, value in table.items():
+    if key in zipped:
+      continue
+    values = value if isinstance(value, list) else [value]
+    if not values:
+      raise ConfigError(f"{where}.{key} is an empty list")
+    axes.append([{key: v} for v in values])
+  combos = []
+  for parts in itertools.product(*axes):
+    combo: dict[str, Any] = {}
+    for part in parts:
+      combo.update(part)
+    combos.append(combo)
+  return combos
+
+
+def config_path(name_or_path: str) -> Path:
+  """A config by name (`main` is `bench/configs/main.toml`) or by path."""
+  path = Path(name_or_path)
+  if path.suffix == ".toml" or path.exists():
+    if not path.is_file():
+      raise ConfigError(f"no config file {path}")
+    return path
+  path = CONFIG_DIR / f"{name_or_path}.toml"
+  if not path.is_file():
+    raise ConfigError(f"unknown config {name_or_path!r}; valid choices: "
+                      f"{', '.join(available())}, or a path to a .toml file")
+  return path
+
+
+def available() -> list[str]:
+  return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def parse_value(raw: str) -> Any:
+  """A TOML value (`0.1`, `[0.1, 0.2]`, `"x"`, `true`); anything else is a bare string."""
+  try:
+    return tomllib.loads(f"v = {raw}")["v"]
+  except tomllib.TOMLDecodeError:
+    return raw
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+  """Sets `a.b.c = value` in the nested dict, refusing keys the schema does not know."""
+  parts = dotted.split(".")
+  top = parts[0]
+  if top not in TOP_LEVEL:
+    raise ConfigError(f"unknown config key {top!r}; valid keys: {', '.join(TOP_LEVEL)}")
+  if len(parts) == 1:
+    raw[top] = value
+    return
+  if top in ("images", "bins") and len(parts) == 2:
+    valid = IMAGES if top == "images" else BINS
+    if parts[1] not in valid:
+      raise ConfigError(f"unknown key {dotted!r}; valid keys: "
+                        + ", ".join(f"{top}.{k}" for k in valid))
+    raw.setdefault(top, {})[parts[1]] = value
+    return
+  if top == "attacks" and len(parts) in (2, 3):
+    check_attack_name(parts[1])
+    tables = raw.setdefault("attacks", {})
+    if len(parts) == 2:
+      if not isinstance(value, dict):
+        raise ConfigError(f"{dotted} must be a table of parameters, e.g. "
+                          f"--set {dotted}.eps=0.1")
+      tables[parts[1]] = value
+    else:
+      check_attack_field(parts[1], parts[2])
+      tables.setdefault(parts[1], {})[parts[2]] = value
+    return
+  raise ConfigError(f"cannot set {dotted!r}: valid forms are KEY, images.KEY, bins.KEY, "
+                    "attacks.ATTACK and attacks.ATTACK.FIELD")
+
+
+def check_attack_name(name: str) -> None:
+  if name not in attacks.REGISTRY:
+    raise ConfigError(f"unknown attack {name!r}; valid choices: {', '.join(attacks.REGISTRY)}")
+
+
+def check_attack_field(attack: str, field: str) -> None:
+  _, config_cls = attacks.REGISTRY[attack]
+  fields = [f.name for f in dataclasses.fields(config_cls)]
+  if field not in fields and field not in DRIVER_KEYS:
+    raise ConfigError(f"unknown field {field!r} for attack {attack}; valid fields: "
+                      f"{', '.join(fields + list(DRIVER_KEYS))}")
+
+
+def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
+         quick: bool = False) -> RunConfig:
+  """Reads a config, applies its `[quick]` table (if `quick`) and `--set` overrides, checks it.
+
+  Raises:
+    ConfigError: an unknown key, model, attack, dataset or bin setting, with the valid choices.
+  """
+  path = config_path(name_or_path)
+  try:
+    raw = tomllib.loads(path.read_text())
+  except tomllib.TOMLDecodeError as err:
+    raise ConfigError(f"{path} is not valid TOML: {err}") from None
+  return resolve(raw, overrides, quick, source=str(path))
+
+
+def resolve(raw: dict[str, Any], overrides: list[str] | None = None, quick: bool = False,
+            source: str = "config") -> RunConfig:
+  """Fills defaults into a parsed config, applies overrides and checks every name."""
+  raw = copy.deepcopy(raw)
+  for key in raw:
+    if key not in TOP_LEVEL:
+      raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(TOP_LEVEL)}")
+  assignments: list[tuple[str, Any]] = []
+  if quick:
+    assignments += list(raw.get("quick", {}).items())
+  for item in overrides or []:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--set expects KEY=VALUE; got {item!r}")
+    assignments.append((key.strip(), parse_value(value.strip())))
+  for key, value in assignments:
+    apply_override(raw, key, value)
+  if quick and raw.get("name"):
+    raw["name"] = f"{raw['name']}-quick"
+  for key, default in TOP_LEVEL.items():
+    if key not in raw:
+      if default is None:
+        raise ConfigError(f"{source}: missing required key {key!r}")
+      raw[key] = copy.deepcopy(default)
+  for key in raw["images"]:
+    if key not in IMAGES:
+      raise ConfigError(f"{source}: unknown key images.{key}; valid: {', '.join(IMAGES)}")
+  for key in raw["bins"]:
+    if key not in BINS:
+      raise ConfigError(f"{source}: unknown key bins.{key}; valid: {', '.join(BINS)}")
+  raw["images"] = {**IMAGES, **raw["images"]}
+  raw["bins"] = {**BINS, **raw["bins"]}
+  _check(raw, source)
+  config = RunConfig(raw)
+  config.cells()  # builds every attack config: bad fields fail here, not mid-run
+  return config
+
+
+def _check(raw: dict[str, Any], source: str) -> None:
+  if not isinstance(raw["models"], list) or not raw["models"]:
+    raise ConfigError(f"{source}: models must be a non-empty list of zoo names; valid: "
+                      f"{', '.join(zoo.ZOO)}")
+  for model in raw["models"]:
+    if model not in zoo.ZOO:
+      raise ConfigError(f"unknown model {model!r}; valid choices: {', '.join(zoo.ZOO)}")
+  if raw["dataset"]:
+    if raw["dataset"] not in datasets.DATASETS:
+      raise ConfigError(f"unknown dataset {raw['dataset']!r}; valid choices: "
+                        f"{', '.join(datasets.DATASETS)}")
+    for model in raw["models"]:
+      if zoo.entry(model).dataset != raw["dataset"]:
+        raise ConfigError(f"model {model} is trained on {zoo.entry(model).dataset}, not on "
+                          f"the config's dataset {raw['dataset']}")
+  if raw["split"] not in ("train", "test"):
+    raise ConfigError(f"split must be 'train' or 'test'; got {raw['split']!r}")
+  for key in ("seed", "batch_size"):
+    if not isinstance(raw[key], int) or isinstance(raw[key], bool):
+      raise ConfigError(f"{key} must be an integer; got {raw[key]!r}")
+  if raw["batch_size"] < 1:
+    raise ConfigError(f"batch_size must be >= 1; got {raw['batch_size']}")
+  if not isinstance(raw["images"]["per_bin"], int) or raw["images"]["per_bin"] < 1:
+    raise ConfigError(f"images.per_bin must be an integer >= 1; got "
+                      f"{raw['images']['per_bin']!r}")
+  if not isinstance(raw["images"]["pool"], int) or raw["images"]["pool"] < 0:
+    raise ConfigError(f"images.pool must be an integer >= 0 (0: the whole split); got "
+                      f"{raw['images']['pool']!r}")
+  names, thresholds = raw["bins"]["names"], raw["bins"]["thresholds"]
+  if len(names) != len(thresholds) + 1 or len(set(names)) != len(names):
+    raise ConfigError(f"bins: {len(thresholds)} thresholds need {len(thresholds) + 1} "
+                      f"distinct names; got {names}")
+  if any(not 0 <= t <= 1 for t in thresholds) or sorted(thresholds, reverse=True) != list(
+      thresholds) or len(set(thresholds)) != len(thresholds):
+    raise ConfigError(f"bins.thresholds must be strictly decreasing probabilities in [0, 1] "
+                      f"(high first); got {thresholds}")
+  if not isinstance(raw["attacks"], dict) or not raw["attacks"]:
+    raise ConfigError(f"{source}: attacks must be a table of [attacks.NAME] tables; valid "
+                      f"names: {', '.join(attacks.REGISTRY)}")
+  for attack, table in raw["attacks"].items():
+    check_attack_name(attack)
+    for field in table:
+      check_attack_field(attack, field)
+    targets = table.get("target_class")
+    if targets is not None:
+      target_modes = table.get("target", [])
+      target_modes = target_modes if isinstance(target_modes, list) else [target_modes]
+      if target_modes != [attacks.EXPLICIT]:
+        raise ConfigError(f"attacks.{attack}.target_class needs target = \"explicit\"")

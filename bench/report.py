@@ -1,0 +1,281 @@
+"""`advsweep report DIR`: summary tables (text, Markdown, CSV), Possas's tables and plots.
+
+Every rate is over the images the model classified correctly before the attack (the papers
+exclude the others); intervals are 95% Wilson score intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from bench import results, tables
+from models import checkpoints
+
+ALL_BINS = "all"
+
+
+def columns(table: pa.Table) -> dict[str, np.ndarray]:
+  return {name: np.asarray(table.column(name).to_numpy(zero_copy_only=False))
+          for name in table.column_names}
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSummary:
+  """Figures for one model x attack configuration x confidence bin."""
+
+  model: str
+  attack: str
+  params: str  # JSON of the swept parameters
+  config_hash: str
+  conf_bin: str
+  images: int  # rows, misclassified clean images included
+  n: int  # clean-correct images: the denominator of every rate below
+  successes: int
+  top1_errors: int
+  top5_errors: int
+  mean_adv_conf: float  # over successful attacks
+  mean_l0: float
+  mean_l0_fraction: float  # over successful attacks (Papernot's "features modified")
+  mean_linf: float
+  mean_queries: float
+  s_per_image: float
+  invalid: int
+
+  @property
+  def success_rate(self) -> float:
+    return self.successes / self.n if self.n else math.nan
+
+  @property
+  def interval(self) -> tuple[float, float]:
+    return tables.wilson_interval(self.successes, self.n)
+
+  @property
+  def top1_error(self) -> float:
+    return self.top1_errors / self.n if self.n else math.nan
+
+  @property
+  def top5_error(self) -> float:
+    return self.top5_errors / self.n if self.n else math.nan
+
+  @property
+  def param_dict(self) -> dict[str, Any]:
+    return json.loads(self.params)
+
+
+def _mean(x: np.ndarray) -> float:
+  return float(np.mean(x)) if len(x) else math.nan
+
+
+def summarise(cols: dict[str, np.ndarray], mask: np.ndarray, key: tuple) -> CellSummary:
+  model, attack, params, config_hash, conf_bin = key
+  ok = mask & cols["clean_correct"]
+  won = ok & cols["success"]
+  return CellSummary(
+      model=model, attack=attack, params=params, config_hash=config_hash, conf_bin=conf_bin,
+      images=int(mask.sum()), n=int(ok.sum()), successes=int(won.sum()),
+      top1_errors=int((ok & (cols["adv_pred"] != cols["label"])).sum()),
+      top5_errors=int((ok & ~cols["adv_top5_correct"]).sum()),
+      mean_adv_conf=_mean(cols["adv_conf"][won]),
+      mean_l0=_mean(cols["l0"][ok]),
+      mean_l0_fraction=_mean(cols["l0_fraction"][won]),
+      mean_linf=_mean(cols["linf"][ok]),
+      mean_queries=_mean(cols["queries"][ok]),
+      s_per_image=_mean(cols["wall_s"][mask]),
+      invalid=int((mask & ~cols["valid"]).sum()))
+
+
+def summaries(table: pa.Table, bin_order: list[str] | None = None) -> list[CellSummary]:
+  """One summary per model x attack config x bin, plus an "all" row per config."""
+  cols = columns(table)
+  groups: dict[tuple, list[int]] = defaultdict(list)
+  for i, key in enumerate(zip(cols["model"], cols["attack"], cols["params"],
+                              cols["config_hash"], strict=True)):
+    groups[key].append(i)
+  present = list(dict.fromkeys(cols["conf_bin"].tolist()))
+  order = [b for b in (bin_order or []) if b in present] + [
+      b for b in present if b not in (bin_order or [])]
+  out = []
+  for key, idx in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+    mask = np.zeros(table.num_rows, bool)
+    mask[idx] = True
+    for b in order:
+      in_bin = mask & (cols["conf_bin"] == b)
+      if in_bin.any():
+        out.append(summarise(cols, in_bin, (*key, b)))
+    out.append(summarise(cols, mask, (*key, ALL_BINS)))
+  return out
+
+
+def _sort_key(key: tuple) -> tuple:
+  model, attack, params, _ = key
+  values = [(k, (0, v, "") if isinstance(v, int | float) else (1, 0, str(v)))
+            for k, v in json.loads(params).items()]
+  return model, attack, values
+
+
+def params_text(params: str) -> str:
+  d = json.loads(params)
+  return " ".join(f"{k}={_short(v)}" for k, v in d.items()) or "(paper defaults)"
+
+
+def _short(v: Any) -> str:
+  return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+SUMMARY_HEADER = ("model", "attack", "params", "bin", "n", "success", "95% CI", "top-1 err",
+                  "top-5 err", "adv conf", "l0", "l0 frac", "linf", "queries", "s/img",
+                  "invalid")
+
+
+def summary_rows(cells: list[CellSummary]) -> list[list[str]]:
+  rows = []
+  for c in cells:
+    lo, hi = c.interval
+    rows.append([c.model, c.attack, params_text(c.params), c.conf_bin, str(c.n),
+                 tables.pct(c.success_rate), f"{tables.pct(lo)}-{tables.pct(hi)}",
+                 tables.pct(c.top1_error), tables.pct(c.top5_error),
+                 tables.pct(c.mean_adv_conf), tables.num(c.mean_l0, 1),
+                 tables.pct(c.mean_l0_fraction, 2), tables.num(c.mean_linf, 3),
+                 tables.num(c.mean_queries, 0), tables.num(c.s_per_image, 4), str(c.invalid)])
+  return rows
+
+
+def summary_csv(cells: list[CellSummary]) -> str:
+  header = ["model", "attack", "params", "config_hash", "conf_bin", "images", "n",
+            "successes", "success_rate", "ci_low", "ci_high", "top1_error", "top5_error",
+            "mean_adv_conf", "mean_l0", "mean_l0_fraction", "mean_linf", "mean_queries",
+            "s_per_image", "invalid"]
+  rows = [[c.model, c.attack, c.params, c.config_hash, c.conf_bin, c.images, c.n,
+           c.successes, c.success_rate, *c.interval, c.top1_error, c.top5_error,
+           c.mean_adv_conf, c.mean_l0, c.mean_l0_fraction, c.mean_linf, c.mean_queries,
+           c.s_per_image, c.invalid] for c in cells]
+  return tables.csv_text(header, rows)
+
+
+# Possas's slides: least-likely and inverse perturbations, fast (one step) and iterative.
+POSSAS_METHODS = {"least-likely": lambda p: p.get("target") == "least_likely",
+                  "inverse": lambda p: p.get("target", "untargeted") == "untargeted"
+                  and p.get("away_from") == "prediction"}
+POSSAS_COLUMNS = (("iterative", "top5"), ("iterative", "top1"), ("fast", "top5"),
+                  ("fast", "top1"))
+POSSAS_HEADER = ("bin", "iterative top-5 error", "iterative top-1 error", "fast top-5 error",
+                 "fast top-1 error")
+
+
+def possas_tables(cells: list[CellSummary]) -> dict[tuple[str, str, str], dict]:
+  """Possas's two tables, per model and eps: {(model, method, eps): {bin: {column: cell}}}.
+
+  Fast is FGSM and iterative is BIM at the same eps; top-k error is the share of clean-correct
+  images whose label left the top k.
+  """
+  out: dict[tuple[str, str, str], dict] = defaultdict(lambda: defaultdict(dict))
+  for c in cells:
+    if c.attack not in ("fgsm", "bim") or c.conf_bin == ALL_BINS:
+      continue
+    p = c.param_dict
+    for method, matches in POSSAS_METHODS.items():
+      if matches(p):
+        kind = "fast" if c.attack == "fgsm" else "iterative"
+        eps = _short(p.get("eps", "default"))
+        out[(c.model, method, eps)][c.conf_bin][kind] = c
+  return {k: v for k, v in out.items()
+          if all(len(row) == 2 for row in v.values())}
+
+
+def possas_rows(table: dict[str, dict[str, CellSummary]],
+                published: dict[str, list[float]] | None = None) -> list[list[str]]:
+  """Rows high/medium/low; each cell "ours" or "ours (paper)" with n in the bin column."""
+  rows = []
+  for conf_bin, kinds in table.items():
+    n = kinds["fast"].n
+    row = [f"{conf_bin} (n={n})"]
+    for i, (kind, err) in enumerate(POSSAS_COLUMNS):
+      c = kinds[kind]
+      text = tables.pct(c.top5_error if err == "top5" else c.top1_error, 0)
+      if published and conf_bin in published:
+        text += f" ({published[conf_bin][i]:.0f}%)"
+      row.append(text)
+    rows.append(row)
+  return rows
+
+
+def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
+  """PNG plots: success against eps per bin, and one-pixel success against k per bin."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+  series: dict[tuple, dict[str, list[tuple[float, float]]]] = defaultdict(
+      lambda: defaultdict(list))
+  for c in cells:
+    p = dict(c.param_dict)
+    x_name = "num_pixels" if c.attack == "one_pixel" else "eps"
+    if x_name not in p or not isinstance(p[x_name], int | float):
+      continue
+    x = float(p.pop(x_name))
+    rest = " ".join(f"{k}={_short(v)}" for k, v in sorted(p.items()))
+    series[(c.model, c.attack, x_name, rest)][c.conf_bin].append((x, c.success_rate))
+  for (model, attack, x_name, rest), lines in series.items():
+    if all(len(points) < 2 for points in lines.values()):
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for conf_bin, points in lines.items():
+      points.sort()
+      ax.plot([x for x, _ in points], [100 * y for _, y in points], marker="o",
+              label=conf_bin, linestyle="--" if conf_bin == ALL_BINS else "-")
+    ax.set_xlabel("k (pixels)" if x_name == "num_pixels" else "eps")
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{model} {attack} {rest}".strip(), fontsize=9)
+    ax.legend(title="confidence bin", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    slug = "-".join(s for s in (model, attack, x_name, rest.replace(" ", "_")) if s)
+    path = out_dir / f"success-vs-{slug.replace('=', '')}.png"
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    checkpoints.atomic_write_bytes(path, buffer.getvalue())
+    written.append(path)
+  return written
+
+
+def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = True,
+           log=print) -> list[CellSummary]:
+  """Prints the summary (and Possas's tables where the run has them); writes MD, CSV, PNG."""
+  folder = Path(folder)
+  table = results.read_run(folder)
+  meta = results.read_run_meta(folder) or {}
+  bin_order = meta.get("config", {}).get("bins", {}).get("names")
+  cells = summaries(table, bin_order)
+  out_dir = Path(out_dir) if out_dir else folder / "report"
+  rows = summary_rows(cells)
+  text = [f"{folder}: {table.num_rows} rows, run {', '.join(sorted(set(columns(table)['run_id'])))}",
+          "rates over clean-correct images (n); 95% Wilson intervals; adv conf and l0 frac "
+          "over successes", tables.format_text(SUMMARY_HEADER, rows)]
+  markdown = ["# advsweep report", "", f"Run folder `{folder}`, {table.num_rows} rows.", "",
+              tables.format_markdown(SUMMARY_HEADER, rows)]
+  for (model, method, eps), layout in possas_tables(cells).items():
+    title = f"Possas layout: {method} method, {model}, eps {eps}"
+    prow = possas_rows(layout)
+    text += ["", title, tables.format_text(POSSAS_HEADER, prow)]
+    markdown += ["", f"## {title}", "", tables.format_markdown(POSSAS_HEADER, prow)]
+  log("\n".join(text))
+  tables.write_text(out_dir / "summary.md", "\n".join(markdown) + "\n")
+  tables.write_text(out_dir / "summary.csv", summary_csv(cells))
+  written = [out_dir / "summary.md", out_dir / "summary.csv"]
+  if plots:
+    written += plot(cells, out_dir)
+  log("wrote " + ", ".join(str(p) for p in written))
+  return cells

@@ -1,0 +1,153 @@
+"""The results format: one parquet row per (image, attack configuration), written atomically.
+
+A run folder `results/<run-name>/` holds `run.json` (the resolved config and its hash) and
+`parts/*.parquet`, one file per work unit (a batch of images under one attack
+configuration). A unit's file appears whole or not at all (write, fsync, rename), so a run
+killed at any moment resumes by skipping the units whose files exist. Reading refuses a
+file that is corrupt or has another schema, naming it, instead of half-reading the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models import checkpoints
+
+SCHEMA = pa.schema([
+    ("run_id", pa.string()),  # <config name>-<config hash>: the same for every part of a run
+    ("created_at", pa.timestamp("us", tz="UTC")),  # when the row's unit finished
+    ("git_sha", pa.string()),
+    ("versions", pa.string()),  # JSON: advsweep, jax, jaxlib, flax, evosax, numpy versions
+    ("device_kind", pa.string()),
+    ("device_count", pa.int32()),  # devices the batch was sharded over
+    ("dataset", pa.string()),
+    ("split", pa.string()),
+    ("example_idx", pa.int64()),  # index in the split
+    ("label", pa.int32()),
+    ("model", pa.string()),
+    ("model_sha256", pa.string()),
+    ("attack", pa.string()),
+    ("config_json", pa.string()),  # the attack's full config, target_class included
+    ("config_hash", pa.string()),  # sha256 of config_json, 16 hex digits
+    ("params", pa.string()),  # JSON of the parameters the config file set (the sweep axes)
+    ("seed", pa.int64()),
+    ("clean_pred", pa.int32()),
+    ("clean_conf", pa.float32()),
+    ("conf_bin", pa.string()),
+    ("clean_correct", pa.bool_()),
+    ("clean_top5_correct", pa.bool_()),
+    ("target", pa.int32()),  # -1 untargeted
+    ("adv_pred", pa.int32()),
+    ("adv_conf", pa.float32()),
+    ("adv_top5_correct", pa.bool_()),
+    ("success", pa.bool_()),
+    ("l0", pa.int32()),  # pixels changed
+    ("l0_fraction", pa.float32()),  # fraction of input features changed
+    ("l2", pa.float32()),
+    ("linf", pa.float32()),
+    ("queries", pa.int64()),
+    ("wall_s", pa.float64()),  # the unit's attack wall time / its images
+    ("valid", pa.bool_()),  # budget, [0, 1] range and finite output checks passed
+])
+# Columns that record when and where a row was made, not what it says.
+PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
+ROW_KEY = ("model", "config_hash", "example_idx")
+
+
+class ResultsError(ValueError):
+  """A results folder or file is corrupt, foreign or mismatched."""
+
+
+@functools.cache
+def git_sha() -> str:
+  """The checkout's commit, with `+dirty` if it has changes; "unknown" outside git."""
+  root = Path(__file__).resolve().parent.parent
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                         text=True, check=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=root, capture_output=True, text=True, check=True,
+                           timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return sha + ("+dirty" if dirty else "")
+
+
+@functools.cache
+def versions() -> str:
+  out = {}
+  for package in ("advsweep", "jax", "jaxlib", "flax", "evosax", "numpy"):
+    try:
+      out[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      out[package] = "not installed"
+  return json.dumps(out, sort_keys=True)
+
+
+def write_part(path: str | os.PathLike, rows: dict[str, Any]) -> None:
+  """Writes one unit's rows (a dict of equal-length columns) atomically."""
+  table = pa.Table.from_pydict(rows, schema=SCHEMA)
+  sink = pa.BufferOutputStream()
+  pq.write_table(table, sink)
+  checkpoints.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_part(path: str | os.PathLike) -> pa.Table:
+  """Reads one part file; a corrupt or foreign file raises ResultsError naming it."""
+  try:
+    table = pq.read_table(path)
+  except (OSError, pa.ArrowException) as err:
+    raise ResultsError(f"{path} is corrupt ({err}); delete it and run again with --resume to "
+                       "recompute that unit") from None
+  if not table.schema.equals(SCHEMA, check_metadata=False):
+    raise ResultsError(f"{path} does not have the advsweep results schema; it is from another "
+                       "version or tool: move it out of the run folder")
+  return table
+
+
+def read_run(folder: str | os.PathLike) -> pa.Table:
+  """All rows of a run folder (or of a folder of run folders), checked for duplicates."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise ResultsError(f"no results folder {folder}")
+  paths = sorted(folder.rglob("*.parquet"))
+  paths = [p for p in paths if not p.name.startswith(".")]  # in-flight temporary files
+  if not paths:
+    raise ResultsError(f"{folder} holds no results (*.parquet); run `advsweep run` first")
+  table = pa.concat_tables([read_part(p) for p in paths])
+  keys = set()
+  for key in zip(*(table.column(c).to_pylist() for c in ("run_id", *ROW_KEY)), strict=True):
+    if key in keys:
+      raise ResultsError(f"{folder} holds the row {key} twice; it mixes copies of one run")
+    keys.add(key)
+  return table
+
+
+def read_run_meta(folder: str | os.PathLike) -> dict[str, Any] | None:
+  path = Path(folder) / "run.json"
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise ResultsError(f"{path} is corrupt ({err})") from None
+
+
+def sort_rows(table: pa.Table) -> pa.Table:
+  """Rows in a canonical order, to compare runs made in different unit orders."""
+  return table.sort_by([(c, "ascending") for c in ("model", "attack", "config_hash",
+                                                   "example_idx")])
+
+
+def content(table: pa.Table) -> pa.Table:
+  """The rows without their provenance columns, canonically ordered: what a run says."""
+  return sort_rows(table).drop_columns(list(PROVENANCE))

@@ -1,0 +1,366 @@
+"""The sweep driver: models x attack configurations x confidence-binned images -> parquet rows.
+
+Work is cut into units, one per (model, attack configuration, batch of images), in a fixed
+order. Each unit's rows go to their own parquet file, written atomically, so:
+- resuming skips units whose file exists (a killed run loses at most the units in flight);
+- `--shard K/N` takes every N-th unit from the K-th, and the parts of all shards together
+  are exactly the files of one plain run;
+- on a cluster, `jax.distributed.initialize()` runs when its environment is present and
+  each process takes its own share of units in the same way, on its local devices.
+Within a unit the batch is sharded over the local devices with `jax.sharding`. Every random
+choice of an attack on an image comes from a key folded from (seed, configuration, image
+index), so rows do not depend on batching, sharding or resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+import attacks
+from bench import results, selection
+from bench.config import Cell, RunConfig
+from models import checkpoints, datasets, zoo
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One results file: a batch of a model's selected images under one attack config."""
+
+  cell: Cell
+  index: int  # the batch number within the cell
+  positions: np.ndarray  # indices into the model's Selection
+
+  @property
+  def filename(self) -> str:
+    c = self.cell
+    return f"{c.model}-{c.attack}-{c.config_hash}-{self.index:04d}.parquet"
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+  """`"K/N"` (0 <= K < N, 0-based like SLURM_ARRAY_TASK_ID) -> (K, N); None -> (0, 1)."""
+  if text is None:
+    return 0, 1
+  try:
+    k, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise ValueError(f"--shard expects K/N with integers, e.g. 0/4; got {text!r}") from None
+  if n < 1 or not 0 <= k < n:
+    raise ValueError(f"--shard K/N needs 0 <= K < N (K is 0-based); got {text!r}")
+  return k, n
+
+
+def maybe_initialize_distributed() -> tuple[int, int]:
+  """Starts `jax.distributed` when a multi-process cluster environment is present.
+
+  Recognised: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), a SLURM
+  job step with more than one task, Open MPI with more than one rank, and multi-host TPU
+  slices; jax.distributed.initialize() reads the details itself. Returns (process index,
+  process count).
+  """
+  env = os.environ
+  multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+           or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+           or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+           or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+  return jax.process_index(), jax.process_count()
+
+
+def cell_key(seed: int, cell: Cell) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), int(cell.config_hash[:8], 16))
+
+
+def image_keys(seed: int, cell: Cell, example_idx: np.ndarray) -> jax.Array:
+  """One key per image from (seed, configuration, image index) alone."""
+  base = cell_key(seed, cell)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+      base, jnp.asarray(example_idx, jnp.uint32))
+
+
+def within_budget(cell: Cell, result: attacks.AttackResult, num_features: int) -> np.ndarray:
+  """[B] bool: the perturbation respects the attack's budget (AutoAttack-style check)."""
+  c = cell.config
+  if cell.attack in ("fgsm", "bim") or (cell.attack == "pgd" and c.norm == "linf"):
+    return np.asarray(result.linf) <= float(c.eps) + 1e-5
+  if cell.attack == "pgd":
+    return np.asarray(result.l2) <= float(c.eps) * (1 + 1e-4) + 1e-5
+  if cell.attack == "jsma":  # features change in pairs: allow the last pair
+    return np.asarray(result.l0_fraction) <= float(c.gamma) + 2.0 / num_features + 1e-7
+  if cell.attack == "one_pixel":
+    return np.asarray(result.l0) <= c.num_pixels
+  raise ValueError(f"no budget check for attack {cell.attack!r}")
+
+
+@dataclasses.dataclass
+class ModelData:
+  """A loaded model with its dataset and its selected images."""
+
+  model: zoo.Model
+  images_u8: np.ndarray
+  selection: selection.Selection
+
+
+def plan(config: RunConfig, selections: dict[str, selection.Selection]) -> list[Unit]:
+  """Every unit of the sweep, in a fixed order (the basis of resuming and sharding)."""
+  units = []
+  for cell in config.cells():
+    sel = selections[cell.model]
+    positions = np.arange(len(sel.example_idx))
+    if cell.target_class is not None:  # no "attack toward its own class"
+      positions = positions[sel.labels != cell.target_class]
+    for i, start in enumerate(range(0, len(positions), config.batch_size)):
+      units.append(Unit(cell, i, positions[start:start + config.batch_size]))
+  return units
+
+
+class Runner:
+  """Runs units on the local devices and writes their parquet files."""
+
+  def __init__(self, config: RunConfig, out_dir: Path, run_id: str):
+    self.config = config
+    self.out_dir = out_dir
+    self.run_id = run_id
+    self.devices = jax.local_devices()
+    self.mesh = Mesh(np.array(self.devices), ("batch",))
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._params: dict[str, Any] = {}
+
+  def params(self, data: ModelData) -> Any:
+    name = data.model.name
+    if name not in self._params:
+      self._params[name] = jax.device_put(data.model.params, self.replicated)
+    return self._params[name]
+
+  def shard(self, x: np.ndarray | jax.Array) -> jax.Array:
+    return jax.device_put(x, self.batch_sharding)
+
+  def run_unit(self, unit: Unit, data: ModelData) -> dict[str, Any]:
+    """Attacks the unit's images and returns its rows (columns of equal length)."""
+    cell, sel = unit.cell, data.selection
+    n = len(unit.positions)
+    pad = (-n) % len(self.devices)
+    positions = np.concatenate([unit.positions, np.repeat(unit.positions[-1:], pad)])
+    example_idx = sel.example_idx[positions]
+    images = data.images_u8[example_idx].astype(np.float32) / 255.0
+    labels = sel.labels[positions].astype(np.int32)
+    keys = image_keys(self.config.seed, cell, example_idx)
+    targets = None
+    if cell.target_class is not None:
+      targets = self.shard(np.full(len(positions), cell.target_class, np.int32))
+    attack_fn, _ = attacks.REGISTRY[cell.attack]
+    start = time.perf_counter()
+    result = attack_fn(data.model.apply_fn, self.params(data), self.shard(images),
+                       self.shard(labels), self.shard(keys), cell.config, targets=targets)
+    result = jax.block_until_ready(result)
+    wall = time.perf_counter() - start
+    r = jax.tree.map(lambda x: np.asarray(x)[:n], result)
+    flat = r.adv_images.reshape(n, -1)
+    in_range = (flat.min(-1) >= 0.0) & (flat.max(-1) <= 1.0)
+    valid = r.finite & in_range & within_budget(cell, r, flat.shape[1])
+    pos = unit.positions
+    bin_names = np.asarray(self.config.bin_names)
+    meta = data.model.meta
+    const = {
+        "run_id": self.run_id,
+        "created_at": datetime.datetime.now(datetime.UTC),
+        "git_sha": results.git_sha(),
+        "versions": results.versions(),
+        "device_kind": self.devices[0].device_kind,
+        "device_count": len(self.devices),
+        "dataset": meta["dataset"],
+        "split": self.config.split,
+        "model": cell.model,
+        "model_sha256": meta["sha256"],
+        "attack": cell.attack,
+        "config_json": cell.config_json,
+        "config_hash": cell.config_hash,
+        "params": cell.params_json,
+        "seed": self.config.seed,
+        "wall_s": wall / n,
+    }
+    rows = {k: [v] * n for k, v in const.items()}
+    rows.update({
+        "example_idx": sel.example_idx[pos],
+        "label": sel.labels[pos],
+        "clean_pred": sel.clean_pred[pos],
+        "clean_conf": sel.clean_conf[pos].astype(np.float32),
+        "conf_bin": bin_names[sel.bins[pos]],
+        "clean_correct": sel.clean_correct[pos],
+        "clean_top5_correct": sel.clean_top5_correct[pos],
+        "target": r.target, "adv_pred": r.adv_pred, "adv_conf": r.adv_conf,
+        "adv_top5_correct": r.adv_top5_correct, "success": r.success, "l0": r.l0,
+        "l0_fraction": r.l0_fraction, "l2": r.l2, "linf": r.linf,
+        "queries": r.queries.astype(np.int64), "valid": valid,
+    })
+    return rows
+
+
+def prepare_folder(out_dir: Path, config: RunConfig) -> str:
+  """Creates or re-opens a run folder; refuses one that belongs to another config."""
+  run_id = f"{config.name}-{config.config_hash}"
+  meta = results.read_run_meta(out_dir)
+  if meta is not None:
+    if meta.get("config_hash") != config.config_hash:
+      raise results.ResultsError(
+          f"{out_dir} holds run {meta.get('run_id')}, made with another config (hash "
+          f"{meta.get('config_hash')}, now {config.config_hash}); pass --out with a new "
+          "folder, or delete the old one")
+    return run_id
+  body = {"run_id": run_id, "name": config.name, "config_hash": config.config_hash,
+          "config": json.loads(config.to_json()),
+          "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
+  checkpoints.atomic_write_bytes(out_dir / "run.json",
+                                 (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+  return run_id
+
+
+def load_models(config: RunConfig, data_dir: str | None,
+                checkpoint_dir: str | None = None) -> dict[str, ModelData]:
+  """Loads each model and its dataset, and draws its images per confidence bin."""
+  out = {}
+  for name in config.models:
+    model = zoo.load(name, checkpoint_dir)
+    images_u8, labels = datasets.load(model.meta["dataset"], config.split, data_dir)
+    sel = selection.select(model.apply_fn, model.params, images_u8, labels,
+                           config.thresholds, config.per_bin, config.pool, config.seed)
+    out[name] = ModelData(model, images_u8, sel)
+  return out
+
+
+# Model work per image in forward-pass equivalents (a backward pass ~ 2 forwards), the upper
+# bound of each attack's loop: the basis of the time estimate printed before a run.
+def forward_equivalents(cell: Cell, num_features: int, num_classes: int) -> float:
+  c = cell.config
+  if cell.attack == "fgsm":
+    return 5.0
+  if cell.attack in ("bim", "pgd"):
+    steps = c.num_steps or attacks.gradient.kurakin_num_steps(float(c.eps))
+    return 3.0 * steps + 2
+  if cell.attack == "jsma":
+    return 5.0 * np.ceil(float(c.gamma) * num_features / 2) + 2
+  generations = (c.num_generations + 1) * c.population_size
+  return generations * ((num_classes - 1) if c.target == "at_least_one_target" else 1) + 1
+
+
+def estimate_seconds(units: list[Unit], models: dict[str, ModelData]) -> float:
+  """An upper bound on the sweep's time: forward equivalents at each model's measured rate."""
+  from bench import perf  # measures raw throughput
+
+  rates = {}
+  total = 0.0
+  for unit in units:
+    data = models[unit.cell.model]
+    shape = data.images_u8.shape[1:]
+    if unit.cell.model not in rates:
+      rates[unit.cell.model] = perf.raw_throughput(
+          data.model.apply_fn, data.model.params, (256, *shape), "fwd", min_seconds=0.3)
+    num_classes = datasets.info(data.model.meta["dataset"]).num_classes
+    per_image = forward_equivalents(unit.cell, int(np.prod(shape)), num_classes)
+    total += per_image * len(unit.positions) / rates[unit.cell.model]
+  return total
+
+
+def format_duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+  out_dir: Path
+  units_total: int
+  units_mine: int
+  units_skipped: int
+  units_run: int
+  available: dict[str, dict[str, int]]
+
+
+def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
+        resume: bool = True, data_dir: str | None = None, progress: bool = True,
+        estimate: bool = True, stop_after_units: int | None = None,
+        log=print) -> SweepOutcome:
+  """Runs this process's share of the sweep, skipping units already written.
+
+  Args:
+    config: the resolved run config.
+    out_dir: the run folder (created; refused if it holds another config's run).
+    shard: (K, N): run every N-th unit starting at K. Combined with the jax.distributed
+      process index when several processes run.
+    resume: skip units whose results exist; False refuses a folder that has any.
+    data_dir: local data folder (default $ADVSWEEP_DATA_DIR).
+    progress: show a progress bar.
+    estimate: measure each model's forward rate and print an upper-bound time estimate.
+    stop_after_units: stop after running this many units (to test resumption).
+    log: where messages go.
+  """
+  out_dir = Path(out_dir)
+  k, n = shard
+  process, processes = jax.process_index(), jax.process_count()
+  k, n = k * processes + process, n * processes
+  run_id = prepare_folder(out_dir, config)
+  parts = out_dir / "parts"
+  models = load_models(config, data_dir)
+  available = {}
+  for name, data in models.items():
+    counts = dict(zip(config.bin_names, data.selection.available.tolist(), strict=True))
+    drawn = np.bincount(data.selection.bins, minlength=len(config.bin_names)).tolist()
+    available[name] = counts
+    log(f"{name}: images per bin (drawn / available): " + ", ".join(
+        f"{b} {d}/{a}" for b, d, a in zip(config.bin_names, drawn, counts.values(),
+                                           strict=True))
+        + f"; {int((~data.selection.clean_correct).sum())} misclassified (kept, excluded "
+        "from success rates)")
+  units = plan(config, {m: d.selection for m, d in models.items()})
+  mine = units[k::n]
+  todo = [u for u in mine if not (parts / u.filename).exists()]
+  if not resume and len(todo) < len(mine):
+    raise results.ResultsError(f"{out_dir} already has {len(mine) - len(todo)} of this run's "
+                               "units; drop --no-resume to continue it")
+  shard_text = f" (shard {k}/{n})" if n > 1 else ""
+  log(f"{config.name}: {len(units)} units in the sweep, {len(mine)} here{shard_text}, "
+      f"{len(mine) - len(todo)} already done, {len(todo)} to run on "
+      f"{len(jax.local_devices())} {jax.local_devices()[0].device_kind} device(s)")
+  if estimate and todo:
+    seconds = estimate_seconds(todo, models)
+    log(f"{config.name}: estimated at most {format_duration(seconds)} of model work (each "
+        "attack's full loop at the measured forward rate; early stops make it shorter)")
+  runner = Runner(config, out_dir, run_id)
+  total_images = sum(len(u.positions) for u in todo)
+  bar = tqdm(total=total_images, unit="img", desc=config.name, disable=not progress,
+             file=sys.stderr, dynamic_ncols=True)
+  successes = attempts = 0
+  ran = 0
+  try:
+    for unit in todo:
+      if stop_after_units is not None and ran >= stop_after_units:
+        break
+      bar.set_description(f"{config.name} {unit.cell.model} {unit.cell.attack}")
+      rows = runner.run_unit(unit, models[unit.cell.model])
+      results.write_part(parts / unit.filename, rows)
+      ran += 1
+      keep = np.asarray(rows["clean_correct"])
+      successes += int(np.asarray(rows["success"])[keep].sum())
+      attempts += int(keep.sum())
+      bar.update(len(unit.positions))
+      bar.set_postfix(success=f"{successes / max(attempts, 1):.1%}", units=f"{ran}/{len(todo)}")
+  finally:
+    bar.close()
+  return SweepOutcome(out_dir, len(units), len(mine), len(mine) - len(todo), ran, available)
