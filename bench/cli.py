@@ -76,6 +76,75 @@ def _cmd_perf(args: argparse.Namespace) -> int:
   return perf.main(args)
 
 
+def _fail(command: str, err: Exception) -> int:
+  print(f"advsweep {command}: error: {err}", file=sys.stderr)
+  return 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+  from bench import config, report, results, sweep
+  from models import datasets
+
+  try:
+    overrides = list(args.set)
+    if args.attacks:
+      for name in args.attacks:
+        config.check_attack_name(name)
+    cfg = config.load(args.config, overrides, quick=args.quick)
+    if args.attacks:
+      raw = dict(cfg.raw, attacks={k: v for k, v in cfg.raw["attacks"].items()
+                                   if k in args.attacks})
+      cfg = config.resolve(raw, source=args.config)
+    shard = sweep.parse_shard(args.shard)
+    process, processes = sweep.maybe_initialize_distributed()
+    out_dir = Path(args.out) if args.out else Path("results") / cfg.name
+    outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
+                        data_dir=args.data_dir, progress=not args.no_progress)
+    if process == 0 and not args.no_report:
+      done = len(list((out_dir / "parts").glob("*.parquet")))
+      if done < outcome.units_total:
+        print(f"{out_dir}: {done} of {outcome.units_total} units written so far; the table "
+              "covers those")
+      report.report(out_dir)
+  except (config.ConfigError, results.ResultsError, datasets.DatasetNotFoundError,
+          datasets.CorruptDataError, checkpoints.CheckpointError, ValueError) as err:
+    return _fail("run", err)
+  return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+  from bench import report, results
+
+  try:
+    report.report(args.folder, args.out, plots=not args.no_plots)
+  except results.ResultsError as err:
+    return _fail("report", err)
+  return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+  from bench import compare, results
+
+  try:
+    return compare.compare(args.baseline, args.new, time_factor=args.time_factor)
+  except results.ResultsError as err:
+    return _fail("compare", err)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+  from bench import config, reproduce, results
+  from models import datasets
+
+  try:
+    reproduce.reproduce(args.paper, quick=args.quick, out_root=args.out,
+                        data_dir=args.data_dir, overrides=args.set,
+                        progress=not args.no_progress)
+  except (config.ConfigError, results.ResultsError, datasets.DatasetNotFoundError,
+          datasets.CorruptDataError, checkpoints.CheckpointError, ValueError) as err:
+    return _fail("reproduce", err)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="advsweep", description="JAX benchmark suite for adversarial attacks.")
@@ -123,6 +192,52 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="results/perf", help="folder for the parquet file")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.set_defaults(func=_cmd_perf)
+
+  from bench import compare, config, reproduce
+
+  p = sub.add_parser("run", help="run a sweep config (default: main) and print its table")
+  p.add_argument("config", nargs="?", default=config.DEFAULT_CONFIG,
+                 help=f"a config in bench/configs ({', '.join(config.available())}) or a "
+                 "path to a .toml file")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field: images.per_bin=20, "
+                 "attacks.fgsm.eps=[0.1,0.3], models=['mnist_softmax'] (repeatable)")
+  p.add_argument("--attacks", nargs="+", default=None, metavar="ATTACK",
+                 help="run only these of the config's attacks")
+  p.add_argument("--quick", action="store_true", help="apply the config's [quick] table")
+  p.add_argument("--out", default=None, help="run folder (default: results/<name>)")
+  p.add_argument("--shard", default=None, metavar="K/N",
+                 help="run the K-th (0-based) of N disjoint parts of the sweep")
+  p.add_argument("--no-resume", action="store_true",
+                 help="refuse to continue a folder that already has units of this run")
+  p.add_argument("--no-report", action="store_true", help="do not print the summary")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.set_defaults(func=_cmd_run)
+
+  p = sub.add_parser("report", help="summary tables (text, Markdown, CSV) and plots of a run")
+  p.add_argument("folder", help="a run folder, e.g. results/main")
+  p.add_argument("--out", default=None, help="where to write (default: FOLDER/report)")
+  p.add_argument("--no-plots", action="store_true")
+  p.set_defaults(func=_cmd_report)
+
+  p = sub.add_parser("compare", help="regression check: exit 1 if a cell moved")
+  p.add_argument("baseline", help="baseline run folder, e.g. results/baselines/ci")
+  p.add_argument("new", help="new run folder")
+  p.add_argument("--time-factor", type=float, default=compare.DEFAULT_TIME_FACTOR,
+                 help="fail when time per image grows by more than this factor "
+                 f"(default {compare.DEFAULT_TIME_FACTOR:g})")
+  p.set_defaults(func=_cmd_compare)
+
+  p = sub.add_parser("reproduce", help="a paper's table, ours beside the published one")
+  p.add_argument("paper", choices=reproduce.papers(), metavar="PAPER",
+                 help="one of: " + ", ".join(reproduce.papers()))
+  p.add_argument("--quick", action="store_true", help="the small CPU version (minutes)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--out", default="results", help="folder for the run folders")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.set_defaults(func=_cmd_reproduce)
   return parser
 
 

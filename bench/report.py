@@ -111,7 +111,8 @@ def summaries(table: pa.Table, bin_order: list[str] | None = None) -> list[CellS
       in_bin = mask & (cols["conf_bin"] == b)
       if in_bin.any():
         out.append(summarise(cols, in_bin, (*key, b)))
-    out.append(summarise(cols, mask, (*key, ALL_BINS)))
+    if len(order) > 1:
+      out.append(summarise(cols, mask, (*key, ALL_BINS)))
   return out
 
 
@@ -261,7 +262,8 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
   cells = summaries(table, bin_order)
   out_dir = Path(out_dir) if out_dir else folder / "report"
   rows = summary_rows(cells)
-  text = [f"{folder}: {table.num_rows} rows, run {', '.join(sorted(set(columns(table)['run_id'])))}",
+  run_ids = ", ".join(sorted(set(columns(table)["run_id"].tolist())))
+  text = [f"{folder}: {table.num_rows} rows, run {run_ids}",
           "rates over clean-correct images (n); 95% Wilson intervals; adv conf and l0 frac "
           "over successes", tables.format_text(SUMMARY_HEADER, rows)]
   markdown = ["# advsweep report", "", f"Run folder `{folder}`, {table.num_rows} rows.", "",

@@ -1,0 +1,87 @@
+"""`advsweep compare BASELINE NEW`: the regression check between two runs.
+
+Cells are matched by model, attack configuration (its hash) and confidence bin. A cell fails
+when its new success rate lies outside the baseline's 95% Wilson interval, when its time per
+image grew by more than `time_factor`, or when it is missing from the new run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from bench import report, results, tables
+
+DEFAULT_TIME_FACTOR = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+  baseline: report.CellSummary
+  new: report.CellSummary | None
+  status: str  # "ok", "success rate", "slower", "missing"
+
+  @property
+  def failed(self) -> bool:
+    return self.status != "ok"
+
+
+def compare_cells(baseline: list[report.CellSummary], new: list[report.CellSummary],
+                  time_factor: float = DEFAULT_TIME_FACTOR) -> list[Difference]:
+  """Matches cells and judges each: see the module docstring."""
+  by_key = {(c.model, c.config_hash, c.conf_bin): c for c in new}
+  out = []
+  for base in baseline:
+    other = by_key.get((base.model, base.config_hash, base.conf_bin))
+    if other is None:
+      out.append(Difference(base, None, "missing"))
+      continue
+    problems = []
+    lo, hi = base.interval
+    if base.n and other.n and not lo - 1e-12 <= other.success_rate <= hi + 1e-12:
+      problems.append("success rate")
+    if base.n != other.n:
+      problems.append("n")
+    if other.s_per_image > time_factor * base.s_per_image:
+      problems.append("slower")
+    out.append(Difference(base, other, ", ".join(problems) or "ok"))
+  return out
+
+
+HEADER = ("model", "attack", "params", "bin", "n", "base success", "base 95% CI",
+          "new success", "change", "base s/img", "new s/img", "ratio", "status")
+
+
+def difference_rows(diffs: list[Difference]) -> list[list[str]]:
+  rows = []
+  for d in diffs:
+    b, n = d.baseline, d.new
+    lo, hi = b.interval
+    row = [b.model, b.attack, report.params_text(b.params), b.conf_bin, str(b.n),
+           tables.pct(b.success_rate), f"{tables.pct(lo)}-{tables.pct(hi)}"]
+    if n is None:
+      row += ["-", "-", tables.num(b.s_per_image, 4), "-", "-"]
+    else:
+      change = 100 * (n.success_rate - b.success_rate)
+      row += [tables.pct(n.success_rate), f"{change:+.1f} pt", tables.num(b.s_per_image, 4),
+              tables.num(n.s_per_image, 4),
+              f"{n.s_per_image / b.s_per_image:.2f}x" if b.s_per_image > 0 else "-"]
+    rows.append([*row, d.status.upper() if d.failed else "ok"])
+  return rows
+
+
+def compare(baseline_dir: str | Path, new_dir: str | Path,
+            time_factor: float = DEFAULT_TIME_FACTOR, log=print) -> int:
+  """Prints the table of differences; returns the exit status (1 if any cell failed)."""
+  base = report.summaries(results.read_run(baseline_dir))
+  new = report.summaries(results.read_run(new_dir))
+  diffs = compare_cells(base, new, time_factor)
+  failed = [d for d in diffs if d.failed]
+  log(tables.format_text(HEADER, difference_rows(diffs)))
+  extra = {(c.model, c.config_hash, c.conf_bin) for c in new} - {
+      (c.model, c.config_hash, c.conf_bin) for c in base}
+  if extra:
+    log(f"{len(extra)} cells of {new_dir} are not in the baseline (not judged)")
+  log(f"{len(diffs)} cells compared: {len(failed)} failed (success rate outside the "
+      f"baseline's 95% interval, n changed, more than {time_factor:g}x slower, or missing)")
+  return 1 if failed else 0

@@ -1,0 +1,161 @@
+"""`advsweep reproduce PAPER [--quick]`: run a paper's sweep and print ours beside theirs.
+
+The published figures and their sources live in one data file, `bench/published.toml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from bench import config as config_lib
+from bench import report, results, sweep, tables
+
+PUBLISHED = Path(__file__).parent / "published.toml"
+RATE_METRICS = ("success_rate", "top1_error", "top5_error")
+MEAN_METRICS = ("mean_adv_conf", "mean_l0_fraction")  # over successful attacks
+
+
+def published() -> dict[str, Any]:
+  return tomllib.loads(PUBLISHED.read_text())
+
+
+def papers() -> list[str]:
+  return list(published())
+
+
+def _matches(params: dict[str, Any], wanted: dict[str, Any]) -> bool:
+  for key, value in wanted.items():
+    if key not in params:
+      return False
+    ours = params[key]
+    if isinstance(value, float) or isinstance(ours, float):
+      if not isinstance(ours, int | float) or not math.isclose(ours, value, rel_tol=1e-9):
+        return False
+    elif ours != value:
+      return False
+  return True
+
+
+def metric(cols: dict[str, np.ndarray], mask: np.ndarray, name: str
+           ) -> tuple[float, int, tuple[float, float]]:
+  """(value, n, 95% interval) of a metric over the rows in `mask` (clean-correct only)."""
+  ok = mask & cols["clean_correct"]
+  if name in RATE_METRICS:
+    hits = {"success_rate": cols["success"],
+            "top1_error": cols["adv_pred"] != cols["label"],
+            "top5_error": ~cols["adv_top5_correct"]}[name][ok]
+    n = len(hits)
+    k = int(hits.sum())
+    return (k / n if n else math.nan), n, tables.wilson_interval(k, n)
+  if name in MEAN_METRICS:
+    column = {"mean_adv_conf": "adv_conf", "mean_l0_fraction": "l0_fraction"}[name]
+    values = cols[column][ok & cols["success"]].astype(np.float64)
+    n = len(values)
+    if n == 0:
+      return math.nan, 0, (math.nan, math.nan)
+    mean = float(values.mean())
+    half = tables.Z95 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    return mean, n, (mean - half, mean + half)
+  raise ValueError(f"unknown metric {name!r}; valid: {', '.join(RATE_METRICS + MEAN_METRICS)}")
+
+
+FIGURE_HEADER = ("figure", "model", "paper", "ours", "n", "95% interval", "paper source")
+
+
+def figure_rows(table: pa.Table, figures: list[dict[str, Any]]) -> list[list[str]]:
+  """One row per published figure and matching model of the run."""
+  cols = report.columns(table)
+  params = np.array([json.loads(p) for p in cols["params"]], dtype=object)
+  rows = []
+  for fig in figures:
+    models = [fig["model"]] if "model" in fig else list(dict.fromkeys(cols["model"].tolist()))
+    for model in models:
+      mask = (cols["model"] == model) & (cols["attack"] == fig["attack"])
+      wanted = fig.get("params", {})
+      mask &= np.array([_matches(p, wanted) for p in params], bool)
+      if not mask.any():
+        rows.append([fig["what"], model, _fmt(fig.get("value")), "not run", "0", "-",
+                     fig.get("source", "-")])
+        continue
+      value, n, (lo, hi) = metric(cols, mask, fig["metric"])
+      rows.append([fig["what"], model, _fmt(fig.get("value")), tables.pct(value, 2), str(n),
+                   f"{tables.pct(lo, 1)}-{tables.pct(hi, 1)}",
+                   fig.get("source", "not in our sources")])
+  return rows
+
+
+def _fmt(value: float | None) -> str:
+  return "-" if value is None else tables.pct(value, 2)
+
+
+def class_pair_matrix(table: pa.Table, attack: str = "jsma") -> tuple[list[str], list[list[str]]]:
+  """Papernot's class-pair study: success rate (%) and mean features changed per pair."""
+  cols = report.columns(table)
+  mask = (cols["attack"] == attack) & cols["clean_correct"] & (cols["target"] >= 0)
+  classes = sorted(set(cols["label"][mask].tolist()) | set(cols["target"][mask].tolist()))
+  header = ["source \\ target", *map(str, classes)]
+  rows = []
+  for s in classes:
+    row = [str(s)]
+    for t in classes:
+      cell = mask & (cols["label"] == s) & (cols["target"] == t)
+      if s == t or not cell.any():
+        row.append("-")
+        continue
+      won = cell & cols["success"]
+      rate = won.sum() / cell.sum()
+      frac = cols["l0_fraction"][won].mean() if won.any() else math.nan
+      row.append(f"{100 * rate:.0f}% / {tables.pct(frac, 1)}")
+    rows.append(row)
+  return header, rows
+
+
+def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
+              data_dir: str | None = None, overrides: list[str] | None = None,
+              progress: bool = True, log=print) -> str:
+  """Runs (or resumes) the paper's sweeps and prints the comparison; returns the Markdown."""
+  data = published()
+  if paper not in data:
+    raise config_lib.ConfigError(f"unknown paper {paper!r}; valid choices: {', '.join(data)}")
+  entry = data[paper]
+  markdown = [f"# {paper}: {entry['title']}", "", entry.get("note", ""), ""]
+  text = []
+  for name in entry["configs"]:
+    config = config_lib.load(name, overrides, quick=quick)
+    out_dir = Path(out_root) / config.name
+    sweep.run(config, out_dir, data_dir=data_dir, progress=progress, log=log)
+    table = results.read_run(out_dir)
+    text.append(f"{paper} ({config.name}, {table.num_rows} rows in {out_dir}): {entry['title']}")
+    markdown.append(f"Run `{config.name}`: {table.num_rows} rows in `{out_dir}`.")
+    if "figures" in entry:
+      rows = figure_rows(table, entry["figures"])
+      text.append(tables.format_text(FIGURE_HEADER, rows))
+      markdown += ["", tables.format_markdown(FIGURE_HEADER, rows)]
+    if paper == "papernot2016":
+      header, rows = class_pair_matrix(table)
+      title = "Class pairs: success rate / mean features changed on successes"
+      text += ["", title, tables.format_text(header, rows)]
+      markdown += ["", f"## {title}", "", tables.format_markdown(header, rows)]
+    if "tables" in entry:
+      cells = report.summaries(table, config.bin_names)
+      for (model, method, eps), layout in report.possas_tables(cells).items():
+        paper_table = entry["tables"].get(method, {})
+        title = (f"{method} method, {model}, eps {eps}: ours (slides, Inception V3 on "
+                 "ImageNet)")
+        rows = report.possas_rows(layout, {k: v for k, v in paper_table.items()
+                                           if k in config.bin_names})
+        text += ["", title, tables.format_text(report.POSSAS_HEADER, rows)]
+        markdown += ["", f"## {title}", "", tables.format_markdown(report.POSSAS_HEADER, rows)]
+    text.append("")
+  text.append(f"note: {entry.get('note', '')}")
+  log("\n".join(text))
+  body = "\n".join(markdown) + "\n"
+  tables.write_text(Path(out_root) / f"reproduce-{paper}{'-quick' if quick else ''}.md", body)
+  return body
