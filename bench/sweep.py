@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -229,13 +230,27 @@ def prepare_folder(out_dir: Path, config: RunConfig) -> str:
   return run_id
 
 
+@functools.cache
+def _model(name: str, checkpoint_dir: str | None) -> zoo.Model:
+  """One Model per process: jit caches key on its apply_fn, so reusing it reuses compiles."""
+  return zoo.load(name, checkpoint_dir)
+
+
+@functools.cache
+def _dataset(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  images, labels = datasets.load(name, split, data_dir)
+  images.flags.writeable = False
+  labels.flags.writeable = False
+  return images, labels
+
+
 def load_models(config: RunConfig, data_dir: str | None,
                 checkpoint_dir: str | None = None) -> dict[str, ModelData]:
   """Loads each model and its dataset, and draws its images per confidence bin."""
   out = {}
   for name in config.models:
-    model = zoo.load(name, checkpoint_dir)
-    images_u8, labels = datasets.load(model.meta["dataset"], config.split, data_dir)
+    model = _model(name, checkpoint_dir)
+    images_u8, labels = _dataset(model.meta["dataset"], config.split, data_dir)
     sel = selection.select(model.apply_fn, model.params, images_u8, labels,
                            config.thresholds, config.per_bin, config.pool, config.seed)
     out[name] = ModelData(model, images_u8, sel)
