@@ -126,7 +126,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
   from bench import compare, results
 
   try:
-    return compare.compare(args.baseline, args.new, time_factor=args.time_factor)
+    return compare.compare(args.baseline, args.new, time_factor=args.time_factor,
+                           time_floor=args.time_floor)
   except results.ResultsError as err:
     return _fail("compare", err)
 
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--time-factor", type=float, default=compare.DEFAULT_TIME_FACTOR,
                  help="fail when time per image grows by more than this factor "
                  f"(default {compare.DEFAULT_TIME_FACTOR:g})")
+  p.add_argument("--time-floor", type=float, default=compare.DEFAULT_TIME_FLOOR,
+                 help="...and by more than this many seconds over the cell's images "
+                 f"(default {compare.DEFAULT_TIME_FLOOR:g})")
   p.set_defaults(func=_cmd_compare)
 
   p = sub.add_parser("reproduce", help="a paper's table, ours beside the published one")

@@ -2,7 +2,9 @@
 
 Cells are matched by model, attack configuration (its hash) and confidence bin. A cell fails
 when its new success rate lies outside the baseline's 95% Wilson interval, when its time per
-image grew by more than `time_factor`, or when it is missing from the new run.
+image grew by more than `time_factor` (and by more than `time_floor` seconds over the cell's
+images, so that sub-second jitter in tiny cells is not called a regression), when its number
+of clean-correct images changed, or when it is missing from the new run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from bench import report, results, tables
 
 DEFAULT_TIME_FACTOR = 3.0
+DEFAULT_TIME_FLOOR = 1.0  # seconds over the cell's images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,8 @@ class Difference:
 
 
 def compare_cells(baseline: list[report.CellSummary], new: list[report.CellSummary],
-                  time_factor: float = DEFAULT_TIME_FACTOR) -> list[Difference]:
+                  time_factor: float = DEFAULT_TIME_FACTOR,
+                  time_floor: float = DEFAULT_TIME_FLOOR) -> list[Difference]:
   """Matches cells and judges each: see the module docstring."""
   by_key = {(c.model, c.config_hash, c.conf_bin): c for c in new}
   out = []
@@ -42,7 +46,8 @@ def compare_cells(baseline: list[report.CellSummary], new: list[report.CellSumma
       problems.append("success rate")
     if base.n != other.n:
       problems.append("n")
-    if other.s_per_image > time_factor * base.s_per_image:
+    extra_seconds = (other.s_per_image - base.s_per_image) * other.images
+    if other.s_per_image > time_factor * base.s_per_image and extra_seconds > time_floor:
       problems.append("slower")
     out.append(Difference(base, other, ", ".join(problems) or "ok"))
   return out
@@ -71,11 +76,12 @@ def difference_rows(diffs: list[Difference]) -> list[list[str]]:
 
 
 def compare(baseline_dir: str | Path, new_dir: str | Path,
-            time_factor: float = DEFAULT_TIME_FACTOR, log=print) -> int:
+            time_factor: float = DEFAULT_TIME_FACTOR, time_floor: float = DEFAULT_TIME_FLOOR,
+            log=print) -> int:
   """Prints the table of differences; returns the exit status (1 if any cell failed)."""
   base = report.summaries(results.read_run(baseline_dir))
   new = report.summaries(results.read_run(new_dir))
-  diffs = compare_cells(base, new, time_factor)
+  diffs = compare_cells(base, new, time_factor, time_floor)
   failed = [d for d in diffs if d.failed]
   log(tables.format_text(HEADER, difference_rows(diffs)))
   extra = {(c.model, c.config_hash, c.conf_bin) for c in new} - {
@@ -83,5 +89,6 @@ def compare(baseline_dir: str | Path, new_dir: str | Path,
   if extra:
     log(f"{len(extra)} cells of {new_dir} are not in the baseline (not judged)")
   log(f"{len(diffs)} cells compared: {len(failed)} failed (success rate outside the "
-      f"baseline's 95% interval, n changed, more than {time_factor:g}x slower, or missing)")
+      f"baseline's 95% interval, n changed, more than {time_factor:g}x and "
+      f"{time_floor:g} s slower, or missing)")
   return 1 if failed else 0

@@ -199,8 +199,9 @@ def test_compare_passes_a_run_against_itself_and_catches_moves(tmp_path, plain, 
   slow = table.set_column(table.schema.get_field_index("wall_s"), "wall_s",
                           pa.array(cols["wall_s"] * 10))
   results.write_part(tmp_path / "slow" / "all.parquet", slow.to_pydict())
-  assert compare.compare(plain, tmp_path / "slow", time_factor=3) == 1
-  assert compare.compare(plain, tmp_path / "slow", time_factor=20) == 0
+  assert compare.compare(plain, tmp_path / "slow", time_factor=3, time_floor=0) == 1
+  assert compare.compare(plain, tmp_path / "slow", time_factor=20, time_floor=0) == 0
+  assert compare.compare(plain, tmp_path / "slow", time_factor=3, time_floor=1e6) == 0
   partial = table.filter(pa.array(cols["attack"] != "jsma"))
   results.write_part(tmp_path / "partial" / "all.parquet", partial.to_pydict())
   assert compare.compare(plain, tmp_path / "partial") == 1
