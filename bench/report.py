@@ -129,7 +129,14 @@ def params_text(params: str) -> str:
 
 
 def _short(v: Any) -> str:
-  return f"{v:.4g}" if isinstance(v, float) else str(v)
+  """Floats in 4 digits, or as k/255 where that is what they are (eps = 8/255)."""
+  if not isinstance(v, float):
+    return str(v)
+  short = f"{v:.4g}"
+  steps = v * 255
+  if float(short) != v and abs(steps - round(steps)) < 1e-6:
+    return f"{round(steps)}/255"
+  return short
 
 
 SUMMARY_HEADER = ("model", "attack", "params", "bin", "n", "success", "95% CI", "top-1 err",
