@@ -85,8 +85,9 @@ def figure_rows(table: pa.Table, figures: list[dict[str, Any]]) -> list[list[str
                      fig.get("source", "-")])
         continue
       value, n, (lo, hi) = metric(cols, mask, fig["metric"])
+      interval = "-" if math.isnan(lo) else f"{tables.pct(lo, 1)}-{tables.pct(hi, 1)}"
       rows.append([fig["what"], model, _fmt(fig.get("value")), tables.pct(value, 2), str(n),
-                   f"{tables.pct(lo, 1)}-{tables.pct(hi, 1)}",
+                   interval,
                    fig.get("source", "not in our sources")])
   return rows
 
