@@ -79,8 +79,10 @@ def compare(baseline_dir: str | Path, new_dir: str | Path,
             time_factor: float = DEFAULT_TIME_FACTOR, time_floor: float = DEFAULT_TIME_FLOOR,
             log=print) -> int:
   """Prints the table of differences; returns the exit status (1 if any cell failed)."""
-  base = report.summaries(results.read_run(baseline_dir))
-  new = report.summaries(results.read_run(new_dir))
+  meta = results.read_run_meta(baseline_dir) or {}
+  bins = meta.get("config", {}).get("bins", {}).get("names")
+  base = report.summaries(results.read_run(baseline_dir), bins)
+  new = report.summaries(results.read_run(new_dir), bins)
   diffs = compare_cells(base, new, time_factor, time_floor)
   failed = [d for d in diffs if d.failed]
   log(tables.format_text(HEADER, difference_rows(diffs)))
