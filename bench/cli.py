@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench import tables
 from models import checkpoints, zoo
 
 
@@ -27,17 +28,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows.append((name, spec.dataset, spec.architecture, f"{meta['parameters']:,}",
                  f"{100 * meta['test_accuracy']:.2f}%", f"{meta['test_examples']:,}",
                  f"{path.stat().st_size / 1e6:.2f} MB", spec.note))
-  if args.markdown:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-      print("| " + " | ".join(str(c) for c in r) + " |")
-    return 0
-  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-  print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-  print("  ".join("-" * w for w in widths))
-  for r in rows:
-    print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+  rows = [[str(c) for c in r] for r in rows]
+  print(tables.format_markdown(header, rows) if args.markdown
+        else tables.format_text(header, rows))
   return 0
 
 

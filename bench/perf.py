@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import attacks
-from bench import run_attack
+from bench import run_attack, tables
 from models import checkpoints, datasets, zoo
 
 UNITS = {"fgsm": "fwd+bwd", "bim": "fwd+bwd", "pgd": "fwd+bwd", "jsma": "fwd+2vjp",
@@ -141,10 +141,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
            f"{r['units_per_image']:.0f}", f"{r['success_rate']:.2f}",
            f"{r['compile_s']:.1f}", f"{r['run_s']:.2f}",
            f"{r['memory_bytes'] / 2**20:.1f}"] for r in rows]
-  widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-  lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-  lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
-  return "\n".join(lines)
+  return tables.format_text(header, body)
 
 
 def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike) -> Path:
