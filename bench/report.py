@@ -269,7 +269,7 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
   cells = summaries(table, bin_order)
   out_dir = Path(out_dir) if out_dir else folder / "report"
   rows = summary_rows(cells)
-  run_ids = ", ".join(sorted(set(columns(table)["run_id"].tolist())))
+  run_ids = ", ".join(sorted(table.column("run_id").unique().to_pylist()))
   text = [f"{folder}: {table.num_rows} rows, run {run_ids}",
           "rates over clean-correct images (n); 95% Wilson intervals; adv conf and l0 frac "
           "over successes", tables.format_text(SUMMARY_HEADER, rows)]

@@ -131,9 +131,8 @@ def plan(config: RunConfig, selections: dict[str, selection.Selection]) -> list[
 class Runner:
   """Runs units on the local devices and writes their parquet files."""
 
-  def __init__(self, config: RunConfig, out_dir: Path, run_id: str):
+  def __init__(self, config: RunConfig, run_id: str):
     self.config = config
-    self.out_dir = out_dir
     self.run_id = run_id
     self.devices = jax.local_devices()
     self.mesh = Mesh(np.array(self.devices), ("batch",))
@@ -272,21 +271,24 @@ def forward_equivalents(cell: Cell, num_features: int, num_classes: int) -> floa
   return generations * ((num_classes - 1) if c.target == "at_least_one_target" else 1) + 1
 
 
-def estimate_seconds(units: list[Unit], models: dict[str, ModelData]) -> float:
-  """An upper bound on the sweep's time: forward equivalents at each model's measured rate."""
+@functools.cache
+def _forward_rate(model: zoo.Model, shape: tuple[int, ...]) -> float:
+  """Forward images/s at batch 256, measured once per model and process."""
   from bench import perf  # measures raw throughput
 
-  rates = {}
+  return perf.raw_throughput(model.apply_fn, model.params, (256, *shape), "fwd",
+                             min_seconds=0.3)
+
+
+def estimate_seconds(units: list[Unit], models: dict[str, ModelData]) -> float:
+  """An upper bound on the sweep's time: forward equivalents at each model's measured rate."""
   total = 0.0
   for unit in units:
     data = models[unit.cell.model]
     shape = data.images_u8.shape[1:]
-    if unit.cell.model not in rates:
-      rates[unit.cell.model] = perf.raw_throughput(
-          data.model.apply_fn, data.model.params, (256, *shape), "fwd", min_seconds=0.3)
     num_classes = datasets.info(data.model.meta["dataset"]).num_classes
     per_image = forward_equivalents(unit.cell, int(np.prod(shape)), num_classes)
-    total += per_image * len(unit.positions) / rates[unit.cell.model]
+    total += per_image * len(unit.positions) / _forward_rate(data.model, shape)
   return total
 
 
@@ -357,7 +359,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     seconds = estimate_seconds(todo, models)
     log(f"{config.name}: estimated at most {format_duration(seconds)} of model work (each "
         "attack's full loop at the measured forward rate; early stops make it shorter)")
-  runner = Runner(config, out_dir, run_id)
+  runner = Runner(config, run_id)
   total_images = sum(len(u.positions) for u in todo)
   bar = tqdm(total=total_images, unit="img", desc=config.name, disable=not progress,
              file=sys.stderr, dynamic_ncols=True)
