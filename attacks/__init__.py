@@ -9,6 +9,7 @@ from attacks.common import (
     EXPLICIT,
     LEAST_LIKELY,
     RANDOM,
+    SAME_RESULTS,
     TARGET_MODES,
     UNTARGETED,
     AttackResult,
@@ -47,6 +48,7 @@ PREPARE = {
 
 __all__ = [
     "AT_LEAST_ONE_TARGET", "EXPLICIT", "LEAST_LIKELY", "PREPARE", "RANDOM", "REGISTRY",
+    "SAME_RESULTS",
     "TARGET_MODES", "UNTARGETED", "AttackResult", "BIMConfig", "FGSMConfig", "JSMAConfig",
     "OnePixelConfig", "PGDConfig", "bim", "every_other_class", "fgsm", "jsma", "one_pixel",
     "pgd", "prepare_bim", "prepare_fgsm", "prepare_jsma", "prepare_one_pixel", "prepare_pgd",

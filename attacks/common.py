@@ -30,6 +30,9 @@ LEAST_LIKELY = "least_likely"  # argmin of the clean prediction (Kurakin et al.,
 RANDOM = "random"  # a class other than the label, drawn from the key
 EXPLICIT = "explicit"  # the `targets` argument
 TARGET_MODES = (UNTARGETED, LEAST_LIKELY, RANDOM, EXPLICIT)
+# Config-field metadata key: the field changes how an attack computes, not what it returns
+# (up to float rounding), so a benchmark leaves it out of a configuration's identity.
+SAME_RESULTS = "same_results"
 NO_TARGET = -1
 
 

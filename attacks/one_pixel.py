@@ -54,6 +54,11 @@ class OnePixelConfig:
     num_slots: images attacked at once; each generation evaluates num_slots *
       population_size candidates.
     chunk_size: candidates per model call, the memory bound of the evaluation.
+    splice: evaluate candidates pixel-locally when `apply_fn` has a `pixel_splicer` (the
+      zoo's sequential CNNs, see `models.locality`): the early layers are recomputed only on
+      the windows a changed pixel reaches. Exact up to float rounding; False always runs
+      the full forward pass. It does not change results, so it is not part of a sweep
+      cell's identity (`common.SAME_RESULTS`).
   """
 
   num_pixels: int = struct.field(pytree_node=False, default=1)
@@ -66,15 +71,23 @@ class OnePixelConfig:
   stop_target_prob: float = 0.9
   num_slots: int = struct.field(pytree_node=False, default=16)
   chunk_size: int = struct.field(pytree_node=False, default=2048)
+  splice: bool = struct.field(pytree_node=False, default=True,
+                              metadata={common.SAME_RESULTS: True})
+
+
+def decode_candidates(candidates: jax.Array, height: int, width: int, channels: int
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[..., k*(2+C)] candidates -> int rows [..., k], int cols [..., k], colours [..., k, C]."""
+  pixels = candidates.reshape(*candidates.shape[:-1], -1, 2 + channels)
+  rows = jnp.clip(jnp.floor(pixels[..., 0]), 0, height - 1).astype(jnp.int32)
+  cols = jnp.clip(jnp.floor(pixels[..., 1]), 0, width - 1).astype(jnp.int32)
+  return rows, cols, pixels[..., 2:]
 
 
 def apply_candidate(image: jax.Array, candidate: jax.Array) -> jax.Array:
   """Sets k pixels of `image` [H,W,C] from `candidate` [k*(2+C)] = (row, col, colour)*k."""
-  height, width, channels = image.shape
-  pixels = candidate.reshape(-1, 2 + channels)
-  rows = jnp.clip(jnp.floor(pixels[:, 0]), 0, height - 1).astype(jnp.int32)
-  cols = jnp.clip(jnp.floor(pixels[:, 1]), 0, width - 1).astype(jnp.int32)
-  return image.at[rows, cols].set(pixels[:, 2:].astype(image.dtype))
+  rows, cols, colours = decode_candidates(candidate, *image.shape)
+  return image.at[rows, cols].set(colours.astype(image.dtype))
 
 
 def _clip_candidates(candidates, height, width, channels):
@@ -98,10 +111,10 @@ def _initial_population(key, population_size, num_pixels, height, width, channel
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("num_pixels", "population_size", "num_generations",
                                     "target_mode", "stop_on_flip", "num_slots",
-                                    "chunk_size"))
+                                    "chunk_size", "splice"))
 def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_weight,
                stop_true_prob, stop_target_prob, *, num_pixels, population_size,
-               num_generations, target_mode, stop_on_flip, num_slots, chunk_size):
+               num_generations, target_mode, stop_on_flip, num_slots, chunk_size, splice):
   batch, height, width, channels = images.shape
   dims = num_pixels * (2 + channels)
   slots = min(num_slots, batch)
@@ -126,9 +139,20 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
   num_chunks = -(-total // min(chunk_size, total))
   chunk = -(-total // num_chunks)  # even chunks: at most num_chunks - 1 padded candidates
 
+  splicer = getattr(apply_fn, "pixel_splicer", None) if splice else None
+  if splicer is not None:
+    plan = splicer.plan_for(params, images.shape[1:], num_pixels)
+    clean_state = splicer.clean_state(params, images, plan)
+
+  def candidate_logits(ids, cands):
+    if splicer is None:
+      return apply_fn(params, jax.vmap(apply_candidate)(images[ids], cands))
+    rows, cols, colours = decode_candidates(cands, height, width, channels)
+    state = jax.tree.map(lambda a: a[ids], clean_state)
+    return splicer.logits(params, state, rows, cols, colours.astype(images.dtype), plan)
+
   def evaluate_chunk(ids, cands):
-    perturbed = jax.vmap(apply_candidate)(images[ids], cands)
-    probs = jax.nn.softmax(apply_fn(params, perturbed), -1)
+    probs = jax.nn.softmax(candidate_logits(ids, cands), -1)
     rows = jnp.arange(ids.shape[0])
     pred = jnp.argmax(probs, -1)
     if targeted:
@@ -269,7 +293,8 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
   keys = common.per_image_keys(key, batch)
   statics = dict(num_pixels=config.num_pixels, population_size=config.population_size,
                  num_generations=config.num_generations, stop_on_flip=config.stop_on_flip,
-                 num_slots=config.num_slots, chunk_size=config.chunk_size)
+                 num_slots=config.num_slots, chunk_size=config.chunk_size,
+                 splice=config.splice)
   budgets = tuple(jnp.asarray(v, images.dtype) for v in (
       config.differential_weight, config.stop_true_prob, config.stop_target_prob))
   if mode != AT_LEAST_ONE_TARGET:

@@ -81,7 +81,8 @@ class Cell:
 
   @property
   def config_json(self) -> str:
-    fields = dataclasses.asdict(self.config)
+    fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
+              if not f.metadata.get(attacks.SAME_RESULTS)}
     fields = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in fields.items()}
     return json.dumps({"attack": self.attack, "target_class": self.target_class, **fields},
                       sort_keys=True)

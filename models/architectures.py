@@ -57,15 +57,22 @@ class PapernotLeNet(nn.Module):
   mean: Sequence[float] = MNIST_MEAN
   std: Sequence[float] = MNIST_STD
 
+  # (name, features, kernel, strides, padding) or a pool, as in `_conv_stack`.
+  LAYERS = (("conv1", 32, 3, 1, "VALID"), ("conv2", 32, 3, 1, "VALID"), "pool:max2",
+            ("conv3", 64, 3, 1, "VALID"), ("conv4", 64, 3, 1, "VALID"), "pool:max2")
+
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train
     x = _normalize(x, self.mean, self.std)
-    for i, features in enumerate((32, 32, 64, 64)):
-      x = nn.relu(nn.Conv(features, (3, 3), padding="VALID", name=f"conv{i + 1}")(x))
-      self.sow("intermediates", f"conv{i + 1}_act", x)
-      if i in (1, 3):
+    for spec in self.LAYERS:
+      if spec == "pool:max2":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      name, features, kernel, strides, padding = spec
+      x = nn.relu(nn.Conv(features, (kernel, kernel), (strides, strides), padding=padding,
+                          name=name)(x))
+      self.sow("intermediates", f"{name}_act", x)
     x = x.reshape((x.shape[0], -1))
     for i in range(2):
       x = nn.relu(nn.Dense(200, name=f"fc{i + 1}")(x))
@@ -123,15 +130,18 @@ class AllConvC(nn.Module):
   mean: Sequence[float] = CIFAR10_MEAN
   std: Sequence[float] = CIFAR10_STD
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def layers(self) -> list:
+    """The `_conv_stack` spec before the classifier."""
     a, b = _scaled(96, self.width), _scaled(192, self.width)
-    x = _normalize(x, self.mean, self.std)
-    x = _conv_stack(self, x, [
+    return [
         ("conv1", a, 3, 1, "SAME"), ("conv2", a, 3, 1, "SAME"), ("conv3", a, 3, 2, "SAME"),
         ("conv4", b, 3, 1, "SAME"), ("conv5", b, 3, 1, "SAME"), ("conv6", b, 3, 2, "SAME"),
         ("conv7", b, 3, 1, "VALID"), ("conv8", b, 1, 1, "VALID"),
-    ], train)
+    ]
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    x = _conv_stack(self, _normalize(x, self.mean, self.std), self.layers(), train)
     x = nn.Conv(self.num_classes, (1, 1), name="conv9")(x)
     logits = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "logits", logits)
@@ -151,17 +161,20 @@ class NiN(nn.Module):
   mean: Sequence[float] = CIFAR10_MEAN
   std: Sequence[float] = CIFAR10_STD
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def layers(self) -> list:
+    """The `_conv_stack` spec before the classifier."""
     s = lambda c: _scaled(c, self.width)  # noqa: E731
-    x = _normalize(x, self.mean, self.std)
-    x = _conv_stack(self, x, [
+    return [
         ("block1_conv", s(192), 5, 1, "SAME"), ("block1_mlp1", s(160), 1, 1, "SAME"),
         ("block1_mlp2", s(96), 1, 1, "SAME"), "pool:max",
         ("block2_conv", s(192), 5, 1, "SAME"), ("block2_mlp1", s(192), 1, 1, "SAME"),
         ("block2_mlp2", s(192), 1, 1, "SAME"), "pool:avg",
         ("block3_conv", s(192), 3, 1, "SAME"), ("block3_mlp1", s(192), 1, 1, "SAME"),
-    ], train)
+    ]
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    x = _conv_stack(self, _normalize(x, self.mean, self.std), self.layers(), train)
     x = nn.Conv(self.num_classes, (1, 1), name="block3_mlp2")(x)
     logits = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "logits", logits)
@@ -181,15 +194,19 @@ class VGG16(nn.Module):
   mean: Sequence[float] = CIFAR10_MEAN
   std: Sequence[float] = CIFAR10_STD
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    plan = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]
+  def layers(self) -> list:
+    """The `_conv_stack` spec before the classifier."""
     layers = []
-    for stage, (channels, repeats) in enumerate(plan):
+    for stage, (channels, repeats) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3),
+                                                 (512, 3)]):
       for j in range(repeats):
         layers.append((f"conv{stage + 1}_{j + 1}", _scaled(channels, self.width), 3, 1, "SAME"))
       layers.append("pool:max2")
-    x = _conv_stack(self, _normalize(x, self.mean, self.std), layers, train)
+    return layers
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    x = _conv_stack(self, _normalize(x, self.mean, self.std), self.layers(), train)
     x = x.reshape((x.shape[0], -1))
     logits = nn.Dense(self.num_classes, name="fc")(x)
     self.sow("intermediates", "logits", logits)

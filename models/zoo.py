@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import architectures, checkpoints, datasets
+from models import architectures, checkpoints, datasets, locality
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 
@@ -93,6 +93,24 @@ def entry(name: str) -> ZooEntry:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jit caches key on apply_fn
+class ApplyFn:
+  """Pure inference `(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]` of a zoo module.
+
+  `pixel_splicer` is the module's exact pixel-local evaluator (`models.locality`), or None;
+  the one-pixel attack uses it when present.
+  """
+
+  module: nn.Module
+
+  def __call__(self, params: Any, images: jnp.ndarray) -> jnp.ndarray:
+    return self.module.apply(params, images, train=False)
+
+  @functools.cached_property
+  def pixel_splicer(self) -> locality.PixelSplicer | None:
+    return locality.splicer_for(self.module)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jit caches key on apply_fn
 class Model:
   """A zoo model ready to use.
 
@@ -109,9 +127,10 @@ class Model:
   params: Any
   meta: dict
 
-  def apply_fn(self, params: Any, images: jnp.ndarray) -> jnp.ndarray:
-    """Pure inference: `images[B,H,W,C]` in [0, 1] -> `logits[B,K]`."""
-    return self.module.apply(params, images, train=False)
+  @functools.cached_property
+  def apply_fn(self) -> ApplyFn:
+    """Pure inference: `apply_fn(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]`."""
+    return ApplyFn(self.module)
 
   def intermediates(self, params: Any, images: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
