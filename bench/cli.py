@@ -64,6 +64,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _cmd_perf(args: argparse.Namespace) -> int:
+  if args.peers:
+    from bench import peers
+
+    return peers.main(args)
   from bench import perf
 
   return perf.main(args)
@@ -185,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="small budgets (few generations and steps): a smoke run in a minute")
   p.add_argument("--out", default="results/perf", help="folder for the parquet file")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.add_argument("--peers", action="store_true",
+                 help="side by side with ART and Foolbox on the same model and images "
+                      '(needs pip install -e ".[peers]")')
+  p.add_argument("--pixel-images", type=int, default=None,
+                 help="--peers: images for the one-pixel comparison (default 32)")
   p.set_defaults(func=_cmd_perf)
 
   from bench import compare, config, reproduce

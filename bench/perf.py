@@ -144,14 +144,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return tables.format_text(header, body)
 
 
-def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike) -> Path:
+def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike,
+                  prefix: str = "perf") -> Path:
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
   device = jax.devices()[0]
   extra = {"device_kind": device.device_kind, "device_count": jax.device_count(),
            "platform": device.platform, "host": platform.node(), "jax": jax.__version__,
            "created_at": stamp}
   table = pa.Table.from_pylist([{**r, **extra} for r in rows])
-  path = Path(folder) / f"perf-{device.platform}-{stamp}.parquet"
+  path = Path(folder) / f"{prefix}-{device.platform}-{stamp}.parquet"
   sink = pa.BufferOutputStream()
   pq.write_table(table, sink)
   checkpoints.atomic_write_bytes(path, sink.getvalue().to_pybytes())

@@ -1,0 +1,313 @@
+"""advsweep side by side with the peer libraries (`advsweep perf --peers`).
+
+Each advsweep attack and its peer equivalent run in one process on the same zoo weights, the
+same images (the first test images the model classifies correctly) and the same jitted JAX
+forward pass:
+- one-pixel: ART `PixelAttack` (DE, th=1, 100 iterations; ART sizes its population to about
+  400) through `BlackBoxClassifierNeuralNetwork`, against ours at population 400 and 100
+  generations (Su et al.);
+- FGSM, BIM, PGD: Foolbox 3 `JAXModel` and ART `FastGradientMethod` /
+  `BasicIterativeMethod` / `ProjectedGradientDescent` through ART's `JaxClassifier`;
+- JSMA: ART `SaliencyMapMethod` (theta 1, gamma 0.145, the targets ours drew) through
+  `JaxClassifier` given a `class_gradient` (one vector-Jacobian product per requested class,
+  as ART's PyTorch classifier does). ART's JSMA is a top-2 single-feature variant, not the
+  paper's pair search.
+
+Model evaluations are counted where the forward pass is called, so a gradient counts one
+forward (plus its backward pass). Every library is warmed up first (its jitted shapes
+compiled), so the times are run times. Rows are printed and written to
+`<out>/peers-<platform>-<timestamp>.parquet`. The peers are the optional extra
+`pip install -e ".[peers]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import attacks
+from bench import perf, run_attack, tables
+from models import datasets, zoo
+
+PEER_HINT = 'the peer libraries are an optional extra: pip install -e ".[peers]"'
+JSMA_NOTE = "ART: top-2 single-feature saliency, not the paper's pair search"
+
+
+@dataclasses.dataclass
+class Settings:
+  """What every library runs; eps and steps match across libraries."""
+
+  eps: float
+  num_steps: int = 10
+  pixel_images: int = 32
+  gradient_images: int = 256
+  jsma_images: int = 100
+  pixel_generations: int = 100
+
+  @property
+  def step_size(self) -> float:
+    return self.eps / 4
+
+
+def default_settings(dataset: str) -> Settings:
+  return Settings(eps=0.1 if dataset in ("mnist", "fashion_mnist") else 8 / 255)
+
+
+class CountingForward:
+  """The jitted forward pass, counting the images it is given (eagerly or under a trace)."""
+
+  def __init__(self, apply_fn: Callable, params: Any, probabilities: bool = False):
+    logits = jax.jit(lambda x: apply_fn(params, x))
+    self.fn = jax.jit(lambda x: jax.nn.softmax(logits(x))) if probabilities else logits
+    self.images = 0
+
+  def __call__(self, x):
+    self.images += int(x.shape[0])
+    return self.fn(x)
+
+
+def _import_peers():
+  try:
+    import art  # noqa: F401
+    import foolbox  # noqa: F401
+  except ImportError as err:
+    raise SystemExit(f"advsweep perf --peers: {err}; {PEER_HINT}") from err
+
+
+def _art_jax_classifier(forward: CountingForward, input_shape, num_classes):
+  from art.experimental.estimators.classification.jax import JaxClassifier
+
+  class ClassGradientJaxClassifier(JaxClassifier):
+    """ART's JaxClassifier with the `class_gradient` it lacks (needed by JSMA)."""
+
+    def class_gradient(self, x, label=None, **kwargs):
+      x = jnp.asarray(x, jnp.float32)
+      if label is None:
+        jac = jax.vmap(jax.jacrev(lambda xi: forward(xi[None])[0]))(x)
+        return np.array(jac)
+      labels = np.broadcast_to(np.asarray(label), (x.shape[0],))
+      _, vjp = jax.vjp(forward, x)
+      grads = vjp(jax.nn.one_hot(jnp.asarray(labels), num_classes))[0]
+      return np.array(grads)[:, None]
+
+  def loss(_, x, y):
+    return jnp.mean(optax.softmax_cross_entropy(forward(x), y))
+
+  return ClassGradientJaxClassifier(
+      model=[], predict_func=lambda _, x: np.array(forward(jnp.asarray(x))),
+      loss_func=loss, update_func=None, input_shape=input_shape, nb_classes=num_classes,
+      clip_values=(0.0, 1.0))
+
+
+def _row(library, attack, model, seconds, evaluations, images, success, features=None,
+         note=""):
+  return {"library": library, "attack": attack, "model": model, "images": images,
+          "seconds": seconds, "s_per_image": seconds / images,
+          "evals_per_image": evaluations / images, "success_rate": float(np.mean(success)),
+          "features_changed": features, "note": note}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - start
+
+
+def _ours(model, name, attack, images, labels, overrides, warm_overrides=None):
+  """Our attack: warm-up (compile), then a timed run. Returns (row, result)."""
+  key = jax.random.key(0)
+  if warm_overrides is not None:  # same compiled function, a cheap budget
+    warm = run_attack.make_config(attack, overrides + warm_overrides)
+    attacks.PREPARE[attack](model.apply_fn, model.params, images, labels, key, warm)()
+  config = run_attack.make_config(attack, overrides)
+  prepared = attacks.PREPARE[attack](model.apply_fn, model.params, images, labels, key, config)
+  if warm_overrides is None:
+    jax.block_until_ready(prepared())
+  result, seconds = _timed(prepared)
+  success = np.asarray(result.success)
+  features = float(np.mean(np.asarray(result.l0_fraction)[success])) if success.any() else None
+  row = _row("advsweep", attack, name, seconds, int(np.sum(np.asarray(result.queries))),
+             len(images), success, features if attack == "jsma" else None)
+  return row, result
+
+
+def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict]:
+  from art.attacks.evasion import PixelAttack
+  from art.estimators.classification import BlackBoxClassifierNeuralNetwork
+
+  images, labels = images[:settings.pixel_images], labels[:settings.pixel_images]
+  overrides = [f"num_generations={settings.pixel_generations}"]
+  ours, _ = _ours(model, name, "one_pixel", images, labels, overrides,
+                  warm_overrides=["stop_true_prob=1.0"])
+  forward = CountingForward(model.apply_fn, model.params, probabilities=True)
+  classifier = BlackBoxClassifierNeuralNetwork(
+      lambda x: np.asarray(forward(jnp.asarray(x, jnp.float32))), images.shape[1:],
+      int(model.meta.get("num_classes", 10)), clip_values=(0.0, 1.0))
+  x, y = np.asarray(images), np.asarray(labels)
+  PixelAttack(classifier, th=1, es=1, max_iter=1, verbose=False).generate(x[:1], y[:1])
+  forward.images = 0
+  attack = PixelAttack(classifier, th=1, es=1, max_iter=settings.pixel_generations,
+                       verbose=False)
+  adv, seconds = _timed(lambda: attack.generate(x, y))
+  evaluations = forward.images
+  success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
+  return [ours, _row("ART", "one_pixel", name, seconds, evaluations, len(x), success)]
+
+
+def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]:
+  import foolbox as fb
+  from art.attacks.evasion import (
+      BasicIterativeMethod,
+      FastGradientMethod,
+      ProjectedGradientDescent,
+  )
+
+  images, labels = images[:settings.gradient_images], labels[:settings.gradient_images]
+  eps, step, steps = settings.eps, settings.step_size, settings.num_steps
+  x, y = np.asarray(images), np.asarray(labels)
+  ours_overrides = {"fgsm": [f"eps={eps}"],
+                    "bim": [f"eps={eps}", f"step_size={step}", f"num_steps={steps}"],
+                    "pgd": [f"eps={eps}", f"step_size={step}", f"num_steps={steps}"]}
+  foolbox_attacks = {
+      "fgsm": fb.attacks.FGSM(),
+      "bim": fb.attacks.LinfBasicIterativeAttack(abs_stepsize=step, steps=steps,
+                                                 random_start=False),
+      "pgd": fb.attacks.LinfPGD(abs_stepsize=step, steps=steps, random_start=True)}
+  forward = CountingForward(model.apply_fn, model.params)
+  classifier = _art_jax_classifier(forward, images.shape[1:], 10)
+  batch = len(x)
+  art_attacks = {
+      "fgsm": FastGradientMethod(classifier, norm=np.inf, eps=eps, batch_size=batch),
+      "bim": BasicIterativeMethod(classifier, eps=eps, eps_step=step, max_iter=steps,
+                                  batch_size=batch, verbose=False),
+      "pgd": ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=step,
+                                      max_iter=steps, num_random_init=1, batch_size=batch,
+                                      verbose=False)}
+  fmodel = fb.JAXModel(forward, bounds=(0.0, 1.0))
+  rows = []
+  for attack in ("fgsm", "bim", "pgd"):
+    ours, _ = _ours(model, name, attack, images, labels, ours_overrides[attack])
+    rows.append(ours)
+    fb_attack = foolbox_attacks[attack]
+
+    def run_foolbox(fb_attack=fb_attack):
+      return fb_attack(fmodel, images, jnp.asarray(labels), epsilons=eps)[2]
+
+    run_foolbox()
+    forward.images = 0
+    success, seconds = _timed(run_foolbox)
+    rows.append(_row("Foolbox", attack, name, seconds, forward.images, batch,
+                     np.asarray(success)))
+    art_attack = art_attacks[attack]
+    art_attack.generate(x, y)
+    forward.images = 0
+    adv, seconds = _timed(lambda art_attack=art_attack: art_attack.generate(x, y))
+    evaluations = forward.images
+    success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
+    rows.append(_row("ART", attack, name, seconds, evaluations, batch, success))
+  return rows
+
+
+def jsma_rows(model, name, images, labels, settings: Settings) -> list[dict]:
+  from art.attacks.evasion import SaliencyMapMethod
+
+  images, labels = images[:settings.jsma_images], labels[:settings.jsma_images]
+  ours, result = _ours(model, name, "jsma", images, labels, [])
+  ours["note"] = "paper's pair search"
+  targets = np.asarray(result.target)
+  forward = CountingForward(model.apply_fn, model.params)
+  classifier = _art_jax_classifier(forward, images.shape[1:], 10)
+  x = np.asarray(images)
+  onehot = np.eye(10, dtype=np.float32)[targets]
+  attack = SaliencyMapMethod(classifier, theta=1.0, gamma=0.145, batch_size=len(x),
+                             verbose=False)
+  attack.generate(x[:2], onehot[:2])
+  forward.images = 0
+  adv, seconds = _timed(lambda: attack.generate(x, onehot))
+  evaluations = forward.images
+  success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) == targets
+  changed = np.mean(np.abs(adv - x).reshape(len(x), -1) > 1e-6, -1)
+  features = float(np.mean(changed[success])) if success.any() else None
+  return [ours, _row("ART", "jsma", name, seconds, evaluations, len(x), success, features,
+                     JSMA_NOTE)]
+
+
+RUNNERS = {"one_pixel": one_pixel_rows, "gradient": gradient_rows, "jsma": jsma_rows}
+GROUPS = {"one_pixel": "one_pixel", "fgsm": "gradient", "bim": "gradient", "pgd": "gradient",
+          "jsma": "jsma"}
+
+
+def correct_images(model, data_dir, count: int) -> tuple[jax.Array, np.ndarray]:
+  """The first `count` test images the model classifies correctly, in [0, 1]."""
+  images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
+  images_u8, labels = images_u8[:4 * count], labels[:4 * count]
+  images = jnp.asarray(images_u8, jnp.float32) / 255.0
+  pred = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1))
+  keep = np.flatnonzero(pred == labels)[:count]
+  return images[keep], labels[keep].astype(np.int32)
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+  """Adds `speedup` (peer s/image over ours) to each peer row."""
+  ours = {(r["model"], r["attack"]): r["s_per_image"] for r in rows
+          if r["library"] == "advsweep"}
+  for r in rows:
+    if r["library"] != "advsweep":
+      r["speedup"] = r["s_per_image"] / ours[(r["model"], r["attack"])]
+    else:
+      r["speedup"] = None
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  header = ["model", "attack", "library", "images", "s/image", "evals/image", "success",
+            "features", "peer/ours time", "note"]
+  body = [[r["model"], r["attack"], r["library"], str(r["images"]),
+           f"{r['s_per_image']:.4f}", f"{r['evals_per_image']:.0f}",
+           f"{100 * r['success_rate']:.1f}%",
+           "-" if r["features_changed"] is None else f"{100 * r['features_changed']:.2f}%",
+           "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", r["note"]]
+          for r in rows]
+  return tables.format_text(header, body)
+
+
+def main(args: argparse.Namespace) -> int:
+  _import_peers()
+  warnings.filterwarnings("ignore", module="art")
+  model_names = args.models or perf.default_models()
+  wanted = args.attacks or list(GROUPS)
+  groups = [g for g in RUNNERS if any(GROUPS[a] == g for a in wanted)]
+  rows, notes = [], []
+  for model_name in model_names:
+    model = zoo.load(model_name)
+    settings = default_settings(model.meta["dataset"])
+    if args.pixel_images:
+      settings.pixel_images = args.pixel_images
+    if args.quick:
+      settings = dataclasses.replace(settings, pixel_images=4, gradient_images=64,
+                                     jsma_images=8, pixel_generations=5)
+    count = max(settings.pixel_images, settings.gradient_images, settings.jsma_images)
+    images, labels = correct_images(model, args.data_dir, count)
+    for group in groups:
+      print(f"[peers] {model_name} {group}", flush=True)
+      group_rows = RUNNERS[group](model, model_name, images, labels, settings)
+      rows += [r for r in group_rows if r["attack"] in wanted]
+    notes.append(f"{model_name}: one-pixel population 400, {settings.pixel_generations} "
+                 f"generations; FGSM/BIM/PGD eps {settings.eps:.4g}, {settings.num_steps} "
+                 "steps of eps/4; JSMA theta 1, gamma 0.145")
+  rows = with_speedups(rows)
+  print(format_table(rows))
+  print("\n".join(notes + ["every library calls the same jitted forward pass; times exclude "
+                           "compilation (each library is warmed up first)"]))
+  path = perf.write_parquet(rows, args.out, prefix="peers")
+  print(f"wrote {path}")
+  return 0

@@ -1,0 +1,42 @@
+"""The side-by-side benchmark (bench/peers.py) on a few images: counts and cross-checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import peers
+from models import zoo
+from tests.conftest import DATA_DIR, requires_data
+
+pytest.importorskip("art")
+pytest.importorskip("foolbox")
+
+
+@requires_data
+def test_peer_rows_agree_with_ours_where_the_attack_is_deterministic():
+  model = zoo.load("mnist_lenet")
+  images, labels = peers.correct_images(model, DATA_DIR, 24)
+  assert len(images) == 24
+  settings = peers.Settings(eps=0.15, num_steps=4, gradient_images=24, jsma_images=3,
+                            pixel_images=2, pixel_generations=1)
+  rows = peers.gradient_rows(model, "mnist_lenet", images, labels, settings)
+  rows += peers.jsma_rows(model, "mnist_lenet", images, labels, settings)
+  rows += peers.one_pixel_rows(model, "mnist_lenet", images, labels, settings)
+  rows = peers.with_speedups(rows)
+  by = {(r["attack"], r["library"]): r for r in rows}
+  assert {a for a, _ in by} == {"one_pixel", "fgsm", "bim", "pgd", "jsma"}
+  # FGSM is deterministic: the same sign gradient on the same images gives the same flips
+  # (one image of slack for a gradient component that rounds to zero differently).
+  ours = by["fgsm", "advsweep"]["success_rate"] * 24
+  for library in ("Foolbox", "ART"):
+    assert abs(by["fgsm", library]["success_rate"] * 24 - ours) <= 1
+  assert abs(by["bim", "ART"]["success_rate"] - by["bim", "advsweep"]["success_rate"]) * 24 <= 1
+  for r in rows:
+    assert r["evals_per_image"] > 0 and 0 <= r["success_rate"] <= 1
+    assert (r["speedup"] is None) == (r["library"] == "advsweep")
+  # One-pixel: 2 generations of ~400 (ART's early stop may end sooner).
+  assert by["one_pixel", "advsweep"]["evals_per_image"] == 800
+  assert 0 < by["one_pixel", "ART"]["evals_per_image"] <= 800 + 2
+  table = peers.format_table(rows)
+  assert peers.JSMA_NOTE in table and "Foolbox" in table
