@@ -34,6 +34,7 @@ from attacks import common
 
 AT_LEAST_ONE_TARGET = "at_least_one_target"
 ONE_PIXEL_TARGET_MODES = (*common.TARGET_MODES, AT_LEAST_ONE_TARGET)
+DE_BASES = ("random", "best")
 
 
 @struct.dataclass
@@ -45,6 +46,8 @@ class OnePixelConfig:
     population_size: DE population per image (paper: 400).
     num_generations: maximum generations after the initial population (paper: 100).
     differential_weight: F (paper: 0.5; traced, a sweep does not recompile).
+    base: the mutation's base vector: "random" (rand/1, the paper's) or "best" (best/1,
+      SciPy's default `best1bin` strategy, which ART's PixelAttack uses).
     target: a mode of `common.TARGET_MODES`, or "at_least_one_target" (tries every other
       class; success if any works).
     stop_on_flip: stop an image once a candidate flips the prediction (untargeted) or reaches
@@ -65,6 +68,7 @@ class OnePixelConfig:
   population_size: int = struct.field(pytree_node=False, default=400)
   num_generations: int = struct.field(pytree_node=False, default=100)
   differential_weight: float = 0.5
+  base: str = struct.field(pytree_node=False, default="random")
   target: str = struct.field(pytree_node=False, default=common.UNTARGETED)
   stop_on_flip: bool = struct.field(pytree_node=False, default=True)
   stop_true_prob: float = 0.05
@@ -111,10 +115,11 @@ def _initial_population(key, population_size, num_pixels, height, width, channel
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("num_pixels", "population_size", "num_generations",
                                     "target_mode", "stop_on_flip", "num_slots",
-                                    "chunk_size", "splice"))
+                                    "chunk_size", "splice", "base"))
 def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_weight,
                stop_true_prob, stop_target_prob, *, num_pixels, population_size,
-               num_generations, target_mode, stop_on_flip, num_slots, chunk_size, splice):
+               num_generations, target_mode, stop_on_flip, num_slots, chunk_size, splice,
+               base):
   batch, height, width, channels = images.shape
   dims = num_pixels * (2 + channels)
   slots = min(num_slots, batch)
@@ -126,7 +131,7 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
 
   de = DifferentialEvolution(population_size, jnp.zeros(dims, images.dtype))
   de_params = de.default_params.replace(
-      elitism=False, crossover_rate=1.0, differential_weight=differential_weight)
+      elitism=base == "best", crossover_rate=1.0, differential_weight=differential_weight)
 
   def fresh_state(image_index):
     key = jax.random.fold_in(keys[image_index], 0)
@@ -284,6 +289,8 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
     raise ValueError(f"num_generations must be >= 0; got {config.num_generations}")
   if config.num_slots < 1 or config.chunk_size < 1:
     raise ValueError("num_slots and chunk_size must be >= 1")
+  if config.base not in DE_BASES:
+    raise ValueError(f"unknown base {config.base!r}; valid choices: {', '.join(DE_BASES)}")
   if not float(config.differential_weight) > 0:
     raise ValueError(f"differential_weight (F) must be > 0; got {config.differential_weight}")
 
@@ -294,7 +301,7 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
   statics = dict(num_pixels=config.num_pixels, population_size=config.population_size,
                  num_generations=config.num_generations, stop_on_flip=config.stop_on_flip,
                  num_slots=config.num_slots, chunk_size=config.chunk_size,
-                 splice=config.splice)
+                 splice=config.splice, base=config.base)
   budgets = tuple(jnp.asarray(v, images.dtype) for v in (
       config.differential_weight, config.stop_true_prob, config.stop_target_prob))
   if mode != AT_LEAST_ONE_TARGET:

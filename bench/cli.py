@@ -68,6 +68,10 @@ def _cmd_perf(args: argparse.Namespace) -> int:
     from bench import peers
 
     return peers.main(args)
+  if args.scaling:
+    from bench import scaling
+
+    return scaling.main(args)
   from bench import perf
 
   return perf.main(args)
@@ -184,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--models", nargs="+", default=None,
                  help="zoo models (default: mnist_lenet and a shipped CIFAR-10 model)")
   p.add_argument("--attacks", nargs="+", default=None, choices=list(attacks.REGISTRY))
-  p.add_argument("-n", "--num-images", type=int, default=32)
+  p.add_argument("-n", "--num-images", type=int, default=None,
+                 help="images per attack (default 32; --peers: 256 for FGSM/BIM/PGD, 100 for "
+                      "JSMA)")
   p.add_argument("--quick", action="store_true",
                  help="small budgets (few generations and steps): a smoke run in a minute")
   p.add_argument("--out", default="results/perf", help="folder for the parquet file")
@@ -194,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                       '(needs pip install -e ".[peers]")')
   p.add_argument("--pixel-images", type=int, default=None,
                  help="--peers: images for the one-pixel comparison (default 32)")
+  p.add_argument("--scaling", action="store_true",
+                 help="cost against batch size, image size, k and population, with plots; "
+                      "and the trace count of an eps / F sweep")
+  p.add_argument("--sweeps", nargs="+", default=None,
+                 choices=["batch", "image_size", "pixels", "population", "retrace"],
+                 help="--scaling: which sweeps (default all)")
   p.set_defaults(func=_cmd_perf)
 
   from bench import compare, config, reproduce

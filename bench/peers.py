@@ -151,7 +151,8 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   forward = CountingForward(model.apply_fn, model.params, probabilities=True)
   classifier = BlackBoxClassifierNeuralNetwork(
       lambda x: np.asarray(forward(jnp.asarray(x, jnp.float32))), images.shape[1:],
-      int(model.meta.get("num_classes", 10)), clip_values=(0.0, 1.0))
+      int(model.meta.get("num_classes", 10)), clip_values=(0.0, 1.0),
+      channels_first=False)  # its default (True) makes ART's PixelAttack set a whole column
   x, y = np.asarray(images), np.asarray(labels)
   PixelAttack(classifier, th=1, es=1, max_iter=1, verbose=False).generate(x[:1], y[:1])
   forward.images = 0
@@ -160,7 +161,9 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   adv, seconds = _timed(lambda: attack.generate(x, y))
   evaluations = forward.images
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
-  return [ours, _row("ART", "one_pixel", name, seconds, evaluations, len(x), success)]
+  changed = int(np.max(np.sum(np.any(np.abs(adv - x) > 1e-6, -1), (1, 2))))
+  return [ours, _row("ART", "one_pixel", name, seconds, evaluations, len(x), success,
+                     note=f"at most {changed} pixel(s) changed")]
 
 
 def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]:
@@ -292,6 +295,8 @@ def main(args: argparse.Namespace) -> int:
     settings = default_settings(model.meta["dataset"])
     if args.pixel_images:
       settings.pixel_images = args.pixel_images
+    if args.num_images:
+      settings.gradient_images = settings.jsma_images = args.num_images
     if args.quick:
       settings = dataclasses.replace(settings, pixel_images=4, gradient_images=64,
                                      jsma_images=8, pixel_generations=5)

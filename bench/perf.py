@@ -165,12 +165,12 @@ def main(args: argparse.Namespace) -> int:
     print("advsweep perf: no trained zoo model found; run `advsweep train mnist_lenet`")
     return 2
   attack_names = args.attacks or list(attacks.REGISTRY)
-  rows = []
+  rows, num_images = [], args.num_images or 32
   for model_name in model_names:
     model = zoo.load(model_name)
     images_u8, labels = datasets.load(model.meta["dataset"], "test", args.data_dir)
-    images = jnp.asarray(images_u8[:args.num_images], jnp.float32) / 255.0
-    labels = labels[:args.num_images]
+    images = jnp.asarray(images_u8[:num_images], jnp.float32) / 255.0
+    labels = labels[:num_images]
     for name in attack_names:
       overrides = QUICK_OVERRIDES[name] if args.quick else []
       print(f"[perf] {model_name} {name} {' '.join(overrides)}", flush=True)

@@ -40,11 +40,13 @@ def test_apply_candidate_sets_k_pixels():
   assert int(jnp.sum(jnp.any(out != 0, -1))) == 2
 
 
-def test_de_finds_the_planted_trigger():
+@pytest.mark.parametrize("base", ["random", "best"])
+def test_de_finds_the_planted_trigger_with_either_base(base):
   images = jnp.full((3, 8, 8, 3), 0.3)
   labels = jnp.zeros(3, jnp.int32)
   config = attacks.OnePixelConfig(population_size=60, num_generations=40,
-                                  stop_on_flip=False, stop_true_prob=0.0, num_slots=3)
+                                  stop_on_flip=False, stop_true_prob=0.0, num_slots=3,
+                                  base=base)
   result = attacks.one_pixel(lambda p, x: trigger_model(x), None, images, labels,
                              jax.random.key(0), config)
   assert result.success.all()
@@ -144,6 +146,7 @@ def test_a_new_differential_weight_does_not_retrace():
     (attacks.OnePixelConfig(num_pixels=0), "num_pixels"),
     (attacks.OnePixelConfig(population_size=3), "population_size"),
     (attacks.OnePixelConfig(target="sideways"), "target mode"),
+    (attacks.OnePixelConfig(base="worst"), "unknown base"),
 ])
 def test_bad_config_is_refused(config, match):
   apply_fn, params = linear_model()
