@@ -22,6 +22,7 @@ def parse_overrides(config_cls: type, assignments: list[str]) -> dict[str, Any]:
   as a string, so `target=least_likely` works too.
   """
   fields = [f.name for f in dataclasses.fields(config_cls)]
+  flags = {f.name for f in dataclasses.fields(config_cls) if isinstance(f.default, bool)}
   out = {}
   for item in assignments:
     key, sep, raw = item.partition("=")
@@ -34,6 +35,11 @@ def parse_overrides(config_cls: type, assignments: list[str]) -> dict[str, Any]:
       out[key] = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       out[key] = raw
+    if key in flags and not isinstance(out[key], bool):
+      # A non-empty string is truthy: "false" must not silently mean True.
+      if str(out[key]).lower() not in ("true", "false"):
+        raise ValueError(f"{key} takes true or false; got {raw!r}")
+      out[key] = str(out[key]).lower() == "true"
   return out
 
 

@@ -25,6 +25,14 @@ def test_overrides_parse_literals_and_refuse_unknown_fields():
     run_attack.make_config("fgsm", ["eps"])
 
 
+def test_boolean_overrides_take_true_or_false_in_any_case():
+  for raw, value in (("false", False), ("False", False), ("TRUE", True), ("True", True)):
+    config = run_attack.make_config("one_pixel", [f"stop_on_flip={raw}"])
+    assert config.stop_on_flip is value
+  with pytest.raises(ValueError, match="stop_on_flip takes true or false"):
+    run_attack.make_config("one_pixel", ["stop_on_flip=no"])
+
+
 @pytest.mark.parametrize("name,overrides,units_per_image", [
     ("fgsm", [], 1),
     ("bim", ["num_steps=4"], 4),
