@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from attacks import common
@@ -162,6 +163,9 @@ def best_pairs(alpha: jax.Array, beta: jax.Array, domain: jax.Array, block_rows:
       lambda: jax.tree.map(lambda a, b: jnp.where(complete, a, b), reduced[:3], full()))
 
 
+MIN_BUCKET = 8  # the smallest batch finished images are compacted into
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("theta", "target_mode"))
 def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mode):
   """Targets and the initial state: flat images, search domain, active flags, queries."""
@@ -212,16 +216,37 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
   backend the backward pass inside a `while` body ran 4x slower (see attacks.gradient). The
   loop ends when every image has reached its target, its gamma budget or an empty search
   domain; each iteration moves at least one feature, so it ends within N iterations.
+
+  Finished images stop costing work: when at most half the working rows are still active,
+  the active ones move to a batch of the next power of two (at least MIN_BUCKET; padding
+  rows are inactive), so the iteration compiles once per bucket size that occurs.
   """
   targets, state = _start(apply_fn, params, images, labels, keys, targets, theta=theta,
                           target_mode=target_mode)
+  batch = images.shape[0]
+  final_x, final_queries = state[0], state[3]
+  rows = np.arange(batch)  # the image each working row holds; `batch` marks padding
+  work_images, work_targets = images, targets
   for _ in range(images[0].size + 1):
-    if not bool(jnp.any(state[2])):
+    active = np.asarray(state[2])
+    if not active.any():
       break
-    state = _step(apply_fn, params, images, targets, state, gamma, theta=theta,
+    bucket = max(MIN_BUCKET, 1 << (int(active.sum()) - 1).bit_length())
+    if bucket <= len(active) // 2:  # shrink: finished rows are frozen, drop them
+      final_x = final_x.at[rows].set(state[0], mode="drop")
+      final_queries = final_queries.at[rows].set(state[3], mode="drop")
+      keep = np.flatnonzero(active)
+      pick = np.concatenate([keep, np.full(bucket - len(keep), keep[0])])
+      rows = np.concatenate([rows[keep], np.full(bucket - len(keep), batch)])
+      work_images, work_targets = work_images[pick], work_targets[pick]
+      state = jax.tree.map(lambda a, pick=pick: a[pick], state)
+      state = (*state[:2], state[2] & jnp.asarray(rows < batch), state[3])
+    state = _step(apply_fn, params, work_images, work_targets, state, gamma, theta=theta,
                   block_rows=block_rows, max_candidates=max_candidates)
-  adv = state[0].reshape(images.shape)
-  return common.finalize(apply_fn, params, images, adv, labels, targets, state[3])
+  final_x = final_x.at[rows].set(state[0], mode="drop")
+  final_queries = final_queries.at[rows].set(state[3], mode="drop")
+  adv = final_x.reshape(images.shape)
+  return common.finalize(apply_fn, params, images, adv, labels, targets, final_queries)
 
 
 def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=None

@@ -147,7 +147,10 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
   splicer = getattr(apply_fn, "pixel_splicer", None) if splice else None
   if splicer is not None:
     plan = splicer.plan_for(params, images.shape[1:], num_pixels)
-    clean_state = splicer.clean_state(params, images, plan)
+    if plan.split == 0:  # no split pays off (k windows cost more): the plain forward pass
+      splicer = None
+    else:
+      clean_state = splicer.clean_state(params, images, plan)
 
   def candidate_logits(ids, cands):
     if splicer is None:

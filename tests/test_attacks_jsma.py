@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -144,3 +146,20 @@ def test_jit_and_no_jit_agree():
   with jax.disable_jit():
     eager = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config)
   chex.assert_trees_all_close(jitted, eager, atol=1e-5)
+
+
+def test_compacting_finished_images_changes_nothing(monkeypatch):
+  """Finished images leave the working batch (20 -> 16 -> 8 rows); results stay the same."""
+  jsma_module = importlib.import_module("attacks.jsma")
+  apply_fn, params = small_cnn(seed=4)
+  images = random_images(20, 8, 8, 3, seed=4)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  config = attacks.JSMAConfig(gamma=0.3, block_rows=64)
+  compacted = attacks.jsma(apply_fn, params, images, labels, jax.random.key(5), config)
+  queries = np.asarray(compacted.queries)
+  assert queries.min() * 2 < queries.max()  # images finish at different times
+  monkeypatch.setattr(jsma_module, "MIN_BUCKET", 1024)  # never compact
+  whole = attacks.jsma(apply_fn, params, images, labels, jax.random.key(5), config)
+  for field in ("success", "adv_pred", "target", "queries", "l0"):
+    np.testing.assert_array_equal(getattr(compacted, field), getattr(whole, field))
+  np.testing.assert_allclose(compacted.adv_images, whole.adv_images, atol=1e-6)
