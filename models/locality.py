@@ -189,11 +189,10 @@ class PixelSplicer:
   def normalise(self, images: jax.Array) -> jax.Array:
     return (images - jnp.asarray(self.mean, images.dtype)) / jnp.asarray(self.std, images.dtype)
 
-  def forward(self, variables: Any, x: jax.Array, start: int = 0, stop: int | None = None,
-              normalised: bool = True) -> jax.Array:
-    """Layers [start, stop) on full NHWC maps (then the head if stop is None)."""
-    if not normalised:
-      x = self.normalise(x)
+  def forward(self, variables: Any, x: jax.Array, start: int = 0, stop: int | None = None
+              ) -> jax.Array:
+    """Layers [start, stop) on full NHWC maps (then the head if stop is None); layer 0 takes
+    the normalised image."""
     for layer in self.layers[start:stop]:
       pads = [layer.pads(x.shape[1]), layer.pads(x.shape[2])]
       x = layer.apply(variables, x, pads)
