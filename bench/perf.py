@@ -86,6 +86,17 @@ def unit_batch(name: str, config: Any, num_images: int) -> int:
   return num_images
 
 
+def compile_and_run_seconds(prepared: Callable[[], Any]) -> tuple[Any, float, float]:
+  """The result, compile seconds (first call minus a second, warm call) and run seconds."""
+  start = time.perf_counter()
+  jax.block_until_ready(prepared())
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  result = jax.block_until_ready(prepared())
+  run_s = time.perf_counter() - start
+  return result, max(0.0, first - run_s), run_s
+
+
 def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images: jax.Array,
             labels: np.ndarray, overrides: list[str], seed: int = 0) -> dict[str, Any]:
   """One row: attack `name` (with `key=value` overrides) on `images` against the raw limit."""
@@ -93,12 +104,7 @@ def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images:
   key = jax.random.key(seed)
   prepared = attacks.PREPARE[name](apply_fn, params, images, labels, key, config)
   memory = prepared.lower().compile().memory_analysis()
-  start = time.perf_counter()
-  jax.block_until_ready(prepared())
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  result = jax.block_until_ready(prepared())
-  run_s = time.perf_counter() - start
+  result, compile_s, run_s = compile_and_run_seconds(prepared)
   unit = UNITS[name]
   batch = unit_batch(name, config, len(images))
   raw = raw_throughput(apply_fn, params, (batch, *images.shape[1:]), unit)
@@ -118,7 +124,7 @@ def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images:
       "s_per_image": run_s / len(images),
       "units_per_image": units / len(images),
       "success_rate": float(success.mean()),
-      "compile_s": max(0.0, first - run_s),
+      "compile_s": compile_s,
       "run_s": run_s,
       "memory_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                           + memory.temp_size_in_bytes),

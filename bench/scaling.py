@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +48,8 @@ def timed_attack(model: zoo.Model, attack: str, images: jax.Array, labels: np.nd
   config = run_attack.make_config(attack, overrides)
   prepared = attacks.PREPARE[attack](model.apply_fn, model.params, images, labels,
                                      jax.random.key(0), config)
-  start = time.perf_counter()
-  jax.block_until_ready(prepared())
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  result = jax.block_until_ready(prepared())
-  run = time.perf_counter() - start
-  return {"run_s": run, "compile_s": max(0.0, first - run), "s_per_image": run / len(images),
+  result, compile_s, run = perf.compile_and_run_seconds(prepared)
+  return {"run_s": run, "compile_s": compile_s, "s_per_image": run / len(images),
           "evals_per_image": float(np.mean(np.asarray(result.queries)))}
 
 
