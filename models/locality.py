@@ -110,6 +110,7 @@ class Plan:
   margin: tuple[int, int]  # zero padding of the normalised image so every crop is in range
   macs: int  # cost per candidate in full-map multiply-adds (WINDOW_COST, SPLICE_COST)
   full_macs: int  # multiply-adds of a full forward pass
+  sizes: tuple[int, ...] = ()  # map size at the input of each windowed layer, then its output
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -171,7 +172,8 @@ class PixelSplicer:
     splice = sizes[split] ** 2 * chans[split]  # activations copied per candidate
     macs = (WINDOW_COST * num_pixels * windowed + SPLICE_COST * splice
             + sum(full[split:]))
-    return Plan(split, tuple(window), origin, offset, scale, margin, macs, sum(full))
+    return Plan(split, tuple(window), origin, offset, scale, margin, macs, sum(full),
+                tuple(sizes[:split + 1]))
 
   def plan_for(self, variables: Any, image_shape: Sequence[int], num_pixels: int,
                split: int | None = None) -> Plan:
@@ -226,40 +228,38 @@ class PixelSplicer:
 
   def _splice_one(self, variables, plan, padded, clean, rows, cols, colours):
     """One candidate: recompute the windows around each of its k pixels and splice them."""
-    height = padded.shape[0] - sum(plan.margin)
-    sizes = [height]
-    for layer in self.layers[:plan.split]:
-      sizes.append(layer.out_size(sizes[-1]))
+    origin = jnp.asarray(plan.origin)
+    size = plan.window[0]
     out = clean
     for j in range(rows.shape[0]):
-      origin = jnp.asarray(plan.origin)
       origin_r, origin_c = origin[rows[j]], origin[cols[j]]
-      start_r = origin_r * plan.input_scale + plan.input_offset
-      start_c = origin_c * plan.input_scale + plan.input_offset
+      off_r = origin_r * plan.input_scale + plan.input_offset
+      off_c = origin_c * plan.input_scale + plan.input_offset
       crop = lax.dynamic_slice(
-          padded, (start_r + plan.margin[0], start_c + plan.margin[0], 0),
-          (plan.window[0], plan.window[0], padded.shape[-1]))
+          padded, (off_r + plan.margin[0], off_c + plan.margin[0], 0),
+          (size, size, padded.shape[-1]))
       # Every pixel of the candidate that falls in this crop (the others are dropped).
-      local_r, local_c = rows - start_r, cols - start_c
-      inside = (local_r >= 0) & (local_r < plan.window[0]) & (local_c >= 0) & (
-          local_c < plan.window[0])
-      big = plan.window[0]
-      crop = crop.at[jnp.where(inside, local_r, big), jnp.where(inside, local_c, big)].set(
+      local_r, local_c = rows - off_r, cols - off_c
+      inside = _in_range(local_r, size) & _in_range(local_c, size)
+      crop = crop.at[jnp.where(inside, local_r, size), jnp.where(inside, local_c, size)].set(
           colours, mode="drop")
       x = crop[None]
-      off_r, off_c = start_r, start_c
       for i, layer in enumerate(self.layers[:plan.split]):
         x = layer.apply(variables, x, "VALID")
-        off_r = (off_r + layer.pads(sizes[i])[0]) // layer.stride
-        off_c = (off_c + layer.pads(sizes[i])[0]) // layer.stride
+        pad_lo = layer.pads(plan.sizes[i])[0]
+        off_r, off_c = (off_r + pad_lo) // layer.stride, (off_c + pad_lo) // layer.stride
         if i + 1 < plan.split:  # positions off the map become the next layer's padding
-          n = x.shape[1]
-          in_r = (off_r + jnp.arange(n) >= 0) & (off_r + jnp.arange(n) < sizes[i + 1])
-          in_c = (off_c + jnp.arange(n) >= 0) & (off_c + jnp.arange(n) < sizes[i + 1])
-          keep = in_r[:, None] & in_c[None, :]
-          x = jnp.where(keep[None, :, :, None], x, self.layers[i + 1].pad_value())
+          span = jnp.arange(x.shape[1])
+          on_map = (_in_range(off_r + span, plan.sizes[i + 1])[:, None]
+                    & _in_range(off_c + span, plan.sizes[i + 1])[None, :])
+          x = jnp.where(on_map[None, :, :, None], x, self.layers[i + 1].pad_value())
       out = _place(out, x[0].astype(out.dtype), origin_r, origin_c)
     return out
+
+
+def _in_range(values: jax.Array, size: int) -> jax.Array:
+  """values in [0, size)."""
+  return (values >= 0) & (values < size)
 
 
 def _place(base: jax.Array, window: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
@@ -268,7 +268,7 @@ def _place(base: jax.Array, window: jax.Array, row: jax.Array, col: jax.Array) -
   size = window.shape[0]
   rel_r = jnp.arange(base.shape[0]) - row
   rel_c = jnp.arange(base.shape[1]) - col
-  inside = ((rel_r >= 0) & (rel_r < size))[:, None] & ((rel_c >= 0) & (rel_c < size))[None]
+  inside = _in_range(rel_r, size)[:, None] & _in_range(rel_c, size)[None]
   placed = window[jnp.clip(rel_r, 0, size - 1)[:, None], jnp.clip(rel_c, 0, size - 1)[None]]
   return jnp.where(inside[..., None], placed, base)
 
