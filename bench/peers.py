@@ -166,8 +166,9 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   x, y = np.asarray(images), np.asarray(labels)
   PixelAttack(classifier, th=1, es=1, max_iter=1, verbose=False).generate(x[:1], y[:1])
   forward.images = 0
+  # verbose: ART's own per-image progress bar, since this phase takes minutes.
   attack = PixelAttack(classifier, th=1, es=1, max_iter=settings.pixel_generations,
-                       verbose=False)
+                       verbose=True)
   adv, seconds, runs = _timed(lambda: attack.generate(x, y))
   evaluations = forward.images / runs
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
