@@ -161,8 +161,8 @@ def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_wei
     if splicer is None:
       return apply_fn(params, jax.vmap(apply_candidate)(images[ids], cands))
     rows, cols, colours = decode_candidates(cands, height, width, channels)
-    state = jax.tree.map(lambda a: a[ids], clean_state)
-    return splicer.logits(params, state, rows, cols, colours.astype(images.dtype), plan)
+    return splicer.logits(params, clean_state, ids, rows, cols, colours.astype(images.dtype),
+                          plan)
 
   def evaluate_chunk(ids, cands):
     probs = jax.nn.softmax(candidate_logits(ids, cands), -1)

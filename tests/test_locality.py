@@ -44,9 +44,10 @@ def test_spliced_logits_equal_the_full_forward_pass(name, num_pixels):
       {*range(1, num_layers + 1, 3), num_layers})
   for split in splits:
     plan = splicer.plan_for(model.params, shape, num_pixels, split)
+    assert plan.split == (split if num_pixels == 1 else 0)  # k > 1: the full forward pass
     state = splicer.clean_state(model.params, images, plan)
     logits = jax.jit(lambda *a, plan=plan: splicer.logits(*a, plan))
-    got = logits(model.params, state, rows, cols, colours)
+    got = logits(model.params, state, jnp.arange(count), rows, cols, colours)
     np.testing.assert_allclose(got, expected, atol=2e-5 * max(scale, 1.0), rtol=0,
                                err_msg=f"{name} split {split}")
 
@@ -56,6 +57,7 @@ def test_plan_picks_a_split_cheaper_than_the_full_pass():
   plan = model.apply_fn.pixel_splicer.plan_for(model.params, (32, 32, 3), 1)
   assert 0 < plan.split < len(model.apply_fn.pixel_splicer.layers)
   assert plan.macs < plan.full_macs
+  assert model.apply_fn.pixel_splicer.plan_for(model.params, (32, 32, 3), 3).split == 0
 
 
 def test_architectures_without_a_splicer_fall_back():
