@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -117,21 +116,6 @@ def _row(library, attack, model, seconds, evaluations, images, success, features
           "features_changed": features, "note": note}
 
 
-def _timed(fn: Callable[[], Any], min_seconds: float = 2.0, max_runs: int = 7
-           ) -> tuple[Any, float, int]:
-  """The output, the median seconds of repeated calls and how many calls were made.
-
-  Calls repeat until `min_seconds` have passed (at most `max_runs`): one call for the long
-  attacks, several for the ones that take milliseconds, whose single timings are noisy.
-  """
-  times, start = [], time.perf_counter()
-  while not times or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
-    begin = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - begin)
-  return out, float(np.median(times)), len(times)
-
-
 def _ours(model, name, attack, images, labels, overrides, warm_overrides=None):
   """Our attack: warm-up (compile), then a timed run. Returns (row, result)."""
   key = jax.random.key(0)
@@ -142,7 +126,7 @@ def _ours(model, name, attack, images, labels, overrides, warm_overrides=None):
   prepared = attacks.PREPARE[attack](model.apply_fn, model.params, images, labels, key, config)
   if warm_overrides is None:
     jax.block_until_ready(prepared())
-  result, seconds, _ = _timed(prepared)
+  result, seconds, _ = perf.timed(prepared)
   success = np.asarray(result.success)
   features = float(np.mean(np.asarray(result.l0_fraction)[success])) if success.any() else None
   row = _row("advsweep", attack, name, seconds, int(np.sum(np.asarray(result.queries))),
@@ -169,7 +153,7 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   # verbose: ART's own per-image progress bar, since this phase takes minutes.
   attack = PixelAttack(classifier, th=1, es=1, max_iter=settings.pixel_generations,
                        verbose=True)
-  adv, seconds, runs = _timed(lambda: attack.generate(x, y))
+  adv, seconds, runs = perf.timed(lambda: attack.generate(x, y))
   evaluations = forward.images / runs
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
   changed = int(np.max(np.sum(np.any(np.abs(adv - x) > 1e-6, -1), (1, 2))))
@@ -218,13 +202,13 @@ def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]
 
     run_foolbox()
     forward.images = 0
-    success, seconds, runs = _timed(run_foolbox)
+    success, seconds, runs = perf.timed(run_foolbox)
     rows.append(_row("Foolbox", attack, name, seconds, forward.images / runs, batch,
                      np.asarray(success)))
     art_attack = art_attacks[attack]
     art_attack.generate(x, y)
     forward.images = 0
-    adv, seconds, runs = _timed(lambda art_attack=art_attack: art_attack.generate(x, y))
+    adv, seconds, runs = perf.timed(lambda art_attack=art_attack: art_attack.generate(x, y))
     evaluations = forward.images / runs
     success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
     rows.append(_row("ART", attack, name, seconds, evaluations, batch, success))
@@ -246,7 +230,7 @@ def jsma_rows(model, name, images, labels, settings: Settings) -> list[dict]:
                              verbose=False)
   attack.generate(x[:2], onehot[:2])
   forward.images = 0
-  adv, seconds, runs = _timed(lambda: attack.generate(x, onehot))
+  adv, seconds, runs = perf.timed(lambda: attack.generate(x, onehot))
   evaluations = forward.images / runs
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) == targets
   changed = np.mean(np.abs(adv - x).reshape(len(x), -1) > 1e-6, -1)
