@@ -1,15 +1,20 @@
 """The Jacobian-based saliency map attack (JSMA) with the paper's pair search.
 
-Each iteration takes the forward derivative of the logits with one forward pass and two
-vector-Jacobian products (the target class, and the sum of all other classes: not one
-backward pass per class), then picks the pair of features (p, q) in the search domain that
-maximises the adversarial saliency map
+Each iteration takes the forward derivative F of the model with one forward pass and
+vector-Jacobian products (not one backward pass per class), then picks the pair of
+features (p, q) in the search domain that maximises the adversarial saliency map
 
-    alpha = d Z_t / d x_p + d Z_t / d x_q,   beta = sum_{j != t} (d Z_j / d x_p + d Z_j / d x_q)
+    alpha = d F_t / d x_p + d F_t / d x_q,   beta = sum_{j != t} (d F_j / d x_p + d F_j / d x_q)
     score = alpha * |beta|  subject to  theta * alpha > 0  and  theta * beta < 0,
 
-and moves both features by theta (clipped to [0, 1]). Logits are used rather than softmax
-outputs: with softmax, beta = -alpha identically and the map loses its second term.
+and moves both features by theta (clipped to [0, 1]). F is a choice (`derivative`):
+- "logits" (JSMA-Z in Carlini and Wagner's naming; the default): F = Z, the logits, as the
+  paper describes; two VJPs, for the target and for the sum of the other classes.
+- "probabilities" (JSMA-F): F = softmax(Z). The probabilities sum to one, so beta = -alpha
+  exactly and the map's best pair is the two features with the largest d F_t / d x (their
+  sum positive): one VJP. It is taken of log F_t, which scales alpha and beta by 1 / F_t > 0
+  (the same pair) and does not underflow on confident models. On the MNIST LeNet it changes
+  fewer features at a higher success rate than JSMA-Z (see the README).
 
 The N x N pair scores (N = H*W*C) are never held whole. `best_pairs` first reduces the
 search exactly: the score grows in both alpha and -beta, so both members of the best pair
@@ -35,6 +40,8 @@ from flax import struct
 
 from attacks import common
 
+LOGITS, PROBABILITIES = "logits", "probabilities"
+DERIVATIVES = (LOGITS, PROBABILITIES)
 
 @struct.dataclass
 class JSMAConfig:
@@ -48,6 +55,8 @@ class JSMAConfig:
       layers of (alpha, -beta)); all their pairs are scored, and the full scan runs only
       for a batch where some image has more (0: always the full scan).
     target: target mode; JSMA is targeted ("random", "least_likely" or "explicit").
+    derivative: the F of the saliency map: "logits" (JSMA-Z, the paper's) or
+      "probabilities" (JSMA-F, the softmax; see the module doc).
   """
 
   gamma: float = 0.145
@@ -55,6 +64,7 @@ class JSMAConfig:
   block_rows: int = struct.field(pytree_node=False, default=64)
   max_candidates: int = struct.field(pytree_node=False, default=64)
   target: str = struct.field(pytree_node=False, default=common.RANDOM)
+  derivative: str = struct.field(pytree_node=False, default=LOGITS)
 
 
 def best_pair(alpha: jax.Array, beta: jax.Array, domain: jax.Array, block_rows: int
@@ -179,8 +189,9 @@ def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mod
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("theta", "block_rows", "max_candidates"))
-def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows, max_candidates):
+                   static_argnames=("theta", "block_rows", "max_candidates", "derivative"))
+def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows, max_candidates,
+          derivative):
   """One iteration for the batch: forward derivative, best pair, move both features."""
   x, domain, active, queries = state
   batch, n = x.shape
@@ -190,10 +201,16 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
   def logits_of(flat):
     return apply_fn(params, flat.reshape(images.shape))
 
-  logits, vjp = jax.vjp(logits_of, x)
-  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
-  (grad_target,) = vjp(onehot)
-  (grad_others,) = vjp(1.0 - onehot)
+  if derivative == PROBABILITIES:  # of log F_t; beta = -alpha (see the module doc)
+    logits, vjp = jax.vjp(lambda flat: jax.nn.log_softmax(logits_of(flat)), x)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
+    (grad_target,) = vjp(onehot)
+    grad_others = -grad_target
+  else:
+    logits, vjp = jax.vjp(logits_of, x)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
+    (grad_target,) = vjp(onehot)
+    (grad_others,) = vjp(1.0 - onehot)
   hit = jnp.argmax(logits, -1) == targets
   p, q, score = best_pairs(direction * grad_target, direction * grad_others, domain,
                           block_rows, max_candidates)
@@ -209,7 +226,7 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
 
 
 def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, block_rows,
-          max_candidates, target_mode) -> common.AttackResult:
+          max_candidates, target_mode, derivative) -> common.AttackResult:
   """Iterates `_step` until no image is active.
 
   A host loop over one jitted iteration rather than a `lax.while_loop`: on the XLA CPU
@@ -242,7 +259,8 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
       state = jax.tree.map(lambda a, pick=pick: a[pick], state)
       state = (*state[:2], state[2] & jnp.asarray(rows < batch), state[3])
     state = _step(apply_fn, params, work_images, work_targets, state, gamma, theta=theta,
-                  block_rows=block_rows, max_candidates=max_candidates)
+                  block_rows=block_rows, max_candidates=max_candidates,
+                  derivative=derivative)
   final_x = final_x.at[rows].set(state[0], mode="drop")
   final_queries = final_queries.at[rows].set(state[3], mode="drop")
   adv = final_x.reshape(images.shape)
@@ -262,6 +280,8 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
     raise ValueError(f"theta must be in [-1, 0) or (0, 1]; got {config.theta}")
   if not 0.0 <= float(config.gamma) <= 1.0:
     raise ValueError(f"gamma must be a fraction in [0, 1]; got {config.gamma}")
+  if config.derivative not in DERIVATIVES:
+    raise ValueError(f"derivative must be one of {DERIVATIVES}; got {config.derivative!r}")
   if config.block_rows < 1 or config.max_candidates < 0:
     raise ValueError(f"block_rows must be >= 1 and max_candidates >= 0; got "
                      f"{config.block_rows}, {config.max_candidates}")
@@ -272,13 +292,15 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
   run = functools.partial(
       _jsma, apply_fn, params, images, labels, key,
       None if targets is None else jnp.asarray(targets, jnp.int32), gamma, theta=theta,
-      block_rows=config.block_rows, max_candidates=config.max_candidates, target_mode=config.target)
+      block_rows=config.block_rows, max_candidates=config.max_candidates,
+      target_mode=config.target, derivative=config.derivative)
   flat = images.reshape(images.shape[0], -1)
   state = (flat, jnp.ones(flat.shape, bool), jnp.ones(labels.shape, bool),
            jnp.zeros(labels.shape, jnp.int32))
   lower_step = functools.partial(_step.lower, apply_fn, params, images, labels, state, gamma,
                                  theta=theta, block_rows=config.block_rows,
-                                 max_candidates=config.max_candidates)
+                                 max_candidates=config.max_candidates,
+                                 derivative=config.derivative)
   return common.PreparedCall(run, lower_step)
 
 
@@ -299,7 +321,8 @@ def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.A
 
   Returns:
     `AttackResult`; `l0_fraction` is the paper's "percentage of features modified" and
-    `queries` counts iterations (one forward pass and two vector-Jacobian products each).
+    `queries` counts iterations (one forward pass and two vector-Jacobian products each;
+    one with `derivative="probabilities"`).
 
   References: Papernot et al., The Limitations of Deep Learning in Adversarial Settings, 2016.
   """

@@ -3,7 +3,7 @@
 For each attack on each model this measures, in one process:
 - the model's raw throughput of the attack's unit of work at the attack's batch size: a
   forward pass (one-pixel), a forward+backward pass (FGSM, BIM, PGD), or a forward pass and
-  two vector-Jacobian products (a JSMA iteration);
+  two vector-Jacobian products (a JSMA iteration; one for JSMA-F);
 - the attack's units per second (from the queries it reports) and images per second;
 - the efficiency against the physical limit: the time the model alone needs for the attack's
   units plus the one forward pass per image that re-checks its result (at the raw rates),
@@ -43,10 +43,17 @@ QUICK_OVERRIDES = {"one_pixel": ["num_generations=10"], "jsma": ["gamma=0.05"],
                    "bim": ["num_steps=5"], "pgd": ["num_steps=5"], "fgsm": []}
 
 
+def unit_of(name: str, config: Any) -> str:
+  """The attack's unit of model work (JSMA-F takes one VJP per iteration, not two)."""
+  if name == "jsma" and config.derivative == "probabilities":
+    return "fwd+vjp"
+  return UNITS[name]
+
+
 def _unit_fn(apply_fn: Callable, params: Any, unit: str) -> Callable:
   if unit == "fwd":
     return jax.jit(lambda x: apply_fn(params, x))
-  if unit == "fwd+bwd":
+  if unit in ("fwd+bwd", "fwd+vjp"):  # one backward pass from a scalar per image
     def loss(x):
       logits = apply_fn(params, x)
       labels = jnp.zeros(x.shape[0], jnp.int32)
@@ -124,7 +131,7 @@ def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images:
   prepared = attacks.PREPARE[name](apply_fn, params, images, labels, key, config)
   memory = prepared.lower().compile().memory_analysis()
   result, compile_s, run_s = compile_and_run_seconds(prepared, min_seconds=1.0)
-  unit = UNITS[name]
+  unit = unit_of(name, config)
   batch = unit_batch(name, config, len(images))
   raw = raw_throughput(apply_fn, params, (batch, *images.shape[1:]), unit)
   raw_check = raw_throughput(apply_fn, params, images.shape, "fwd")

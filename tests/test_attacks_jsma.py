@@ -100,6 +100,26 @@ def test_first_step_follows_the_saliency_map():
   assert int(result.queries[0]) >= 1
 
 
+def test_probabilities_first_pair_is_the_top_two_of_the_softmax_derivative():
+  """JSMA-F: beta = -alpha, so the first pair is the two largest d softmax_t / dx (by jacrev)."""
+  apply_fn, params = small_cnn(seed=4)
+  images = random_images(3, 8, 8, 3, seed=4)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  targets = (labels + 1) % 5
+  config = attacks.JSMAConfig(gamma=2.5 / images[0].size, target=attacks.EXPLICIT,
+                              derivative="probabilities")
+  result = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config,
+                        targets=targets)
+  for i in range(3):
+    jac = jax.jacrev(lambda x: jax.nn.softmax(apply_fn(params, x[None]))[0])(images[i])
+    alpha = np.array(jac[int(targets[i])]).reshape(-1)
+    alpha[np.asarray(images[i]).reshape(-1) >= 1.0] = -np.inf  # outside the domain
+    top2 = set(np.argsort(alpha)[-2:].tolist())
+    changed = np.flatnonzero(np.asarray(result.adv_images[i] != images[i]).reshape(-1))
+    assert set(changed.tolist()) == top2
+  assert int(result.queries[0]) >= 1
+
+
 def test_batch_equals_per_image_loop_and_is_deterministic():
   apply_fn, params = small_cnn(seed=2)
   images = random_images(4, 8, 8, 3, seed=2)
@@ -129,6 +149,7 @@ def test_every_other_class_covers_all_pairs():
     (attacks.JSMAConfig(target=attacks.UNTARGETED), "targeted"),
     (attacks.JSMAConfig(theta=0.0), "theta"),
     (attacks.JSMAConfig(gamma=1.5), "gamma"),
+    (attacks.JSMAConfig(derivative="softmax"), "derivative"),
 ])
 def test_bad_config_is_refused(config, match):
   apply_fn, params = linear_model()

@@ -34,6 +34,9 @@ def test_peer_rows_agree_with_ours_where_the_attack_is_deterministic():
   for r in rows:
     assert r["evals_per_image"] > 0 and 0 <= r["success_rate"] <= 1
     assert (r["speedup"] is None) == (r["library"] == "advsweep")
+  jsma_f = by["jsma", peers.VARIANT_F]
+  assert jsma_f["speedup"] == pytest.approx(by["jsma", "ART"]["s_per_image"]
+                                            / jsma_f["s_per_image"])
   # One-pixel: 2 generations of ~400 (ART's early stop may end sooner).
   assert by["one_pixel", "advsweep"]["evals_per_image"] == 800
   assert 0 < by["one_pixel", "ART"]["evals_per_image"] <= 800 + 2
