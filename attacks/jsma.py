@@ -173,6 +173,16 @@ def best_pairs(alpha: jax.Array, beta: jax.Array, domain: jax.Array, block_rows:
       lambda: jax.tree.map(lambda a, b: jnp.where(complete, a, b), reduced[:3], full()))
 
 
+def top_pair(alpha: jax.Array, domain: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`best_pairs` for beta = -alpha (JSMA-F): the map's score is alpha_pq^2 where
+  alpha_pq > 0, so the best pair is the two largest alphas in the domain, if their sum is
+  positive. [B,N] in; (p, q, score) per image with p < q, score -inf when none qualifies."""
+  values, ids = jax.lax.top_k(jnp.where(domain, alpha, -jnp.inf), 2)
+  total = values[:, 0] + values[:, 1]
+  score = jnp.where(total > 0, total * total, -jnp.inf)
+  return jnp.min(ids, -1), jnp.max(ids, -1), score
+
+
 MIN_BUCKET = 8  # the smallest batch finished images are compacted into
 
 
@@ -205,15 +215,15 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
     logits, vjp = jax.vjp(lambda flat: jax.nn.log_softmax(logits_of(flat)), x)
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
     (grad_target,) = vjp(onehot)
-    grad_others = -grad_target
+    p, q, score = top_pair(direction * grad_target, domain)
   else:
     logits, vjp = jax.vjp(logits_of, x)
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
     (grad_target,) = vjp(onehot)
     (grad_others,) = vjp(1.0 - onehot)
+    p, q, score = best_pairs(direction * grad_target, direction * grad_others, domain,
+                            block_rows, max_candidates)
   hit = jnp.argmax(logits, -1) == targets
-  p, q, score = best_pairs(direction * grad_target, direction * grad_others, domain,
-                          block_rows, max_candidates)
   changed = jnp.sum(x != flat_images, -1)
   go = active & ~hit & jnp.isfinite(score) & (changed + 2 <= jnp.floor(gamma * n))
   rows = jnp.arange(batch)

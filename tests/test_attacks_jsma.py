@@ -14,6 +14,8 @@ import attacks
 from attacks.jsma import best_pair, best_pairs
 from tests.attack_models import linear_model, random_images, small_cnn
 
+jsma_module = importlib.import_module("attacks.jsma")  # `attacks.jsma` is the function
+
 
 def _brute_force_pair(alpha, beta, domain):
   alpha, beta, domain = map(np.asarray, (alpha, beta, domain))
@@ -53,6 +55,21 @@ def test_reduced_search_equals_brute_force(max_candidates):
     ref_p, ref_q, ref_score = _brute_force_pair(alpha[i], beta[i], domain[i])
     assert (int(p[i]), int(q[i])) == (ref_p, ref_q), i
     np.testing.assert_allclose(float(score[i]), ref_score, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 10, 300])
+def test_top_pair_equals_the_pair_search_when_beta_is_minus_alpha(n):
+  rng = np.random.default_rng(n)
+  alpha = jnp.asarray(rng.normal(size=(8, n)), jnp.float32)
+  domain = jnp.asarray(rng.uniform(size=(8, n)) < 0.7).at[0].set(False)
+  alpha = alpha.at[1].set(-jnp.abs(alpha[1]))  # no pair with a positive sum
+  p, q, score = jsma_module.top_pair(alpha, domain)
+  ref_p, ref_q, ref_score = best_pairs(alpha, -alpha, domain, 64, 64)
+  np.testing.assert_allclose(score, ref_score, rtol=1e-6)
+  found = np.isfinite(np.asarray(ref_score))
+  np.testing.assert_array_equal(np.asarray(p)[found], np.asarray(ref_p)[found])
+  np.testing.assert_array_equal(np.asarray(q)[found], np.asarray(ref_q)[found])
+  assert not found[0] and not found[1]
 
 
 def test_best_pair_with_no_valid_pair_scores_minus_inf():
