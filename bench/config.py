@@ -95,6 +95,15 @@ class Cell:
   def params_json(self) -> str:
     return json.dumps(self.params, sort_keys=True)
 
+  @property
+  def draw_hash(self) -> str:
+    """What seeds the cell's random draws: the attack, the target class and the parameters
+    the config file set, not the defaults, so a config field added later (with a default
+    that keeps earlier results) keeps earlier draws too. `config_hash` is the identity."""
+    text = json.dumps({"attack": self.attack, "target_class": self.target_class,
+                       "params": self.params}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:

@@ -82,11 +82,11 @@ def maybe_initialize_distributed() -> tuple[int, int]:
 
 
 def cell_key(seed: int, cell: Cell) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), int(cell.config_hash[:8], 16))
+  return jax.random.fold_in(jax.random.key(seed), int(cell.draw_hash[:8], 16))
 
 
 def image_keys(seed: int, cell: Cell, example_idx: np.ndarray) -> jax.Array:
-  """One key per image from (seed, configuration, image index) alone."""
+  """One key per image from (seed, the cell's set parameters, image index) alone."""
   base = cell_key(seed, cell)
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       base, jnp.asarray(example_idx, jnp.uint32))

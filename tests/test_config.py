@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,15 @@ def test_cells_carry_full_configs_and_stable_hashes():
   assert [c.config_hash for c in cells] == [c.config_hash for c in again]
   assert cells[0].config_hash != cells[1].config_hash
   assert cfg.config_hash != config.resolve(TINY, ["seed=1"]).config_hash
+
+
+def test_draws_follow_the_set_parameters_not_the_defaults():
+  """A field added with a default changes a cell's identity but not its random draws."""
+  cell = config.resolve(TINY).cells()[0]
+  other_default = dataclasses.replace(cell, config=cell.config.replace(target="least_likely"))
+  assert other_default.config_hash != cell.config_hash
+  assert other_default.draw_hash == cell.draw_hash
+  assert dataclasses.replace(cell, params={"eps": 0.3}).draw_hash != cell.draw_hash
 
 
 def test_overrides_reach_any_field_and_refuse_unknown_names():
