@@ -112,8 +112,6 @@ def _random_start(keys, images, eps, norm):
   return _project(images, images + jax.vmap(one)(keys, images), eps, norm)
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("norm", "random_start", "target_mode", "away_from"))
 def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random_start,
            target_mode, away_from):
   """Targets, the class whose loss each step follows (and its sign), and the start point."""
@@ -130,7 +128,6 @@ def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random
   return adv, targets, loss_class.astype(jnp.int32), jnp.asarray(sign, images.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("norm",))
 def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, *, norm):
   """One signed (L-inf) or normalised (L2) gradient step, projected onto the budget."""
 
@@ -158,11 +155,12 @@ def _iterate(apply_fn, params, images, labels, keys, targets, eps, step_size, *,
   and unrolling makes compile time grow with the step count. A host loop costs one dispatch
   per step and compiles one step for every step count.
   """
-  adv, targets, loss_class, sign = _start(
-      apply_fn, params, images, labels, keys, targets, eps, norm=norm,
-      random_start=random_start, target_mode=target_mode, away_from=away_from)
+  adv, targets, loss_class, sign = common.bind(
+      _start, apply_fn, params, norm=norm, random_start=random_start,
+      target_mode=target_mode, away_from=away_from)(images, labels, keys, targets, eps)
+  step = common.bind(_step, apply_fn, params, norm=norm)
   for _ in range(num_steps):
-    adv = _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, norm=norm)
+    adv = step(images, adv, loss_class, sign, eps, step_size)
   queries = jnp.full(labels.shape, num_steps + 1, jnp.int32)  # clean forward + steps
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
@@ -191,8 +189,8 @@ def _prepare(apply_fn, params, images, labels, key, targets, *, eps, step_size, 
       away_from=away_from)
   classes = jnp.zeros_like(labels)
   lower_step = functools.partial(
-      _step.lower, apply_fn, params, images, images, classes, jnp.ones((), images.dtype),
-      eps, step_size, norm=norm)
+      common.bind(_step, apply_fn, params, norm=norm).lower, images, images, classes,
+      jnp.ones((), images.dtype), eps, step_size)
   return common.PreparedCall(run, lower_step)
 
 

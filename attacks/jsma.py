@@ -186,7 +186,6 @@ def top_pair(alpha: jax.Array, domain: jax.Array) -> tuple[jax.Array, jax.Array,
 MIN_BUCKET = 8  # the smallest batch finished images are compacted into
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("theta", "target_mode"))
 def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mode):
   """Targets and the initial state: flat images, search domain, active flags, queries."""
   batch = images.shape[0]
@@ -198,8 +197,6 @@ def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mod
   return targets, (flat, domain, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("theta", "block_rows", "max_candidates", "derivative"))
 def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows, max_candidates,
           derivative):
   """One iteration for the batch: forward derivative, best pair, move both features."""
@@ -248,8 +245,10 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
   the active ones move to a batch of the next power of two (at least MIN_BUCKET; padding
   rows are inactive), so the iteration compiles once per bucket size that occurs.
   """
-  targets, state = _start(apply_fn, params, images, labels, keys, targets, theta=theta,
-                          target_mode=target_mode)
+  targets, state = common.bind(_start, apply_fn, params, theta=theta,
+                               target_mode=target_mode)(images, labels, keys, targets)
+  step = common.bind(_step, apply_fn, params, theta=theta, block_rows=block_rows,
+                     max_candidates=max_candidates, derivative=derivative)
   batch = images.shape[0]
   final_x, final_queries = state[0], state[3]
   rows = np.arange(batch)  # the image each working row holds; `batch` marks padding
@@ -268,9 +267,7 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
       work_images, work_targets = work_images[pick], work_targets[pick]
       state = jax.tree.map(lambda a, pick=pick: a[pick], state)
       state = (*state[:2], state[2] & jnp.asarray(rows < batch), state[3])
-    state = _step(apply_fn, params, work_images, work_targets, state, gamma, theta=theta,
-                  block_rows=block_rows, max_candidates=max_candidates,
-                  derivative=derivative)
+    state = step(work_images, work_targets, state, gamma)
   final_x = final_x.at[rows].set(state[0], mode="drop")
   final_queries = final_queries.at[rows].set(state[3], mode="drop")
   adv = final_x.reshape(images.shape)
@@ -307,10 +304,9 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
   flat = images.reshape(images.shape[0], -1)
   state = (flat, jnp.ones(flat.shape, bool), jnp.ones(labels.shape, bool),
            jnp.zeros(labels.shape, jnp.int32))
-  lower_step = functools.partial(_step.lower, apply_fn, params, images, labels, state, gamma,
-                                 theta=theta, block_rows=config.block_rows,
-                                 max_candidates=config.max_candidates,
-                                 derivative=config.derivative)
+  step = common.bind(_step, apply_fn, params, theta=theta, block_rows=config.block_rows,
+                     max_candidates=config.max_candidates, derivative=config.derivative)
+  lower_step = functools.partial(step.lower, images, labels, state, gamma)
   return common.PreparedCall(run, lower_step)
 
 

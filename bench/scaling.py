@@ -25,6 +25,7 @@ import matplotlib
 import numpy as np
 
 import attacks
+from attacks import common
 from bench import perf, run_attack, tables
 from models import datasets, zoo
 
@@ -116,7 +117,10 @@ def population_rows(data_dir) -> list[dict[str, Any]]:
 def retrace_rows(data_dir) -> list[dict[str, Any]]:
   """Traces and compiles during the first and the later values of an eps or F sweep."""
   model, images, labels = _data("mnist_lenet", data_dir, 16)
-  cores = {"bim": importlib.import_module("attacks.gradient")._step,
+  # The jitted cores: BIM's step (bound to this model, see attacks.common.bind) and the
+  # one-pixel attack's whole run.
+  cores = {"bim": common.bind(importlib.import_module("attacks.gradient")._step,
+                              model.apply_fn, model.params, norm="linf"),
            "one_pixel": importlib.import_module("attacks.one_pixel")._one_pixel}
   sweeps = {("bim", "eps"): (0.05, 0.1, 0.2, 0.3),
             ("one_pixel", "differential_weight"): (0.3, 0.5, 0.7, 0.9)}
