@@ -29,7 +29,7 @@ def _candidates(shape, num_pixels, count, seed):
 @pytest.mark.parametrize("name, num_pixels", [(n, 1) for n in SPLICED] + [
     ("mnist_lenet", 3), ("cifar10_nin", 3)])
 def test_spliced_logits_equal_the_full_forward_pass(name, num_pixels):
-  """Every split of the LeNet; for the deeper CIFAR-10 nets every third one and the last."""
+  """Every split of the LeNet; for the deeper CIFAR-10 nets every third affordable one."""
   model = zoo.load(name)
   splicer = model.apply_fn.pixel_splicer
   shape = (28, 28, 1) if name.startswith("mnist") else (32, 32, 3)
@@ -40,8 +40,13 @@ def test_spliced_logits_equal_the_full_forward_pass(name, num_pixels):
   expected = model.apply_fn(model.params, perturbed)
   scale = float(jnp.max(jnp.abs(expected)))
   num_layers = len(splicer.layers)
+  # The CIFAR-10 nets: every third split (and the deepest) among those whose windows cost at
+  # most 3 full passes (deeper VGG splits cost up to 49, with Toeplitz matrices to match).
+  affordable = [s for s in range(1, num_layers + 1)
+                if (plan := splicer.plan_for(model.params, shape, 1, s)).macs
+                <= 3 * plan.full_macs]
   splits = range(num_layers + 1) if name.startswith("mnist") else sorted(
-      {*range(1, num_layers + 1, 3), num_layers})
+      {*affordable[::3], affordable[-1]})
   for split in splits:
     plan = splicer.plan_for(model.params, shape, num_pixels, split)
     assert plan.split == (split if num_pixels == 1 else 0)  # k > 1: the full forward pass
