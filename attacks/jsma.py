@@ -208,19 +208,19 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
   def logits_of(flat):
     return apply_fn(params, flat.reshape(images.shape))
 
-  if derivative == PROBABILITIES:  # of log F_t; beta = -alpha (see the module doc)
-    logits, vjp = jax.vjp(lambda flat: jax.nn.log_softmax(logits_of(flat)), x)
-    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
-    (grad_target,) = vjp(onehot)
+  if derivative == PROBABILITIES:  # of log F_t (see the module doc)
+    outputs, vjp = jax.vjp(lambda flat: jax.nn.log_softmax(logits_of(flat)), x)
+  else:
+    outputs, vjp = jax.vjp(logits_of, x)
+  onehot = jax.nn.one_hot(targets, outputs.shape[-1], dtype=x.dtype)
+  (grad_target,) = vjp(onehot)
+  if derivative == PROBABILITIES:  # beta = -alpha: the best pair is the top two
     p, q, score = top_pair(direction * grad_target, domain)
   else:
-    logits, vjp = jax.vjp(logits_of, x)
-    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=x.dtype)
-    (grad_target,) = vjp(onehot)
     (grad_others,) = vjp(1.0 - onehot)
     p, q, score = best_pairs(direction * grad_target, direction * grad_others, domain,
                             block_rows, max_candidates)
-  hit = jnp.argmax(logits, -1) == targets
+  hit = jnp.argmax(outputs, -1) == targets
   changed = jnp.sum(x != flat_images, -1)
   go = active & ~hit & jnp.isfinite(score) & (changed + 2 <= jnp.floor(gamma * n))
   rows = jnp.arange(batch)

@@ -60,6 +60,11 @@ class ConfigError(ValueError):
   """A config or override names something that does not exist, or has a bad value."""
 
 
+def short_hash(text: str) -> str:
+  """The first 16 hex digits of the text's SHA-256."""
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One attack configuration on one model: a cell of the sweep.
@@ -89,7 +94,7 @@ class Cell:
 
   @property
   def config_hash(self) -> str:
-    return hashlib.sha256(self.config_json.encode()).hexdigest()[:16]
+    return short_hash(self.config_json)
 
   @property
   def params_json(self) -> str:
@@ -100,9 +105,8 @@ class Cell:
     """What seeds the cell's random draws: the attack, the target class and the parameters
     the config file set, not the defaults, so a config field added later (with a default
     that keeps earlier results) keeps earlier draws too. `config_hash` is the identity."""
-    text = json.dumps({"attack": self.attack, "target_class": self.target_class,
-                       "params": self.params}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return short_hash(json.dumps({"attack": self.attack, "target_class": self.target_class,
+                                  "params": self.params}, sort_keys=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +158,7 @@ class RunConfig:
   @property
   def config_hash(self) -> str:
     """Everything that decides the rows; a run folder belongs to one hash."""
-    return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+    return short_hash(self.to_json())
 
   def cells(self) -> list[Cell]:
     """The sweep: every model x attack x parameter combination, in config order."""

@@ -71,6 +71,12 @@ class Layer:
       return out_positions * channels_out * self.kernel ** 2
     return out_positions * channels_out * channels_in * self.kernel ** 2
 
+  @property
+  def reach(self) -> int:
+    """Input rows before a window's first row that its first output reads, in whole strides
+    (the aligned geometry of `_geometry`)."""
+    return (self.kernel - 1) // self.stride * self.stride
+
   def pad_value(self) -> float:
     """The value this layer's input is padded with."""
     return -jnp.inf if self.kind == "max" else 0.0
@@ -140,9 +146,9 @@ def _geometry(layer: Layer, size: int, origins: np.ndarray, window: int
   lo = layer.pads(size)[0]
   shifts = (origins + lo) % layer.stride
   aligned = window + layer.stride - 1
-  reach = (layer.kernel - 1) // layer.stride
-  out_origins = (origins - shifts + lo) // layer.stride - reach
-  return shifts, aligned, out_origins, (aligned - 1) // layer.stride + reach + 1, reach
+  steps = layer.reach // layer.stride
+  out_origins = (origins - shifts + lo) // layer.stride - steps
+  return shifts, aligned, out_origins, (aligned - 1) // layer.stride + steps + 1
 
 
 def _margin(origins: np.ndarray, window: int, size: int) -> tuple[int, int]:
@@ -188,7 +194,7 @@ class PixelSplicer:
     origins, windows, shifts, aligned = [np.arange(sizes[0])], [1], [], []
     margins, region_margins, cost = [], [], 0
     for i, layer in enumerate(self.layers[:split]):
-      shift, width, out_origins, out_window, reach = _geometry(
+      shift, width, out_origins, out_window = _geometry(
           layer, sizes[i], origins[-1], windows[-1])
       shifts.append(shift)
       aligned.append(width)
@@ -200,7 +206,7 @@ class PixelSplicer:
         cost += TOEPLITZ_COST * width ** 2 * chans[i] * copied
       if layer.kind == "max":
         region = (out_window - 1) * layer.stride + layer.kernel
-        start = origins[-2] - shift - reach * layer.stride
+        start = origins[-2] - shift - layer.reach
         region_margins.append(_margin(start, region, sizes[i]))
         copied += region ** 2 * chans[i]
       else:
@@ -289,7 +295,7 @@ class PixelSplicer:
     out_r, out_c = jnp.asarray(plan.origins[i + 1])[row], jnp.asarray(plan.origins[i + 1])[col]
     margin = plan.margins[i][0]
     clean = _gather(state["pre"][i], ids, out_r + margin, out_c + margin, window)
-    reach = (layer.kernel - 1) // layer.stride * layer.stride
+    reach = layer.reach
     if layer.kind == "conv":
       flat = change.reshape(change.shape[0], -1) @ state["toeplitz"][i]
       new = jax.nn.relu(clean + flat.reshape(clean.shape))
