@@ -208,28 +208,47 @@ def best_over_targets(result: AttackResult, batch: int, reps: int) -> AttackResu
   return chosen.replace(queries=jnp.sum(grouped.queries, axis=1))
 
 
-def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, **static: Any
-         ) -> Callable[..., Any]:
-  """`fn(apply_fn, params, *args, **static)` jitted as a function of `args`, with the model,
-  its params and the static keywords closed over.
+def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, *, close_params: bool = True,
+         **static: Any) -> Callable[..., Any]:
+  """`fn(apply_fn, params, *args, **static)` jitted as a function of `args`, with the model
+  and the static keywords closed over, and the params too unless `close_params` is False.
 
   On XLA CPU a forward pass ran up to 2.9x faster with the params closed over than with them
   as arguments of the jitted function (the LeNet on 32 images: 3.9 against 11.3 ms; All-CNN-C:
-  15.1 against 25.3 ms). Compiled once per (fn, model, params, static keywords) and cached by
+  15.1 against 25.3 ms), but JSMA's iteration (a forward pass and two VJPs) ran slower (the
+  LeNet on 32 images: 54 against 40 ms; All-CNN-C 77 against 74): the attacks choose per core.
+  Compiled once per (fn, model, params if closed over, static keywords) and cached by
   identity for the last `_BOUND_SIZE`; an entry holds its apply_fn and params, so their ids
   stay unique while it lives. Under an outer trace (traced params) the partial runs inline.
+  The result has `.lower(*args)` like a jitted function.
   """
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
     return functools.partial(fn, apply_fn, params, **static)
-  key = (fn, id(apply_fn), id(params), tuple(sorted(static.items())))
+  held = params if close_params else None
+  key = (fn, id(apply_fn), id(held), tuple(sorted(static.items())))
   entry = _BOUND.get(key)
-  if entry is None or entry[0] is not apply_fn or entry[1] is not params:
-    entry = (apply_fn, params, jax.jit(functools.partial(fn, apply_fn, params, **static)))
+  if entry is None or entry[0] is not apply_fn or entry[1] is not held:
+    bound = (functools.partial(fn, apply_fn, params, **static) if close_params
+             else functools.partial(fn, apply_fn, **static))
+    entry = (apply_fn, held, jax.jit(bound))
     _BOUND[key] = entry
     while len(_BOUND) > _BOUND_SIZE:
       _BOUND.popitem(last=False)
   _BOUND.move_to_end(key)
-  return entry[2]
+  return entry[2] if close_params else _WithParams(entry[2], params)
+
+
+class _WithParams:
+  """A jitted `f(params, *args)` called (and lowered) as a function of `args`."""
+
+  def __init__(self, jitted: Any, params: Any):
+    self.jitted, self.params = jitted, params
+
+  def __call__(self, *args: Any) -> Any:
+    return self.jitted(self.params, *args)
+
+  def lower(self, *args: Any) -> Any:
+    return self.jitted.lower(self.params, *args)
 
 
 _BOUND: collections.OrderedDict = collections.OrderedDict()

@@ -94,6 +94,8 @@ def unit_batch(name: str, config: Any, num_images: int) -> int:
     candidates = min(config.num_slots, num_images) * config.population_size
     num_chunks = -(-candidates // min(config.chunk_size, candidates))
     return -(-candidates // num_chunks)
+  if name == "jsma":  # its working rows (continuous batching)
+    return min(config.num_slots, num_images)
   return num_images
 
 

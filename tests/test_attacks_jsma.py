@@ -72,6 +72,41 @@ def test_top_pair_equals_the_pair_search_when_beta_is_minus_alpha(n):
   assert not found[0] and not found[1]
 
 
+def _candidate_pair_reference(alpha, beta, domain):
+  """The documented rule in numpy: candidates are the features dominated (in the order u
+  descending, v descending, index ascending, with v at least as large) by at most one other;
+  the row-major first best pair among candidates."""
+  u, v = np.where(domain, alpha, -np.inf), np.where(domain, -beta, -np.inf)
+  ids = np.arange(len(u))
+  before = (u[:, None] > u[None, :]) | ((u[:, None] == u[None, :]) & (
+      (v[:, None] > v[None, :]) | ((v[:, None] == v[None, :]) & (ids[:, None] < ids[None, :]))))
+  candidate = domain & ((before & (v[:, None] >= v[None, :])).sum(0) < 2)
+  pa, pb = alpha[:, None] + alpha[None, :], beta[:, None] + beta[None, :]
+  valid = (candidate[:, None] & candidate[None, :] & (ids[:, None] < ids[None, :]) & (pa > 0)
+           & (pb < 0))
+  scores = np.where(valid, pa * -pb, -np.inf)
+  flat = int(np.argmax(scores))
+  return flat // len(u), flat % len(u), scores.reshape(-1)[flat]
+
+
+@pytest.mark.parametrize("n,levels", [(40, 3), (200, 4), (3072, 50)])
+def test_reduced_search_follows_the_candidate_rule_with_ties(n, levels):
+  """Integer-valued derivatives tie often: the linear first pass and the candidates among its
+  survivors give the same pair as the rule applied to all N features, and the full map's
+  best score."""
+  rng = np.random.default_rng(n)
+  batch = 16
+  alpha = rng.integers(-levels, levels + 1, size=(batch, n)).astype(np.float32)
+  beta = rng.integers(-levels, levels + 1, size=(batch, n)).astype(np.float32)
+  domain = rng.uniform(size=(batch, n)) < 0.8
+  p, q, score = best_pairs(jnp.asarray(alpha), jnp.asarray(beta), jnp.asarray(domain),
+                           block_rows=64, max_candidates=n)
+  for i in range(batch):
+    ref_p, ref_q, ref_score = _candidate_pair_reference(alpha[i], beta[i], domain[i])
+    assert float(score[i]) == ref_score == _brute_force_pair(alpha[i], beta[i], domain[i])[2]
+    assert (int(p[i]), int(q[i])) == (ref_p, ref_q), i
+
+
 def test_best_pair_with_no_valid_pair_scores_minus_inf():
   alpha = jnp.ones(10)
   beta = jnp.ones(10)  # beta > 0 everywhere: no pair qualifies
@@ -186,8 +221,31 @@ def test_jit_and_no_jit_agree():
   chex.assert_trees_all_close(jitted, eager, atol=1e-5)
 
 
+def test_bucket_sizes_are_the_smallest_of_the_ladder_that_holds_the_active_rows():
+  ladder = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+  for active in range(1, 129):
+    assert jsma_module.bucket_size(active) == min(s for s in ladder if s >= active)
+
+
+def test_continuous_batching_changes_nothing():
+  """Through 3 slots (images stop at different times and hand over their rows) the 11 images
+  get the same results as all at once."""
+  apply_fn, params = small_cnn(seed=6)
+  images = random_images(11, 8, 8, 3, seed=6)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  config = attacks.JSMAConfig(gamma=0.3)
+  whole = attacks.jsma(apply_fn, params, images, labels, jax.random.key(7), config)
+  slotted = attacks.jsma(apply_fn, params, images, labels, jax.random.key(7),
+                         config.replace(num_slots=3))
+  assert len(set(np.asarray(whole.queries).tolist())) > 3  # rows are handed over unevenly
+  for field in ("success", "adv_pred", "target", "queries", "l0"):
+    np.testing.assert_array_equal(getattr(slotted, field), getattr(whole, field))
+  np.testing.assert_allclose(slotted.adv_images, whole.adv_images, atol=1e-6)
+
+
 def test_compacting_finished_images_changes_nothing(monkeypatch):
-  """Finished images leave the working batch (20 -> 16 -> 8 rows); results stay the same."""
+  """Finished images leave the working batch (20 rows -> 16 -> 12 -> ...); results stay the
+  same."""
   jsma_module = importlib.import_module("attacks.jsma")
   apply_fn, params = small_cnn(seed=4)
   images = random_images(20, 8, 8, 3, seed=4)

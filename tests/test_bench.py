@@ -55,6 +55,9 @@ def test_one_pixel_unit_batch_is_what_the_model_sees():
   config = attacks.OnePixelConfig(population_size=400, num_slots=16, chunk_size=2048)
   assert perf.unit_batch("one_pixel", config, 100) == 1600  # 6400 candidates in 4 chunks
   assert perf.unit_batch("one_pixel", config, 2) == 800
+  jsma_config = attacks.JSMAConfig(num_slots=32)
+  assert perf.unit_batch("jsma", jsma_config, 100) == 32  # its working rows
+  assert perf.unit_batch("jsma", jsma_config, 8) == 8
   assert perf.unit_batch("bim", attacks.BIMConfig(), 32) == 32
 
 
