@@ -281,6 +281,21 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
   return x, domain & ~at_limit, go, queries + active.astype(jnp.int32)
 
 
+@jax.jit
+def _hand_over(final, state, initial, work_images, work_targets, images, targets, leaving_ids,
+               leaving_rows, into_rows, entering_ids):
+  """Continuous batching's row exchange: rows `leaving_rows` write their x and queries to
+  images `leaving_ids` of `final`; rows `into_rows` take images `entering_ids` (their
+  initial state, image and target). Out-of-range ids and rows are dropped."""
+  final = (final[0].at[leaving_ids].set(state[0][leaving_rows], mode="drop"),
+           final[1].at[leaving_ids].set(state[3][leaving_rows], mode="drop"))
+  state = jax.tree.map(lambda a, b: a.at[into_rows].set(b[entering_ids], mode="drop"), state,
+                       initial)
+  work_images = work_images.at[into_rows].set(images[entering_ids], mode="drop")
+  work_targets = work_targets.at[into_rows].set(targets[entering_ids], mode="drop")
+  return final, state, work_images, work_targets
+
+
 def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, block_rows,
           max_candidates, target_mode, derivative, num_slots) -> common.AttackResult:
   """Iterates `_step` over `num_slots` working rows until no image is left.
@@ -313,15 +328,22 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
     active = np.array(state[2])  # a writable copy
     stopped = np.flatnonzero(~active & (rows < batch))
     if waiting < batch and len(stopped):  # refill: the stopped images leave, new ones enter
-      final_x = final_x.at[rows[stopped]].set(state[0][stopped])
-      final_queries = final_queries.at[rows[stopped]].set(state[3][stopped])
       into = stopped[:batch - waiting]
       entering = np.arange(waiting, waiting + len(into))
+      # Fixed-length index lists (out of range: dropped), so this compiles once.
+      leaving_ids = np.full(slots, batch)
+      leaving_ids[:len(stopped)] = rows[stopped]
+      leaving_rows = np.zeros(slots, int)
+      leaving_rows[:len(stopped)] = stopped
+      into_rows = np.full(slots, slots)
+      into_rows[:len(into)] = into
+      entering_ids = np.zeros(slots, int)
+      entering_ids[:len(entering)] = entering
+      (final_x, final_queries), state, work_images, work_targets = _hand_over(
+          (final_x, final_queries), state, initial, work_images, work_targets, images,
+          targets, leaving_ids, leaving_rows, into_rows, entering_ids)
       waiting += len(into)
       rows[into] = entering
-      state = jax.tree.map(lambda a, b, i=into, e=entering: a.at[i].set(b[e]), state, initial)
-      work_images = work_images.at[into].set(images[entering])
-      work_targets = work_targets.at[into].set(targets[entering])
       active[into] = True
     if not active.any():
       break
