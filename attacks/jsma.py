@@ -220,16 +220,17 @@ def top_pair(alpha: jax.Array, domain: jax.Array) -> tuple[jax.Array, jax.Array,
   return jnp.min(ids, -1), jnp.max(ids, -1), score
 
 
-MIN_BUCKET = 1  # the smallest batch finished images are compacted into
+MIN_BUCKET = 4  # the smallest batch finished images are compacted into
 
 
 def bucket_size(active: int) -> int:
-  """The working batch for `active` images: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24,
-  ... (powers of two and 1.5 times them) that holds them, at least MIN_BUCKET.
+  """The working batch for `active` images: the smallest of 4, 6, 8, 12, 16, 24, 32, ...
+  (powers of two and 1.5 times them, at least MIN_BUCKET) that holds them.
 
   Padding rows cost a full iteration each: on 32 images the power-of-two ladder from 8 ran
-  20% (LeNet) and 63% (All-CNN-C) more rows than active images, this one 9% and 13%, for
-  at most two compiled sizes per octave.
+  20% (LeNet) and 63% (All-CNN-C) more rows than active images, this one 9% and 23% (13%
+  if it went down to 1). Each size compiles the iteration once (about 2 s for the LeNet on
+  the 2-core CPU, 1 s for a tiny test model, most of it the pair search), so it stops at 4.
   """
   power = 1 << max(0, (active - 1).bit_length())
   return max(MIN_BUCKET, power * 3 // 4 if power >= 4 and power * 3 // 4 >= active else power)

@@ -8,7 +8,9 @@ For each attack on each model this measures, in one process:
 - the efficiency against the physical limit: the time the model alone needs for the attack's
   units plus the one forward pass per image that re-checks its result (at the raw rates),
   divided by the attack's time. 1.0 means no time is spent outside the model's own passes.
-  (The re-check counts as model work: FGSM cannot report success without it, and leaving it
+  The attack and the raw passes are timed in turn, round after round
+  (`interleaved_seconds`), so that a drift in the machine's speed hits both alike. (The
+  re-check counts as model work: FGSM cannot report success without it, and leaving it
   out capped FGSM near 0.75 on the LeNet whatever the implementation.);
 - compile time, apart from run time, and the compiled executable's memory (arguments,
   outputs and temporaries: the CPU backend reports no live peak).
@@ -67,15 +69,22 @@ def _unit_fn(apply_fn: Callable, params: Any, unit: str) -> Callable:
   return jax.jit(two_vjps)
 
 
-def raw_throughput(apply_fn: Callable, params: Any, shape: tuple[int, ...], unit: str,
-                   min_seconds: float = 1.0) -> float:
-  """Images per second of `unit` on a batch of `shape`, after a warm-up call."""
+def unit_call(apply_fn: Callable, params: Any, shape: tuple[int, ...], unit: str
+              ) -> Callable[[], Any]:
+  """A warm, jitted call of `unit` on a batch of `shape` (random inputs)."""
   fn = _unit_fn(apply_fn, params, unit)
   x = jax.random.uniform(jax.random.key(0), shape)
   jax.block_until_ready(fn(x))
+  return lambda: fn(x)
+
+
+def raw_throughput(apply_fn: Callable, params: Any, shape: tuple[int, ...], unit: str,
+                   min_seconds: float = 1.0) -> float:
+  """Images per second of `unit` on a batch of `shape`, after a warm-up call."""
+  call = unit_call(apply_fn, params, shape, unit)
   reps, start = 0, time.perf_counter()
   while reps < 3 or time.perf_counter() - start < min_seconds:
-    jax.block_until_ready(fn(x))
+    jax.block_until_ready(call())
     reps += 1
   return reps * shape[0] / (time.perf_counter() - start)
 
@@ -125,6 +134,37 @@ def compile_and_run_seconds(prepared: Callable[[], Any], min_seconds: float = 0.
   return result, max(0.0, first - run_s), run_s
 
 
+def _calls_for(fn: Callable[[], Any], seconds: float) -> list[float]:
+  """Seconds of each call of `fn`, called until `seconds` have passed (at least once)."""
+  times, start = [], time.perf_counter()
+  while not times or time.perf_counter() - start < seconds:
+    begin = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - begin)
+  return times
+
+
+def interleaved_seconds(attack: Callable[[], Any], units: Callable[[], Any],
+                        check: Callable[[], Any], min_seconds: float = 1.0
+                        ) -> tuple[Any, float, float, float]:
+  """The attack's result and the median seconds of one call of the attack, of the raw unit
+  and of the raw re-check, measured in turn, round after round, until `min_seconds` have
+  passed (at least one round; each round calls the raw ones for up to 0.5 s).
+
+  The development CPU's speed drifts by 10-30% over seconds; a ratio of two figures
+  measured one after the other takes that drift in, two measured in turn see it alike.
+  """
+  attack_s, unit_s, check_s, start = [], [], [], time.perf_counter()
+  result = None
+  while not attack_s or time.perf_counter() - start < min_seconds:
+    begin = time.perf_counter()
+    result = jax.block_until_ready(attack())
+    attack_s.append(time.perf_counter() - begin)
+    unit_s += _calls_for(units, min(attack_s[-1], 0.5))
+    check_s += _calls_for(check, min(attack_s[-1], 0.5) / 4)
+  return result, *(float(np.median(t)) for t in (attack_s, unit_s, check_s))
+
+
 def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images: jax.Array,
             labels: np.ndarray, overrides: list[str], seed: int = 0) -> dict[str, Any]:
   """One row: attack `name` (with `key=value` overrides) on `images` against the raw limit."""
@@ -132,11 +172,16 @@ def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images:
   key = jax.random.key(seed)
   prepared = attacks.PREPARE[name](apply_fn, params, images, labels, key, config)
   memory = prepared.lower().compile().memory_analysis()
-  result, compile_s, run_s = compile_and_run_seconds(prepared, min_seconds=1.0)
+  start = time.perf_counter()
+  jax.block_until_ready(prepared())  # compiles
+  first_s = time.perf_counter() - start
   unit = unit_of(name, config)
   batch = unit_batch(name, config, len(images))
-  raw = raw_throughput(apply_fn, params, (batch, *images.shape[1:]), unit)
-  raw_check = raw_throughput(apply_fn, params, images.shape, "fwd")
+  units_call = unit_call(apply_fn, params, (batch, *images.shape[1:]), unit)
+  check_call = unit_call(apply_fn, params, images.shape, "fwd")
+  result, run_s, unit_s, check_s = interleaved_seconds(prepared, units_call, check_call)
+  compile_s = max(0.0, first_s - run_s)
+  raw, raw_check = batch / unit_s, len(images) / check_s
   units = attack_units(name, result)
   bound_s = units / raw + len(images) / raw_check  # the model's own time for the passes
   success = np.asarray(result.success)

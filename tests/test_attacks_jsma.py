@@ -89,7 +89,7 @@ def _candidate_pair_reference(alpha, beta, domain):
   return flat // len(u), flat % len(u), scores.reshape(-1)[flat]
 
 
-@pytest.mark.parametrize("n,levels", [(40, 3), (200, 4), (3072, 50)])
+@pytest.mark.parametrize("n,levels", [(40, 3), (784, 50)])
 def test_reduced_search_follows_the_candidate_rule_with_ties(n, levels):
   """Integer-valued derivatives tie often: the linear first pass and the candidates among its
   survivors give the same pair as the rule applied to all N features, and the full map's
@@ -222,7 +222,7 @@ def test_jit_and_no_jit_agree():
 
 
 def test_bucket_sizes_are_the_smallest_of_the_ladder_that_holds_the_active_rows():
-  ladder = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+  ladder = [4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
   for active in range(1, 129):
     assert jsma_module.bucket_size(active) == min(s for s in ladder if s >= active)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,27 @@ def test_perf_counts_the_gradient_passes(name, overrides, units_per_image):
   assert row["bound_s"] == pytest.approx(bound)
   assert row["efficiency"] == pytest.approx(bound / row["run_s"])
   assert row["memory_bytes"] >= images.size * 4  # at least the images go in
+
+
+def test_attack_and_raw_passes_are_timed_in_turn():
+  """Every attack call is followed by raw calls, so drift in the machine's speed hits both;
+  the medians are those of the calls' own durations."""
+  log = []
+
+  def sleeper(name, seconds):
+    def call():
+      log.append(name)
+      time.sleep(seconds)
+      return name
+    return call
+
+  result, attack_s, unit_s, check_s = perf.interleaved_seconds(
+      sleeper("attack", 0.03), sleeper("unit", 0.01), sleeper("check", 0.004), min_seconds=0.2)
+  assert result == "attack"
+  assert attack_s == pytest.approx(0.03, abs=0.01) and unit_s == pytest.approx(0.01, abs=0.005)
+  assert check_s == pytest.approx(0.004, abs=0.004)
+  rounds = "".join(name[0] for name in log).split("a")[1:]
+  assert len(rounds) >= 3 and all("u" in r and "c" in r for r in rounds)
 
 
 def test_one_pixel_unit_batch_is_what_the_model_sees():
