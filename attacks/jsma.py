@@ -247,13 +247,15 @@ def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mod
   return targets, (flat, domain, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
 
 
-def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows, max_candidates,
-          derivative):
-  """One iteration for the batch: forward derivative, best pair, move both features."""
-  x, domain, active, queries = state
-  batch, n = x.shape
+def _derivatives(apply_fn, params, images, targets, state, *, theta, derivative, rows):
+  """An iteration's model work: the forward derivative (times theta's sign) of the target
+  and of the other classes, and whether the target is reached. The derivatives and the
+  domain come padded (padding: empty domain) to the next power of two, at most `rows`, so
+  that `_pairs` compiles for a few batch sizes only: compiled inside every size of the
+  ladder, the pair search had been about half of each size's 2 s compile on the LeNet."""
+  x, domain = state[0], state[1]
+  batch = x.shape[0]
   direction = 1.0 if theta > 0 else -1.0
-  flat_images = images.reshape(batch, n)
 
   def logits_of(flat):
     return apply_fn(params, flat.reshape(images.shape))
@@ -263,15 +265,30 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
   else:
     outputs, vjp = jax.vjp(logits_of, x)
   onehot = jax.nn.one_hot(targets, outputs.shape[-1], dtype=x.dtype)
-  (grad_target,) = vjp(onehot)
-  if derivative == PROBABILITIES:  # beta = -alpha: the best pair is the top two
-    p, q, score = top_pair(direction * grad_target, domain)
-  else:
-    (grad_others,) = vjp(1.0 - onehot)
-    p, q, score = best_pairs(direction * grad_target, direction * grad_others, domain,
-                            block_rows, max_candidates)
-  hit = jnp.argmax(outputs, -1) == targets
-  changed = jnp.sum(x != flat_images, -1)
+  (alpha,) = vjp(onehot)
+  # JSMA-F's pair needs no beta (beta = -alpha): alpha stands in for it unused.
+  beta = alpha if derivative == PROBABILITIES else vjp(1.0 - onehot)[0]
+  pad = ((0, min(rows, 1 << (batch - 1).bit_length()) - batch), (0, 0))
+  return (jnp.pad(direction * alpha, pad), jnp.pad(direction * beta, pad),
+          jnp.pad(domain, pad), jnp.argmax(outputs, -1) == targets)
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "max_candidates", "derivative"))
+def _pairs(alpha, beta, domain, *, block_rows, max_candidates, derivative):
+  """The best pair of every row: `best_pairs`, or for JSMA-F the top two (`top_pair`)."""
+  if derivative == PROBABILITIES:
+    return top_pair(alpha, domain)
+  return best_pairs(alpha, beta, domain, block_rows, max_candidates)
+
+
+@functools.partial(jax.jit, static_argnames=("theta",))
+def _move(images, state, hit, pair, gamma, *, theta):
+  """Moves both features of each active row's pair by theta (clipped to [0, 1]) while the
+  target is not reached, a pair qualifies and the gamma budget allows."""
+  x, domain, active, queries = state
+  batch, n = x.shape
+  p, q, score = (a[:batch] for a in pair)
+  changed = jnp.sum(x != images.reshape(batch, n), -1)
   go = active & ~hit & jnp.isfinite(score) & (changed + 2 <= jnp.floor(gamma * n))
   rows = jnp.arange(batch)
   moved_p = jnp.clip(x[rows, p] + theta, 0.0, 1.0)
@@ -280,6 +297,21 @@ def _step(apply_fn, params, images, targets, state, gamma, *, theta, block_rows,
   x = x.at[rows, q].set(jnp.where(go, moved_q, x[rows, q]))
   at_limit = (x >= 1.0) if theta > 0 else (x <= 0.0)
   return x, domain & ~at_limit, go, queries + active.astype(jnp.int32)
+
+
+def _iteration(apply_fn, params, *, theta, block_rows, max_candidates, derivative, rows):
+  """One JSMA iteration as a function of (images, targets, state, gamma): the derivatives
+  (compiled per batch size), the best pairs (per power of two up to `rows`), the move."""
+  derivatives = common.bind(_derivatives, apply_fn, params, close_params=False, theta=theta,
+                            derivative=derivative, rows=rows)
+
+  def iterate(images, targets, state, gamma):
+    alpha, beta, domain, hit = derivatives(images, targets, state)
+    pair = _pairs(alpha, beta, domain, block_rows=block_rows, max_candidates=max_candidates,
+                  derivative=derivative)
+    return _move(images, state, hit, pair, gamma, theta=theta)
+
+  return iterate, derivatives
 
 
 @jax.jit
@@ -299,7 +331,7 @@ def _hand_over(final, state, initial, work_images, work_targets, images, targets
 
 def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, block_rows,
           max_candidates, target_mode, derivative, num_slots) -> common.AttackResult:
-  """Iterates `_step` over `num_slots` working rows until no image is left.
+  """Iterates `_iteration` over `num_slots` working rows until no image is left.
 
   A host loop over one jitted iteration rather than a `lax.while_loop`: on the XLA CPU
   backend the backward pass inside a `while` body ran 4x slower (see attacks.gradient). An
@@ -314,11 +346,10 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
   """
   targets, initial = common.bind(_start, apply_fn, params, theta=theta,
                                  target_mode=target_mode)(images, labels, keys, targets)
-  step = common.bind(_step, apply_fn, params, close_params=False, theta=theta,
-                     block_rows=block_rows, max_candidates=max_candidates,
-                     derivative=derivative)
   batch = images.shape[0]
   slots = min(num_slots, batch)
+  step, _ = _iteration(apply_fn, params, theta=theta, block_rows=block_rows,
+                       max_candidates=max_candidates, derivative=derivative, rows=slots)
   final_x, final_queries = initial[0], initial[3]
   rows = np.arange(slots)  # the image each working row holds; `batch` marks padding
   waiting = slots  # the next image to enter
@@ -396,10 +427,10 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
   flat = images[:slots].reshape(slots, -1)
   state = (flat, jnp.ones(flat.shape, bool), jnp.ones(slots, bool),
            jnp.zeros(slots, jnp.int32))
-  step = common.bind(_step, apply_fn, params, close_params=False, theta=theta,
-                     block_rows=config.block_rows, max_candidates=config.max_candidates,
-                     derivative=config.derivative)
-  lower_step = functools.partial(step.lower, images[:slots], labels[:slots], state, gamma)
+  _, derivatives = _iteration(apply_fn, params, theta=theta, block_rows=config.block_rows,
+                              max_candidates=config.max_candidates,
+                              derivative=config.derivative, rows=slots)
+  lower_step = functools.partial(derivatives.lower, images[:slots], labels[:slots], state)
   return common.PreparedCall(run, lower_step)
 
 
