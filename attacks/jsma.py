@@ -229,8 +229,8 @@ def bucket_size(active: int) -> int:
 
   Padding rows cost a full iteration each: on 32 images the power-of-two ladder from 8 ran
   20% (LeNet) and 63% (All-CNN-C) more rows than active images, this one 9% and 23% (13%
-  if it went down to 1). Each size compiles the iteration once (about 2 s for the LeNet on
-  the 2-core CPU, 1 s for a tiny test model, most of it the pair search), so it stops at 4.
+  if it went down to 1). Each size compiles the iteration's derivatives once (about 0.8 s
+  for the LeNet on the 2-core CPU), and small runs are compile-bound, so it stops at 4.
   """
   power = 1 << max(0, (active - 1).bit_length())
   return max(MIN_BUCKET, power * 3 // 4 if power >= 4 and power * 3 // 4 >= active else power)
