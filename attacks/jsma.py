@@ -314,6 +314,20 @@ def _iteration(apply_fn, params, *, theta, block_rows, max_candidates, derivativ
   return iterate, derivatives
 
 
+def _padded(values: np.ndarray, length: int, fill: int) -> np.ndarray:
+  """`values` followed by `fill` up to `length`."""
+  out = np.full(length, fill)
+  out[:len(values)] = values
+  return out
+
+
+def _write_back(final, rows, state):
+  """Writes each working row's x and queries to its image in `final` (padding rows, whose
+  image is out of range, are dropped)."""
+  return (final[0].at[rows].set(state[0], mode="drop"),
+          final[1].at[rows].set(state[3], mode="drop"))
+
+
 @jax.jit
 def _hand_over(final, state, initial, work_images, work_targets, images, targets, leaving_ids,
                leaving_rows, into_rows, entering_ids):
@@ -341,7 +355,7 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
   Continuous batching: the images go through `num_slots` rows, and a row whose image has
   stopped takes the next image waiting. Once none waits, finished images stop costing work:
   when the active ones fit a smaller `bucket_size`, they move to a batch of that size
-  (padding rows are inactive), so the iteration compiles once per bucket size that occurs.
+  (padding rows are inactive), so the derivatives compile once per bucket size that occurs.
   Rows are independent, so the results do not depend on `num_slots` (tested).
   """
   targets, initial = common.bind(_start, apply_fn, params, theta=theta,
@@ -350,7 +364,7 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
   slots = min(num_slots, batch)
   step, _ = _iteration(apply_fn, params, theta=theta, block_rows=block_rows,
                        max_candidates=max_candidates, derivative=derivative, rows=slots)
-  final_x, final_queries = initial[0], initial[3]
+  final = (initial[0], initial[3])  # every image's x and queries, written back as rows leave
   rows = np.arange(slots)  # the image each working row holds; `batch` marks padding
   waiting = slots  # the next image to enter
   state = jax.tree.map(lambda a: a[:slots], initial)
@@ -363,17 +377,10 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
       into = stopped[:batch - waiting]
       entering = np.arange(waiting, waiting + len(into))
       # Fixed-length index lists (out of range: dropped), so this compiles once.
-      leaving_ids = np.full(slots, batch)
-      leaving_ids[:len(stopped)] = rows[stopped]
-      leaving_rows = np.zeros(slots, int)
-      leaving_rows[:len(stopped)] = stopped
-      into_rows = np.full(slots, slots)
-      into_rows[:len(into)] = into
-      entering_ids = np.zeros(slots, int)
-      entering_ids[:len(entering)] = entering
-      (final_x, final_queries), state, work_images, work_targets = _hand_over(
-          (final_x, final_queries), state, initial, work_images, work_targets, images,
-          targets, leaving_ids, leaving_rows, into_rows, entering_ids)
+      final, state, work_images, work_targets = _hand_over(
+          final, state, initial, work_images, work_targets, images, targets,
+          _padded(rows[stopped], slots, batch), _padded(stopped, slots, 0),
+          _padded(into, slots, slots), _padded(entering, slots, 0))
       waiting += len(into)
       rows[into] = entering
       active[into] = True
@@ -381,8 +388,7 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
       break
     bucket = bucket_size(int(active.sum()))
     if waiting >= batch and bucket < len(active):  # shrink: drop the stopped rows
-      final_x = final_x.at[rows].set(state[0], mode="drop")
-      final_queries = final_queries.at[rows].set(state[3], mode="drop")
+      final = _write_back(final, rows, state)
       keep = np.flatnonzero(active)
       pick = np.concatenate([keep, np.full(bucket - len(keep), keep[0])])
       rows = np.concatenate([rows[keep], np.full(bucket - len(keep), batch)])
@@ -390,8 +396,7 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
       state = jax.tree.map(lambda a, pick=pick: a[pick], state)
       state = (*state[:2], state[2] & jnp.asarray(rows < batch), state[3])
     state = step(work_images, work_targets, state, gamma)
-  final_x = final_x.at[rows].set(state[0], mode="drop")
-  final_queries = final_queries.at[rows].set(state[3], mode="drop")
+  final_x, final_queries = _write_back(final, rows, state)
   adv = final_x.reshape(images.shape)
   return common.finalize(apply_fn, params, images, adv, labels, targets, final_queries)
 

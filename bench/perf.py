@@ -108,6 +108,19 @@ def unit_batch(name: str, config: Any, num_images: int) -> int:
   return num_images
 
 
+def _calls(fn: Callable[[], Any], seconds: float, max_runs: int | None = None
+           ) -> tuple[Any, list[float]]:
+  """The last output and the seconds of each call of `fn`, called until `seconds` have
+  passed (at least once, at most `max_runs` times)."""
+  times, start, out = [], time.perf_counter(), None
+  while not times or (time.perf_counter() - start < seconds
+                      and (max_runs is None or len(times) < max_runs)):
+    begin = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - begin)
+  return out, times
+
+
 def timed(fn: Callable[[], Any], min_seconds: float = 2.0, max_runs: int = 7
           ) -> tuple[Any, float, int]:
   """The output, the median seconds of repeated calls and how many calls were made.
@@ -115,11 +128,7 @@ def timed(fn: Callable[[], Any], min_seconds: float = 2.0, max_runs: int = 7
   Calls repeat until `min_seconds` have passed (at most `max_runs`): one call for the long
   attacks, several for the ones that take milliseconds, whose single timings are noisy.
   """
-  times, start = [], time.perf_counter()
-  while not times or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
-    begin = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - begin)
+  out, times = _calls(fn, min_seconds, max_runs)
   return out, float(np.median(times)), len(times)
 
 
@@ -127,21 +136,9 @@ def compile_and_run_seconds(prepared: Callable[[], Any], min_seconds: float = 0.
                             ) -> tuple[Any, float, float]:
   """The result, compile seconds (first call minus the run time) and run seconds (the median
   of warm calls over `min_seconds`; one warm call by default)."""
-  start = time.perf_counter()
-  jax.block_until_ready(prepared())
-  first = time.perf_counter() - start
+  (first,) = _calls(prepared, 0.0)[1]
   result, run_s, _ = timed(prepared, min_seconds)
   return result, max(0.0, first - run_s), run_s
-
-
-def _calls_for(fn: Callable[[], Any], seconds: float) -> list[float]:
-  """Seconds of each call of `fn`, called until `seconds` have passed (at least once)."""
-  times, start = [], time.perf_counter()
-  while not times or time.perf_counter() - start < seconds:
-    begin = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - begin)
-  return times
 
 
 def interleaved_seconds(attack: Callable[[], Any], units: Callable[[], Any],
@@ -157,11 +154,10 @@ def interleaved_seconds(attack: Callable[[], Any], units: Callable[[], Any],
   attack_s, unit_s, check_s, start = [], [], [], time.perf_counter()
   result = None
   while not attack_s or time.perf_counter() - start < min_seconds:
-    begin = time.perf_counter()
-    result = jax.block_until_ready(attack())
-    attack_s.append(time.perf_counter() - begin)
-    unit_s += _calls_for(units, min(attack_s[-1], 0.5))
-    check_s += _calls_for(check, min(attack_s[-1], 0.5) / 4)
+    result, (seconds,) = _calls(attack, 0.0)
+    attack_s.append(seconds)
+    unit_s += _calls(units, min(seconds, 0.5))[1]
+    check_s += _calls(check, min(seconds, 0.5) / 4)[1]
   return result, *(float(np.median(t)) for t in (attack_s, unit_s, check_s))
 
 
@@ -172,9 +168,7 @@ def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images:
   key = jax.random.key(seed)
   prepared = attacks.PREPARE[name](apply_fn, params, images, labels, key, config)
   memory = prepared.lower().compile().memory_analysis()
-  start = time.perf_counter()
-  jax.block_until_ready(prepared())  # compiles
-  first_s = time.perf_counter() - start
+  (first_s,) = _calls(prepared, 0.0)[1]  # compiles
   unit = unit_of(name, config)
   batch = unit_batch(name, config, len(images))
   units_call = unit_call(apply_fn, params, (batch, *images.shape[1:]), unit)
