@@ -58,7 +58,7 @@ class JSMAConfig:
     target: target mode; JSMA is targeted ("random", "least_likely" or "explicit").
     derivative: the F of the saliency map: "logits" (JSMA-Z, the paper's) or
       "probabilities" (JSMA-F, the softmax; see the module doc).
-    num_slots: images iterated at once, the batch of every model call and the memory
+    num_slots: images iterated at once, the largest batch of a model call and the memory
       bound; an image that stops hands its row to the next (continuous batching). On the
       2-core CPU the LeNet's forward pass and two VJPs ran 1000 images/s at 8-32 and 580
       at 64; on a GPU, raise it. It does not change results (`common.SAME_RESULTS`).
@@ -164,12 +164,13 @@ def _pareto_pair(alpha, beta, domain, max_candidates):
   ties = jnp.zeros(NUM_BINS, jnp.int32).at[bins].add(is_first.astype(jnp.int32))
   second = jnp.where(ties >= 2, first, empty.at[bins].max(jnp.where(is_first, -jnp.inf, v)))
 
-  def merge(a, b):  # (largest, second largest) of two runs of values
-    return (jnp.maximum(a[0], b[0]),
-            jnp.maximum(jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])))
-
-  _, second_above = jax.lax.associative_scan(merge, (first, second), reverse=True)
-  second_above = jnp.concatenate([second_above[1:], empty[:1]])  # strictly higher bins
+  # The second largest v over the strictly higher bins: of their firsts (the second of the
+  # top two, ties counted) and their seconds. A [bins, bins] mask (an associative scan
+  # compiled 0.3 s slower, in every batch size).
+  higher = jnp.arange(NUM_BINS)[None, :] > jnp.arange(NUM_BINS)[:, None]
+  second_of_firsts = jax.lax.top_k(jnp.where(higher, first[None, :], -jnp.inf), 2)[0][:, 1]
+  second_above = jnp.maximum(second_of_firsts,
+                             jnp.max(jnp.where(higher, second[None, :], -jnp.inf), 1))
   survivor = domain & (v > second_above[bins])
   count = jnp.sum(survivor)
   k = min(max_candidates, n)
@@ -220,20 +221,22 @@ def top_pair(alpha: jax.Array, domain: jax.Array) -> tuple[jax.Array, jax.Array,
   return jnp.min(ids, -1), jnp.max(ids, -1), score
 
 
-MIN_BUCKET = 4  # the smallest batch finished images are compacted into
+def chunks(rows: int) -> list[tuple[int, int]]:
+  """(offset, size) of the power-of-two chunks that cover rows [0, rows), largest first (the
+  binary digits of `rows`): 13 rows are 8 + 4 + 1.
 
-
-def bucket_size(active: int) -> int:
-  """The working batch for `active` images: the smallest of 4, 6, 8, 12, 16, 24, 32, ...
-  (powers of two and 1.5 times them, at least MIN_BUCKET) that holds them.
-
-  Padding rows cost a full iteration each: on 32 images the power-of-two ladder from 8 ran
-  20% (LeNet) and 63% (All-CNN-C) more rows than active images, this one 9% and 23% (13%
-  if it went down to 1). Each size compiles the iteration's derivatives once (about 0.8 s
-  for the LeNet on the 2-core CPU), and small runs are compile-bound, so it stops at 4.
+  JSMA runs its working rows chunk by chunk, so the iteration compiles for powers of two
+  only and no row is padding. On the 2-core CPU a row costs the same at any batch size (the
+  LeNet's forward pass and two VJPs: 910 images/s at 1, 700-800 at 2-32), so the tail, where
+  a few images still iterate, costs only what they need: padding rows to a ladder of sizes
+  from 4 had run 9% (LeNet) and 23% (All-CNN-C) more rows than active images on 32 images.
   """
-  power = 1 << max(0, (active - 1).bit_length())
-  return max(MIN_BUCKET, power * 3 // 4 if power >= 4 and power * 3 // 4 >= active else power)
+  out, offset = [], 0
+  for bit in reversed(range(rows.bit_length())):
+    if rows >> bit & 1:
+      out.append((offset, 1 << bit))
+      offset += 1 << bit
+  return out
 
 
 def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mode):
@@ -247,14 +250,9 @@ def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mod
   return targets, (flat, domain, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
 
 
-def _derivatives(apply_fn, params, images, targets, state, *, theta, derivative, rows):
+def _derivatives(apply_fn, params, images, targets, x, *, theta, derivative):
   """An iteration's model work: the forward derivative (times theta's sign) of the target
-  and of the other classes, and whether the target is reached. The derivatives and the
-  domain come padded (padding: empty domain) to the next power of two, at most `rows`, so
-  that `_pairs` compiles for a few batch sizes only: compiled inside every size of the
-  ladder, the pair search had been about half of each size's 2 s compile on the LeNet."""
-  x, domain = state[0], state[1]
-  batch = x.shape[0]
+  and of the other classes, and whether the target is reached."""
   direction = 1.0 if theta > 0 else -1.0
 
   def logits_of(flat):
@@ -268,26 +266,15 @@ def _derivatives(apply_fn, params, images, targets, state, *, theta, derivative,
   (alpha,) = vjp(onehot)
   # JSMA-F's pair needs no beta (beta = -alpha): alpha stands in for it unused.
   beta = alpha if derivative == PROBABILITIES else vjp(1.0 - onehot)[0]
-  pad = ((0, min(rows, 1 << (batch - 1).bit_length()) - batch), (0, 0))
-  return (jnp.pad(direction * alpha, pad), jnp.pad(direction * beta, pad),
-          jnp.pad(domain, pad), jnp.argmax(outputs, -1) == targets)
+  return direction * alpha, direction * beta, jnp.argmax(outputs, -1) == targets
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "max_candidates", "derivative"))
-def _pairs(alpha, beta, domain, *, block_rows, max_candidates, derivative):
-  """The best pair of every row: `best_pairs`, or for JSMA-F the top two (`top_pair`)."""
-  if derivative == PROBABILITIES:
-    return top_pair(alpha, domain)
-  return best_pairs(alpha, beta, domain, block_rows, max_candidates)
-
-
-@functools.partial(jax.jit, static_argnames=("theta",))
 def _move(images, state, hit, pair, gamma, *, theta):
   """Moves both features of each active row's pair by theta (clipped to [0, 1]) while the
   target is not reached, a pair qualifies and the gamma budget allows."""
   x, domain, active, queries = state
   batch, n = x.shape
-  p, q, score = (a[:batch] for a in pair)
+  p, q, score = pair
   changed = jnp.sum(x != images.reshape(batch, n), -1)
   go = active & ~hit & jnp.isfinite(score) & (changed + 2 <= jnp.floor(gamma * n))
   rows = jnp.arange(batch)
@@ -299,19 +286,30 @@ def _move(images, state, hit, pair, gamma, *, theta):
   return x, domain & ~at_limit, go, queries + active.astype(jnp.int32)
 
 
-def _iteration(apply_fn, params, *, theta, block_rows, max_candidates, derivative, rows):
-  """One JSMA iteration as a function of (images, targets, state, gamma): the derivatives
-  (compiled per batch size), the best pairs (per power of two up to `rows`), the move."""
-  derivatives = common.bind(_derivatives, apply_fn, params, close_params=False, theta=theta,
-                            derivative=derivative, rows=rows)
+def _chunk_iteration(apply_fn, params, images, targets, state, gamma, offset, *, size, theta,
+                     block_rows, max_candidates, derivative):
+  """One JSMA iteration of the working rows [offset, offset + size): the derivatives, the
+  best pair of every row (`best_pairs`, or for JSMA-F `top_pair`) and the move. Returns the
+  whole working state with those rows updated."""
+  def take(a):
+    return jax.lax.dynamic_slice_in_dim(a, offset, size)
 
-  def iterate(images, targets, state, gamma):
-    alpha, beta, domain, hit = derivatives(images, targets, state)
-    pair = _pairs(alpha, beta, domain, block_rows=block_rows, max_candidates=max_candidates,
-                  derivative=derivative)
-    return _move(images, state, hit, pair, gamma, theta=theta)
+  chunk_images = take(images)
+  chunk = jax.tree.map(take, state)
+  alpha, beta, hit = _derivatives(apply_fn, params, chunk_images, take(targets), chunk[0],
+                                  theta=theta, derivative=derivative)
+  if derivative == PROBABILITIES:
+    pair = top_pair(alpha, chunk[1])
+  else:
+    pair = best_pairs(alpha, beta, chunk[1], block_rows, max_candidates)
+  moved = _move(chunk_images, chunk, hit, pair, gamma, theta=theta)
+  return jax.tree.map(lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, offset, 0),
+                      state, moved)
 
-  return iterate, derivatives
+
+def _iteration(apply_fn, params, **static):
+  """`_chunk_iteration` of one chunk size, jitted (the params an argument: see common.bind)."""
+  return common.bind(_chunk_iteration, apply_fn, params, close_params=False, **static)
 
 
 def _padded(values: np.ndarray, length: int, fill: int) -> np.ndarray:
@@ -343,29 +341,40 @@ def _hand_over(final, state, initial, work_images, work_targets, images, targets
   return final, state, work_images, work_targets
 
 
+@jax.jit
+def _compact(final, rows, state, work_images, work_targets, order, kept):
+  """Writes every working row back to its image in `final`, then reorders the rows by
+  `order` (the active ones first); the rows from `kept` on are left inactive."""
+  final = _write_back(final, rows, state)
+  state = jax.tree.map(lambda a: a[order], state)
+  state = (*state[:2], state[2] & (jnp.arange(order.shape[0]) < kept), state[3])
+  return final, state, work_images[order], work_targets[order]
+
+
 def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, block_rows,
           max_candidates, target_mode, derivative, num_slots) -> common.AttackResult:
-  """Iterates `_iteration` over `num_slots` working rows until no image is left.
+  """Iterates `_chunk_iteration` over `num_slots` working rows until no image is left.
 
-  A host loop over one jitted iteration rather than a `lax.while_loop`: on the XLA CPU
-  backend the backward pass inside a `while` body ran 4x slower (see attacks.gradient). An
-  image stops when it reaches its target, its gamma budget or an empty search domain; each
-  of its iterations moves a feature by theta, so it stops within ceil(1 / |theta|) * N.
+  A host loop over jitted iterations rather than a `lax.while_loop`: on the XLA CPU backend
+  the backward pass inside a `while` body ran 4x slower (see attacks.gradient). An image
+  stops when it reaches its target, its gamma budget or an empty search domain; each of its
+  iterations moves a feature by theta, so it stops within ceil(1 / |theta|) * N.
 
   Continuous batching: the images go through `num_slots` rows, and a row whose image has
   stopped takes the next image waiting. Once none waits, finished images stop costing work:
-  when the active ones fit a smaller `bucket_size`, they move to a batch of that size
-  (padding rows are inactive), so the derivatives compile once per bucket size that occurs.
+  the active rows move to the front and only they are iterated, in power-of-two `chunks`.
   Rows are independent, so the results do not depend on `num_slots` (tested).
   """
   targets, initial = common.bind(_start, apply_fn, params, theta=theta,
                                  target_mode=target_mode)(images, labels, keys, targets)
   batch = images.shape[0]
   slots = min(num_slots, batch)
-  step, _ = _iteration(apply_fn, params, theta=theta, block_rows=block_rows,
-                       max_candidates=max_candidates, derivative=derivative, rows=slots)
+  step = functools.cache(lambda size: _iteration(  # the iteration of a chunk of `size` rows
+      apply_fn, params, size=size, theta=theta, block_rows=block_rows,
+      max_candidates=max_candidates, derivative=derivative))
   final = (initial[0], initial[3])  # every image's x and queries, written back as rows leave
-  rows = np.arange(slots)  # the image each working row holds; `batch` marks padding
+  rows = np.arange(slots)  # the image each working row holds; `batch` marks none
+  filled = slots  # rows [0, filled) are iterated
   waiting = slots  # the next image to enter
   state = jax.tree.map(lambda a: a[:slots], initial)
   work_images, work_targets = images[:slots], targets[:slots]
@@ -384,18 +393,18 @@ def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, bloc
       waiting += len(into)
       rows[into] = entering
       active[into] = True
-    if not active.any():
+    kept = int(active.sum())
+    if not kept:
       break
-    bucket = bucket_size(int(active.sum()))
-    if waiting >= batch and bucket < len(active):  # shrink: drop the stopped rows
-      final = _write_back(final, rows, state)
-      keep = np.flatnonzero(active)
-      pick = np.concatenate([keep, np.full(bucket - len(keep), keep[0])])
-      rows = np.concatenate([rows[keep], np.full(bucket - len(keep), batch)])
-      work_images, work_targets = work_images[pick], work_targets[pick]
-      state = jax.tree.map(lambda a, pick=pick: a[pick], state)
-      state = (*state[:2], state[2] & jnp.asarray(rows < batch), state[3])
-    state = step(work_images, work_targets, state, gamma)
+    if waiting >= batch and kept < filled:  # compact: the active rows first
+      order = np.argsort(~active, kind="stable")
+      final, state, work_images, work_targets = _compact(
+          final, rows, state, work_images, work_targets, order, kept)
+      rows = rows[order]
+      rows[kept:] = batch
+      filled = kept
+    for offset, size in chunks(filled):
+      state = step(size)(work_images, work_targets, state, gamma, np.int32(offset))
   final_x, final_queries = _write_back(final, rows, state)
   adv = final_x.reshape(images.shape)
   return common.finalize(apply_fn, params, images, adv, labels, targets, final_queries)
@@ -432,10 +441,11 @@ def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=
   flat = images[:slots].reshape(slots, -1)
   state = (flat, jnp.ones(flat.shape, bool), jnp.ones(slots, bool),
            jnp.zeros(slots, jnp.int32))
-  _, derivatives = _iteration(apply_fn, params, theta=theta, block_rows=config.block_rows,
-                              max_candidates=config.max_candidates,
-                              derivative=config.derivative, rows=slots)
-  lower_step = functools.partial(derivatives.lower, images[:slots], labels[:slots], state)
+  largest = _iteration(apply_fn, params, size=chunks(slots)[0][1], theta=theta,
+                       block_rows=config.block_rows, max_candidates=config.max_candidates,
+                       derivative=config.derivative)
+  lower_step = functools.partial(largest.lower, images[:slots], labels[:slots], state, gamma,
+                                 np.int32(0))
   return common.PreparedCall(run, lower_step)
 
 

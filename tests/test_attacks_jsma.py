@@ -221,10 +221,15 @@ def test_jit_and_no_jit_agree():
   chex.assert_trees_all_close(jitted, eager, atol=1e-5)
 
 
-def test_bucket_sizes_are_the_smallest_of_the_ladder_that_holds_the_active_rows():
-  ladder = [4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
-  for active in range(1, 129):
-    assert jsma_module.bucket_size(active) == min(s for s in ladder if s >= active)
+def test_chunks_are_decreasing_powers_of_two_that_tile_the_rows():
+  for rows in range(1, 300):
+    parts = jsma_module.chunks(rows)
+    sizes = [size for _, size in parts]
+    assert all(size & (size - 1) == 0 for size in sizes)  # powers of two
+    assert sizes == sorted(set(sizes), reverse=True)  # each at most once, largest first
+    assert [offset for offset, _ in parts] == np.cumsum([0, *sizes[:-1]]).tolist()
+    assert sum(sizes) == rows
+  assert jsma_module.chunks(13) == [(0, 8), (8, 4), (12, 1)]
 
 
 def test_continuous_batching_changes_nothing():
@@ -243,10 +248,9 @@ def test_continuous_batching_changes_nothing():
   np.testing.assert_allclose(slotted.adv_images, whole.adv_images, atol=1e-6)
 
 
-def test_compacting_finished_images_changes_nothing(monkeypatch):
-  """Finished images leave the working batch (20 rows -> 16 -> 12 -> ...); results stay the
-  same."""
-  jsma_module = importlib.import_module("attacks.jsma")
+def test_compacting_finished_images_changes_nothing():
+  """Finished images leave the working rows, which then run in chunks of 16, 2, 1, ...;
+  the results equal those of each image iterated alone (one slot: never compacted)."""
   apply_fn, params = small_cnn(seed=4)
   images = random_images(20, 8, 8, 3, seed=4)
   labels = jnp.argmax(apply_fn(params, images), -1)
@@ -254,8 +258,8 @@ def test_compacting_finished_images_changes_nothing(monkeypatch):
   compacted = attacks.jsma(apply_fn, params, images, labels, jax.random.key(5), config)
   queries = np.asarray(compacted.queries)
   assert queries.min() * 2 < queries.max()  # images finish at different times
-  monkeypatch.setattr(jsma_module, "MIN_BUCKET", 1024)  # never compact
-  whole = attacks.jsma(apply_fn, params, images, labels, jax.random.key(5), config)
+  whole = attacks.jsma(apply_fn, params, images, labels, jax.random.key(5),
+                       config.replace(num_slots=1))
   for field in ("success", "adv_pred", "target", "queries", "l0"):
     np.testing.assert_array_equal(getattr(compacted, field), getattr(whole, field))
   np.testing.assert_allclose(compacted.adv_images, whole.adv_images, atol=1e-6)
