@@ -72,6 +72,10 @@ def test_attack_and_raw_passes_are_timed_in_turn():
   assert check_s == pytest.approx(0.004, abs=0.004)
   rounds = "".join(name[0] for name in log).split("a")[1:]
   assert len(rounds) >= 3 and all("u" in r and "c" in r for r in rounds)
+  log.clear()  # a slow attack still gets the median of `min_rounds` runs
+  perf.interleaved_seconds(sleeper("attack", 0.03), sleeper("unit", 0.01),
+                           sleeper("check", 0.004), min_seconds=0.0, min_rounds=3)
+  assert log.count("attack") == 3
 
 
 def test_one_pixel_unit_batch_is_what_the_model_sees():
