@@ -121,7 +121,8 @@ def test_two_devices_give_the_rows_of_one(tmp_path, plain, data_dir):
   rounding (XLA may order a reduction differently per shard)."""
   config_file = tmp_path / "tiny.toml"
   config_file.write_text(_toml(RAW))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  flags = os.environ.get("XLA_FLAGS", "")  # the suite's own (tests/conftest.py), and 2 devices
+  env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2",
              ADVSWEEP_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu")
   out = tmp_path / "two"
   proc = subprocess.run(
