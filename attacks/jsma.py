@@ -230,7 +230,7 @@ def chunks(rows: int) -> list[tuple[int, int]]:
 
   JSMA runs its working rows chunk by chunk, so the iteration compiles for powers of two
   only and no row is padding. On the 2-core CPU a row costs the same at any batch size (the
-  LeNet's forward pass and two VJPs: 910 images/s at 1, 700-800 at 2-32), so the tail, where
+  LeNet's forward pass and two VJPs: 910 images/s at 1, 680-810 at 2-32), so the tail, where
   a few images still iterate, costs only what they need: padding rows to a ladder of sizes
   from 4 had run 9% (LeNet) and 23% (All-CNN-C) more rows than active images on 32 images.
   """
