@@ -335,8 +335,7 @@ def _hand_over(final, state, initial, work_images, work_targets, images, targets
   """Continuous batching's row exchange: rows `leaving_rows` write their x and queries to
   images `leaving_ids` of `final`; rows `into_rows` take images `entering_ids` (their
   initial state, image and target). Out-of-range ids and rows are dropped."""
-  final = (final[0].at[leaving_ids].set(state[0][leaving_rows], mode="drop"),
-           final[1].at[leaving_ids].set(state[3][leaving_rows], mode="drop"))
+  final = _write_back(final, leaving_ids, jax.tree.map(lambda a: a[leaving_rows], state))
   state = jax.tree.map(lambda a, b: a.at[into_rows].set(b[entering_ids], mode="drop"), state,
                        initial)
   work_images = work_images.at[into_rows].set(images[entering_ids], mode="drop")
