@@ -1,55 +1,74 @@
-"""advsweep attacks: pure, jitted functions with one signature.
+"""advsweep attacks: pure, traceable functions with one signature.
 
-    attack(apply_fn, params, images, labels, key, config=None, *, targets=None) -> AttackResult
+    attack(apply_fn, params, images, labels, key, config=None, *, targets=None,
+           evaluator=None) -> AttackResult
 
-`config=None` is the paper's setting. `REGISTRY` maps names to (function, config class).
+`config=None` is the paper's setting. Each attack has a pure core with the same signature
+(`pgd_core`, `bim_core`, `fgsm_core`, `jsma_core`, `one_pixel_core`) that runs under
+`jax.jit`, `jax.vmap` and inside a jitted training step; the public functions call it when
+their inputs are traced and a faster host-side schedule otherwise. `REGISTRY` maps each name
+to its `AttackSpec`: everything the driver and the benchmarks need to know about it.
 """
 
-from attacks.common import (
-    EXPLICIT,
-    LEAST_LIKELY,
-    RANDOM,
-    SAME_RESULTS,
-    TARGET_MODES,
-    UNTARGETED,
-    AttackResult,
-    every_other_class,
+from advsweep.attacks import spec
+from advsweep.attacks.common import (
+  EXPLICIT,
+  FULL_EVALUATION,
+  LEAST_LIKELY,
+  PIXEL_LOCAL_EVALUATION,
+  RANDOM,
+  SAME_RESULTS,
+  TARGET_MODES,
+  UNTARGETED,
+  AttackResult,
+  PreparedCall,
+  every_other_class,
 )
-from attacks.gradient import (
-    BIMConfig,
-    FGSMConfig,
-    PGDConfig,
-    bim,
-    fgsm,
-    pgd,
-    prepare_bim,
-    prepare_fgsm,
-    prepare_pgd,
+from advsweep.attacks.gradient import (
+  BIM,
+  FGSM,
+  PGD,
+  BIMConfig,
+  FGSMConfig,
+  PGDConfig,
+  bim,
+  bim_core,
+  fgsm,
+  fgsm_core,
+  pgd,
+  pgd_core,
 )
-from attacks.jsma import JSMAConfig, jsma, prepare_jsma
-from attacks.one_pixel import AT_LEAST_ONE_TARGET, OnePixelConfig, one_pixel, prepare_one_pixel
+from advsweep.attacks.jsma import SPEC as JSMA
+from advsweep.attacks.jsma import JSMAConfig, jsma, jsma_core
+from advsweep.attacks.one_pixel import (
+  AT_LEAST_ONE_TARGET,
+  OnePixelConfig,
+  one_pixel,
+  one_pixel_core,
+)
+from advsweep.attacks.one_pixel import SPEC as ONE_PIXEL
+from advsweep.attacks.spec import AttackSpec
 
-REGISTRY = {
-    "one_pixel": (one_pixel, OnePixelConfig),
-    "fgsm": (fgsm, FGSMConfig),
-    "bim": (bim, BIMConfig),
-    "pgd": (pgd, PGDConfig),
-    "jsma": (jsma, JSMAConfig),
-}
+REGISTRY: dict[str, AttackSpec] = {}
 
-# Each attack's checked, not yet run, call of its jitted core (see common.PreparedCall).
-PREPARE = {
-    "one_pixel": prepare_one_pixel,
-    "fgsm": prepare_fgsm,
-    "bim": prepare_bim,
-    "pgd": prepare_pgd,
-    "jsma": prepare_jsma,
-}
+
+def register(attack_spec: AttackSpec) -> AttackSpec:
+  """Makes an attack known to the driver and the benchmarks under `attack_spec.name`."""
+  return spec.register(REGISTRY, attack_spec)
+
+
+# The registry: one line per attack, in the order the driver lists them.
+register(ONE_PIXEL)
+register(FGSM)
+register(BIM)
+register(PGD)
+register(JSMA)
 
 __all__ = [
-    "AT_LEAST_ONE_TARGET", "EXPLICIT", "LEAST_LIKELY", "PREPARE", "RANDOM", "REGISTRY",
-    "SAME_RESULTS",
-    "TARGET_MODES", "UNTARGETED", "AttackResult", "BIMConfig", "FGSMConfig", "JSMAConfig",
-    "OnePixelConfig", "PGDConfig", "bim", "every_other_class", "fgsm", "jsma", "one_pixel",
-    "pgd", "prepare_bim", "prepare_fgsm", "prepare_jsma", "prepare_one_pixel", "prepare_pgd",
+    "AT_LEAST_ONE_TARGET", "BIM", "EXPLICIT", "FGSM", "FULL_EVALUATION", "JSMA", "LEAST_LIKELY",
+    "ONE_PIXEL", "PGD", "PIXEL_LOCAL_EVALUATION", "RANDOM", "REGISTRY", "SAME_RESULTS",
+    "TARGET_MODES", "UNTARGETED", "AttackResult", "AttackSpec", "BIMConfig", "FGSMConfig",
+    "JSMAConfig", "OnePixelConfig", "PGDConfig", "PreparedCall", "bim", "bim_core",
+    "every_other_class", "fgsm", "fgsm_core", "jsma", "jsma_core", "one_pixel",
+    "one_pixel_core", "pgd", "pgd_core", "register", "spec",
 ]

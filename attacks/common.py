@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from advsweep.attacks import checks
 from flax import struct
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -35,6 +35,9 @@ TARGET_MODES = (UNTARGETED, LEAST_LIKELY, RANDOM, EXPLICIT)
 # (up to float rounding), so a benchmark leaves it out of a configuration's identity.
 SAME_RESULTS = "same_results"
 NO_TARGET = -1
+# AttackResult.evaluation: the plain forward pass, or exact pixel-local evaluation.
+FULL_EVALUATION = "full"
+PIXEL_LOCAL_EVALUATION = "pixel_local"
 
 
 @struct.dataclass
@@ -55,6 +58,9 @@ class AttackResult:
     l2: [B] L2 norm of the perturbation.
     linf: [B] L-infinity norm of the perturbation.
     finite: [B] the model's output on `adv_images` is finite.
+    evaluation: how the attack evaluated the model: "full" (the plain forward pass) or
+      "pixel_local" (an evaluator that propagates a pixel change only where it reaches,
+      `models.locality`). Static: the same for every image of a call.
   """
 
   adv_images: jax.Array
@@ -69,6 +75,7 @@ class AttackResult:
   l2: jax.Array
   linf: jax.Array
   finite: jax.Array
+  evaluation: str = struct.field(pytree_node=False, default=FULL_EVALUATION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,71 +85,16 @@ class PreparedCall:
   """
 
   run: Callable[[], Any]
-  lowered: Callable[[], Any]
+  lowered: Callable[[], Any] | None = None
 
   def __call__(self) -> Any:
     return self.run()
 
   def lower(self) -> Any:
+    if self.lowered is None:
+      raise ValueError("this call runs inside a trace (jit, vmap or grad), where the "
+                       "attack's core is inlined: there is nothing of its own to lower")
     return self.lowered()
-
-
-def validate(apply_fn: ApplyFn, params: Any, images: Any, labels: Any, *, targets: Any = None,
-             target_mode: str = UNTARGETED) -> int:
-  """Raises ValueError naming the problem for inputs no attack can use.
-
-  Checks rank, dtype, range [0, 1] and finiteness of `images`, the shape, dtype and class
-  range of `labels` (and `targets`), and the target mode. Returns the model's number of
-  classes.
-  """
-  shape = np.shape(images)
-  if len(shape) != 4:
-    raise ValueError(f"images must have rank 4 [B,H,W,C]; got shape {shape}. Add a batch "
-                     "or channel axis.")
-  dtype = np.asarray(images).dtype if not hasattr(images, "dtype") else images.dtype
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"images must be floating point in [0, 1]; got dtype {dtype}. Convert "
-                     "uint8 images with images.astype(np.float32) / 255.")
-  values = np.asarray(images)
-  if not np.isfinite(values).all():
-    raise ValueError("images contain NaN or infinite values")
-  if values.size and (values.min() < 0.0 or values.max() > 1.0):
-    raise ValueError(f"images must lie in [0, 1]; got range [{values.min():.4g}, "
-                     f"{values.max():.4g}]. Divide uint8 pixels by 255.")
-  label_shape = np.shape(labels)
-  if label_shape != (shape[0],):
-    raise ValueError(f"labels must have shape [B] = ({shape[0]},); got {label_shape}")
-  if not jnp.issubdtype(np.asarray(labels).dtype, jnp.integer):
-    raise ValueError(f"labels must be integers; got dtype {np.asarray(labels).dtype}")
-  if target_mode not in TARGET_MODES:
-    raise ValueError(f"unknown target mode {target_mode!r}; valid choices: "
-                     f"{', '.join(TARGET_MODES)}")
-  if target_mode == EXPLICIT:
-    if targets is None:
-      raise ValueError("target mode 'explicit' needs targets=[B] class indices")
-    if np.shape(targets) != (shape[0],):
-      raise ValueError(f"targets must have shape ({shape[0]},); got {np.shape(targets)}")
-  elif targets is not None:
-    raise ValueError(f"targets were given but the target mode is {target_mode!r}; set "
-                     "target='explicit' in the config to use them")
-  num_classes = num_classes_of(apply_fn, params, images)
-  check_classes("labels", labels, num_classes)
-  if targets is not None:
-    check_classes("targets", targets, num_classes)
-  return num_classes
-
-
-def check_classes(name: str, values: Any, num_classes: int) -> None:
-  values = np.asarray(values)
-  if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise ValueError(f"{name} must lie in [0, {num_classes}); got range "
-                     f"[{values.min()}, {values.max()}]")
-
-
-def num_classes_of(apply_fn: ApplyFn, params: Any, images: jax.Array) -> int:
-  """The model's number of classes, from its output shape (no computation)."""
-  out = jax.eval_shape(apply_fn, params, images[:1])
-  return int(out.shape[-1])
 
 
 def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
@@ -213,21 +165,26 @@ def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, *, close_params
   """`fn(apply_fn, params, *args, **static)` jitted as a function of `args`, with the model
   and the static keywords closed over, and the params too unless `close_params` is False.
 
-  On XLA CPU a forward pass ran up to 2.9x faster with the params closed over than with them
-  as arguments of the jitted function (the LeNet on 32 images: 3.9 against 11.3 ms; All-CNN-C:
-  15.1 against 25.3 ms), but JSMA's iteration (a forward pass and two VJPs) ran slower (the
-  LeNet on 32 images: 54 against 40 ms; All-CNN-C 77 against 74): the attacks choose per core.
-  Compiled once per (fn, model, params if closed over, static keywords) and cached by
-  identity for the last `_BOUND_SIZE`; an entry holds its apply_fn and params, so their ids
-  stay unique while it lives. Under an outer trace (traced params) the partial runs inline.
-  The result has `.lower(*args)` like a jitted function.
+  Closing over the params lets XLA treat the weights as constants, which on the CPU backend
+  runs a forward pass markedly faster than taking them as arguments (`results/perf/NOTES.md`);
+  JSMA's iteration is the exception and passes `close_params=False`. The compiled function is
+  cached for the last `_BOUND_SIZE` (fn, model, params, static) combinations: `apply_fn` by
+  equality (a bound method or a `Model.apply_fn` recreated for the same module hits the
+  cache), the params by identity (an entry holds them, so their id stays unique while it
+  lives). Under an outer trace (traced params) the partial runs inline. The result has
+  `.lower(*args)` like a jitted function.
   """
-  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
+  if not checks.is_concrete(params):
     return functools.partial(fn, apply_fn, params, **static)
   held = params if close_params else None
-  key = (fn, id(apply_fn), id(held), tuple(sorted(static.items())))
+  try:
+    hash(apply_fn)
+    model_key: Any = apply_fn
+  except TypeError:  # unhashable callables are told apart by identity (the entry holds them)
+    model_key = ("id", id(apply_fn))
+  key = (fn, model_key, id(held), tuple(sorted(static.items())))
   entry = _BOUND.get(key)
-  if entry is None or entry[0] is not apply_fn or entry[1] is not held:
+  if entry is None or entry[1] is not held:
     bound = (functools.partial(fn, apply_fn, params, **static) if close_params
              else functools.partial(fn, apply_fn, **static))
     entry = (apply_fn, held, jax.jit(bound))
@@ -256,10 +213,12 @@ _BOUND_SIZE = 64  # (attack core, model, static settings) combinations kept comp
 
 
 def finalize(apply_fn: ApplyFn, params: Any, images: jax.Array, adv_images: jax.Array,
-             labels: jax.Array, targets: jax.Array, queries: jax.Array) -> AttackResult:
+             labels: jax.Array, targets: jax.Array, queries: jax.Array,
+             evaluation: str = FULL_EVALUATION) -> AttackResult:
   """Re-checks the adversarial images with the model and measures the perturbation (jitted
-  with the params closed over, see `bind`)."""
-  return bind(_finalize, apply_fn, params)(images, adv_images, labels, targets, queries)
+  with the params closed over, see `bind`; inline under a trace)."""
+  result = bind(_finalize, apply_fn, params)(images, adv_images, labels, targets, queries)
+  return result.replace(evaluation=evaluation)
 
 
 def _finalize(apply_fn, params, images, adv_images, labels, targets, queries) -> AttackResult:

@@ -1,7 +1,14 @@
 """The gradient-sign family: FGSM, the basic iterative method (BIM) and PGD.
 
-One core, `_iterate`, takes signed-gradient steps and projects onto the eps ball and [0, 1].
-FGSM is BIM with one step of size eps; PGD is BIM with a random start (and an L2 variant).
+One core, `pgd_core`, takes signed-gradient steps and projects onto the eps ball and [0, 1].
+FGSM is BIM with one step of size eps; BIM is PGD without the random start (PGD adds an L2
+variant). The core is pure: it runs under `jax.jit`, `jax.vmap` and inside a jitted
+training step (adversarial training), with its steps in a `lax.fori_loop` (unrolled by
+default: XLA's CPU backend runs convolution backward passes in a rolled loop several times
+slower). Called on concrete arrays, the public `fgsm`, `bim` and `pgd` run the same start
+and step as a host loop over one step jitted with the model's params closed over
+(`common.bind`): it compiles one step for every step count, so an eps sweep, whose step
+count follows eps under Kurakin's rule, compiles nothing new.
 Target modes are choices of the loss, not new attacks: untargeted ("inverse": climb the loss
 of the true label, or of the clean prediction) or toward a target (least-likely, random,
 explicit) by descending that class's loss.
@@ -21,10 +28,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from advsweep.attacks import checks, common, spec
 from flax import struct
-
-from attacks import common
 
 LINF, L2 = "linf", "l2"
 AWAY_FROM = ("label", "prediction")
@@ -38,7 +45,7 @@ class BIMConfig:
     eps: L-inf budget in [0, 1] pixel units (traced: an eps sweep does not recompile).
     step_size: per-step size; Kurakin's 1/255.
     num_steps: steps; None means Kurakin's rule min(eps*255 + 4, 1.25*eps*255), computed
-      before tracing.
+      from eps before tracing (set it when eps itself is traced).
     target: a mode of `attacks.common.TARGET_MODES`.
     away_from: for untargeted attacks, climb the loss of the "label" or of the clean
       "prediction" (the slides' inverse perturbation).
@@ -145,85 +152,131 @@ def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, *, no
   return _project(images, adv + sign * step_size * direction, eps, norm)
 
 
-def _iterate(apply_fn, params, images, labels, keys, targets, eps, step_size, *, num_steps,
-             norm, random_start, target_mode, away_from) -> common.AttackResult:
-  """Start, `num_steps` jitted steps, re-check.
+def _as_pgd(config: Any) -> PGDConfig:
+  """FGSM and BIM as the PGD settings they are: no random start, L-inf, and for FGSM one
+  step of size eps."""
+  if isinstance(config, PGDConfig):
+    return config
+  if isinstance(config, FGSMConfig):
+    return PGDConfig(eps=config.eps, step_size=config.eps, num_steps=1, random_start=False,
+                     target=config.target, away_from=config.away_from)
+  if isinstance(config, BIMConfig):
+    num_steps = config.num_steps
+    if num_steps is None:
+      if not checks.is_concrete(config.eps):
+        raise ValueError("BIMConfig(num_steps=None) takes Kurakin's step count from eps, "
+                         "which is traced here; set num_steps")
+      num_steps = kurakin_num_steps(float(config.eps))
+    return PGDConfig(eps=config.eps, step_size=config.step_size, num_steps=num_steps,
+                     random_start=False, target=config.target, away_from=config.away_from)
+  raise TypeError(f"expected FGSMConfig, BIMConfig or PGDConfig; got {type(config).__name__}")
 
-  The steps are a host loop over one jitted step rather than a `lax.fori_loop`: on the XLA
-  CPU backend a convolution's backward pass inside a `while` body ran 4x slower than the
-  same steps unrolled (15.0 s against 3.7 s for 10 steps of the MNIST LeNet on 100 images),
-  and unrolling makes compile time grow with the step count. A host loop costs one dispatch
-  per step and compiles one step for every step count.
+
+def check_config(config: Any) -> None:
+  """Raises ValueError naming a bad value of an FGSM, BIM or PGD config."""
+  for name in ("eps", "step_size"):
+    if hasattr(config, name):
+      checks.check_at_least(name, getattr(config, name), 0.0)
+  num_steps = getattr(config, "num_steps", 1)
+  if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
+    raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+  checks.check_choice("target", config.target, common.TARGET_MODES)
+  checks.check_choice("away_from", config.away_from, AWAY_FROM)
+  checks.check_choice("norm", getattr(config, "norm", LINF), (LINF, L2))
+
+
+def _statics(config: PGDConfig) -> dict[str, Any]:
+  return dict(norm=config.norm, random_start=config.random_start, target_mode=config.target,
+              away_from=config.away_from)
+
+
+def pgd_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+             key: jax.Array, config: Any = None, *, targets: jax.Array | None = None,
+             evaluator: Any = None, unroll: int | bool = True) -> common.AttackResult:
+  """The gradient-sign family's pure core (FGSM, BIM or PGD by the config's class).
+
+  Traceable end to end: the start, `num_steps` projected steps in a `lax.fori_loop`
+  (`unroll` as `lax.fori_loop` takes it; True unrolls every step) and the re-check. Takes
+  no checks of its own: the public attacks check, then call it under a trace.
   """
-  adv, targets, loss_class, sign = common.bind(
-      _start, apply_fn, params, norm=norm, random_start=random_start,
-      target_mode=target_mode, away_from=away_from)(images, labels, keys, targets, eps)
-  step = common.bind(_step, apply_fn, params, norm=norm)
-  for _ in range(num_steps):
-    adv = step(images, adv, loss_class, sign, eps, step_size)
-  queries = jnp.full(labels.shape, num_steps + 1, jnp.int32)  # clean forward + steps
+  del evaluator  # the gradient attacks evaluate the full model
+  config = _as_pgd(config or PGDConfig())
+  statics = _statics(config)
+  eps = jnp.asarray(config.eps, images.dtype)
+  step_size = jnp.asarray(config.step_size, images.dtype)
+  adv, targets, loss_class, sign = _start(apply_fn, params, images, labels, key, targets, eps,
+                                          **statics)
+
+  def step(_, adv):
+    return _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size,
+                 norm=config.norm)
+
+  adv = jax.lax.fori_loop(0, config.num_steps, step, adv, unroll=unroll)
+  queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
 
-def _prepare(apply_fn, params, images, labels, key, targets, *, eps, step_size, num_steps,
-             norm, random_start, target_mode, away_from) -> common.PreparedCall:
-  """Checks the inputs and returns the jitted core with its arguments."""
-  common.validate(apply_fn, params, images, labels, targets=targets, target_mode=target_mode)
-  if away_from not in AWAY_FROM:
-    raise ValueError(f"away_from must be one of {AWAY_FROM}; got {away_from!r}")
-  if norm not in (LINF, L2):
-    raise ValueError(f"norm must be 'linf' or 'l2'; got {norm!r}")
-  for name, value in (("eps", eps), ("step_size", step_size)):
-    if not jnp.all(jnp.asarray(value) >= 0):
-      raise ValueError(f"{name} must be >= 0; got {value}")
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
+               ) -> common.AttackResult:
+  """`pgd_core` on concrete arrays: the same start and step, the steps a host loop over one
+  step jitted with the params closed over (see the module doc)."""
+  eps = jnp.asarray(config.eps, images.dtype)
+  step_size = jnp.asarray(config.step_size, images.dtype)
+  adv, targets, loss_class, sign = common.bind(_start, apply_fn, params, **_statics(config))(
+      images, labels, key, targets, eps)
+  step = common.bind(_step, apply_fn, params, norm=config.norm)
+  for _ in range(config.num_steps):
+    adv = step(images, adv, loss_class, sign, eps, step_size)
+  queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)
+  return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
+
+
+def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+            key: jax.Array, config: Any = None, *, targets: jax.Array | None = None,
+            evaluator: Any = None, default: type = PGDConfig) -> common.PreparedCall:
+  """Checks the inputs; returns the attack, ready to run (`default`: the config class whose
+  paper setting `config=None` means)."""
+  del evaluator
+  config = config if config is not None else default()
+  check_config(config)
+  config = _as_pgd(config)
+  checks.check_inputs(apply_fn, params, images, labels, targets=targets,
+                      target_mode=config.target, target_modes=common.TARGET_MODES)
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
-  eps = jnp.asarray(eps, images.dtype)
-  step_size = jnp.asarray(step_size, images.dtype)
-  run = functools.partial(
-      _iterate, apply_fn, params, images, labels, key,
-      None if targets is None else jnp.asarray(targets, jnp.int32), eps, step_size,
-      num_steps=num_steps, norm=norm, random_start=random_start, target_mode=target_mode,
-      away_from=away_from)
-  classes = jnp.zeros_like(labels)
-  lower_step = functools.partial(
-      common.bind(_step, apply_fn, params, norm=norm).lower, images, images, classes,
-      jnp.ones((), images.dtype), eps, step_size)
-  return common.PreparedCall(run, lower_step)
+  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+  args = (apply_fn, params, images, labels, key)
+  if not checks.is_concrete(params, images, labels, key, targets, config):
+    return common.PreparedCall(functools.partial(pgd_core, *args, config, targets=targets))
+  step = common.bind(_step, apply_fn, params, norm=config.norm)
+  eps = jnp.asarray(config.eps, images.dtype)
+  lower_step = functools.partial(step.lower, images, images, labels, jnp.ones((), images.dtype),
+                                 eps, jnp.asarray(config.step_size, images.dtype))
+  return common.PreparedCall(functools.partial(_host_loop, *args, targets, config), lower_step)
 
 
-def prepare_bim(apply_fn, params, images, labels, key, config=None, *, targets=None
-                ) -> common.PreparedCall:
-  config = config or BIMConfig()
-  num_steps = config.num_steps or kurakin_num_steps(float(config.eps))
-  return _prepare(apply_fn, params, images, labels, key, targets, eps=config.eps,
-                  step_size=config.step_size, num_steps=num_steps, norm=LINF,
-                  random_start=False, target_mode=config.target, away_from=config.away_from)
+def _attack(default: type, apply_fn: common.ApplyFn, params: Any, images: jax.Array,
+            labels: jax.Array, key: jax.Array, config: Any = None, *,
+            targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
+  return prepare(apply_fn, params, images, labels, key, config, targets=targets,
+                 evaluator=evaluator, default=default)()
 
 
-def prepare_fgsm(apply_fn, params, images, labels, key, config=None, *, targets=None
-                 ) -> common.PreparedCall:
-  config = config or FGSMConfig()
-  return prepare_bim(apply_fn, params, images, labels, key,
-                     BIMConfig(eps=config.eps, step_size=config.eps, num_steps=1,
-                               target=config.target, away_from=config.away_from),
-                     targets=targets)
+def _core(default: type, apply_fn, params, images, labels, key, config=None, *, targets=None,
+          evaluator=None, unroll: int | bool = True) -> common.AttackResult:
+  return pgd_core(apply_fn, params, images, labels, key,
+                  config if config is not None else default(), targets=targets,
+                  evaluator=evaluator, unroll=unroll)
 
 
-def prepare_pgd(apply_fn, params, images, labels, key, config=None, *, targets=None
-                ) -> common.PreparedCall:
-  config = config or PGDConfig()
-  return _prepare(apply_fn, params, images, labels, key, targets, eps=config.eps,
-                  step_size=config.step_size, num_steps=config.num_steps, norm=config.norm,
-                  random_start=config.random_start, target_mode=config.target,
-                  away_from=config.away_from)
+# The cores of FGSM and BIM: `pgd_core` with their paper settings for `config=None`.
+fgsm_core = functools.partial(_core, FGSMConfig)
+bim_core = functools.partial(_core, BIMConfig)
 
 
 def bim(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
         key: jax.Array, config: BIMConfig | None = None, *,
-        targets: jax.Array | None = None) -> common.AttackResult:
+        targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
   """Basic iterative method: `num_steps` signed steps of `step_size`, clipped to eps.
 
   Args:
@@ -234,29 +287,63 @@ def bim(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Ar
     key: PRNG key, or one per image [B] (used by the random target mode).
     config: `BIMConfig`; None is Kurakin et al.'s setting.
     targets: [B] classes for `target="explicit"`.
+    evaluator: ignored (the family's one signature).
+
+  Traces: under `jax.jit` or `jax.vmap` it runs `pgd_core`.
 
   References: Kurakin, Goodfellow, Bengio, Adversarial Examples in the Physical World, 2017.
   """
-  return prepare_bim(apply_fn, params, images, labels, key, config, targets=targets)()
+  return _attack(BIMConfig, apply_fn, params, images, labels, key, config, targets=targets,
+                 evaluator=evaluator)
 
 
 def fgsm(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
          key: jax.Array, config: FGSMConfig | None = None, *,
-         targets: jax.Array | None = None) -> common.AttackResult:
-  """Fast gradient sign method: BIM with one step of size eps.
+         targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
+  """Fast gradient sign method: BIM with one step of size eps (arguments as `bim`).
 
   References: Goodfellow, Shlens, Szegedy, Explaining and Harnessing Adversarial Examples,
   ICLR 2015.
   """
-  return prepare_fgsm(apply_fn, params, images, labels, key, config, targets=targets)()
+  return _attack(FGSMConfig, apply_fn, params, images, labels, key, config, targets=targets,
+                 evaluator=evaluator)
 
 
 def pgd(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
         key: jax.Array, config: PGDConfig | None = None, *,
-        targets: jax.Array | None = None) -> common.AttackResult:
-  """Projected gradient descent from a random start in the eps ball, L-inf or L2.
+        targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
+  """Projected gradient descent from a random start in the eps ball, L-inf or L2 (arguments
+  as `bim`).
 
   References: Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks,
   ICLR 2018.
   """
-  return prepare_pgd(apply_fn, params, images, labels, key, config, targets=targets)()
+  return _attack(PGDConfig, apply_fn, params, images, labels, key, config, targets=targets,
+                 evaluator=evaluator)
+
+
+def _within_eps(config: Any, result: Any, num_features: int) -> np.ndarray:
+  del num_features
+  if getattr(config, "norm", LINF) == LINF:
+    return np.asarray(result.linf) <= float(config.eps) + 1e-5
+  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
+
+
+def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> float:
+  del num_features, num_classes
+  return 3.0 * _as_pgd(config).num_steps + 2  # a step: forward + backward; start, re-check
+
+
+def _spec(name: str, config_cls: type, quick: dict[str, Any]) -> spec.AttackSpec:
+  return spec.AttackSpec(
+      name=name, run=functools.partial(_attack, config_cls),
+      core=functools.partial(_core, config_cls), config_cls=config_cls,
+      prepare=functools.partial(prepare, default=config_cls),
+      check_config=check_config, within_budget=_within_eps,
+      forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD_BACKWARD,
+      setup_queries=1, budget_field="eps", quick=quick)
+
+
+FGSM = _spec("fgsm", FGSMConfig, {})
+BIM = _spec("bim", BIMConfig, {"num_steps": 5})
+PGD = _spec("pgd", PGDConfig, {"num_steps": 5})

@@ -16,6 +16,12 @@ and moves both features by theta (clipped to [0, 1]). F is a choice (`derivative
   (the same pair) and does not underflow on confident models. On the MNIST LeNet it changes
   fewer features at a higher success rate than JSMA-Z (see the README).
 
+`jsma_core` iterates every image until it stops, in a `lax.while_loop`: pure, it runs under
+`jax.jit`, `jax.vmap` and inside a training step. On concrete arrays the public `jsma` runs
+the same iteration through `attacks.schedulers.jsma_rows`, which batches the images
+continuously over `num_slots` rows and runs the last ones in power-of-two chunks; it equals
+the core image by image.
+
 The N x N pair scores (N = H*W*C) are never held whole. `best_pairs` first reduces the
 search exactly: the score grows in both alpha and -beta, so both members of the best pair
 lie in the first two Pareto layers of the points (alpha_i, -beta_i), usually a few dozen
@@ -31,17 +37,17 @@ success with 4.02% of the features changed).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from advsweep.attacks import checks, common, schedulers, spec
 from flax import struct
-
-from attacks import common
 
 LOGITS, PROBABILITIES = "logits", "probabilities"
 DERIVATIVES = (LOGITS, PROBABILITIES)
+
 
 @struct.dataclass
 class JSMAConfig:
@@ -58,10 +64,10 @@ class JSMAConfig:
     target: target mode; JSMA is targeted ("random", "least_likely" or "explicit").
     derivative: the F of the saliency map: "logits" (JSMA-Z, the paper's) or
       "probabilities" (JSMA-F, the softmax; see the module doc).
-    num_slots: images iterated at once, the largest batch of a model call and the memory
-      bound; an image that stops hands its row to the next (continuous batching). On the
-      2-core CPU the LeNet's forward pass and two VJPs ran 1000 images/s at 8-32 and 580
-      at 64; on a GPU, raise it. It does not change results (`common.SAME_RESULTS`).
+    num_slots: images the scheduler iterates at once (`attacks.schedulers.jsma_rows`), the
+      largest batch of a model call and its memory bound; an image that stops hands its
+      row to the next (continuous batching). Raise it where a larger batch runs faster (a
+      GPU). It does not change results (`common.SAME_RESULTS`).
   """
 
   gamma: float = 0.145
@@ -138,11 +144,10 @@ def _pareto_pair(alpha, beta, domain, max_candidates):
   most one other feature (dominance taken in the order u, v, index, so that ties go to the
   first): only the first two Pareto layers, the candidates, can hold it.
 
-  The candidates are found without sorting the N features (a sort was 22 of 93 ms of an
-  All-CNN-C iteration on the 2-core CPU). A linear pass drops every feature with two others
-  of larger u (in a higher one of `NUM_BINS` equal bins of u) and v at least its own, which
-  leaves a superset of the candidates, the survivors (at most 29 of 784 LeNet and 14 of
-  3072 All-CNN-C features in the iterations measured). Among at most `max_candidates`
+  The candidates are found without sorting the N features (a sort dominated the pair
+  search). A linear pass drops every feature with two others of larger u (in a higher one
+  of `NUM_BINS` equal bins of u) and v at least its own, which leaves a superset of the
+  candidates, the survivors (a few dozen features in practice). Among at most `max_candidates`
   survivors, the candidates are those with at most one dominating survivor: a dominated
   feature's dominators include two candidates (the two highest of them in the order), so
   dropping non-candidates never hides one. All candidate pairs are then scored. Exact up
@@ -165,8 +170,8 @@ def _pareto_pair(alpha, beta, domain, max_candidates):
   second = jnp.where(ties >= 2, first, empty.at[bins].max(jnp.where(is_first, -jnp.inf, v)))
 
   # The second largest v over the strictly higher bins: of their firsts (ties counted) and
-  # their seconds, by reductions over a [bins, bins] mask (an associative scan compiled 0.3 s
-  # slower, in every batch size; `lax.top_k` ran 1.6 of the LeNet's 2.6 ms on 32 rows).
+  # their seconds, by reductions over a [bins, bins] mask (cheaper on XLA CPU than an
+  # associative scan or `lax.top_k`).
   higher = jnp.arange(NUM_BINS)[None, :] > jnp.arange(NUM_BINS)[:, None]
   firsts = jnp.where(higher, first[None, :], -jnp.inf)
   top = jnp.max(firsts, 1, keepdims=True)
@@ -209,8 +214,8 @@ def best_pairs(alpha: jax.Array, beta: jax.Array, domain: jax.Array, block_rows:
     return full(alpha, beta, domain)
   *reduced, complete = jax.vmap(functools.partial(_pareto_pair, max_candidates=max_candidates))(
       alpha, beta, domain)
-  # The operands go through the cond (not closed over): merging the reduced results into
-  # the full scan's branch made every LeNet iteration 10-20 ms slower on XLA CPU.
+  # The operands go through the cond rather than being closed over: XLA CPU ran every
+  # iteration slower with the reduced results merged into the full scan's branch.
   return jax.lax.cond(jnp.all(complete), lambda *_: tuple(reduced), full, alpha, beta, domain)
 
 
@@ -224,33 +229,26 @@ def top_pair(alpha: jax.Array, domain: jax.Array) -> tuple[jax.Array, jax.Array,
   return jnp.min(ids, -1), jnp.max(ids, -1), score
 
 
-def chunks(rows: int) -> list[tuple[int, int]]:
-  """(offset, size) of the power-of-two chunks that cover rows [0, rows), largest first (the
-  binary digits of `rows`): 13 rows are 8 + 4 + 1.
+class JSMAState(NamedTuple):
+  """The iteration's state: R rows (images), N = H*W*C features."""
 
-  JSMA runs its working rows chunk by chunk, so the iteration compiles for powers of two
-  only and no row is padding. On the 2-core CPU a row costs the same at any batch size (the
-  LeNet's forward pass and two VJPs: 910 images/s at 1, 680-810 at 2-32), so the tail, where
-  a few images still iterate, costs only what they need: padding rows to a ladder of sizes
-  from 4 had run 9% (LeNet) and 23% (All-CNN-C) more rows than active images on 32 images.
-  """
-  out, offset = [], 0
-  for bit in reversed(range(rows.bit_length())):
-    if rows >> bit & 1:
-      out.append((offset, 1 << bit))
-      offset += 1 << bit
-  return out
+  x: jax.Array  # [R, N] the working images, flattened
+  domain: jax.Array  # [R, N] bool, the features that may still change
+  active: jax.Array  # [R] bool, the row still iterates
+  queries: jax.Array  # [R] int32, iterations spent
 
 
-def _start(apply_fn, params, images, labels, keys, targets, *, theta, target_mode):
-  """Targets and the initial state: flat images, search domain, active flags, queries."""
+def start(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+          keys: jax.Array, targets: jax.Array | None, *, theta: float, target_mode: str
+          ) -> tuple[jax.Array, JSMAState]:
+  """Targets [B] and the initial state of every image."""
   batch = images.shape[0]
   keys = common.per_image_keys(keys, batch)
   targets = common.choose_targets(target_mode, keys, labels, apply_fn(params, images),
                                   targets)
   flat = images.reshape(batch, -1)
   domain = (flat < 1.0) if theta > 0 else (flat > 0.0)
-  return targets, (flat, domain, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
+  return targets, JSMAState(flat, domain, jnp.ones(batch, bool), jnp.zeros(batch, jnp.int32))
 
 
 def _derivatives(apply_fn, params, images, targets, x, *, theta, derivative):
@@ -272,188 +270,112 @@ def _derivatives(apply_fn, params, images, targets, x, *, theta, derivative):
   return direction * alpha, direction * beta, jnp.argmax(outputs, -1) == targets
 
 
-def _move(images, state, hit, pair, gamma, *, theta):
+def _move(images, state: JSMAState, hit, pair, gamma, *, theta) -> JSMAState:
   """Moves both features of each active row's pair by theta (clipped to [0, 1]) while the
   target is not reached, a pair qualifies and the gamma budget allows."""
-  x, domain, active, queries = state
-  batch, n = x.shape
+  batch, n = state.x.shape
   p, q, score = pair
+  x = state.x
   changed = jnp.sum(x != images.reshape(batch, n), -1)
-  go = active & ~hit & jnp.isfinite(score) & (changed + 2 <= jnp.floor(gamma * n))
+  go = state.active & ~hit & jnp.isfinite(score) & (changed + 2 <= jnp.floor(gamma * n))
   rows = jnp.arange(batch)
   moved_p = jnp.clip(x[rows, p] + theta, 0.0, 1.0)
   moved_q = jnp.clip(x[rows, q] + theta, 0.0, 1.0)
   x = x.at[rows, p].set(jnp.where(go, moved_p, x[rows, p]))
   x = x.at[rows, q].set(jnp.where(go, moved_q, x[rows, q]))
   at_limit = (x >= 1.0) if theta > 0 else (x <= 0.0)
-  return x, domain & ~at_limit, go, queries + active.astype(jnp.int32)
+  return JSMAState(x, state.domain & ~at_limit, go,
+                   state.queries + state.active.astype(jnp.int32))
 
 
-def _chunk_iteration(apply_fn, params, images, targets, state, gamma, offset, *, size, theta,
-                     block_rows, max_candidates, derivative):
-  """One JSMA iteration of the working rows [offset, offset + size): the derivatives, the
-  best pair of every row (`best_pairs`, or for JSMA-F `top_pair`) and the move. Returns the
-  whole working state with those rows updated."""
-  def take(a):
-    return jax.lax.dynamic_slice_in_dim(a, offset, size)
-
-  chunk_images = take(images)
-  chunk = jax.tree.map(take, state)
-  alpha, beta, hit = _derivatives(apply_fn, params, chunk_images, take(targets), chunk[0],
-                                  theta=theta, derivative=derivative)
+def iteration(apply_fn: common.ApplyFn, params: Any, images: jax.Array, targets: jax.Array,
+              state: JSMAState, gamma: jax.Array, *, theta: float, block_rows: int,
+              max_candidates: int, derivative: str) -> JSMAState:
+  """One JSMA iteration of every row: the derivatives, each row's best pair (`best_pairs`,
+  or for JSMA-F `top_pair`) and the move. `images` and `targets` are the rows' own."""
+  alpha, beta, hit = _derivatives(apply_fn, params, images, targets, state.x, theta=theta,
+                                  derivative=derivative)
   if derivative == PROBABILITIES:
-    pair = top_pair(alpha, chunk[1])
+    pair = top_pair(alpha, state.domain)
   else:
-    pair = best_pairs(alpha, beta, chunk[1], block_rows, max_candidates)
-  moved = _move(chunk_images, chunk, hit, pair, gamma, theta=theta)
-  return jax.tree.map(lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, offset, 0),
-                      state, moved)
+    pair = best_pairs(alpha, beta, state.domain, block_rows, max_candidates)
+  return _move(images, state, hit, pair, gamma, theta=theta)
 
 
-def _iteration(apply_fn, params, **static):
-  """`_chunk_iteration` of one chunk size, jitted (the params an argument: see common.bind)."""
-  return common.bind(_chunk_iteration, apply_fn, params, close_params=False, **static)
+def max_iterations(image_size: int, theta: float) -> int:
+  """An image stops within this many iterations: each moves a feature by theta towards its
+  bound, or stops the image."""
+  return int(np.ceil(1.0 / abs(theta))) * image_size + 1
 
 
-def _padded(values: np.ndarray, length: int, fill: int) -> np.ndarray:
-  """`values` followed by `fill` up to `length`."""
-  out = np.full(length, fill)
-  out[:len(values)] = values
-  return out
+def iteration_statics(config: JSMAConfig) -> dict[str, Any]:
+  """The static keywords of `iteration` for `config`."""
+  return dict(theta=float(config.theta), block_rows=config.block_rows,
+              max_candidates=config.max_candidates, derivative=config.derivative)
 
 
-def _write_back(final, rows, state):
-  """Writes each working row's x and queries to its image in `final` (padding rows, whose
-  image is out of range, are dropped)."""
-  return (final[0].at[rows].set(state[0], mode="drop"),
-          final[1].at[rows].set(state[3], mode="drop"))
-
-
-@jax.jit
-def _hand_over(final, state, initial, work_images, work_targets, images, targets, leaving_ids,
-               leaving_rows, into_rows, entering_ids):
-  """Continuous batching's row exchange: rows `leaving_rows` write their x and queries to
-  images `leaving_ids` of `final`; rows `into_rows` take images `entering_ids` (their
-  initial state, image and target). Out-of-range ids and rows are dropped."""
-  final = _write_back(final, leaving_ids, jax.tree.map(lambda a: a[leaving_rows], state))
-  state = jax.tree.map(lambda a, b: a.at[into_rows].set(b[entering_ids], mode="drop"), state,
-                       initial)
-  work_images = work_images.at[into_rows].set(images[entering_ids], mode="drop")
-  work_targets = work_targets.at[into_rows].set(targets[entering_ids], mode="drop")
-  return final, state, work_images, work_targets
-
-
-@jax.jit
-def _compact(final, rows, state, work_images, work_targets, order, kept):
-  """Writes every working row back to its image in `final`, then reorders the rows by
-  `order` (the active ones first); the rows from `kept` on are left inactive."""
-  final = _write_back(final, rows, state)
-  state = jax.tree.map(lambda a: a[order], state)
-  state = (*state[:2], state[2] & (jnp.arange(order.shape[0]) < kept), state[3])
-  return final, state, work_images[order], work_targets[order]
-
-
-def _jsma(apply_fn, params, images, labels, keys, targets, gamma, *, theta, block_rows,
-          max_candidates, target_mode, derivative, num_slots) -> common.AttackResult:
-  """Iterates `_chunk_iteration` over `num_slots` working rows until no image is left.
-
-  A host loop over jitted iterations rather than a `lax.while_loop`: on the XLA CPU backend
-  the backward pass inside a `while` body ran 4x slower (see attacks.gradient). An image
-  stops when it reaches its target, its gamma budget or an empty search domain; each of its
-  iterations moves a feature by theta, so it stops within ceil(1 / |theta|) * N.
-
-  Continuous batching: the images go through `num_slots` rows, and a row whose image has
-  stopped takes the next image waiting. Once none waits, finished images stop costing work:
-  the active rows move to the front and only they are iterated, in power-of-two `chunks`.
-  Rows are independent, so the results do not depend on `num_slots` (tested).
-  """
-  targets, initial = common.bind(_start, apply_fn, params, theta=theta,
-                                 target_mode=target_mode)(images, labels, keys, targets)
-  batch = images.shape[0]
-  slots = min(num_slots, batch)
-  step = functools.cache(lambda size: _iteration(  # the iteration of a chunk of `size` rows
-      apply_fn, params, size=size, theta=theta, block_rows=block_rows,
-      max_candidates=max_candidates, derivative=derivative))
-  final = (initial[0], initial[3])  # every image's x and queries, written back as rows leave
-  rows = np.arange(slots)  # the image each working row holds; `batch` marks none
-  filled = slots  # rows [0, filled) are iterated
-  waiting = slots  # the next image to enter
-  state = jax.tree.map(lambda a: a[:slots], initial)
-  work_images, work_targets = images[:slots], targets[:slots]
-  max_iterations = batch * (int(np.ceil(1.0 / abs(theta))) * images[0].size + 1)
-  for _ in range(max_iterations):
-    active = np.array(state[2])  # a writable copy
-    stopped = np.flatnonzero(~active & (rows < batch))
-    if waiting < batch and len(stopped):  # refill: the stopped images leave, new ones enter
-      into = stopped[:batch - waiting]
-      entering = np.arange(waiting, waiting + len(into))
-      # Fixed-length index lists (out of range: dropped), so this compiles once.
-      final, state, work_images, work_targets = _hand_over(
-          final, state, initial, work_images, work_targets, images, targets,
-          _padded(rows[stopped], slots, batch), _padded(stopped, slots, 0),
-          _padded(into, slots, slots), _padded(entering, slots, 0))
-      waiting += len(into)
-      rows[into] = entering
-      active[into] = True
-    kept = int(active.sum())
-    if not kept:
-      break
-    if waiting >= batch and kept < filled:  # compact: the active rows first
-      order = np.argsort(~active, kind="stable")
-      final, state, work_images, work_targets = _compact(
-          final, rows, state, work_images, work_targets, order, kept)
-      rows = rows[order]
-      rows[kept:] = batch
-      filled = kept
-    for offset, size in chunks(filled):
-      state = step(size)(work_images, work_targets, state, gamma, np.int32(offset))
-  final_x, final_queries = _write_back(final, rows, state)
-  adv = final_x.reshape(images.shape)
-  return common.finalize(apply_fn, params, images, adv, labels, targets, final_queries)
-
-
-def prepare_jsma(apply_fn, params, images, labels, key, config=None, *, targets=None
-                 ) -> common.PreparedCall:
-  """Checks the inputs and returns the jitted core with its arguments."""
+def jsma_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+              key: jax.Array, config: JSMAConfig | None = None, *,
+              targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
+  """JSMA's pure core: every image iterates in one batch, in a `lax.while_loop`, until all
+  have stopped. Arguments as `jsma`; no checks of its own."""
+  del evaluator  # JSMA needs the model's derivatives: the full model
   config = config or JSMAConfig()
-  common.validate(apply_fn, params, images, labels, targets=targets,
-                  target_mode=config.target)
+  statics = iteration_statics(config)
+  targets, state = start(apply_fn, params, images, labels, key, targets,
+                         theta=statics["theta"], target_mode=config.target)
+  gamma = jnp.asarray(config.gamma, images.dtype)
+  limit = max_iterations(images[0].size, statics["theta"])
+
+  def body(carry):
+    count, state = carry
+    return count + 1, iteration(apply_fn, params, images, targets, state, gamma, **statics)
+
+  _, state = jax.lax.while_loop(lambda c: jnp.any(c[1].active) & (c[0] < limit), body,
+                                (jnp.asarray(0), state))
+  return common.finalize(apply_fn, params, images, state.x.reshape(images.shape), labels,
+                         targets, state.queries)
+
+
+def check_config(config: JSMAConfig) -> None:
+  """Raises ValueError naming a bad value of a JSMA config."""
+  checks.check_choice("target", config.target, common.TARGET_MODES)
   if config.target == common.UNTARGETED:
     raise ValueError("JSMA is a targeted attack: use target='random', 'least_likely' or "
                      "'explicit'")
   if config.theta == 0 or not -1.0 <= config.theta <= 1.0:
     raise ValueError(f"theta must be in [-1, 0) or (0, 1]; got {config.theta}")
-  if not 0.0 <= float(config.gamma) <= 1.0:
+  if checks.is_concrete(config.gamma) and not 0.0 <= float(config.gamma) <= 1.0:
     raise ValueError(f"gamma must be a fraction in [0, 1]; got {config.gamma}")
-  if config.derivative not in DERIVATIVES:
-    raise ValueError(f"derivative must be one of {DERIVATIVES}; got {config.derivative!r}")
+  checks.check_choice("derivative", config.derivative, DERIVATIVES)
   if config.block_rows < 1 or config.max_candidates < 0 or config.num_slots < 1:
     raise ValueError(f"block_rows and num_slots must be >= 1 and max_candidates >= 0; got "
                      f"{config.block_rows}, {config.num_slots}, {config.max_candidates}")
+
+
+def prepare_jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+                 key: jax.Array, config: JSMAConfig | None = None, *,
+                 targets: jax.Array | None = None, evaluator: Any = None
+                 ) -> common.PreparedCall:
+  """Checks the inputs; returns the attack, ready to run (the row scheduler on concrete
+  arrays, the core under a trace)."""
+  del evaluator
+  config = config or JSMAConfig()
+  check_config(config)
+  checks.check_inputs(apply_fn, params, images, labels, targets=targets,
+                      target_mode=config.target)
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
-  gamma = jnp.asarray(config.gamma, images.dtype)
-  theta = float(config.theta)
-  run = functools.partial(
-      _jsma, apply_fn, params, images, labels, key,
-      None if targets is None else jnp.asarray(targets, jnp.int32), gamma, theta=theta,
-      block_rows=config.block_rows, max_candidates=config.max_candidates,
-      target_mode=config.target, derivative=config.derivative, num_slots=config.num_slots)
-  slots = min(config.num_slots, len(images))
-  flat = images[:slots].reshape(slots, -1)
-  state = (flat, jnp.ones(flat.shape, bool), jnp.ones(slots, bool),
-           jnp.zeros(slots, jnp.int32))
-  largest = _iteration(apply_fn, params, size=chunks(slots)[0][1], theta=theta,
-                       block_rows=config.block_rows, max_candidates=config.max_candidates,
-                       derivative=config.derivative)
-  lower_step = functools.partial(largest.lower, images[:slots], labels[:slots], state, gamma,
-                                 np.int32(0))
-  return common.PreparedCall(run, lower_step)
+  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+  if not checks.is_concrete(params, images, labels, key, targets, config):
+    return common.PreparedCall(functools.partial(
+        jsma_core, apply_fn, params, images, labels, key, config, targets=targets))
+  return schedulers.prepare_jsma_rows(apply_fn, params, images, labels, key, config, targets)
 
 
 def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
          key: jax.Array, config: JSMAConfig | None = None, *,
-         targets: jax.Array | None = None) -> common.AttackResult:
+         targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
   """Targeted JSMA: pairs of features moved by theta until the target class wins.
 
   Args:
@@ -465,12 +387,40 @@ def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.A
     config: `JSMAConfig`; None is the paper's setting (theta +1, gamma 14.5%).
     targets: [B] classes for `target="explicit"`; see `attacks.every_other_class` for the
       paper's all-targets runs.
+    evaluator: ignored (the family's one signature).
 
   Returns:
     `AttackResult`; `l0_fraction` is the paper's "percentage of features modified" and
     `queries` counts iterations (one forward pass and two vector-Jacobian products each;
     one with `derivative="probabilities"`).
 
+  On concrete arrays it runs the row scheduler (`attacks.schedulers.jsma_rows`); under a
+  trace, `jsma_core`.
+
   References: Papernot et al., The Limitations of Deep Learning in Adversarial Settings, 2016.
   """
-  return prepare_jsma(apply_fn, params, images, labels, key, config, targets=targets)()
+  return prepare_jsma(apply_fn, params, images, labels, key, config, targets=targets,
+                      evaluator=evaluator)()
+
+
+def _within_gamma(config: JSMAConfig, result: Any, num_features: int) -> np.ndarray:
+  """Features change in pairs: the last pair may pass gamma by one feature."""
+  return np.asarray(result.l0_fraction) <= float(config.gamma) + 2.0 / num_features + 1e-7
+
+
+def _forward_equivalents(config: JSMAConfig, num_features: int, num_classes: int) -> float:
+  del num_classes
+  return 5.0 * np.ceil(float(config.gamma) * num_features / 2) + 2
+
+
+def _unit(config: JSMAConfig) -> str:
+  """JSMA-F takes one VJP per iteration, JSMA-Z two."""
+  return spec.FORWARD_VJP if config.derivative == PROBABILITIES else spec.FORWARD_TWO_VJPS
+
+
+SPEC = spec.AttackSpec(
+    name="jsma", run=jsma, core=jsma_core, config_cls=JSMAConfig, prepare=prepare_jsma,
+    check_config=check_config, within_budget=_within_gamma,
+    forward_equivalents=_forward_equivalents, unit=_unit,
+    unit_batch=lambda config, num_images: min(config.num_slots, num_images),
+    budget_field="gamma", quick={"gamma": 0.05})

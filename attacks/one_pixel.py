@@ -8,18 +8,22 @@ evosax's `DifferentialEvolution` with `elitism=False` (random base vector: rand/
 `differential_weight=F`; evosax neither initialises the paper's way nor clips, so both are
 done here.
 
-Images are attacked through `num_slots` slots with continuous batching: every generation is
-one (chunked) model call over all candidates of all slots, and a slot whose image succeeded
-(or ran out of generations) is refilled with the next pending image at once, so a broken
-image stops costing model evaluations. Every random draw for image i comes from image i's
-key folded with its generation, so the result does not depend on slot assignment: a batch
-equals a per-image loop with the same keys.
+The search runs over slots (`SlotState`), one image per slot, one generation at a time
+(`generation`): every generation is one (chunked) model call over all candidates of all
+active slots. `one_pixel_core` gives every image its own slot and runs until all are done:
+pure, it runs under `jax.jit`, `jax.vmap` and inside a training step.
+`attacks.schedulers.one_pixel_slots`, which the public `one_pixel` runs on concrete arrays,
+puts the images through `num_slots` slots and refills a slot whose image succeeded (or ran
+out of generations) with the next pending image at once, so a broken image stops costing
+model evaluations. Every random draw for image i comes from image i's key folded with its
+generation, so the result does not depend on slot assignment: the scheduler equals the core
+image by image.
 
-Where `apply_fn` has a `pixel_splicer` (the zoo's sequential CNNs) and k = 1, a candidate's
-logits come from pixel-local evaluation (`models.locality`): the pixel's change is propagated
+Given an `evaluator` (a zoo model's `pixel_evaluator`, see `models.locality`) and k = 1, a
+candidate's logits come from pixel-local evaluation: the pixel's change is propagated
 through the early layers only on the windows it reaches and spliced into the clean
-activations. Exact up to float rounding; per candidate, 2.4x faster than the full forward
-pass on the MNIST LeNet and 2.9x on All-CNN-C (one CPU thread).
+activations. Exact up to float rounding, and faster than the full forward pass;
+`AttackResult.evaluation` says which ran.
 
 References: Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, IEEE
 TEVC 2019 (70.97% of natural images perturbed to at least one target class, 97.47% mean
@@ -28,15 +32,17 @@ confidence).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from advsweep.attacks import checks, common, schedulers, spec
 from evosax.algorithms import DifferentialEvolution
 from flax import struct
-
-from attacks import common
 
 AT_LEAST_ONE_TARGET = "at_least_one_target"
 ONE_PIXEL_TARGET_MODES = (*common.TARGET_MODES, AT_LEAST_ONE_TARGET)
@@ -63,11 +69,11 @@ class OnePixelConfig:
     num_slots: images attacked at once; each generation evaluates num_slots *
       population_size candidates.
     chunk_size: candidates per model call, the memory bound of the evaluation.
-    splice: evaluate candidates pixel-locally when `apply_fn` has a `pixel_splicer` (the
-      zoo's sequential CNNs, see `models.locality`) and k = 1: the early layers are
-      computed only on the windows the changed pixel reaches. Exact up to float
-      rounding; False always runs the full forward pass. It does not change results,
-      so it is not part of a sweep cell's identity (`common.SAME_RESULTS`).
+    splice: evaluate candidates pixel-locally when the attack is given an `evaluator` (the
+      zoo's sequential CNNs have one, see `models.locality`) and k = 1: the early layers
+      are computed only on the windows the changed pixel reaches. Exact up to float
+      rounding; False always runs the full forward pass. It does not change results, so
+      it is not part of a sweep cell's identity (`common.SAME_RESULTS`).
   """
 
   num_pixels: int = struct.field(pytree_node=False, default=1)
@@ -100,7 +106,7 @@ def apply_candidate(image: jax.Array, candidate: jax.Array) -> jax.Array:
   return image.at[rows, cols].set(colours.astype(image.dtype))
 
 
-def _clip_candidates(candidates, height, width, channels):
+def clip_candidates(candidates, height, width, channels):
   shape = candidates.shape
   pixels = candidates.reshape(*shape[:-1], -1, 2 + channels)
   upper = jnp.asarray([height - 1e-3, width - 1e-3] + [1.0] * channels, candidates.dtype)
@@ -115,180 +121,251 @@ def _initial_population(key, population_size, num_pixels, height, width, channel
   colours = 128 / 255 + 127 / 255 * jax.random.normal(
       colour_key, (population_size, num_pixels, channels))
   population = jnp.concatenate([coords, colours], -1).reshape(population_size, -1)
-  return _clip_candidates(population, height, width, channels)
+  return clip_candidates(population, height, width, channels)
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("num_pixels", "population_size", "num_generations",
-                                    "target_mode", "stop_on_flip", "num_slots",
-                                    "chunk_size", "splice", "base"))
-def _one_pixel(apply_fn, params, images, labels, keys, targets, differential_weight,
-               stop_true_prob, stop_target_prob, *, num_pixels, population_size,
-               num_generations, target_mode, stop_on_flip, num_slots, chunk_size, splice,
-               base):
-  batch, height, width, channels = images.shape
-  dims = num_pixels * (2 + channels)
-  slots = min(num_slots, batch)
-  keys = common.per_image_keys(keys, batch)
+class SlotState(NamedTuple):
+  """The DE loop's state: S slots, P members, D = k*(2+C) candidate values, B images."""
+
+  image: jax.Array  # [S] int32, the image each slot holds; -1 for an idle slot
+  de: Any  # evosax's DE State, every leaf [S, ...]
+  member_success: jax.Array  # [S, P] bool, the member's candidate succeeded
+  fresh: jax.Array  # [S] bool, the slot's initial population is not evaluated yet
+  generation: jax.Array  # [S] int32, generations the slot's image has run
+  best: jax.Array  # [B, D], each finished image's best candidate
+  queries: jax.Array  # [B] int32, candidates evaluated per image
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+  """An attack's fixed parts, built inside the trace by `setup`.
+
+  Attributes:
+    de: evosax's `DifferentialEvolution` for P members of D values.
+    de_params: its params (rand/1 or best/1, no crossover, F).
+    keys: [B] one key per image.
+    fitness: `(ids[M], candidates[M,D]) -> (fitness[M], success[M])`; lower is better.
+    image_shape: (H, W, C).
+    num_generations: generations after the initial population.
+    chunk_size: candidates per model call.
+    evaluation: `common.FULL_EVALUATION` or `common.PIXEL_LOCAL_EVALUATION`.
+  """
+
+  de: DifferentialEvolution
+  de_params: Any
+  keys: jax.Array
+  fitness: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  image_shape: tuple[int, int, int]
+  num_generations: int
+  chunk_size: int
+  evaluation: str
+
+  @property
+  def population_size(self) -> int:
+    return self.de.population_size
+
+
+def candidate_logits(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
+                     num_pixels: int, evaluator: Any) -> tuple[Callable, str]:
+  """`(ids[M], candidates[M,D]) -> logits[M,K]` of clean images `ids` with the candidates'
+  pixels set, and which evaluation it runs: pixel-local through `evaluator` where it has a
+  split that pays (k = 1), else the full forward pass."""
+  height, width, channels = images.shape[1:]
+  plan = None if evaluator is None else evaluator.plan_for(params, images.shape[1:],
+                                                           num_pixels)
+  if plan is None or plan.split == 0:
+    def full(ids, candidates):
+      return apply_fn(params, jax.vmap(apply_candidate)(images[ids], candidates))
+    return full, common.FULL_EVALUATION
+  clean = evaluator.clean_state(params, images, plan)
+
+  def pixel_local(ids, candidates):
+    rows, cols, colours = decode_candidates(candidates, height, width, channels)
+    return evaluator.logits(params, clean, ids, rows, cols, colours.astype(images.dtype), plan)
+  return pixel_local, common.PIXEL_LOCAL_EVALUATION
+
+
+def _fitness(logits_of, labels, targets, config, ids, candidates):
+  """Fitness (the true class's probability, or minus the target's) and success."""
+  probs = jax.nn.softmax(logits_of(ids, candidates), -1)
+  rows = jnp.arange(ids.shape[0])
+  pred = jnp.argmax(probs, -1)
+  if config.target != common.UNTARGETED:
+    p_target = probs[rows, targets[ids]]
+    fitness, success = -p_target, p_target > config.stop_target_prob
+    if config.stop_on_flip:
+      success |= pred == targets[ids]
+  else:
+    p_true = probs[rows, labels[ids]]
+    fitness, success = p_true, p_true < config.stop_true_prob
+    if config.stop_on_flip:
+      success |= pred != labels[ids]
+  finite = jnp.isfinite(fitness)
+  return jnp.where(finite, fitness, jnp.inf), success & finite
+
+
+def setup(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+          keys: jax.Array, targets: jax.Array | None, config: OnePixelConfig,
+          evaluator: Any) -> tuple[Search, jax.Array]:
+  """The `Search` of a batch and its targets ([B] keys in, targets [B] out)."""
+  height, width, channels = images.shape[1:]
+  dims = config.num_pixels * (2 + channels)
   target_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x7FFFFFFF))(keys)
-  clean_logits = apply_fn(params, images)
-  targets = common.choose_targets(target_mode, target_keys, labels, clean_logits, targets)
-  targeted = target_mode != common.UNTARGETED
-
-  de = DifferentialEvolution(population_size, jnp.zeros(dims, images.dtype))
+  targets = common.choose_targets(config.target, target_keys, labels, apply_fn(params, images),
+                                  targets)
+  de = DifferentialEvolution(config.population_size, jnp.zeros(dims, images.dtype))
   de_params = de.default_params.replace(
-      elitism=base == "best", crossover_rate=1.0, differential_weight=differential_weight)
+      elitism=config.base == "best", crossover_rate=1.0,
+      differential_weight=jnp.asarray(config.differential_weight, images.dtype))
+  logits_of, evaluation = candidate_logits(apply_fn, params, images, config.num_pixels,
+                                           evaluator)
+  fitness = functools.partial(_fitness, logits_of, labels, targets, config)
+  return Search(de, de_params, keys, fitness, (height, width, channels),
+                config.num_generations, config.chunk_size, evaluation), targets
 
-  def fresh_state(image_index):
-    key = jax.random.fold_in(keys[image_index], 0)
-    population = _initial_population(key, population_size, num_pixels, height, width,
-                                     channels)
-    state = de.init(key, population, jnp.full(population_size, jnp.inf), de_params)
-    return state
 
-  total = slots * population_size
-  num_chunks = -(-total // min(chunk_size, total))
-  chunk = -(-total // num_chunks)  # even chunks: at most num_chunks - 1 padded candidates
+def fresh_de(search: Search, image_ids: jax.Array) -> Any:
+  """DE states [S] holding the initial populations of images `image_ids` [S]."""
+  def one(image_index):
+    key = jax.random.fold_in(search.keys[image_index], 0)
+    population = _initial_population(key, search.population_size,
+                                     search.de.num_dims // (2 + search.image_shape[2]),
+                                     *search.image_shape)
+    return search.de.init(key, population, jnp.full(search.population_size, jnp.inf),
+                          search.de_params)
+  return jax.vmap(one)(image_ids)
 
-  splicer = getattr(apply_fn, "pixel_splicer", None) if splice else None
-  if splicer is not None:
-    plan = splicer.plan_for(params, images.shape[1:], num_pixels)
-    if plan.split == 0:  # no split pays off (k windows cost more): the plain forward pass
-      splicer = None
-    else:
-      clean_state = splicer.clean_state(params, images, plan)
 
-  def candidate_logits(ids, cands):
-    if splicer is None:
-      return apply_fn(params, jax.vmap(apply_candidate)(images[ids], cands))
-    rows, cols, colours = decode_candidates(cands, height, width, channels)
-    return splicer.logits(params, clean_state, ids, rows, cols, colours.astype(images.dtype),
-                          plan)
-
-  def evaluate_chunk(ids, cands):
-    probs = jax.nn.softmax(candidate_logits(ids, cands), -1)
-    rows = jnp.arange(ids.shape[0])
-    pred = jnp.argmax(probs, -1)
-    if targeted:
-      p_target = probs[rows, targets[ids]]
-      fitness = -p_target
-      success = p_target > stop_target_prob
-      if stop_on_flip:
-        success |= pred == targets[ids]
-    else:
-      p_true = probs[rows, labels[ids]]
-      fitness = p_true
-      success = p_true < stop_true_prob
-      if stop_on_flip:
-        success |= pred != labels[ids]
-    finite = jnp.isfinite(fitness)
-    return jnp.where(finite, fitness, jnp.inf), success & finite
-
-  def evaluate(image_ids, candidates, active):
-    """Fitness (lower is better) and success of [S,P] candidates.
-
-    Active slots are moved to the front and only the chunks that hold them are evaluated,
-    so idle slots (at the end of a batch) cost nothing.
-    """
-    order = jnp.argsort(~active, stable=True)
-    flat_ids = jnp.repeat(image_ids[order], population_size)
-    flat_candidates = candidates[order].reshape(total, dims)
-    pad = num_chunks * chunk - total
-    flat_ids = jnp.pad(flat_ids, (0, pad))
-    flat_candidates = jnp.pad(flat_candidates, ((0, pad), (0, 0)))
-    needed = -(-(jnp.sum(active) * population_size) // chunk)
-
-    def body(c, buffers):
-      start = c * chunk
-      ids = jax.lax.dynamic_slice(flat_ids, (start,), (chunk,))
-      cands = jax.lax.dynamic_slice(flat_candidates, (start, 0), (chunk, dims))
-      fitness, success = evaluate_chunk(ids, cands)
-      return (jax.lax.dynamic_update_slice(buffers[0], fitness, (start,)),
-              jax.lax.dynamic_update_slice(buffers[1], success, (start,)))
-
-    buffers = (jnp.full(num_chunks * chunk, jnp.inf, images.dtype),
-               jnp.zeros(num_chunks * chunk, bool))
-    fitness, success = jax.lax.fori_loop(0, needed, body, buffers)
-    fitness = fitness[:total].reshape(slots, population_size)
-    success = success[:total].reshape(slots, population_size)
-    inverse = jnp.argsort(order)
-    return fitness[inverse], success[inverse]
-
-  slot_image = jnp.arange(slots)
-  init = dict(
-      slot_image=slot_image,
-      de_state=jax.vmap(fresh_state)(slot_image),
-      member_success=jnp.zeros((slots, population_size), bool),
-      fresh=jnp.ones(slots, bool),
+def initial_state(search: Search, image_ids: jax.Array, images: jax.Array) -> SlotState:
+  """Slots holding images `image_ids` [S] of `images` [B,H,W,C], fresh."""
+  batch = images.shape[0]
+  slots, population = image_ids.shape[0], search.population_size
+  return SlotState(
+      image=image_ids.astype(jnp.int32), de=fresh_de(search, image_ids),
+      member_success=jnp.zeros((slots, population), bool), fresh=jnp.ones(slots, bool),
       generation=jnp.zeros(slots, jnp.int32),
-      next_image=jnp.asarray(slots, jnp.int32),
-      best=jnp.zeros((batch, dims), images.dtype),
-      queries=jnp.zeros(batch, jnp.int32),
-  )
-
-  def cond(s):
-    return jnp.any(s["slot_image"] >= 0)
-
-  def body(s):
-    active = s["slot_image"] >= 0
-    ids = jnp.maximum(s["slot_image"], 0)
-    state = s["de_state"]
-    ask_keys = jax.vmap(jax.random.fold_in)(keys[ids], s["generation"] + 1)
-    trials, _ = jax.vmap(de.ask, in_axes=(0, 0, None))(ask_keys, state, de_params)
-    candidates = jnp.where(s["fresh"][:, None, None], state.population, trials)
-    candidates = _clip_candidates(candidates, height, width, channels)
-    fitness, success = evaluate(ids, candidates, active)
-    replace = fitness <= state.fitness
-    member_success = jnp.where(replace, success, s["member_success"])
-    state, _ = jax.vmap(de.tell, in_axes=(0, 0, 0, 0, None))(
-        ask_keys, candidates, fitness, state, de_params)
-    queries = s["queries"].at[ids].add(jnp.where(active, population_size, 0))
-    generation = s["generation"] + 1
-    done = active & (jnp.any(member_success, -1) | (generation > num_generations))
-
-    # The best member: the fittest successful one if any succeeded, else the fittest.
-    ranked = jnp.where(jnp.any(member_success, -1, keepdims=True),
-                       jnp.where(member_success, state.fitness, jnp.inf), state.fitness)
-    winner = jnp.take_along_axis(state.population, jnp.argmin(ranked, -1)[:, None, None],
-                                 1)[:, 0]
-    best = s["best"].at[jnp.where(done, ids, batch)].set(winner, mode="drop")
-
-    # Refill finished slots with pending images, in slot order.
-    rank = jnp.cumsum(done) - 1
-    new_image = s["next_image"] + rank
-    refill = done & (new_image < batch)
-    slot_image = jnp.where(done, jnp.where(refill, new_image, -1), s["slot_image"])
-    new_states = jax.vmap(fresh_state)(jnp.clip(new_image, 0, batch - 1))
-    state = jax.tree.map(
-        lambda new, old: jnp.where(refill.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
-        new_states, state)
-    return dict(
-        slot_image=slot_image,
-        de_state=state,
-        member_success=jnp.where(refill[:, None], False, member_success),
-        fresh=refill,
-        generation=jnp.where(refill, 0, generation),
-        next_image=s["next_image"] + jnp.sum(done).astype(jnp.int32),
-        best=best,
-        queries=queries,
-    )
-
-  final = jax.lax.while_loop(cond, body, init)
-  adv = jax.vmap(apply_candidate)(images, final["best"])
-  return common.finalize(apply_fn, params, images, adv, labels, targets, final["queries"])
+      best=jnp.zeros((batch, search.de.num_dims), images.dtype),
+      queries=jnp.zeros(batch, jnp.int32))
 
 
-def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, targets=None
-                      ) -> common.PreparedCall:
-  """Checks the inputs and returns the jitted core with its arguments."""
+def evaluate(search: Search, image_ids: jax.Array, candidates: jax.Array, active: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+  """Fitness and success of [S,P] candidates, `chunk_size` per model call.
+
+  The active slots move to the front and only the chunks that hold them are evaluated, so
+  idle slots cost nothing.
+  """
+  slots, population, dims = candidates.shape
+  total = slots * population
+  num_chunks = -(-total // min(search.chunk_size, total))
+  chunk = -(-total // num_chunks)  # even chunks: at most num_chunks - 1 padded candidates
+  order = jnp.argsort(~active, stable=True)
+  pad = num_chunks * chunk - total
+  flat_ids = jnp.pad(jnp.repeat(image_ids[order], population), (0, pad))
+  flat = jnp.pad(candidates[order].reshape(total, dims), ((0, pad), (0, 0)))
+  needed = -(-(jnp.sum(active) * population) // chunk)
+
+  def body(c, buffers):
+    start = c * chunk
+    fitness, success = search.fitness(jax.lax.dynamic_slice(flat_ids, (start,), (chunk,)),
+                                       jax.lax.dynamic_slice(flat, (start, 0), (chunk, dims)))
+    return (jax.lax.dynamic_update_slice(buffers[0], fitness, (start,)),
+            jax.lax.dynamic_update_slice(buffers[1], success, (start,)))
+
+  buffers = (jnp.full(num_chunks * chunk, jnp.inf, candidates.dtype),
+             jnp.zeros(num_chunks * chunk, bool))
+  fitness, success = jax.lax.fori_loop(0, needed, body, buffers)
+  inverse = jnp.argsort(order)
+  return (fitness[:total].reshape(slots, population)[inverse],
+          success[:total].reshape(slots, population)[inverse])
+
+
+def _winner(de_state: Any, member_success: jax.Array) -> jax.Array:
+  """[S, D] each slot's best member: the fittest successful one if any, else the fittest."""
+  ranked = jnp.where(jnp.any(member_success, -1, keepdims=True),
+                     jnp.where(member_success, de_state.fitness, jnp.inf), de_state.fitness)
+  return jnp.take_along_axis(de_state.population, jnp.argmin(ranked, -1)[:, None, None],
+                             1)[:, 0]
+
+
+def generation(search: Search, state: SlotState) -> tuple[SlotState, jax.Array]:
+  """One generation of every active slot: ask, evaluate, tell. Returns the new state and
+  which slots finished ([S] bool: a member succeeded or the generations ran out); a
+  finished slot's winner is written to `best`."""
+  active = state.image >= 0
+  ids = jnp.maximum(state.image, 0)
+  ask_keys = jax.vmap(jax.random.fold_in)(search.keys[ids], state.generation + 1)
+  trials, _ = jax.vmap(search.de.ask, in_axes=(0, 0, None))(ask_keys, state.de,
+                                                             search.de_params)
+  candidates = jnp.where(state.fresh[:, None, None], state.de.population, trials)
+  candidates = clip_candidates(candidates, *search.image_shape)
+  fitness, success = evaluate(search, ids, candidates, active)
+  member_success = jnp.where(fitness <= state.de.fitness, success, state.member_success)
+  de, _ = jax.vmap(search.de.tell, in_axes=(0, 0, 0, 0, None))(
+      ask_keys, candidates, fitness, state.de, search.de_params)
+  generations = state.generation + 1
+  done = active & (jnp.any(member_success, -1) | (generations > search.num_generations))
+  best = state.best.at[jnp.where(done, ids, state.best.shape[0])].set(
+      _winner(de, member_success), mode="drop")
+  queries = state.queries.at[ids].add(jnp.where(active, search.population_size, 0))
+  return SlotState(state.image, de, member_success, jnp.zeros_like(state.fresh), generations,
+                   best, queries), done
+
+
+def finish(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+           targets: jax.Array, search: Search, state: SlotState) -> common.AttackResult:
+  """The adversarial images from each image's best candidate, re-checked."""
+  adv = jax.vmap(apply_candidate)(images, state.best)
+  return common.finalize(apply_fn, params, images, adv, labels, targets, state.queries,
+                         evaluation=search.evaluation)
+
+
+def over_every_target(attack: Callable[..., common.AttackResult], apply_fn: common.ApplyFn,
+                      params: Any, images: jax.Array, labels: jax.Array, keys: jax.Array,
+                      config: OnePixelConfig, evaluator: Any) -> common.AttackResult:
+  """"at_least_one_target": `attack` toward every other class, reduced to one row per image
+  (`common.best_over_targets`)."""
+  batch = images.shape[0]
+  num_classes = checks.num_classes_of(apply_fn, params, images)
+  rep_images, rep_labels, rep_targets = common.every_other_class(images, labels, num_classes)
+  rep_keys = jax.vmap(lambda k: jax.random.split(k, num_classes - 1))(keys).reshape(-1)
+  result = attack(apply_fn, params, rep_images, rep_labels, rep_keys, rep_targets,
+                  config.replace(target=common.EXPLICIT), evaluator)
+  return common.best_over_targets(result, batch, num_classes - 1)
+
+
+def _core(apply_fn, params, images, labels, keys, targets, config, evaluator):
+  search, targets = setup(apply_fn, params, images, labels, keys, targets, config, evaluator)
+
+  def body(state):
+    state, done = generation(search, state)
+    return state._replace(image=jnp.where(done, -1, state.image))
+
+  batch = images.shape[0]
+  state = jax.lax.while_loop(lambda s: jnp.any(s.image >= 0), body,
+                             initial_state(search, jnp.arange(batch), images))
+  return finish(apply_fn, params, images, labels, targets, search, state)
+
+
+def one_pixel_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
+                   labels: jax.Array, key: jax.Array, config: OnePixelConfig | None = None, *,
+                   targets: jax.Array | None = None, evaluator: Any = None
+                   ) -> common.AttackResult:
+  """The one-pixel attack's pure core: every image in its own slot until all are done.
+
+  Traceable (`lax.while_loop` over generations): runs under `jax.jit`, `jax.vmap` and inside
+  a training step. Arguments as `one_pixel`; no checks of its own.
+  """
   config = config or OnePixelConfig()
-  mode = config.target
-  if mode not in ONE_PIXEL_TARGET_MODES:
-    raise ValueError(f"unknown target mode {mode!r}; valid choices: "
-                     f"{', '.join(ONE_PIXEL_TARGET_MODES)}")
-  num_classes = common.validate(
-      apply_fn, params, images, labels, targets=targets,
-      target_mode=common.UNTARGETED if mode == AT_LEAST_ONE_TARGET else mode)
+  keys = common.per_image_keys(key, images.shape[0])
+  if config.target == AT_LEAST_ONE_TARGET:
+    return over_every_target(_core, apply_fn, params, images, labels, keys, config, evaluator)
+  return _core(apply_fn, params, images, labels, keys, targets, config, evaluator)
+
+
+def check_config(config: OnePixelConfig) -> None:
+  """Raises ValueError naming a bad value of a one-pixel config."""
+  checks.check_choice("target", config.target, ONE_PIXEL_TARGET_MODES)
   if config.num_pixels < 1:
     raise ValueError(f"num_pixels (k) must be >= 1; got {config.num_pixels}")
   if config.population_size < 4:
@@ -298,41 +375,36 @@ def prepare_one_pixel(apply_fn, params, images, labels, key, config=None, *, tar
     raise ValueError(f"num_generations must be >= 0; got {config.num_generations}")
   if config.num_slots < 1 or config.chunk_size < 1:
     raise ValueError("num_slots and chunk_size must be >= 1")
-  if config.base not in DE_BASES:
-    raise ValueError(f"unknown base {config.base!r}; valid choices: {', '.join(DE_BASES)}")
-  if not float(config.differential_weight) > 0:
-    raise ValueError(f"differential_weight (F) must be > 0; got {config.differential_weight}")
+  checks.check_choice("base", config.base, DE_BASES)
+  checks.check_at_least("differential_weight (F)", config.differential_weight, 0.0,
+                        strict=True)
 
+
+def prepare_one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
+                      labels: jax.Array, key: jax.Array, config: OnePixelConfig | None = None,
+                      *, targets: jax.Array | None = None, evaluator: Any = None
+                      ) -> common.PreparedCall:
+  """Checks the inputs; returns the attack, ready to run (the slot scheduler on concrete
+  arrays, the core under a trace)."""
+  config = config or OnePixelConfig()
+  check_config(config)
+  mode = common.UNTARGETED if config.target == AT_LEAST_ONE_TARGET else config.target
+  checks.check_inputs(apply_fn, params, images, labels, targets=targets, target_mode=mode)
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
-  batch = images.shape[0]
-  keys = common.per_image_keys(key, batch)
-  statics = dict(num_pixels=config.num_pixels, population_size=config.population_size,
-                 num_generations=config.num_generations, stop_on_flip=config.stop_on_flip,
-                 num_slots=config.num_slots, chunk_size=config.chunk_size,
-                 splice=config.splice, base=config.base)
-  budgets = tuple(jnp.asarray(v, images.dtype) for v in (
-      config.differential_weight, config.stop_true_prob, config.stop_target_prob))
-  if mode != AT_LEAST_ONE_TARGET:
-    targets = None if targets is None else jnp.asarray(targets, jnp.int32)
-    args = (apply_fn, params, images, labels, keys, targets, *budgets)
-    kwargs = dict(statics, target_mode=mode)
-    return common.PreparedCall(functools.partial(_one_pixel, *args, **kwargs),
-                               functools.partial(_one_pixel.lower, *args, **kwargs))
-  rep_images, rep_labels, rep_targets = common.every_other_class(images, labels, num_classes)
-  rep_keys = jax.vmap(lambda k: jax.random.split(k, num_classes - 1))(keys).reshape(-1)
-  args = (apply_fn, params, rep_images, rep_labels, rep_keys, rep_targets, *budgets)
-  kwargs = dict(statics, target_mode=common.EXPLICIT)
-
-  def run() -> common.AttackResult:
-    return common.best_over_targets(_one_pixel(*args, **kwargs), batch, num_classes - 1)
-
-  return common.PreparedCall(run, functools.partial(_one_pixel.lower, *args, **kwargs))
+  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+  evaluator = evaluator if config.splice else None
+  if not checks.is_concrete(params, images, labels, key, targets, config):
+    return common.PreparedCall(functools.partial(
+        one_pixel_core, apply_fn, params, images, labels, key, config, targets=targets,
+        evaluator=evaluator))
+  return schedulers.prepare_one_pixel_slots(apply_fn, params, images, labels, key, config,
+                                            targets, evaluator)
 
 
 def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
               key: jax.Array, config: OnePixelConfig | None = None, *,
-              targets: jax.Array | None = None) -> common.AttackResult:
+              targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
   """Su et al.'s one-pixel attack by differential evolution.
 
   Args:
@@ -344,6 +416,8 @@ def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
     config: `OnePixelConfig`; None is the paper's setting (k=1, population 400, 100
       generations, F=0.5, untargeted).
     targets: [B] classes for `target="explicit"`.
+    evaluator: a pixel-local evaluator of this model (`models.Model.pixel_evaluator`), or
+      None for the full forward pass; `AttackResult.evaluation` says which ran.
 
   Returns:
     `AttackResult`; `queries` counts model evaluations per image (population_size per
@@ -351,7 +425,37 @@ def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
     describes the best target (successful, then most confident) and `queries` sums over all
     K-1 targets.
 
+  On concrete arrays it runs the slot scheduler (`attacks.schedulers.one_pixel_slots`);
+  under a trace, `one_pixel_core`.
+
   References: Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, 2019.
   """
-  return prepare_one_pixel(apply_fn, params, images, labels, key, config,
-                           targets=targets)()
+  return prepare_one_pixel(apply_fn, params, images, labels, key, config, targets=targets,
+                           evaluator=evaluator)()
+
+
+def _within_pixels(config: OnePixelConfig, result: Any, num_features: int) -> np.ndarray:
+  del num_features
+  return np.asarray(result.l0) <= config.num_pixels
+
+
+def _forward_equivalents(config: OnePixelConfig, num_features: int, num_classes: int
+                         ) -> float:
+  del num_features
+  targets = num_classes - 1 if config.target == AT_LEAST_ONE_TARGET else 1
+  return (config.num_generations + 1) * config.population_size * targets + 1
+
+
+def _unit_batch(config: OnePixelConfig, num_images: int) -> int:
+  """The candidates per model call: `evaluate`'s even chunks over the first slots."""
+  candidates = min(config.num_slots, num_images) * config.population_size
+  num_chunks = -(-candidates // min(config.chunk_size, candidates))
+  return -(-candidates // num_chunks)
+
+
+SPEC = spec.AttackSpec(
+    name="one_pixel", run=one_pixel, core=one_pixel_core, config_cls=OnePixelConfig,
+    prepare=prepare_one_pixel, check_config=check_config, within_budget=_within_pixels,
+    forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD,
+    unit_batch=_unit_batch, budget_field="num_pixels", quick={"num_generations": 10},
+    fixed_work={"stop_on_flip": False, "stop_true_prob": 0.0})

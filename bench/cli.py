@@ -8,8 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import tables
-from models import checkpoints, zoo
+from advsweep.bench import tables
+from advsweep.models import checkpoints, zoo
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -35,7 +35,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-  from models import train  # imported here: it pulls in optax and the data loaders
+  from advsweep.models import train  # imported here: it pulls in optax and the data loaders
 
   result = train.train_and_evaluate(
       args.model, seed=args.seed, data_dir=args.data_dir, out_dir=args.out_dir,
@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-  from bench import run_attack
+  from advsweep.bench import run_attack
 
   try:
     run = run_attack.run_attack(args.model, args.attack, args.num_images, seed=args.seed,
@@ -65,14 +65,14 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 def _cmd_perf(args: argparse.Namespace) -> int:
   if args.peers:
-    from bench import peers
+    from advsweep.bench import peers
 
     return peers.main(args)
   if args.scaling:
-    from bench import scaling
+    from advsweep.bench import scaling
 
     return scaling.main(args)
-  from bench import perf
+  from advsweep.bench import perf
 
   return perf.main(args)
 
@@ -83,8 +83,8 @@ def _fail(command: str, err: Exception) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-  from bench import config, report, results, sweep
-  from models import datasets
+  from advsweep.bench import config, report, results, sweep
+  from advsweep.models import datasets
 
   try:
     overrides = list(args.set)
@@ -114,7 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-  from bench import report, results
+  from advsweep.bench import report, results
 
   try:
     report.report(args.folder, args.out, plots=not args.no_plots)
@@ -124,7 +124,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-  from bench import compare, results
+  from advsweep.bench import compare, results
 
   try:
     return compare.compare(args.baseline, args.new, time_factor=args.time_factor,
@@ -134,8 +134,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-  from bench import config, reproduce, results
-  from models import datasets
+  from advsweep.bench import config, reproduce, results
+  from advsweep.models import datasets
 
   try:
     reproduce.reproduce(args.paper, quick=args.quick, out_root=args.out,
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(func=_cmd_train)
 
-  import attacks  # the registry names the attacks
+  from advsweep import attacks  # the registry names the attacks
 
   p = sub.add_parser("attack", help="run one attack on a zoo model's first N test images")
   p.add_argument("model", choices=list(zoo.ZOO), metavar="MODEL",
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="--scaling: which sweeps (default all)")
   p.set_defaults(func=_cmd_perf)
 
-  from bench import compare, config, reproduce
+  from advsweep.bench import compare, config, reproduce
 
   p = sub.add_parser("run", help="run a sweep config (default: main) and print its table")
   p.add_argument("config", nargs="?", default=config.DEFAULT_CONFIG,

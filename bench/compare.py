@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bench import report, results, tables
+from advsweep.bench import report, results, tables
 
 DEFAULT_TIME_FACTOR = 3.0
 DEFAULT_TIME_FLOOR = 1.0  # seconds over the cell's images

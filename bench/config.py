@@ -30,8 +30,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import attacks
-from models import datasets, zoo
+from advsweep import attacks
+from advsweep.models import datasets, zoo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "main"

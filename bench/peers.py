@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import attacks
-from bench import perf, run_attack, tables
-from models import datasets, zoo
+from advsweep import attacks
+from advsweep.bench import perf, run_attack, tables
+from advsweep.models import datasets, zoo
 
 PEER_HINT = 'the peer libraries are an optional extra: pip install -e ".[peers]"'
 VARIANT_F = "advsweep F"

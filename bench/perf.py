@@ -35,9 +35,9 @@ import optax
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import attacks
-from bench import run_attack, tables
-from models import checkpoints, datasets, zoo
+from advsweep import attacks
+from advsweep.bench import run_attack, tables
+from advsweep.models import datasets, files, zoo
 
 UNITS = {"fgsm": "fwd+bwd", "bim": "fwd+bwd", "pgd": "fwd+bwd", "jsma": "fwd+2vjp",
          "one_pixel": "fwd"}
@@ -234,7 +234,7 @@ def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike,
   path = Path(folder) / f"{prefix}-{device.platform}-{stamp}.parquet"
   sink = pa.BufferOutputStream()
   pq.write_table(table, sink)
-  checkpoints.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+  files.atomic_write_bytes(path, sink.getvalue().to_pybytes())
   return path
 
 

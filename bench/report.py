@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bench import results, tables
-from models import checkpoints
+from advsweep.bench import results, tables
+from advsweep.models import files
 
 ALL_BINS = "all"
 
@@ -254,7 +254,7 @@ def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    checkpoints.atomic_write_bytes(path, buffer.getvalue())
+    files.atomic_write_bytes(path, buffer.getvalue())
     written.append(path)
   return written
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bench import config as config_lib
-from bench import report, results, sweep, tables
+from advsweep.bench import config as config_lib
+from advsweep.bench import report, results, sweep, tables
 
 PUBLISHED = Path(__file__).parent / "published.toml"
 RATE_METRICS = ("success_rate", "top1_error", "top5_error")

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models import checkpoints
+from advsweep.models import files
 
 SCHEMA = pa.schema([
     ("run_id", pa.string()),  # <config name>-<config hash>: the same for every part of a run
@@ -98,7 +98,7 @@ def write_part(path: str | os.PathLike, rows: dict[str, Any]) -> None:
   table = pa.Table.from_pydict(rows, schema=SCHEMA)
   sink = pa.BufferOutputStream()
   pq.write_table(table, sink)
-  checkpoints.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+  files.atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def read_part(path: str | os.PathLike) -> pa.Table:

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import attacks
-from models import datasets, zoo
+from advsweep import attacks
+from advsweep.models import datasets, zoo
 
 
 def parse_overrides(config_cls: type, assignments: list[str]) -> dict[str, Any]:

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-import attacks
-from attacks import common
-from bench import perf, run_attack, tables
-from models import datasets, zoo
+from advsweep import attacks
+from advsweep.attacks import common
+from advsweep.bench import perf, run_attack, tables
+from advsweep.models import datasets, zoo
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,9 +119,9 @@ def retrace_rows(data_dir) -> list[dict[str, Any]]:
   model, images, labels = _data("mnist_lenet", data_dir, 16)
   # The jitted cores: BIM's step (bound to this model, see attacks.common.bind) and the
   # one-pixel attack's whole run.
-  cores = {"bim": common.bind(importlib.import_module("attacks.gradient")._step,
+  cores = {"bim": common.bind(importlib.import_module("advsweep.attacks.gradient")._step,
                               model.apply_fn, model.params, norm="linf"),
-           "one_pixel": importlib.import_module("attacks.one_pixel")._one_pixel}
+           "one_pixel": importlib.import_module("advsweep.attacks.one_pixel")._one_pixel}
   sweeps = {("bim", "eps"): (0.05, 0.1, 0.2, 0.3),
             ("one_pixel", "differential_weight"): (0.3, 0.5, 0.7, 0.9)}
   rows = []

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from models import evaluation
+from advsweep.models import evaluation
 
 
 def assign_bins(clean_conf: np.ndarray, thresholds: list[float]) -> np.ndarray:

@@ -30,10 +30,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-import attacks
-from bench import results, selection
-from bench.config import Cell, RunConfig
-from models import checkpoints, datasets, zoo
+from advsweep import attacks
+from advsweep.bench import results, selection
+from advsweep.bench.config import Cell, RunConfig
+from advsweep.models import datasets, files, zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +224,7 @@ def prepare_folder(out_dir: Path, config: RunConfig) -> str:
   body = {"run_id": run_id, "name": config.name, "config_hash": config.config_hash,
           "config": json.loads(config.to_json()),
           "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
-  checkpoints.atomic_write_bytes(out_dir / "run.json",
+  files.atomic_write_bytes(out_dir / "run.json",
                                  (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
   return run_id
 
@@ -274,7 +274,7 @@ def forward_equivalents(cell: Cell, num_features: int, num_classes: int) -> floa
 @functools.cache
 def _forward_rate(model: zoo.Model, shape: tuple[int, ...]) -> float:
   """Forward images/s at batch 256, measured once per model and process."""
-  from bench import perf  # measures raw throughput
+  from advsweep.bench import perf  # measures raw throughput
 
   return perf.raw_throughput(model.apply_fn, model.params, (256, *shape), "fwd",
                              min_seconds=0.3)

@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from models import checkpoints
+from advsweep.models import files
 
 Z95 = 1.959963984540054
 
@@ -58,4 +58,4 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  checkpoints.atomic_write_bytes(path, text.encode())
+  files.atomic_write_text(path, text)

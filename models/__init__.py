@@ -3,7 +3,7 @@
 `models.load(name)` returns a zoo model with `.apply_fn`, `.params` and `.meta`.
 """
 
-from models import datasets
-from models.zoo import ZOO, Model, available, load
+from advsweep.models import datasets
+from advsweep.models.zoo import ZOO, Model, available, load
 
 __all__ = ["ZOO", "Model", "available", "datasets", "load"]

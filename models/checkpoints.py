@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import flax.serialization
 import jax
 import numpy as np
+
+from advsweep.models.files import atomic_write_bytes
 
 
 class CheckpointError(ValueError):
@@ -26,25 +27,6 @@ class CheckpointError(ValueError):
 
 def sha256_file(path: str | os.PathLike) -> str:
   return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it into place."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  try:
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; use the usual mode
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def save(weights_path: str | os.PathLike, variables: Any, meta: dict) -> dict:

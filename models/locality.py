@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from models import architectures as arch
+from advsweep.models import architectures as arch
 
 BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default
 # Costs in full-map multiply-adds, measured on the 2-core CPU (XLA, mnist_lenet, 2048

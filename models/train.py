@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from models import checkpoints, datasets, evaluation, zoo
+from advsweep.models import checkpoints, datasets, evaluation, zoo
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import architectures, checkpoints, datasets, locality
+from advsweep.models import architectures, checkpoints, datasets, locality
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 

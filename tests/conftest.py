@@ -14,7 +14,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest  # noqa: E402
 
-from models import datasets  # noqa: E402
+from advsweep.models import datasets  # noqa: E402
 
 
 def _data_dir() -> Path | None:

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import attacks
-from attacks import gradient
+from advsweep import attacks
+from advsweep.attacks import gradient
 from tests.attack_models import linear_model, random_images, small_cnn
 
 

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import attacks
-from attacks.jsma import best_pair, best_pairs
+from advsweep import attacks
+from advsweep.attacks.jsma import best_pair, best_pairs
 from tests.attack_models import linear_model, random_images, small_cnn
 
-jsma_module = importlib.import_module("attacks.jsma")  # `attacks.jsma` is the function
+jsma_module = importlib.import_module("advsweep.attacks.jsma")  # `attacks.jsma` is the function
 
 
 def _brute_force_pair(alpha, beta, domain):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import attacks
-from attacks.one_pixel import apply_candidate
+from advsweep import attacks
+from advsweep.attacks.one_pixel import apply_candidate
 from tests.attack_models import linear_model, random_images, small_cnn
 
 TRIGGER_AT = (5, 2)

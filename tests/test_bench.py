@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import attacks
-from bench import cli, perf, run_attack
+from advsweep import attacks
+from advsweep.bench import cli, perf, run_attack
 from tests.attack_models import random_images, small_cnn
 from tests.conftest import requires_data
 

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-import attacks
-from bench import config, selection, tables
+from advsweep import attacks
+from advsweep.bench import config, selection, tables
 
 TINY = {"name": "t", "models": ["mnist_lenet"], "attacks": {"fgsm": {"eps": [0.1, 0.2]}}}
 

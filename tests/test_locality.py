@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import attacks
-from models import zoo
+from advsweep import attacks
+from advsweep.models import zoo
 
 SPLICED = ["mnist_lenet", "cifar10_allconv", "cifar10_nin", "cifar10_vgg"]
 

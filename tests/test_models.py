@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from models import checkpoints, datasets, evaluation, train, zoo
+from advsweep.models import checkpoints, datasets, evaluation, train, zoo
 from tests.conftest import requires_data
 
 # The floors the zoo promises, on the full test split.
@@ -155,7 +155,7 @@ def test_shipped_checkpoints_fit_the_size_budget():
 
 
 def test_models_command_lists_the_zoo(capsys, tmp_path):
-  from bench import cli
+  from advsweep.bench import cli
 
   assert cli.main(["models"]) == 0
   out = capsys.readouterr().out
@@ -175,7 +175,7 @@ def test_models_command_lists_the_zoo(capsys, tmp_path):
 
 
 def test_models_command_markdown_table(capsys):
-  from bench import cli
+  from advsweep.bench import cli
 
   assert cli.main(["models", "--markdown"]) == 0
   lines = capsys.readouterr().out.splitlines()
@@ -185,7 +185,7 @@ def test_models_command_markdown_table(capsys):
 
 
 def test_train_command_rejects_unknown_model(capsys):
-  from bench import cli
+  from advsweep.bench import cli
 
   with pytest.raises(SystemExit):
     cli.main(["train", "resnet50"])

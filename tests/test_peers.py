@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import peers
-from models import zoo
+from advsweep.bench import peers
+from advsweep.models import zoo
 from tests.conftest import DATA_DIR, requires_data
 
 pytest.importorskip("art")

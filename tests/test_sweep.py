@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from bench import cli, compare, config, report, reproduce, results, sweep
+from advsweep.bench import cli, compare, config, report, reproduce, results, sweep
 from tests.conftest import requires_data
 
 pytestmark = requires_data
@@ -126,7 +126,7 @@ def test_two_devices_give_the_rows_of_one(tmp_path, plain, data_dir):
              ADVSWEEP_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu")
   out = tmp_path / "two"
   proc = subprocess.run(
-      [sys.executable, "-m", "bench.cli", "run", str(config_file), "--out", str(out),
+      [sys.executable, "-m", "advsweep.bench.cli", "run", str(config_file), "--out", str(out),
        "--no-progress", "--no-report"],
       env=env, capture_output=True, text=True, timeout=600,
       cwd=Path(__file__).resolve().parents[1])

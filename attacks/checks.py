@@ -1,0 +1,105 @@
+"""Input checks shared by every attack, written so that they also run under a trace.
+
+Shapes, dtypes and target modes are static, so they are always checked. Checks that read
+values (the [0, 1] range, finiteness, classes in range) run when the values are concrete and
+are skipped under `jax.jit`, `jax.vmap` or `jax.grad`, where there is nothing to read yet: an
+attack inside a training step costs no host round trip. AutoAttack keeps its checks in a
+module of their own in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+UNTARGETED, EXPLICIT = "untargeted", "explicit"  # attacks.common's names, without the import
+
+
+def is_concrete(*trees: Any) -> bool:
+  """No leaf of `trees` is a tracer: every value can be read on the host."""
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def num_classes_of(apply_fn: Any, params: Any, images: Any) -> int:
+  """The model's number of classes, from its output shape (no computation)."""
+  spec = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]), jnp.result_type(images))
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), jnp.result_type(p)),
+                          params)
+  return int(jax.eval_shape(apply_fn, abstract, spec).shape[-1])
+
+
+def check_inputs(apply_fn: Any, params: Any, images: Any, labels: Any, *, targets: Any = None,
+                 target_mode: str = UNTARGETED, target_modes: Sequence[str] = ()) -> int:
+  """Raises ValueError naming the problem for inputs no attack can use; returns the number
+  of classes.
+
+  Always: rank and dtype of `images`, shape and dtype of `labels` (and `targets`), the
+  target mode (one of `target_modes`). When concrete: `images` finite and in [0, 1], labels
+  and targets in [0, num_classes).
+  """
+  shape = np.shape(images)
+  if len(shape) != 4:
+    raise ValueError(f"images must have rank 4 [B,H,W,C]; got shape {shape}. Add a batch "
+                     "or channel axis.")
+  dtype = jnp.result_type(images)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"images must be floating point in [0, 1]; got dtype {dtype}. Convert "
+                     "uint8 images with images.astype(np.float32) / 255.")
+  if np.shape(labels) != (shape[0],):
+    raise ValueError(f"labels must have shape [B] = ({shape[0]},); got {np.shape(labels)}")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(f"labels must be integers; got dtype {jnp.result_type(labels)}")
+  if target_modes and target_mode not in target_modes:
+    raise ValueError(f"unknown target mode {target_mode!r}; valid choices: "
+                     f"{', '.join(target_modes)}")
+  if target_mode == EXPLICIT:
+    if targets is None:
+      raise ValueError("target mode 'explicit' needs targets=[B] class indices")
+    if np.shape(targets) != (shape[0],):
+      raise ValueError(f"targets must have shape ({shape[0]},); got {np.shape(targets)}")
+  elif targets is not None:
+    raise ValueError(f"targets were given but the target mode is {target_mode!r}; set "
+                     "target='explicit' in the config to use them")
+  num_classes = num_classes_of(apply_fn, params, images)
+  if is_concrete(images):
+    _check_pixels(np.asarray(images))
+  for name, values in (("labels", labels), ("targets", targets)):
+    if values is not None and is_concrete(values):
+      check_classes(name, values, num_classes)
+  return num_classes
+
+
+def _check_pixels(values: np.ndarray) -> None:
+  if not np.isfinite(values).all():
+    raise ValueError("images contain NaN or infinite values")
+  if values.size and (values.min() < 0.0 or values.max() > 1.0):
+    raise ValueError(f"images must lie in [0, 1]; got range [{values.min():.4g}, "
+                     f"{values.max():.4g}]. Divide uint8 pixels by 255.")
+
+
+def check_classes(name: str, values: Any, num_classes: int) -> None:
+  """Raises ValueError if a class index lies outside [0, num_classes)."""
+  values = np.asarray(values)
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, {num_classes}); got range "
+                     f"[{values.min()}, {values.max()}]")
+
+
+def check_at_least(name: str, value: Any, low: float, *, strict: bool = False) -> None:
+  """Raises ValueError if a concrete `value` (a number or array) is below `low` (or equal,
+  with `strict`); a traced value is not checked."""
+  if not is_concrete(value):
+    return
+  ok = np.all(np.asarray(value) > low) if strict else np.all(np.asarray(value) >= low)
+  if not ok:
+    raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}; got {value}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+  """Raises ValueError if `value` is not one of `choices`."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

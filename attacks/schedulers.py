@@ -1,0 +1,254 @@
+"""Schedulers: how the public one-pixel attack and JSMA put a batch through their cores.
+
+The cores (`one_pixel.one_pixel_core`, `jsma.jsma_core`) attack every image of a batch at
+once until the last one stops, so an image that stops early still occupies its place. The
+schedulers here keep the model's batch busy with work that counts, and give the same result
+image by image (tested), because every random draw of image i comes from image i's key:
+
+- `one_pixel_slots`: the images go through `num_slots` slots, one jitted `lax.while_loop`
+  over generations; a slot whose image finished takes the next pending image at once.
+- `jsma_rows`: a host loop over one jitted JSMA iteration on `num_slots` rows; a row whose
+  image stopped takes the next image waiting (continuous batching), and once none waits the
+  active rows move to the front and run in power-of-two chunks, so no row is padding. A host
+  loop, not a `lax.while_loop`: XLA's CPU backend runs a convolution's backward pass several
+  times slower inside a rolled loop.
+
+The attack modules import this one and this one imports them; neither uses the other's
+names at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from advsweep.attacks import common, jsma, one_pixel
+
+# -- the one-pixel attack: slots refilled inside one jitted loop ----------------------------
+
+def _refill(search: one_pixel.Search, state: one_pixel.SlotState, done: jax.Array,
+            next_image: jax.Array) -> tuple[one_pixel.SlotState, jax.Array]:
+  """Gives each finished slot the next pending image, in slot order (a fresh population);
+  slots left without one go idle (-1)."""
+  batch = state.best.shape[0]
+  new_image = next_image + jnp.cumsum(done) - 1
+  refill = done & (new_image < batch)
+  image = jnp.where(done, jnp.where(refill, new_image, -1), state.image).astype(jnp.int32)
+  new_de = one_pixel.fresh_de(search, jnp.clip(new_image, 0, batch - 1))
+  de = jax.tree.map(
+      lambda new, old: jnp.where(refill.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+      new_de, state.de)
+  state = state._replace(image=image, de=de, fresh=refill,
+                         member_success=jnp.where(refill[:, None], False, state.member_success),
+                         generation=jnp.where(refill, 0, state.generation))
+  return state, next_image + jnp.sum(done).astype(jnp.int32)
+
+
+def _slots(apply_fn, params, images, labels, keys, targets, config, evaluator):
+  search, targets = one_pixel.setup(apply_fn, params, images, labels, keys, targets, config,
+                                    evaluator)
+  slots = min(config.num_slots, images.shape[0])
+
+  def body(carry):
+    state, next_image = carry
+    state, done = one_pixel.generation(search, state)
+    return _refill(search, state, done, next_image)
+
+  init = (one_pixel.initial_state(search, jnp.arange(slots), images),
+          jnp.asarray(slots, jnp.int32))
+  state, _ = jax.lax.while_loop(lambda c: jnp.any(c[0].image >= 0), body, init)
+  return one_pixel.finish(apply_fn, params, images, labels, targets, search, state)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "evaluator"))
+def one_pixel_slots(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
+                    labels: jax.Array, keys: jax.Array, targets: jax.Array | None,
+                    config: one_pixel.OnePixelConfig, evaluator: Any = None
+                    ) -> common.AttackResult:
+  """The one-pixel attack over `config.num_slots` slots with refilling ([B] keys); equals
+  `one_pixel.one_pixel_core` image by image. Jitted: the config's budgets are traced, its
+  sizes static."""
+  if config.target == one_pixel.AT_LEAST_ONE_TARGET:
+    return one_pixel.over_every_target(_slots, apply_fn, params, images, labels, keys,
+                                       config, evaluator)
+  return _slots(apply_fn, params, images, labels, keys, targets, config, evaluator)
+
+
+def prepare_one_pixel_slots(apply_fn, params, images, labels, key, config, targets, evaluator
+                            ) -> common.PreparedCall:
+  """`one_pixel_slots` on checked, concrete inputs, with its `lower`."""
+  args = (apply_fn, params, images, labels, common.per_image_keys(key, images.shape[0]),
+          targets, config, evaluator)
+  return common.PreparedCall(functools.partial(one_pixel_slots, *args),
+                             functools.partial(one_pixel_slots.lower, *args))
+
+
+# -- JSMA: continuous batching over rows, then power-of-two chunks --------------------------
+
+def chunks(rows: int) -> list[tuple[int, int]]:
+  """(offset, size) of the power-of-two chunks that cover rows [0, rows), largest first (the
+  binary digits of `rows`): 13 rows are 8 + 4 + 1.
+
+  The iteration then compiles for powers of two only and no row is padding: on a CPU, where
+  a row costs about the same at any batch size, the tail of a batch costs only what its
+  active images need.
+  """
+  out, offset = [], 0
+  for bit in reversed(range(rows.bit_length())):
+    if rows >> bit & 1:
+      out.append((offset, 1 << bit))
+      offset += 1 << bit
+  return out
+
+
+def _chunk_iteration(apply_fn, params, images, targets, state, gamma, offset, *, size,
+                     **statics) -> jsma.JSMAState:
+  """`jsma.iteration` of the working rows [offset, offset + size); returns the whole working
+  state with those rows updated."""
+  def take(a):
+    return jax.lax.dynamic_slice_in_dim(a, offset, size)
+
+  moved = jsma.iteration(apply_fn, params, take(images), take(targets),
+                         jax.tree.map(take, state), gamma, **statics)
+  return jax.tree.map(lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, offset, 0),
+                      state, moved)
+
+
+def _iteration(apply_fn, params, size: int, statics: dict[str, Any]):
+  """`_chunk_iteration` for chunks of `size` rows, jitted with the params as an argument
+  (faster than closing over them for this iteration on XLA CPU, see `common.bind`)."""
+  return common.bind(_chunk_iteration, apply_fn, params, close_params=False, size=size,
+                     **statics)
+
+
+class Finished(NamedTuple):
+  """Every image's result so far, written back as rows leave."""
+
+  x: jax.Array  # [B, N] the images' working values
+  queries: jax.Array  # [B] int32
+
+
+def _padded(values: np.ndarray, length: int, fill: int) -> np.ndarray:
+  """`values` followed by `fill` up to `length`."""
+  out = np.full(length, fill)
+  out[:len(values)] = values
+  return out
+
+
+def _write_back(final: Finished, rows, state: jsma.JSMAState) -> Finished:
+  """Writes each working row's x and queries to its image in `final` (rows whose image is
+  out of range are dropped)."""
+  return Finished(final.x.at[rows].set(state.x, mode="drop"),
+                  final.queries.at[rows].set(state.queries, mode="drop"))
+
+
+@jax.jit
+def _hand_over(final, state, initial, work_images, work_targets, images, targets, leaving_ids,
+               leaving_rows, into_rows, entering_ids):
+  """The row exchange: rows `leaving_rows` write their x and queries to images
+  `leaving_ids`; rows `into_rows` take images `entering_ids` (their initial state, image and
+  target). Out-of-range ids and rows are dropped, so the index lists have a fixed length and
+  this compiles once."""
+  final = _write_back(final, leaving_ids, jax.tree.map(lambda a: a[leaving_rows], state))
+  state = jax.tree.map(lambda a, b: a.at[into_rows].set(b[entering_ids], mode="drop"), state,
+                       initial)
+  work_images = work_images.at[into_rows].set(images[entering_ids], mode="drop")
+  work_targets = work_targets.at[into_rows].set(targets[entering_ids], mode="drop")
+  return final, state, work_images, work_targets
+
+
+@jax.jit
+def _compact(final, rows, state, work_images, work_targets, order, kept):
+  """Writes every working row back, then reorders the rows by `order` (the active ones
+  first); the rows from `kept` on are left inactive."""
+  final = _write_back(final, rows, state)
+  state = jax.tree.map(lambda a: a[order], state)
+  state = state._replace(active=state.active & (jnp.arange(order.shape[0]) < kept))
+  return final, state, work_images[order], work_targets[order]
+
+
+class _Rows:
+  """The host side of `jsma_rows`: which image each working row holds."""
+
+  def __init__(self, batch: int, slots: int):
+    self.batch = batch
+    self.image = np.arange(slots)  # the image each row holds; `batch` marks none
+    self.filled = slots  # rows [0, filled) are iterated
+    self.waiting = slots  # the next image to enter
+
+  def refill(self, carry, active: np.ndarray, initial, images, targets):
+    """Stopped rows hand over to waiting images; returns the carry and the active rows."""
+    stopped = np.flatnonzero(~active & (self.image < self.batch))
+    if self.waiting >= self.batch or not len(stopped):
+      return carry, active
+    slots = len(self.image)
+    into = stopped[:self.batch - self.waiting]
+    entering = np.arange(self.waiting, self.waiting + len(into))
+    carry = _hand_over(*carry[:2], initial, *carry[2:], images, targets,
+                       _padded(self.image[stopped], slots, self.batch),
+                       _padded(stopped, slots, 0), _padded(into, slots, slots),
+                       _padded(entering, slots, 0))
+    self.waiting += len(into)
+    self.image[into] = entering
+    active = active.copy()
+    active[into] = True
+    return carry, active
+
+  def compact(self, carry, active: np.ndarray):
+    """Once no image waits, moves the active rows to the front and iterates only them."""
+    kept = int(active.sum())
+    if self.waiting < self.batch or kept >= self.filled:
+      return carry
+    order = np.argsort(~active, kind="stable")
+    carry = _compact(carry[0], self.image, *carry[1:], order, kept)
+    self.image = self.image[order]
+    self.image[kept:] = self.batch
+    self.filled = kept
+    return carry
+
+
+def jsma_rows(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
+              key: jax.Array, targets: jax.Array | None, config: jsma.JSMAConfig
+              ) -> common.AttackResult:
+  """JSMA with continuous batching over `config.num_slots` rows and a chunked tail; equals
+  `jsma.jsma_core` image by image."""
+  statics = jsma.iteration_statics(config)
+  targets, initial = common.bind(jsma.start, apply_fn, params, theta=statics["theta"],
+                                 target_mode=config.target)(images, labels, key, targets)
+  gamma = jnp.asarray(config.gamma, images.dtype)
+  batch = images.shape[0]
+  rows = _Rows(batch, min(config.num_slots, batch))
+  slots = len(rows.image)
+  carry = (Finished(initial.x, initial.queries), jax.tree.map(lambda a: a[:slots], initial),
+           images[:slots], targets[:slots])
+  for _ in range(batch * jsma.max_iterations(images[0].size, statics["theta"])):
+    carry, active = rows.refill(carry, np.asarray(carry[1].active), initial, images, targets)
+    if not active.any():
+      break
+    carry = rows.compact(carry, active)
+    final, state, work_images, work_targets = carry
+    for offset, size in chunks(rows.filled):
+      state = _iteration(apply_fn, params, size, statics)(work_images, work_targets, state,
+                                                           gamma, np.int32(offset))
+    carry = (final, state, work_images, work_targets)
+  final = _write_back(carry[0], rows.image, carry[1])
+  return common.finalize(apply_fn, params, images, final.x.reshape(images.shape), labels,
+                         targets, final.queries)
+
+
+def prepare_jsma_rows(apply_fn, params, images, labels, key, config, targets
+                      ) -> common.PreparedCall:
+  """`jsma_rows` on checked, concrete inputs; `lower` lowers the iteration of the largest
+  chunk."""
+  run = functools.partial(jsma_rows, apply_fn, params, images, labels, key, targets, config)
+  slots = min(config.num_slots, len(images))
+  flat = images[:slots].reshape(slots, -1)
+  state = jsma.JSMAState(flat, jnp.ones(flat.shape, bool), jnp.ones(slots, bool),
+                         jnp.zeros(slots, jnp.int32))
+  largest = _iteration(apply_fn, params, chunks(slots)[0][1], jsma.iteration_statics(config))
+  lower = functools.partial(largest.lower, images[:slots], labels[:slots], state,
+                            jnp.asarray(config.gamma, images.dtype), np.int32(0))
+  return common.PreparedCall(run, lower)
