@@ -102,4 +102,4 @@ def check_at_least(name: str, value: Any, low: float, *, strict: bool = False) -
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   """Raises ValueError if `value` is not one of `choices`."""
   if value not in choices:
-    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(str, choices))}")

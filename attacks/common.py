@@ -19,8 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from advsweep.attacks import checks
 from flax import struct
+
+from advsweep.attacks import checks
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from advsweep.attacks import checks, common, spec
 from flax import struct
+
+from advsweep.attacks import checks, common, spec
 
 LINF, L2 = "linf", "l2"
 AWAY_FROM = ("label", "prediction")
@@ -180,7 +181,7 @@ def check_config(config: Any) -> None:
   num_steps = getattr(config, "num_steps", 1)
   if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
     raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
-  checks.check_choice("target", config.target, common.TARGET_MODES)
+  checks.check_choice("target mode", config.target, common.TARGET_MODES)
   checks.check_choice("away_from", config.away_from, AWAY_FROM)
   checks.check_choice("norm", getattr(config, "norm", LINF), (LINF, L2))
 

@@ -42,8 +42,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from advsweep.attacks import checks, common, schedulers, spec
 from flax import struct
+
+from advsweep.attacks import checks, common, schedulers, spec
 
 LOGITS, PROBABILITIES = "logits", "probabilities"
 DERIVATIVES = (LOGITS, PROBABILITIES)
@@ -134,6 +135,34 @@ def _before(u_a, v_a, id_a, u_b, v_b, id_b):
   return (u_a > u_b) | ((u_a == u_b) & ((v_a > v_b) | ((v_a == v_b) & (id_a < id_b))))
 
 
+def _survivors(alpha, domain, v):
+  """The linear pass of `_pareto_pair`: [N] bool, the features in the domain that do not
+  have two others in strictly higher bins of alpha with v at least their own."""
+  # The two largest v in each bin of alpha, then over all strictly higher bins.
+  low = jnp.min(jnp.where(domain, alpha, jnp.inf))
+  span = jnp.max(jnp.where(domain, alpha, -jnp.inf)) - low
+  scaled = jnp.where(span > 0, (alpha - low) / jnp.where(span > 0, span, 1.0), 0.0)
+  bins = jnp.where(domain, jnp.clip((scaled * NUM_BINS).astype(jnp.int32), 0, NUM_BINS - 1),
+                   0)
+  empty = jnp.full(NUM_BINS, -jnp.inf, v.dtype)
+  first = empty.at[bins].max(v)
+  is_first = v == first[bins]
+  ties = jnp.zeros(NUM_BINS, jnp.int32).at[bins].add(is_first.astype(jnp.int32))
+  second = jnp.where(ties >= 2, first, empty.at[bins].max(jnp.where(is_first, -jnp.inf, v)))
+
+  # The second largest v over the strictly higher bins: of their firsts (ties counted) and
+  # their seconds, by reductions over a [bins, bins] mask (cheaper on XLA CPU than an
+  # associative scan or `lax.top_k`).
+  higher = jnp.arange(NUM_BINS)[None, :] > jnp.arange(NUM_BINS)[:, None]
+  firsts = jnp.where(higher, first[None, :], -jnp.inf)
+  top = jnp.max(firsts, 1, keepdims=True)
+  second_of_firsts = jnp.where(jnp.sum(firsts == top, 1) >= 2, top[:, 0],
+                               jnp.max(jnp.where(firsts < top, firsts, -jnp.inf), 1))
+  second_above = jnp.maximum(second_of_firsts,
+                             jnp.max(jnp.where(higher, second[None, :], -jnp.inf), 1))
+  return domain & (v > second_above[bins])
+
+
 def _pareto_pair(alpha, beta, domain, max_candidates):
   """Best pair among the features that can be in it, and whether that set was complete.
 
@@ -157,29 +186,7 @@ def _pareto_pair(alpha, beta, domain, max_candidates):
   n = alpha.shape[0]
   u = jnp.where(domain, alpha, -jnp.inf)
   v = jnp.where(domain, -beta, -jnp.inf)
-  # Linear pass: the two largest v in each bin of u, then over all strictly higher bins.
-  low = jnp.min(jnp.where(domain, alpha, jnp.inf))
-  span = jnp.max(jnp.where(domain, alpha, -jnp.inf)) - low
-  scaled = jnp.where(span > 0, (alpha - low) / jnp.where(span > 0, span, 1.0), 0.0)
-  bins = jnp.where(domain, jnp.clip((scaled * NUM_BINS).astype(jnp.int32), 0, NUM_BINS - 1),
-                   0)
-  empty = jnp.full(NUM_BINS, -jnp.inf, v.dtype)
-  first = empty.at[bins].max(v)
-  is_first = v == first[bins]
-  ties = jnp.zeros(NUM_BINS, jnp.int32).at[bins].add(is_first.astype(jnp.int32))
-  second = jnp.where(ties >= 2, first, empty.at[bins].max(jnp.where(is_first, -jnp.inf, v)))
-
-  # The second largest v over the strictly higher bins: of their firsts (ties counted) and
-  # their seconds, by reductions over a [bins, bins] mask (cheaper on XLA CPU than an
-  # associative scan or `lax.top_k`).
-  higher = jnp.arange(NUM_BINS)[None, :] > jnp.arange(NUM_BINS)[:, None]
-  firsts = jnp.where(higher, first[None, :], -jnp.inf)
-  top = jnp.max(firsts, 1, keepdims=True)
-  second_of_firsts = jnp.where(jnp.sum(firsts == top, 1) >= 2, top[:, 0],
-                               jnp.max(jnp.where(firsts < top, firsts, -jnp.inf), 1))
-  second_above = jnp.maximum(second_of_firsts,
-                             jnp.max(jnp.where(higher, second[None, :], -jnp.inf), 1))
-  survivor = domain & (v > second_above[bins])
+  survivor = _survivors(alpha, domain, v)
   count = jnp.sum(survivor)
   k = min(max_candidates, n)
   slot = jnp.where(survivor, jnp.cumsum(survivor) - 1, k)  # survivors in index order
@@ -339,7 +346,7 @@ def jsma_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
 
 def check_config(config: JSMAConfig) -> None:
   """Raises ValueError naming a bad value of a JSMA config."""
-  checks.check_choice("target", config.target, common.TARGET_MODES)
+  checks.check_choice("target mode", config.target, common.TARGET_MODES)
   if config.target == common.UNTARGETED:
     raise ValueError("JSMA is a targeted attack: use target='random', 'least_likely' or "
                      "'explicit'")

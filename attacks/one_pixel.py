@@ -40,9 +40,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from advsweep.attacks import checks, common, schedulers, spec
 from evosax.algorithms import DifferentialEvolution
 from flax import struct
+
+from advsweep.attacks import checks, common, schedulers, spec
 
 AT_LEAST_ONE_TARGET = "at_least_one_target"
 ONE_PIXEL_TARGET_MODES = (*common.TARGET_MODES, AT_LEAST_ONE_TARGET)
@@ -365,7 +366,7 @@ def one_pixel_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
 
 def check_config(config: OnePixelConfig) -> None:
   """Raises ValueError naming a bad value of a one-pixel config."""
-  checks.check_choice("target", config.target, ONE_PIXEL_TARGET_MODES)
+  checks.check_choice("target mode", config.target, ONE_PIXEL_TARGET_MODES)
   if config.num_pixels < 1:
     raise ValueError(f"num_pixels (k) must be >= 1; got {config.num_pixels}")
   if config.population_size < 4:

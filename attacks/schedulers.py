@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from advsweep.attacks import common, jsma, one_pixel
 
 # -- the one-pixel attack: slots refilled inside one jitted loop ----------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
 from advsweep.attacks import common
 
 # Units of model work (`AttackSpec.unit`): what one query costs the model.

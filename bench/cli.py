@@ -67,14 +67,17 @@ def _cmd_perf(args: argparse.Namespace) -> int:
   if args.peers:
     from advsweep.bench import peers
 
-    return peers.main(args)
+    return peers.main(models=args.models, attack_names=args.attacks,
+                      num_images=args.num_images, pixel_images=args.pixel_images,
+                      quick=args.quick, out=args.out, data_dir=args.data_dir)
   if args.scaling:
     from advsweep.bench import scaling
 
-    return scaling.main(args)
+    return scaling.main(sweeps=args.sweeps, out=args.out, data_dir=args.data_dir)
   from advsweep.bench import perf
 
-  return perf.main(args)
+  return perf.main(models=args.models, attack_names=args.attacks, num_images=args.num_images,
+                   quick=args.quick, out=args.out, data_dir=args.data_dir)
 
 
 def _fail(command: str, err: Exception) -> int:

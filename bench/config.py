@@ -27,6 +27,8 @@ import hashlib
 import itertools
 import json
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +169,7 @@ class RunConfig:
       for attack, table in self.raw["attacks"].items():
         for params in expand(table, f"attacks.{attack}"):
           fields = {k: v for k, v in params.items() if k != "target_class"}
-          _, config_cls = attacks.REGISTRY[attack]
-          try:
-            config = config_cls(**fields)
-          except TypeError as err:
-            raise ConfigError(f"attacks.{attack}: {err}") from None
+          config = attack_config(attack, fields)
           target_class = params.get("target_class")
           out.append(Cell(model, attack, config, params,
                           None if target_class is None else int(target_class)))
@@ -280,11 +278,57 @@ def check_attack_name(name: str) -> None:
 
 
 def check_attack_field(attack: str, field: str) -> None:
-  _, config_cls = attacks.REGISTRY[attack]
+  config_cls = attacks.REGISTRY[attack].config_cls
   fields = [f.name for f in dataclasses.fields(config_cls)]
   if field not in fields and field not in DRIVER_KEYS:
     raise ConfigError(f"unknown field {field!r} for attack {attack}; valid fields: "
                       f"{', '.join(fields + list(DRIVER_KEYS))}")
+
+
+def _type_name(hint: Any) -> str:
+  names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+           type(None): "nothing"}
+  options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+  return " or ".join(names.get(o, getattr(o, "__name__", str(o))) for o in options)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+  """`value` as the field type `hint` asks for (an int is a float too), or ConfigError."""
+  options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+  for option in options:
+    if option is bool and isinstance(value, bool):
+      return value
+    if option is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+      return float(value)
+    if option is str and isinstance(value, str):
+      return value
+    if option is type(None) and value is None:
+      return value
+  raise ConfigError(f"{where} takes {_type_name(hint)}; got {value!r} (values are TOML: "
+                    "true, false, 0.1, 3, \"least_likely\")")
+
+
+def attack_config(attack: str, fields: dict[str, Any], where: str = "attacks") -> Any:
+  """The attack's config (the paper's) with `fields` set: every field known, every value of
+  its field's type, and the attack's own checks passed (`AttackSpec.check_config`).
+
+  Raises:
+    ConfigError: naming the attack, the field and what it takes.
+  """
+  check_attack_name(attack)
+  spec = attacks.REGISTRY[attack]
+  hints = typing.get_type_hints(spec.config_cls)
+  name = f"{where}.{attack}" if where else attack
+  typed = {}
+  for field, value in fields.items():
+    check_attack_field(attack, field)
+    typed[field] = _typed(value, hints[field], f"{name}.{field}")
+  try:
+    return spec.config(**typed)
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"{name}: {err}") from None
 
 
 def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None,

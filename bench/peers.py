@@ -23,10 +23,10 @@ for the long attacks). Rows are printed and written to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from advsweep import attacks
-from advsweep.bench import perf, run_attack, tables
+from advsweep.bench import perf, tables, timing
 from advsweep.models import datasets, zoo
 
 PEER_HINT = 'the peer libraries are an optional extra: pip install -e ".[peers]"'
@@ -117,22 +117,24 @@ def _row(library, attack, model, seconds, evaluations, images, success, features
           "features_changed": features, "note": note}
 
 
-def _ours(model, name, attack, images, labels, overrides, warm_overrides=None,
-          library="advsweep"):
-  """Our attack: warm-up (compile), then a timed run. Returns (row, result)."""
+def _ours(model, name, attack, images, labels, config, warm_config=None, library="advsweep",
+          features=False):
+  """Our attack: warm-up (compile; `warm_config`: the same compiled function on a cheap
+  budget), then a timed run; `features`: report the features changed. Returns (row,
+  result)."""
+  spec = attacks.REGISTRY[attack]
   key = jax.random.key(0)
-  if warm_overrides is not None:  # same compiled function, a cheap budget
-    warm = run_attack.make_config(attack, overrides + warm_overrides)
-    attacks.PREPARE[attack](model.apply_fn, model.params, images, labels, key, warm)()
-  config = run_attack.make_config(attack, overrides)
-  prepared = attacks.PREPARE[attack](model.apply_fn, model.params, images, labels, key, config)
-  if warm_overrides is None:
+  args = (model.apply_fn, model.params, images, labels, key)
+  if warm_config is not None:
+    jax.block_until_ready(spec.run(*args, warm_config, evaluator=model.pixel_evaluator))
+  prepared = spec.prepared(*args, config, evaluator=model.pixel_evaluator)
+  if warm_config is None:
     jax.block_until_ready(prepared())
-  result, seconds, _ = perf.timed(prepared)
+  result, seconds, _ = timing.timed(prepared)
   success = np.asarray(result.success)
-  features = float(np.mean(np.asarray(result.l0_fraction)[success])) if success.any() else None
+  changed = float(np.mean(np.asarray(result.l0_fraction)[success])) if success.any() else None
   row = _row(library, attack, name, seconds, int(np.sum(np.asarray(result.queries))),
-             len(images), success, features if attack == "jsma" else None)
+             len(images), success, changed if features else None)
   return row, result
 
 
@@ -141,9 +143,9 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   from art.estimators.classification import BlackBoxClassifierNeuralNetwork
 
   images, labels = images[:settings.pixel_images], labels[:settings.pixel_images]
-  overrides = [f"num_generations={settings.pixel_generations}"]
-  ours, _ = _ours(model, name, "one_pixel", images, labels, overrides,
-                  warm_overrides=["stop_true_prob=1.0"])
+  config = attacks.OnePixelConfig(num_generations=settings.pixel_generations)
+  ours, _ = _ours(model, name, "one_pixel", images, labels, config,
+                  warm_config=config.replace(stop_true_prob=1.0))
   forward = CountingForward(model.apply_fn, model.params, probabilities=True)
   classifier = BlackBoxClassifierNeuralNetwork(
       lambda x: np.asarray(forward(jnp.asarray(x, jnp.float32))), images.shape[1:],
@@ -155,7 +157,7 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   # verbose: ART's own per-image progress bar, since this phase takes minutes.
   attack = PixelAttack(classifier, th=1, es=1, max_iter=settings.pixel_generations,
                        verbose=True)
-  adv, seconds, runs = perf.timed(lambda: attack.generate(x, y))
+  adv, seconds, runs = timing.timed(lambda: attack.generate(x, y))
   evaluations = forward.images / runs
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
   changed = int(np.max(np.sum(np.any(np.abs(adv - x) > 1e-6, -1), (1, 2))))
@@ -174,9 +176,9 @@ def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]
   images, labels = images[:settings.gradient_images], labels[:settings.gradient_images]
   eps, step, steps = settings.eps, settings.step_size, settings.num_steps
   x, y = np.asarray(images), np.asarray(labels)
-  ours_overrides = {"fgsm": [f"eps={eps}"],
-                    "bim": [f"eps={eps}", f"step_size={step}", f"num_steps={steps}"],
-                    "pgd": [f"eps={eps}", f"step_size={step}", f"num_steps={steps}"]}
+  ours_configs = {"fgsm": attacks.FGSMConfig(eps=eps),
+                  "bim": attacks.BIMConfig(eps=eps, step_size=step, num_steps=steps),
+                  "pgd": attacks.PGDConfig(eps=eps, step_size=step, num_steps=steps)}
   foolbox_attacks = {
       "fgsm": fb.attacks.FGSM(),
       "bim": fb.attacks.LinfBasicIterativeAttack(abs_stepsize=step, steps=steps,
@@ -195,7 +197,7 @@ def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]
   fmodel = fb.JAXModel(forward, bounds=(0.0, 1.0))
   rows = []
   for attack in ("fgsm", "bim", "pgd"):
-    ours, _ = _ours(model, name, attack, images, labels, ours_overrides[attack])
+    ours, _ = _ours(model, name, attack, images, labels, ours_configs[attack])
     rows.append(ours)
     fb_attack = foolbox_attacks[attack]
 
@@ -204,13 +206,13 @@ def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]
 
     run_foolbox()
     forward.images = 0
-    success, seconds, runs = perf.timed(run_foolbox)
+    success, seconds, runs = timing.timed(run_foolbox)
     rows.append(_row("Foolbox", attack, name, seconds, forward.images / runs, batch,
                      np.asarray(success)))
     art_attack = art_attacks[attack]
     art_attack.generate(x, y)
     forward.images = 0
-    adv, seconds, runs = perf.timed(lambda art_attack=art_attack: art_attack.generate(x, y))
+    adv, seconds, runs = timing.timed(lambda art_attack=art_attack: art_attack.generate(x, y))
     evaluations = forward.images / runs
     success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
     rows.append(_row("ART", attack, name, seconds, evaluations, batch, success))
@@ -221,10 +223,12 @@ def jsma_rows(model, name, images, labels, settings: Settings) -> list[dict]:
   from art.attacks.evasion import SaliencyMapMethod
 
   images, labels = images[:settings.jsma_images], labels[:settings.jsma_images]
-  ours, result = _ours(model, name, "jsma", images, labels, [])
+  ours, result = _ours(model, name, "jsma", images, labels, attacks.JSMAConfig(),
+                       features=True)
   ours["note"] = "paper's pair search on the logits (JSMA-Z)"
-  ours_f, _ = _ours(model, name, "jsma", images, labels, ["derivative=probabilities"],
-                    library=VARIANT_F)
+  ours_f, _ = _ours(model, name, "jsma", images, labels,
+                    attacks.JSMAConfig(derivative="probabilities"), library=VARIANT_F,
+                    features=True)
   ours_f["note"] = "the same on the softmax (JSMA-F); time column: ART/this"
   targets = np.asarray(result.target)
   forward = CountingForward(model.apply_fn, model.params)
@@ -235,7 +239,7 @@ def jsma_rows(model, name, images, labels, settings: Settings) -> list[dict]:
                              verbose=False)
   attack.generate(x[:2], onehot[:2])
   forward.images = 0
-  adv, seconds, runs = perf.timed(lambda: attack.generate(x, onehot))
+  adv, seconds, runs = timing.timed(lambda: attack.generate(x, onehot))
   evaluations = forward.images / runs
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) == targets
   changed = np.mean(np.abs(adv - x).reshape(len(x), -1) > 1e-6, -1)
@@ -244,9 +248,10 @@ def jsma_rows(model, name, images, labels, settings: Settings) -> list[dict]:
                              features, JSMA_NOTE)]
 
 
-RUNNERS = {"one_pixel": one_pixel_rows, "gradient": gradient_rows, "jsma": jsma_rows}
-GROUPS = {"one_pixel": "one_pixel", "fgsm": "gradient", "bim": "gradient", "pgd": "gradient",
-          "jsma": "jsma"}
+# Each peer comparison and the attacks of ours it covers (the peers have no others).
+RUNNERS = {"one_pixel": (one_pixel_rows, ("one_pixel",)),
+           "gradient": (gradient_rows, ("fgsm", "bim", "pgd")),
+           "jsma": (jsma_rows, ("jsma",))}
 
 
 def correct_images(model, data_dir, count: int) -> tuple[jax.Array, np.ndarray]:
@@ -288,29 +293,40 @@ def format_table(rows: list[dict]) -> str:
   return tables.format_text(header, body)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | None = None,
+         num_images: int | None = None, pixel_images: int | None = None, quick: bool = False,
+         out: str | os.PathLike = "results/perf", data_dir: str | None = None) -> int:
+  """`advsweep perf --peers`: ours beside ART and Foolbox on each model (default
+  `perf.default_models()`) for the attacks that have a peer (`RUNNERS`; `attack_names`
+  picks some). `num_images` sets the gradient and JSMA images, `pixel_images` the
+  one-pixel ones; `quick` shrinks everything to a smoke run."""
   _import_peers()
   warnings.filterwarnings("ignore", module="art")
-  model_names = args.models or perf.default_models()
-  wanted = args.attacks or list(GROUPS)
-  groups = [g for g in RUNNERS if any(GROUPS[a] == g for a in wanted)]
+  covered = [a for _, names in RUNNERS.values() for a in names]
+  wanted = list(attack_names or covered)
+  unknown = [a for a in wanted if a not in covered]
+  if unknown:
+    raise SystemExit(f"advsweep perf --peers: no peer runs {', '.join(unknown)}; the peers "
+                     f"cover {', '.join(covered)}")
   rows, notes = [], []
-  for model_name in model_names:
+  for model_name in models or perf.default_models():
     model = zoo.load(model_name)
     settings = default_settings(model.meta["dataset"])
-    if args.pixel_images:
-      settings.pixel_images = args.pixel_images
-    if args.num_images:
-      settings.gradient_images = settings.jsma_images = args.num_images
-    if args.quick:
+    if pixel_images:
+      settings.pixel_images = pixel_images
+    if num_images:
+      settings.gradient_images = settings.jsma_images = num_images
+    if quick:
       settings = dataclasses.replace(settings, pixel_images=4, gradient_images=64,
                                      jsma_images=8, pixel_generations=5)
     count = max(settings.pixel_images, settings.gradient_images, settings.jsma_images)
-    images, labels = correct_images(model, args.data_dir, count)
-    for group in groups:
+    images, labels = correct_images(model, data_dir, count)
+    for group, (runner, names) in RUNNERS.items():
+      if not set(names) & set(wanted):
+        continue
       print(f"[peers] {model_name} {group}", flush=True)
-      group_rows = RUNNERS[group](model, model_name, images, labels, settings)
-      rows += [r for r in group_rows if r["attack"] in wanted]
+      rows += [r for r in runner(model, model_name, images, labels, settings)
+               if r["attack"] in wanted]
     notes.append(f"{model_name}: one-pixel population 400, {settings.pixel_generations} "
                  f"generations; FGSM/BIM/PGD eps {settings.eps:.4g}, {settings.num_steps} "
                  "steps of eps/4; JSMA theta 1, gamma 0.145")
@@ -318,6 +334,6 @@ def main(args: argparse.Namespace) -> int:
   print(format_table(rows))
   print("\n".join(notes + ["every library calls the same jitted forward pass; times exclude "
                            "compilation (each library is warmed up first)"]))
-  path = perf.write_parquet(rows, args.out, prefix="peers")
+  path = perf.write_parquet(rows, out, prefix="peers")
   print(f"wrote {path}")
   return 0

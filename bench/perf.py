@@ -19,12 +19,11 @@ Rows are printed as a table and written to `<out>/perf-<timestamp>.parquet`.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advsweep import attacks
-from advsweep.bench import run_attack, tables
+from advsweep.attacks import spec as attack_spec
+from advsweep.bench import tables, timing
 from advsweep.models import datasets, files, zoo
-
-UNITS = {"fgsm": "fwd+bwd", "bim": "fwd+bwd", "pgd": "fwd+bwd", "jsma": "fwd+2vjp",
-         "one_pixel": "fwd"}
-QUICK_OVERRIDES = {"one_pixel": ["num_generations=10"], "jsma": ["gamma=0.05"],
-                   "bim": ["num_steps=5"], "pgd": ["num_steps=5"], "fgsm": []}
-
-
-def unit_of(name: str, config: Any) -> str:
-  """The attack's unit of model work (JSMA-F takes one VJP per iteration, not two)."""
-  if name == "jsma" and config.derivative == "probabilities":
-    return "fwd+vjp"
-  return UNITS[name]
 
 
 def _unit_fn(apply_fn: Callable, params: Any, unit: str) -> Callable:
-  if unit == "fwd":
+  if unit == attack_spec.FORWARD:
     return jax.jit(lambda x: apply_fn(params, x))
-  if unit in ("fwd+bwd", "fwd+vjp"):  # one backward pass from a scalar per image
+  if unit in (attack_spec.FORWARD_BACKWARD, attack_spec.FORWARD_VJP):  # one backward pass
     def loss(x):
       logits = apply_fn(params, x)
       labels = jnp.zeros(x.shape[0], jnp.int32)
@@ -81,63 +69,15 @@ def unit_call(apply_fn: Callable, params: Any, shape: tuple[int, ...], unit: str
 def raw_throughput(apply_fn: Callable, params: Any, shape: tuple[int, ...], unit: str,
                    min_seconds: float = 1.0) -> float:
   """Images per second of `unit` on a batch of `shape`, after a warm-up call."""
-  call = unit_call(apply_fn, params, shape, unit)
-  reps, start = 0, time.perf_counter()
-  while reps < 3 or time.perf_counter() - start < min_seconds:
-    jax.block_until_ready(call())
-    reps += 1
-  return reps * shape[0] / (time.perf_counter() - start)
-
-
-def attack_units(name: str, result: attacks.AttackResult) -> int:
-  """Units of model work the attack reports: see UNITS."""
-  queries = np.asarray(result.queries, np.int64)
-  if UNITS[name] == "fwd+bwd":
-    return int(np.sum(queries - 1))  # one clean forward pass, then one pass per step
-  return int(np.sum(queries))
-
-
-def unit_batch(name: str, config: Any, num_images: int) -> int:
-  """The batch size the attack feeds the model."""
-  if name == "one_pixel":  # the attack's even chunks (attacks.one_pixel._one_pixel)
-    candidates = min(config.num_slots, num_images) * config.population_size
-    num_chunks = -(-candidates // min(config.chunk_size, candidates))
-    return -(-candidates // num_chunks)
-  if name == "jsma":  # its working rows (continuous batching)
-    return min(config.num_slots, num_images)
-  return num_images
-
-
-def _calls(fn: Callable[[], Any], seconds: float, max_runs: int | None = None
-           ) -> tuple[Any, list[float]]:
-  """The last output and the seconds of each call of `fn`, called until `seconds` have
-  passed (at least once, at most `max_runs` times)."""
-  times, start, out = [], time.perf_counter(), None
-  while not times or (time.perf_counter() - start < seconds
-                      and (max_runs is None or len(times) < max_runs)):
-    begin = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - begin)
-  return out, times
-
-
-def timed(fn: Callable[[], Any], min_seconds: float = 2.0, max_runs: int = 7
-          ) -> tuple[Any, float, int]:
-  """The output, the median seconds of repeated calls and how many calls were made.
-
-  Calls repeat until `min_seconds` have passed (at most `max_runs`): one call for the long
-  attacks, several for the ones that take milliseconds, whose single timings are noisy.
-  """
-  out, times = _calls(fn, min_seconds, max_runs)
-  return out, float(np.median(times)), len(times)
+  return timing.throughput(unit_call(apply_fn, params, shape, unit), shape[0], min_seconds)
 
 
 def compile_and_run_seconds(prepared: Callable[[], Any], min_seconds: float = 0.0
                             ) -> tuple[Any, float, float]:
   """The result, compile seconds (first call minus the run time) and run seconds (the median
   of warm calls over `min_seconds`; one warm call by default)."""
-  (first,) = _calls(prepared, 0.0)[1]
-  result, run_s, _ = timed(prepared, min_seconds)
+  (first,) = timing.calls(prepared, 0.0)[1]
+  result, run_s, _ = timing.timed(prepared, min_seconds)
   return result, max(0.0, first - run_s), run_s
 
 
@@ -148,37 +88,39 @@ def interleaved_seconds(attack: Callable[[], Any], units: Callable[[], Any],
   and of the raw re-check, measured in turn, round after round, for at least `min_rounds`
   rounds and `min_seconds` (each round calls the raw ones for up to 0.5 s).
 
-  The development CPU's speed drifts by 10-30% over seconds; a ratio of two figures
-  measured one after the other takes that drift in, two measured in turn see it alike.
-  Single runs of the same JSMA call on 32 LeNet images took 1.33 to 1.69 s in a row, hence
-  the median of at least three.
+  A CPU's speed drifts over seconds; a ratio of two figures measured one after the other
+  takes that drift in, two measured in turn see it alike. Single runs of a long attack vary
+  too, hence the median of at least `min_rounds`.
   """
   attack_s, unit_s, check_s, start = [], [], [], time.perf_counter()
   result = None
   while len(attack_s) < min_rounds or time.perf_counter() - start < min_seconds:
-    result, (seconds,) = _calls(attack, 0.0)
+    result, (seconds,) = timing.calls(attack, 0.0)
     attack_s.append(seconds)
-    unit_s += _calls(units, min(seconds, 0.5))[1]
-    check_s += _calls(check, min(seconds, 0.5) / 4)[1]
+    unit_s += timing.calls(units, min(seconds, 0.5))[1]
+    check_s += timing.calls(check, min(seconds, 0.5) / 4)[1]
   return result, *(float(np.median(t)) for t in (attack_s, unit_s, check_s))
 
 
 def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images: jax.Array,
-            labels: np.ndarray, overrides: list[str], seed: int = 0) -> dict[str, Any]:
-  """One row: attack `name` (with `key=value` overrides) on `images` against the raw limit."""
-  config = run_attack.make_config(name, overrides)
-  key = jax.random.key(seed)
-  prepared = attacks.PREPARE[name](apply_fn, params, images, labels, key, config)
-  memory = prepared.lower().compile().memory_analysis()
-  (first_s,) = _calls(prepared, 0.0)[1]  # compiles
-  unit = unit_of(name, config)
-  batch = unit_batch(name, config, len(images))
+            labels: np.ndarray, config: Any = None, seed: int = 0, evaluator: Any = None
+            ) -> dict[str, Any]:
+  """One row: attack `name` with `config` (None: the paper's) on `images` against the raw
+  limit. `evaluator`: the model's pixel-local evaluator, handed to the attack."""
+  spec = attacks.REGISTRY[name]
+  config = config if config is not None else spec.config_cls()
+  prepared = spec.prepared(apply_fn, params, images, labels, jax.random.key(seed), config,
+                           evaluator=evaluator)
+  memory = prepared.lower().compile().memory_analysis() if prepared.lowered else None
+  (first_s,) = timing.calls(prepared, 0.0)[1]  # compiles
+  unit = spec.unit(config)
+  batch = spec.unit_batch(config, len(images))
   units_call = unit_call(apply_fn, params, (batch, *images.shape[1:]), unit)
-  check_call = unit_call(apply_fn, params, images.shape, "fwd")
+  check_call = unit_call(apply_fn, params, images.shape, attack_spec.FORWARD)
   result, run_s, unit_s, check_s = interleaved_seconds(prepared, units_call, check_call)
   compile_s = max(0.0, first_s - run_s)
   raw, raw_check = batch / unit_s, len(images) / check_s
-  units = attack_units(name, result)
+  units = spec.units(result.queries)
   bound_s = units / raw + len(images) / raw_check  # the model's own time for the passes
   success = np.asarray(result.success)
   return {
@@ -199,9 +141,11 @@ def measure(model_name: str, apply_fn: Callable, params: Any, name: str, images:
       "success_rate": float(success.mean()),
       "compile_s": compile_s,
       "run_s": run_s,
-      "memory_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                          + memory.temp_size_in_bytes),
-      "temp_bytes": int(memory.temp_size_in_bytes),
+      "memory_bytes": None if memory is None else int(
+          memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes),
+      "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+      "evaluation": result.evaluation,
   }
 
 
@@ -219,7 +163,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
            f"{r['efficiency']:.2f}", f"{r['images_per_s']:.2f}",
            f"{r['units_per_image']:.0f}", f"{r['success_rate']:.2f}",
            f"{r['compile_s']:.1f}", f"{r['run_s']:.2f}",
-           f"{r['memory_bytes'] / 2**20:.1f}"] for r in rows]
+           "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}"]
+          for r in rows]
   return tables.format_text(header, body)
 
 
@@ -238,24 +183,29 @@ def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike,
   return path
 
 
-def main(args: argparse.Namespace) -> int:
-  model_names = args.models or default_models()
+def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | None = None,
+         num_images: int | None = None, quick: bool = False,
+         out: str | os.PathLike = "results/perf", data_dir: str | None = None) -> int:
+  """`advsweep perf`: every attack (`attack_names`, default all registered) on each model
+  (default `default_models()`), `num_images` test images (32); `quick`: each attack's
+  smoke-sized settings (`AttackSpec.quick`). Prints the table and writes the parquet file."""
+  model_names = list(models or default_models())
   if not model_names:
     print("advsweep perf: no trained zoo model found; run `advsweep train mnist_lenet`")
     return 2
-  attack_names = args.attacks or list(attacks.REGISTRY)
-  rows, num_images = [], args.num_images or 32
+  rows, num_images = [], num_images or 32
   for model_name in model_names:
     model = zoo.load(model_name)
-    images_u8, labels = datasets.load(model.meta["dataset"], "test", args.data_dir)
+    images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
     images = jnp.asarray(images_u8[:num_images], jnp.float32) / 255.0
     labels = labels[:num_images]
-    for name in attack_names:
-      overrides = QUICK_OVERRIDES[name] if args.quick else []
-      print(f"[perf] {model_name} {name} {' '.join(overrides)}", flush=True)
+    for name in attack_names or list(attacks.REGISTRY):
+      spec = attacks.REGISTRY[name]
+      fields = dict(spec.quick) if quick else {}
+      print(f"[perf] {model_name} {name} {fields or ''}", flush=True)
       rows.append(measure(model_name, model.apply_fn, model.params, name, images, labels,
-                          overrides))
+                          spec.config(**fields), evaluator=model.pixel_evaluator))
   print(format_table(rows))
-  path = write_parquet(rows, args.out)
+  path = write_parquet(rows, out)
   print(f"wrote {path}")
   return 0

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from advsweep import attacks
 from advsweep.bench import results, tables
 from advsweep.models import files
 
@@ -173,6 +174,7 @@ def summary_csv(cells: list[CellSummary]) -> str:
 POSSAS_METHODS = {"least-likely": lambda p: p.get("target") == "least_likely",
                   "inverse": lambda p: p.get("target", "untargeted") == "untargeted"
                   and p.get("away_from") == "prediction"}
+POSSAS_KINDS = {"fgsm": "fast", "bim": "iterative"}  # the slides' one-step and iterative
 POSSAS_COLUMNS = (("iterative", "top5"), ("iterative", "top1"), ("fast", "top5"),
                   ("fast", "top1"))
 POSSAS_HEADER = ("bin", "iterative top-5 error", "iterative top-1 error", "fast top-5 error",
@@ -187,12 +189,12 @@ def possas_tables(cells: list[CellSummary]) -> dict[tuple[str, str, str], dict]:
   """
   out: dict[tuple[str, str, str], dict] = defaultdict(lambda: defaultdict(dict))
   for c in cells:
-    if c.attack not in ("fgsm", "bim") or c.conf_bin == ALL_BINS:
+    kind = POSSAS_KINDS.get(c.attack)
+    if kind is None or c.conf_bin == ALL_BINS:
       continue
     p = c.param_dict
     for method, matches in POSSAS_METHODS.items():
       if matches(p):
-        kind = "fast" if c.attack == "fgsm" else "iterative"
         eps = _short(p.get("eps", "default"))
         out[(c.model, method, eps)][c.conf_bin][kind] = c
   return {k: v for k, v in out.items()
@@ -217,7 +219,8 @@ def possas_rows(table: dict[str, dict[str, CellSummary]],
 
 
 def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
-  """PNG plots: success against eps per bin, and one-pixel success against k per bin."""
+  """PNG plots: success against each attack's budget (`AttackSpec.budget_field`: eps, k,
+  gamma) per bin, where the run swept it."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -228,7 +231,8 @@ def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
       lambda: defaultdict(list))
   for c in cells:
     p = dict(c.param_dict)
-    x_name = "num_pixels" if c.attack == "one_pixel" else "eps"
+    spec = attacks.REGISTRY.get(c.attack)
+    x_name = spec.budget_field if spec is not None else None
     if x_name not in p or not isinstance(p[x_name], int | float):
       continue
     x = float(p.pop(x_name))
@@ -242,7 +246,7 @@ def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
       points.sort()
       ax.plot([x for x, _ in points], [100 * y for _, y in points], marker="o",
               label=conf_bin, linestyle="--" if conf_bin == ALL_BINS else "-")
-    ax.set_xlabel("k (pixels)" if x_name == "num_pixels" else "eps")
+    ax.set_xlabel(x_name)
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{model} {attack} {rest}".strip(), fontsize=9)

@@ -57,7 +57,11 @@ SCHEMA = pa.schema([
     ("queries", pa.int64()),
     ("wall_s", pa.float64()),  # the unit's attack wall time / its images
     ("valid", pa.bool_()),  # budget, [0, 1] range and finite output checks passed
+    ("evaluation", pa.string()),  # "full" forward pass or "pixel_local" (AttackResult)
 ])
+# Parts written before the `evaluation` column are read with it null: their evaluation is
+# not recorded.
+_PREVIOUS_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "evaluation"])
 # Columns that record when and where a row was made, not what it says.
 PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
 ROW_KEY = ("model", "config_hash", "example_idx")
@@ -108,6 +112,9 @@ def read_part(path: str | os.PathLike) -> pa.Table:
   except (OSError, pa.ArrowException) as err:
     raise ResultsError(f"{path} is corrupt ({err}); delete it and run again with --resume to "
                        "recompute that unit") from None
+  if table.schema.equals(_PREVIOUS_SCHEMA, check_metadata=False):
+    table = table.append_column(SCHEMA.field("evaluation"),
+                                pa.nulls(table.num_rows, pa.string()))
   if not table.schema.equals(SCHEMA, check_metadata=False):
     raise ResultsError(f"{path} does not have the advsweep results schema; it is from another "
                        "version or tool: move it out of the run folder")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import time
 from typing import Any
@@ -12,44 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from advsweep import attacks
+from advsweep.bench import config
 from advsweep.models import datasets, zoo
 
 
-def parse_overrides(config_cls: type, assignments: list[str]) -> dict[str, Any]:
-  """Parses `key=value` strings into config fields, refusing unknown keys.
-
-  Values are Python literals (`0.1`, `3`, `True`, `'least_likely'`); anything else is kept
-  as a string, so `target=least_likely` works too.
-  """
-  fields = [f.name for f in dataclasses.fields(config_cls)]
-  flags = {f.name for f in dataclasses.fields(config_cls) if isinstance(f.default, bool)}
-  out = {}
-  for item in assignments:
+def make_config(attack_name: str, assignments: list[str] | None = None) -> Any:
+  """The attack's paper config with `key=value` overrides applied, values in TOML (the one
+  grammar of every `--set`; a bare word is a string: `target=least_likely`)."""
+  fields = {}
+  for item in assignments or []:
     key, sep, raw = item.partition("=")
     if not sep:
-      raise ValueError(f"--set expects key=value; got {item!r}")
-    if key not in fields:
-      raise ValueError(f"unknown {config_cls.__name__} field {key!r}; valid fields: "
-                       f"{', '.join(fields)}")
-    try:
-      out[key] = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      out[key] = raw
-    if key in flags and not isinstance(out[key], bool):
-      # A non-empty string is truthy: "false" must not silently mean True.
-      if str(out[key]).lower() not in ("true", "false"):
-        raise ValueError(f"{key} takes true or false; got {raw!r}")
-      out[key] = str(out[key]).lower() == "true"
-  return out
-
-
-def make_config(attack_name: str, assignments: list[str] | None = None) -> Any:
-  """The attack's paper config with `key=value` overrides applied."""
-  if attack_name not in attacks.REGISTRY:
-    raise ValueError(f"unknown attack {attack_name!r}; valid choices: "
-                     f"{', '.join(attacks.REGISTRY)}")
-  _, config_cls = attacks.REGISTRY[attack_name]
-  return config_cls(**parse_overrides(config_cls, assignments or []))
+      raise config.ConfigError(f"--set expects key=value; got {item!r}")
+    fields[key.strip()] = config.parse_value(raw.strip())
+  return config.attack_config(attack_name, fields, where="")
 
 
 @dataclasses.dataclass
@@ -101,22 +76,24 @@ def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed
   `wall_seconds` is the attack's run, which compiles again (an ahead-of-time executable
   does not enter jit's cache): `advsweep perf` separates the two exactly.
   """
-  config = make_config(attack_name, overrides)  # validates the attack's name and fields
+  attack_config = make_config(attack_name, overrides)  # checks the name, fields and values
   model = model or zoo.load(model_name)
   images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
   images = jnp.asarray(images_u8[:num_images], jnp.float32) / 255.0
   labels = labels[:num_images]
   key = jax.random.key(seed)
   clean_pred = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1))
-  prepared = attacks.PREPARE[attack_name](model.apply_fn, model.params, images, labels, key,
-                                          config)
+  prepared = attacks.REGISTRY[attack_name].prepared(
+      model.apply_fn, model.params, images, labels, key, attack_config,
+      evaluator=model.pixel_evaluator)
   start = time.perf_counter()
-  prepared.lower().compile()  # compile time of the attack's largest jitted piece, measured
-  compile_seconds = time.perf_counter() - start  # apart (the run below compiles it again)
+  if prepared.lowered is not None:  # compile time of the attack's largest jitted piece,
+    prepared.lower().compile()  # measured apart (the run below compiles it again)
+  compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
   result = jax.block_until_ready(prepared())
   wall = time.perf_counter() - start
-  return AttackRun(model_name, attack_name, config, labels, clean_pred, result,
+  return AttackRun(model_name, attack_name, attack_config, labels, clean_pred, result,
                    compile_seconds=compile_seconds, wall_seconds=wall)
 
 

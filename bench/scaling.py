@@ -1,21 +1,23 @@
 """How attack cost grows (`advsweep perf --scaling`), and that sweeps do not recompile.
 
-Four sweeps, each timed as run time with compilation apart (first call minus second call):
+Four sweeps, each timed as run time with compilation apart (first call minus second call),
+each attack at this benchmark's small budgets (`BUDGETS`; an attack not named there at its
+`AttackSpec.quick` settings):
 - batch size 1 to 1024 (FGSM, BIM; one-pixel and JSMA to 256) on mnist_lenet;
 - image size: MNIST (mnist_lenet) against CIFAR-10 (cifar10_allconv) at batch 64;
 - k = 1, 3, 5 pixels, with and without pixel-local evaluation, on both models;
 - DE population size 50 to 800 on mnist_lenet.
-The one-pixel runs disable early stopping, so every image does the same work. Then eps (BIM)
-and F (one-pixel) sweeps count the new traces of the attack's jitted core and all XLA compiles
-after their first value: zero means no recompilation. Rows go to
+The one-pixel runs disable early stopping (`AttackSpec.fixed_work`), so every image does the
+same work. Then eps (BIM) and F (one-pixel) sweeps count the traces and XLA compiles after
+their first value (`jax.monitoring` events): zero means nothing recompiled. Rows go to
 `<out>/scaling-<platform>-<stamp>.parquet`, one PNG per sweep to `<out>/scaling-<sweep>.png`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import importlib
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +27,36 @@ import matplotlib
 import numpy as np
 
 from advsweep import attacks
-from advsweep.attacks import common
-from advsweep.bench import perf, run_attack, tables
+from advsweep.bench import perf, tables
 from advsweep.models import datasets, zoo
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-FIXED_WORK = ["stop_on_flip=False", "stop_true_prob=0.0"]
-SMALL = {"fgsm": ["eps=0.1"], "bim": ["eps=0.1", "step_size=0.025", "num_steps=5"],
-         "jsma": ["gamma=0.05"],
-         "one_pixel": ["population_size=100", "num_generations=5", *FIXED_WORK]}
-
 _events: collections.Counter = collections.Counter()
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *_, **__: _events.update([name]))
-COMPILE = "/jax/core/compile/backend_compile_duration"
+TRACE = "/jax/core/compile/jaxpr_trace_duration"  # one per function traced for jit
+COMPILE = "/jax/core/compile/backend_compile_duration"  # one per XLA compilation
+
+
+# The budgets of the published scaling table; other attacks run at `AttackSpec.quick`.
+BUDGETS = {"fgsm": {"eps": 0.1}, "bim": {"eps": 0.1, "step_size": 0.025, "num_steps": 5},
+           "one_pixel": {"population_size": 100, "num_generations": 5}}
+
+
+def small(attack: str, **fields: Any) -> Any:
+  """The attack's small config (`BUDGETS`), its fixed-work settings and `fields` on top."""
+  spec = attacks.REGISTRY[attack]
+  return spec.config(**{**BUDGETS.get(attack, spec.quick), **spec.fixed_work, **fields})
 
 
 def timed_attack(model: zoo.Model, attack: str, images: jax.Array, labels: np.ndarray,
-                 overrides: list[str]) -> dict[str, float]:
+                 config: Any) -> dict[str, float]:
   """Compile and run seconds of one attack call (first call minus a second, warm call)."""
-  config = run_attack.make_config(attack, overrides)
-  prepared = attacks.PREPARE[attack](model.apply_fn, model.params, images, labels,
-                                     jax.random.key(0), config)
+  prepared = attacks.REGISTRY[attack].prepared(
+      model.apply_fn, model.params, images, labels, jax.random.key(0), config,
+      evaluator=model.pixel_evaluator)
   result, compile_s, run = perf.compile_and_run_seconds(prepared)
   return {"run_s": run, "compile_s": compile_s, "s_per_image": run / len(images),
           "evals_per_image": float(np.mean(np.asarray(result.queries)))}
@@ -72,7 +80,7 @@ def batch_rows(data_dir) -> list[dict[str, Any]]:
       print(f"[scaling] batch {attack} {batch}", flush=True)
       rows.append({"sweep": "batch", "model": "mnist_lenet", "attack": attack, "x": batch,
                    **timed_attack(model, attack, images[:batch], labels[:batch],
-                                  SMALL[attack])})
+                                  small(attack))})
   return rows
 
 
@@ -84,7 +92,7 @@ def image_size_rows(data_dir) -> list[dict[str, Any]]:
     for attack in ("fgsm", "bim", "one_pixel", "jsma"):
       print(f"[scaling] image size {name} {attack}", flush=True)
       rows.append({"sweep": "image_size", "model": name, "attack": attack, "x": pixels,
-                   **timed_attack(model, attack, images, labels, SMALL[attack])})
+                   **timed_attack(model, attack, images, labels, small(attack))})
   return rows
 
 
@@ -92,13 +100,12 @@ def pixels_rows(data_dir) -> list[dict[str, Any]]:
   rows = []
   for name in ("mnist_lenet", "cifar10_allconv"):
     model, images, labels = _data(name, data_dir, 8)
-    for splice in ("True", "False"):
+    for splice in (True, False):
       for k in (1, 3, 5):
         print(f"[scaling] k {name} k={k} splice={splice}", flush=True)
-        overrides = [f"num_pixels={k}", f"splice={splice}", "num_generations=2",
-                     *FIXED_WORK]
+        config = small("one_pixel", num_pixels=k, splice=splice, num_generations=2)
         rows.append({"sweep": "pixels", "model": name, "attack": f"one_pixel splice={splice}",
-                     "x": k, **timed_attack(model, "one_pixel", images, labels, overrides)})
+                     "x": k, **timed_attack(model, "one_pixel", images, labels, config)})
   return rows
 
 
@@ -107,32 +114,26 @@ def population_rows(data_dir) -> list[dict[str, Any]]:
   rows = []
   for population in (50, 100, 200, 400, 800):
     print(f"[scaling] population {population}", flush=True)
-    overrides = [f"population_size={population}", "num_generations=3", *FIXED_WORK]
+    config = small("one_pixel", population_size=population, num_generations=3)
     rows.append({"sweep": "population", "model": "mnist_lenet", "attack": "one_pixel",
-                 "x": population,
-                 **timed_attack(model, "one_pixel", images, labels, overrides)})
+                 "x": population, **timed_attack(model, "one_pixel", images, labels, config)})
   return rows
 
 
 def retrace_rows(data_dir) -> list[dict[str, Any]]:
   """Traces and compiles during the first and the later values of an eps or F sweep."""
   model, images, labels = _data("mnist_lenet", data_dir, 16)
-  # The jitted cores: BIM's step (bound to this model, see attacks.common.bind) and the
-  # one-pixel attack's whole run.
-  cores = {"bim": common.bind(importlib.import_module("advsweep.attacks.gradient")._step,
-                              model.apply_fn, model.params, norm="linf"),
-           "one_pixel": importlib.import_module("advsweep.attacks.one_pixel")._one_pixel}
   sweeps = {("bim", "eps"): (0.05, 0.1, 0.2, 0.3),
             ("one_pixel", "differential_weight"): (0.3, 0.5, 0.7, 0.9)}
+  base = {"bim": {"num_steps": 3}, "one_pixel": {"population_size": 20, "num_generations": 2}}
   rows = []
   for (attack, field), values in sweeps.items():
-    base = ["num_steps=3"] if attack == "bim" else ["population_size=20", "num_generations=2"]
     counts = []
     for value in values:
-      before, entries = _events.copy(), cores[attack]._cache_size()
-      timed_attack(model, attack, images, labels, [*base, f"{field}={value}"])
-      counts.append((cores[attack]._cache_size() - entries,
-                     _events[COMPILE] - before[COMPILE]))
+      before = _events.copy()
+      config = attacks.REGISTRY[attack].config(**base[attack], **{field: value})
+      timed_attack(model, attack, images, labels, config)
+      counts.append((_events[TRACE] - before[TRACE], _events[COMPILE] - before[COMPILE]))
     rows.append({"sweep": "retrace", "model": "mnist_lenet", "attack": attack, "x": 0,
                  "field": field, "values": ", ".join(map(str, values)),
                  "first_traces": counts[0][0], "first_compiles": counts[0][1],
@@ -178,9 +179,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   text = tables.format_text(header, body)
   retrace = [r for r in rows if r["sweep"] == "retrace"]
   if retrace:
-    header = ["attack", "swept", "values", "core traces (first value)",
-              "all compiles (first value)", "core traces (later values)",
-              "all compiles (later values)"]
+    header = ["attack", "swept", "values", "traces (first value)",
+              "compiles (first value)", "traces (later values)", "compiles (later values)"]
     body = [[r["attack"], r["field"], r["values"], str(r["first_traces"]),
              str(r["first_compiles"]), str(r["later_traces"]), str(r["later_compiles"])]
             for r in retrace]
@@ -192,12 +192,15 @@ SWEEPS = {"batch": batch_rows, "image_size": image_size_rows, "pixels": pixels_r
           "population": population_rows, "retrace": retrace_rows}
 
 
-def main(args: argparse.Namespace) -> int:
-  out = Path(args.out)
+def main(*, sweeps: Sequence[str] | None = None, out: str | os.PathLike = "results/perf",
+         data_dir: str | None = None) -> int:
+  """`advsweep perf --scaling`: the named `sweeps` (default all of `SWEEPS`); prints the
+  tables, writes the plots and the parquet file to `out`."""
+  out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   rows = []
-  for name in args.sweeps or list(SWEEPS):
-    rows += SWEEPS[name](args.data_dir)
+  for name in sweeps or list(SWEEPS):
+    rows += SWEEPS[name](data_dir)
   print(format_table(rows))
   for path in plot(rows, out):
     print(f"wrote {path}")

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from advsweep import attacks
-from advsweep.bench import results, selection
+from advsweep.bench import results, selection, timing
 from advsweep.bench.config import Cell, RunConfig
 from advsweep.models import datasets, files, zoo
 
@@ -92,20 +92,6 @@ def image_keys(seed: int, cell: Cell, example_idx: np.ndarray) -> jax.Array:
       base, jnp.asarray(example_idx, jnp.uint32))
 
 
-def within_budget(cell: Cell, result: attacks.AttackResult, num_features: int) -> np.ndarray:
-  """[B] bool: the perturbation respects the attack's budget (AutoAttack-style check)."""
-  c = cell.config
-  if cell.attack in ("fgsm", "bim") or (cell.attack == "pgd" and c.norm == "linf"):
-    return np.asarray(result.linf) <= float(c.eps) + 1e-5
-  if cell.attack == "pgd":
-    return np.asarray(result.l2) <= float(c.eps) * (1 + 1e-4) + 1e-5
-  if cell.attack == "jsma":  # features change in pairs: allow the last pair
-    return np.asarray(result.l0_fraction) <= float(c.gamma) + 2.0 / num_features + 1e-7
-  if cell.attack == "one_pixel":
-    return np.asarray(result.l0) <= c.num_pixels
-  raise ValueError(f"no budget check for attack {cell.attack!r}")
-
-
 @dataclasses.dataclass
 class ModelData:
   """A loaded model with its dataset and its selected images."""
@@ -162,16 +148,17 @@ class Runner:
     targets = None
     if cell.target_class is not None:
       targets = self.shard(np.full(len(positions), cell.target_class, np.int32))
-    attack_fn, _ = attacks.REGISTRY[cell.attack]
+    spec = attacks.REGISTRY[cell.attack]
     start = time.perf_counter()
-    result = attack_fn(data.model.apply_fn, self.params(data), self.shard(images),
-                       self.shard(labels), self.shard(keys), cell.config, targets=targets)
+    result = spec.run(data.model.apply_fn, self.params(data), self.shard(images),
+                      self.shard(labels), self.shard(keys), cell.config, targets=targets,
+                      evaluator=data.model.pixel_evaluator)
     result = jax.block_until_ready(result)
     wall = time.perf_counter() - start
     r = jax.tree.map(lambda x: np.asarray(x)[:n], result)
     flat = r.adv_images.reshape(n, -1)
     in_range = (flat.min(-1) >= 0.0) & (flat.max(-1) <= 1.0)
-    valid = r.finite & in_range & within_budget(cell, r, flat.shape[1])
+    valid = r.finite & in_range & spec.within_budget(cell.config, r, flat.shape[1])
     pos = unit.positions
     bin_names = np.asarray(self.config.bin_names)
     meta = data.model.meta
@@ -206,6 +193,7 @@ class Runner:
         "adv_top5_correct": r.adv_top5_correct, "success": r.success, "l0": r.l0,
         "l0_fraction": r.l0_fraction, "l2": r.l2, "linf": r.linf,
         "queries": r.queries.astype(np.int64), "valid": valid,
+        "evaluation": [r.evaluation] * n,
     })
     return rows
 
@@ -256,38 +244,22 @@ def load_models(config: RunConfig, data_dir: str | None,
   return out
 
 
-# Model work per image in forward-pass equivalents (a backward pass ~ 2 forwards), the upper
-# bound of each attack's loop: the basis of the time estimate printed before a run.
-def forward_equivalents(cell: Cell, num_features: int, num_classes: int) -> float:
-  c = cell.config
-  if cell.attack == "fgsm":
-    return 5.0
-  if cell.attack in ("bim", "pgd"):
-    steps = c.num_steps or attacks.gradient.kurakin_num_steps(float(c.eps))
-    return 3.0 * steps + 2
-  if cell.attack == "jsma":
-    return 5.0 * np.ceil(float(c.gamma) * num_features / 2) + 2
-  generations = (c.num_generations + 1) * c.population_size
-  return generations * ((num_classes - 1) if c.target == "at_least_one_target" else 1) + 1
-
-
 @functools.cache
 def _forward_rate(model: zoo.Model, shape: tuple[int, ...]) -> float:
   """Forward images/s at batch 256, measured once per model and process."""
-  from advsweep.bench import perf  # measures raw throughput
-
-  return perf.raw_throughput(model.apply_fn, model.params, (256, *shape), "fwd",
-                             min_seconds=0.3)
+  return timing.forward_rate(model.apply_fn, model.params, (256, *shape), min_seconds=0.3)
 
 
 def estimate_seconds(units: list[Unit], models: dict[str, ModelData]) -> float:
-  """An upper bound on the sweep's time: forward equivalents at each model's measured rate."""
+  """An upper bound on the sweep's time: each attack's model work per image in forward-pass
+  equivalents (`AttackSpec.forward_equivalents`) at each model's measured forward rate."""
   total = 0.0
   for unit in units:
     data = models[unit.cell.model]
     shape = data.images_u8.shape[1:]
     num_classes = datasets.info(data.model.meta["dataset"]).num_classes
-    per_image = forward_equivalents(unit.cell, int(np.prod(shape)), num_classes)
+    per_image = attacks.REGISTRY[unit.cell.attack].forward_equivalents(
+        unit.cell.config, int(np.prod(shape)), num_classes)
     total += per_image * len(unit.positions) / _forward_rate(data.model, shape)
   return total
 

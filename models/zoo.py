@@ -94,20 +94,12 @@ def entry(name: str) -> ZooEntry:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jit caches key on apply_fn
 class ApplyFn:
-  """Pure inference `(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]` of a zoo module.
-
-  `pixel_splicer` is the module's exact pixel-local evaluator (`models.locality`), or None;
-  the one-pixel attack uses it when present.
-  """
+  """Pure inference `(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]` of a zoo module."""
 
   module: nn.Module
 
   def __call__(self, params: Any, images: jnp.ndarray) -> jnp.ndarray:
     return self.module.apply(params, images, train=False)
-
-  @functools.cached_property
-  def pixel_splicer(self) -> locality.PixelSplicer | None:
-    return locality.splicer_for(self.module)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jit caches key on apply_fn
@@ -131,6 +123,12 @@ class Model:
   def apply_fn(self) -> ApplyFn:
     """Pure inference: `apply_fn(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]`."""
     return ApplyFn(self.module)
+
+  @functools.cached_property
+  def pixel_evaluator(self) -> locality.PixelSplicer | None:
+    """The exact pixel-local evaluator of this architecture (`models.locality`), or None
+    where it has none: pass it to the one-pixel attack as `evaluator=`."""
+    return locality.splicer_for(self.module)
 
   def intermediates(self, params: Any, images: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:

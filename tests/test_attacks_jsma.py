@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
+from advsweep.attacks import schedulers
 from advsweep.attacks.jsma import best_pair, best_pairs
 from tests.attack_models import linear_model, random_images, small_cnn
 
@@ -223,13 +224,13 @@ def test_jit_and_no_jit_agree():
 
 def test_chunks_are_decreasing_powers_of_two_that_tile_the_rows():
   for rows in range(1, 300):
-    parts = jsma_module.chunks(rows)
+    parts = schedulers.chunks(rows)
     sizes = [size for _, size in parts]
     assert all(size & (size - 1) == 0 for size in sizes)  # powers of two
     assert sizes == sorted(set(sizes), reverse=True)  # each at most once, largest first
     assert [offset for offset, _ in parts] == np.cumsum([0, *sizes[:-1]]).tolist()
     assert sum(sizes) == rows
-  assert jsma_module.chunks(13) == [(0, 8), (8, 4), (12, 1)]
+  assert schedulers.chunks(13) == [(0, 8), (8, 4), (12, 1)]
 
 
 def test_continuous_batching_changes_nothing():

@@ -27,23 +27,32 @@ def test_overrides_parse_literals_and_refuse_unknown_fields():
     run_attack.make_config("fgsm", ["eps"])
 
 
-def test_boolean_overrides_take_true_or_false_in_any_case():
-  for raw, value in (("false", False), ("False", False), ("TRUE", True), ("True", True)):
-    config = run_attack.make_config("one_pixel", [f"stop_on_flip={raw}"])
-    assert config.stop_on_flip is value
-  with pytest.raises(ValueError, match="stop_on_flip takes true or false"):
-    run_attack.make_config("one_pixel", ["stop_on_flip=no"])
+def test_overrides_are_toml_values_of_the_fields_type():
+  """One grammar for every --set: TOML values, each checked against its field's type."""
+  for raw, value in (("false", False), ("true", True)):
+    assert run_attack.make_config("one_pixel", [f"stop_on_flip={raw}"]).stop_on_flip is value
+  for attack, item, match in (
+      ("one_pixel", "stop_on_flip=False", "stop_on_flip takes true or false"),
+      ("one_pixel", "stop_on_flip=no", "stop_on_flip takes true or false"),
+      ("bim", "eps=true", "eps takes a number"), ("bim", "eps=abc", "eps takes a number"),
+      ("bim", "num_steps=2.5", "num_steps takes an integer or nothing"),
+      ("bim", "num_steps=0", "num_steps must be an integer >= 1"),
+      ("bim", "target=sideways", "unknown target mode 'sideways'")):
+    with pytest.raises(ValueError, match=match):
+      run_attack.make_config(attack, [item])
+  assert run_attack.make_config("bim", ["eps=1"]).eps == 1.0  # an integer is a number
 
 
-@pytest.mark.parametrize("name,overrides,units_per_image", [
-    ("fgsm", [], 1),
-    ("bim", ["num_steps=4"], 4),
-    ("pgd", ["num_steps=3"], 3),
+@pytest.mark.parametrize("config,units_per_image", [
+    (attacks.FGSMConfig(), 1),
+    (attacks.BIMConfig(num_steps=4), 4),
+    (attacks.PGDConfig(num_steps=3), 3),
 ])
-def test_perf_counts_the_gradient_passes(name, overrides, units_per_image):
+def test_perf_counts_the_gradient_passes(config, units_per_image):
   apply_fn, params = small_cnn()
   images = random_images(8, 8, 8, 3)
-  row = perf.measure("tiny", apply_fn, params, name, images, np.arange(8) % 5, overrides)
+  name = type(config).__name__[:-len("Config")].lower()
+  row = perf.measure("tiny", apply_fn, params, name, images, np.arange(8) % 5, config)
   assert row["units_per_image"] == units_per_image
   assert row["raw_units_per_s"] > 0 and row["attack_units_per_s"] > 0
   # The model's own time: the attack's units and one re-check forward pass per image.
@@ -80,12 +89,12 @@ def test_attack_and_raw_passes_are_timed_in_turn():
 
 def test_one_pixel_unit_batch_is_what_the_model_sees():
   config = attacks.OnePixelConfig(population_size=400, num_slots=16, chunk_size=2048)
-  assert perf.unit_batch("one_pixel", config, 100) == 1600  # 6400 candidates in 4 chunks
-  assert perf.unit_batch("one_pixel", config, 2) == 800
+  assert attacks.ONE_PIXEL.unit_batch(config, 100) == 1600  # 6400 candidates in 4 chunks
+  assert attacks.ONE_PIXEL.unit_batch(config, 2) == 800
   jsma_config = attacks.JSMAConfig(num_slots=32)
-  assert perf.unit_batch("jsma", jsma_config, 100) == 32  # its working rows
-  assert perf.unit_batch("jsma", jsma_config, 8) == 8
-  assert perf.unit_batch("bim", attacks.BIMConfig(), 32) == 32
+  assert attacks.JSMA.unit_batch(jsma_config, 100) == 32  # its working rows
+  assert attacks.JSMA.unit_batch(jsma_config, 8) == 8
+  assert attacks.BIM.unit_batch(attacks.BIMConfig(), 32) == 32
 
 
 def test_perf_rows_round_trip_through_parquet(tmp_path):

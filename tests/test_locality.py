@@ -31,7 +31,7 @@ def _candidates(shape, num_pixels, count, seed):
 def test_spliced_logits_equal_the_full_forward_pass(name, num_pixels):
   """Every split of the LeNet; for the deeper CIFAR-10 nets every third affordable one."""
   model = zoo.load(name)
-  splicer = model.apply_fn.pixel_splicer
+  splicer = model.pixel_evaluator
   shape = (28, 28, 1) if name.startswith("mnist") else (32, 32, 3)
   count = 12
   images = jax.random.uniform(jax.random.key(1), (count, *shape))
@@ -59,13 +59,13 @@ def test_spliced_logits_equal_the_full_forward_pass(name, num_pixels):
 
 def test_plan_picks_a_split_cheaper_than_the_full_pass():
   model = zoo.load("cifar10_allconv")
-  plan = model.apply_fn.pixel_splicer.plan_for(model.params, (32, 32, 3), 1)
-  assert 0 < plan.split < len(model.apply_fn.pixel_splicer.layers)
+  plan = model.pixel_evaluator.plan_for(model.params, (32, 32, 3), 1)
+  assert 0 < plan.split < len(model.pixel_evaluator.layers)
   assert plan.macs < plan.full_macs
-  assert model.apply_fn.pixel_splicer.plan_for(model.params, (32, 32, 3), 3).split == 0
+  assert model.pixel_evaluator.plan_for(model.params, (32, 32, 3), 3).split == 0
 
 
-def test_architectures_without_a_splicer_fall_back():
+def test_architectures_without_an_evaluator_fall_back():
   assert zoo.load("cifar10_resnet20").apply_fn.pixel_splicer is None
   assert zoo.load("mnist_softmax").apply_fn.pixel_splicer is None
 
@@ -77,8 +77,11 @@ def test_one_pixel_attack_is_the_same_with_and_without_splicing():
   results = [attacks.one_pixel(model.apply_fn, model.params, images, labels,
                                jax.random.key(4),
                                attacks.OnePixelConfig(population_size=40, num_generations=3,
-                                                      num_slots=2, splice=splice))
+                                                      num_slots=2, splice=splice),
+                               evaluator=model.pixel_evaluator)
              for splice in (True, False)]
+  assert [r.evaluation for r in results] == [attacks.PIXEL_LOCAL_EVALUATION,
+                                             attacks.FULL_EVALUATION]
   np.testing.assert_array_equal(results[0].success, results[1].success)
   np.testing.assert_array_equal(results[0].queries, results[1].queries)
   np.testing.assert_allclose(results[0].adv_images, results[1].adv_images, atol=1e-6)

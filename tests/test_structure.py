@@ -1,0 +1,175 @@
+"""The package's shape: one spec per attack read by the driver, one installable namespace."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from advsweep import attacks
+from advsweep.attacks import checks, common
+from advsweep.bench import compare, config, report, results, sweep
+from tests.conftest import requires_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@struct.dataclass
+class NoiseConfig:
+  """A toy attack's config: uniform sign noise of size eps."""
+
+  eps: float = 0.3
+
+
+def noise(apply_fn, params, images, labels, key, config=None, *, targets=None,
+          evaluator=None) -> attacks.AttackResult:
+  """Every pixel moved by +-eps at random (one key per image), then re-checked."""
+  del evaluator
+  config = config or NoiseConfig()
+  keys = common.per_image_keys(key, images.shape[0])
+  signs = jax.vmap(lambda k, x: jax.random.rademacher(k, x.shape, x.dtype))(keys, images)
+  adv = jnp.clip(images + config.eps * signs, 0.0, 1.0)
+  targets = jnp.full(labels.shape, common.NO_TARGET, jnp.int32)
+  queries = jnp.ones(labels.shape, jnp.int32)
+  return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
+
+
+def _check_noise(config: NoiseConfig) -> None:
+  checks.check_at_least("eps", config.eps, 0.0)
+
+
+NOISE = attacks.AttackSpec(
+    name="noise", run=noise, core=noise, config_cls=NoiseConfig, check_config=_check_noise,
+    within_budget=lambda c, r, n: np.asarray(r.linf) <= c.eps + 1e-6,
+    forward_equivalents=lambda c, n, k: 2.0, unit=lambda c: attacks.spec.FORWARD,
+    budget_field="eps")
+
+
+@pytest.fixture
+def registered_noise():
+  attacks.register(NOISE)  # the one line that adds an attack
+  yield NOISE
+  del attacks.REGISTRY["noise"]
+
+
+def test_a_taken_name_is_refused(registered_noise):
+  with pytest.raises(ValueError, match="already registered"):
+    attacks.register(attacks.AttackSpec(**{**vars(NOISE), "run": lambda *a, **k: None}))
+
+
+def test_config_values_are_checked_against_the_spec(registered_noise):
+  with pytest.raises(config.ConfigError, match="attacks.noise.eps takes a number"):
+    config.attack_config("noise", {"eps": "big"})
+  with pytest.raises(config.ConfigError, match="eps must be >= 0"):
+    config.attack_config("noise", {"eps": -1})
+  with pytest.raises(config.ConfigError, match="unknown field 'epsilon' for attack noise"):
+    config.attack_config("noise", {"epsilon": 0.1})
+
+
+@requires_data
+def test_a_registered_toy_attack_runs_through_sweep_report_and_compare(
+    registered_noise, tmp_path, data_dir):
+  raw = {"name": "toy", "models": ["mnist_softmax"], "batch_size": 10,
+         "images": {"per_bin": 5, "pool": 500}, "bins": {"thresholds": [0.99, 0.9]},
+         "attacks": {"noise": {"eps": [0.1, 0.5]}}}
+  run_config = config.resolve(raw)
+  out = tmp_path / "toy"
+  lines = []
+  outcome = sweep.run(run_config, out, data_dir=str(data_dir), progress=False,
+                      log=lines.append)
+  assert outcome.units_run == outcome.units_total == 4  # 2 eps x (15 images in tens)
+  assert any("estimated at most" in line for line in lines)  # the spec's cost
+  table = results.read_run(out)
+  cols = report.columns(table)
+  assert set(cols["attack"]) == {"noise"} and np.all(cols["valid"])
+  assert set(cols["evaluation"]) == {attacks.FULL_EVALUATION}
+  logged = []
+  cells = report.report(out, log=logged.append)
+  rates = {c.param_dict["eps"]: c.success_rate for c in cells if c.conf_bin == report.ALL_BINS}
+  assert rates[0.5] > rates[0.1]  # more noise flips more of the shallow softmax's images
+  assert "noise" in logged[0]
+  assert list((out / "report").glob("success-vs-mnist_softmax-noise-eps*.png"))
+  assert compare.compare(out, out, log=lambda *_: None) == 0
+
+
+def test_bench_never_branches_on_an_attack_name():
+  """Facts about an attack live in its spec: no `attack == "..."` in bench/."""
+  pattern = re.compile(r"(?<!for )\battack\s*(==|!=|in|not in)\s*\(?[\"']")
+  for path in (ROOT / "bench").glob("*.py"):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      assert not pattern.search(line), f"{path.name}:{number}: {line.strip()}"
+
+
+def test_attacks_functions_stay_short():
+  """No function in attacks/ over about 60 lines (docstring included)."""
+  import ast
+
+  for path in (ROOT / "attacks").glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.FunctionDef):
+        length = node.end_lineno - node.lineno + 1
+        assert length <= 60, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_nothing_imports_the_top_level_folders_by_their_bare_names():
+  pattern = re.compile(r"^\s*(from|import)\s+(attacks|bench|models)(\.|\s|$)")
+  for folder in ("attacks", "bench", "models", "tests"):
+    for path in (ROOT / folder).rglob("*.py"):
+      for number, line in enumerate(path.read_text().splitlines(), 1):
+        assert not pattern.match(line), f"{path}:{number}: {line.strip()}"
+
+
+def test_the_wheel_installs_everything_under_advsweep(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+       "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  (wheel,) = tmp_path.glob("advsweep-*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  tops = {n.split("/")[0] for n in names}
+  assert tops == {"advsweep", next(t for t in tops if t.endswith(".dist-info"))}
+  for needed in ("advsweep/attacks/__init__.py", "advsweep/bench/configs/ci.toml",
+                 "advsweep/bench/published.toml", "advsweep/models/trained/mnist_lenet.json"):
+    assert needed in names
+  assert "advsweep/__init__.py" not in names  # a namespace: nothing else can claim it
+
+
+def _user_project(folder: Path) -> None:
+  """A user's project with packages of its own named like our folders."""
+  for name in ("models", "bench", "attacks"):
+    package = folder / name
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        f"raise ImportError('the user project\\'s own {name} package was imported')\n")
+
+
+@requires_data
+def test_advsweep_run_ci_from_a_project_with_its_own_models_package(tmp_path, data_dir):
+  project = tmp_path / "project"
+  project.mkdir()
+  _user_project(project)
+  env: dict[str, Any] = dict(os.environ, PYTHONPATH=str(project),
+                             ADVSWEEP_DATA_DIR=str(data_dir))
+  check = subprocess.run(
+      [sys.executable, "-c", "import advsweep.models, advsweep.bench.cli; import models"],
+      cwd=project, env=env, capture_output=True, text=True, timeout=120)
+  assert "the user project's own models package was imported" in check.stderr  # theirs
+  assert "advsweep" not in check.stderr.splitlines()[-1]
+  advsweep = Path(sys.executable).with_name("advsweep")
+  proc = subprocess.run(
+      [str(advsweep), "run", "ci", "--out", str(tmp_path / "ci"), "--no-progress",
+       "--attacks", "fgsm", "--set", "images.per_bin=3"],
+      cwd=project, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert "fgsm" in proc.stdout
+  assert results.read_run(tmp_path / "ci").num_rows == 2 * 9  # 2 eps x 3 bins x 3 images
