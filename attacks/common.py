@@ -1,8 +1,9 @@
-"""What every attack shares: the result type, input checks, target choice, final re-check.
+"""What every attack shares: the result type, target choice, the final re-check, `bind`.
 
 An attack has the signature
 
-    attack(apply_fn, params, images, labels, key, config=None, *, targets=None) -> AttackResult
+    attack(apply_fn, params, images, labels, key, config=None, *, targets=None,
+           evaluator=None) -> AttackResult
 
 with `apply_fn(params, images[B,H,W,C]) -> logits[B,K]` and images in [0, 1]. Success is
 always re-checked with the model's own prediction on `adv_images` (as AutoAttack does), never

@@ -10,8 +10,7 @@ For each attack on each model this measures, in one process:
   divided by the attack's time. 1.0 means no time is spent outside the model's own passes.
   The attack and the raw passes are timed in turn, round after round
   (`interleaved_seconds`), so that a drift in the machine's speed hits both alike. (The
-  re-check counts as model work: FGSM cannot report success without it, and leaving it
-  out capped FGSM near 0.75 on the LeNet whatever the implementation.);
+  re-check counts as model work: an attack cannot report success without it.);
 - compile time, apart from run time, and the compiled executable's memory (arguments,
   outputs and temporaries: the CPU backend reports no live peak).
 Rows are printed as a table and written to `<out>/perf-<timestamp>.parquet`.

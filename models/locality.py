@@ -21,8 +21,8 @@ are the next layer's padding).
 architectures (PapernotLeNet, AllConvC, NiN, VGG16) and None for others (ResNet20, the
 softmax). The split layer is chosen by a cost model (`PixelSplicer.plan`). Candidates that
 change more than one pixel (k > 1) use the full forward pass: the windows of nearby pixels
-interact, and measured splitting of k windows did not pay (at k = 3 the earlier crop-based
-splice was 13% faster on All-CNN-C, and slower on the LeNet).
+interact, and splitting k windows did not pay where it was measured
+(`results/perf/NOTES.md`).
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ def test_plan_picks_a_split_cheaper_than_the_full_pass():
 
 
 def test_architectures_without_an_evaluator_fall_back():
-  assert zoo.load("cifar10_resnet20").apply_fn.pixel_splicer is None
-  assert zoo.load("mnist_softmax").apply_fn.pixel_splicer is None
+  assert zoo.load("cifar10_resnet20").pixel_evaluator is None
+  assert zoo.load("mnist_softmax").pixel_evaluator is None
 
 
 def test_one_pixel_attack_is_the_same_with_and_without_splicing():
