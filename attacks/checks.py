@@ -9,6 +9,7 @@ module of their own in the same way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,11 +26,21 @@ def is_concrete(*trees: Any) -> bool:
 
 
 def num_classes_of(apply_fn: Any, params: Any, images: Any) -> int:
-  """The model's number of classes, from its output shape (no computation)."""
-  spec = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]), jnp.result_type(images))
-  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), jnp.result_type(p)),
-                          params)
-  return int(jax.eval_shape(apply_fn, abstract, spec).shape[-1])
+  """The model's number of classes, from its output shape (no computation; the abstract
+  evaluation is cached per model and shapes, where `apply_fn` is hashable)."""
+  leaves, treedef = jax.tree.flatten(params)
+  shapes = tuple((tuple(np.shape(p)), jnp.result_type(p)) for p in leaves)
+  image = ((1, *np.shape(images)[1:]), jnp.result_type(images))
+  try:
+    return _num_classes(apply_fn, treedef, shapes, image)
+  except TypeError:  # an unhashable apply_fn
+    return _num_classes.__wrapped__(apply_fn, treedef, shapes, image)
+
+
+@functools.lru_cache(maxsize=256)
+def _num_classes(apply_fn, treedef, shapes, image) -> int:
+  abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(*s) for s in shapes])
+  return int(jax.eval_shape(apply_fn, abstract, jax.ShapeDtypeStruct(*image)).shape[-1])
 
 
 def check_inputs(apply_fn: Any, params: Any, images: Any, labels: Any, *, targets: Any = None,

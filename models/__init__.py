@@ -1,6 +1,6 @@
 """advsweep models: datasets, the Flax model zoo, training.
 
-`models.load(name)` returns a zoo model with `.apply_fn`, `.params` and `.meta`.
+`advsweep.models.load(name)` returns a zoo model with `.apply_fn`, `.params` and `.meta`.
 """
 
 from advsweep.models import datasets

@@ -92,9 +92,13 @@ def entry(name: str) -> ZooEntry:
   return ZOO[name]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jit caches key on apply_fn
+@dataclasses.dataclass(frozen=True)
 class ApplyFn:
-  """Pure inference `(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]` of a zoo module."""
+  """Pure inference `(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]` of a zoo module.
+
+  Equal (and hashed alike) for equal modules, so every load of a zoo model shares the jit
+  caches that key on `apply_fn` (static arguments, `attacks.common.bind`).
+  """
 
   module: nn.Module
 

@@ -167,3 +167,24 @@ def test_checks_that_need_values_run_only_on_concrete_inputs():
   jax.jit(lambda x: attacks.fgsm(apply_fn, params, x, labels, keys).adv_images)(bad)
   with pytest.raises(ValueError, match="rank 4"):  # a static check, under jit too
     jax.jit(lambda x: attacks.fgsm(apply_fn, params, x[0], labels, keys).adv_images)(images)
+
+
+_TRACES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: _TRACES.append(name)
+    if name == "/jax/core/compile/jaxpr_trace_duration" else None)
+
+
+def test_two_loads_of_a_zoo_model_share_the_compiled_attack():
+  """A zoo model's apply_fn is equal for equal modules: the bound cores are found again for
+  a second `models.load` of the same model (with the same params)."""
+  from advsweep.models import zoo
+
+  first, second = zoo.load("mnist_softmax"), zoo.load("mnist_softmax")
+  images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  labels = jnp.zeros(4, jnp.int32)
+  config = attacks.BIMConfig(eps=0.1, num_steps=2)
+  attacks.bim(first.apply_fn, first.params, images, labels, jax.random.key(0), config)
+  _TRACES.clear()
+  attacks.bim(second.apply_fn, first.params, images, labels, jax.random.key(0), config)
+  assert _TRACES == []  # not even the input checks' abstract evaluation of the model
