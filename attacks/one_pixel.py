@@ -107,7 +107,9 @@ def apply_candidate(image: jax.Array, candidate: jax.Array) -> jax.Array:
   return image.at[rows, cols].set(colours.astype(image.dtype))
 
 
-def clip_candidates(candidates, height, width, channels):
+def clip_candidates(candidates: jax.Array, height: int, width: int, channels: int
+                    ) -> jax.Array:
+  """[..., k*(2+C)] candidates with every pixel inside the image and colours in [0, 1]."""
   shape = candidates.shape
   pixels = candidates.reshape(*shape[:-1], -1, 2 + channels)
   upper = jnp.asarray([height - 1e-3, width - 1e-3] + [1.0] * channels, candidates.dtype)
