@@ -17,12 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-UNTARGETED, EXPLICIT = "untargeted", "explicit"  # attacks.common's names, without the import
-
-
-def is_concrete(*trees: Any) -> bool:
-  """No leaf of `trees` is a tracer: every value can be read on the host."""
-  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+# `is_concrete` is part of this module's interface too (the attacks call checks.is_concrete).
+from advsweep.attacks.common import EXPLICIT, UNTARGETED, is_concrete
 
 
 def num_classes_of(apply_fn: Any, params: Any, images: Any) -> int:
@@ -114,3 +110,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   """Raises ValueError if `value` is not one of `choices`."""
   if value not in choices:
     raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(str, choices))}")
+
+
+__all__ = ["check_at_least", "check_choice", "check_classes", "check_inputs", "is_concrete",
+           "num_classes_of"]

@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from advsweep.attacks import checks
-
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 # Target modes. "untargeted" pushes away from the true label (the Possas slides' "inverse"
@@ -97,6 +95,11 @@ class PreparedCall:
       raise ValueError("this call runs inside a trace (jit, vmap or grad), where the "
                        "attack's core is inlined: there is nothing of its own to lower")
     return self.lowered()
+
+
+def is_concrete(*trees: Any) -> bool:
+  """No leaf of `trees` is a tracer: every value can be read on the host."""
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
@@ -176,7 +179,7 @@ def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, *, close_params
   lives). Under an outer trace (traced params) the partial runs inline. The result has
   `.lower(*args)` like a jitted function.
   """
-  if not checks.is_concrete(params):
+  if not is_concrete(params):
     return functools.partial(fn, apply_fn, params, **static)
   held = params if close_params else None
   try:

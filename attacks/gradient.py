@@ -202,33 +202,40 @@ def pgd_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: j
   """
   del evaluator  # the gradient attacks evaluate the full model
   config = _as_pgd(config or PGDConfig())
-  statics = _statics(config)
-  eps = jnp.asarray(config.eps, images.dtype)
-  step_size = jnp.asarray(config.step_size, images.dtype)
-  adv, targets, loss_class, sign = _start(apply_fn, params, images, labels, key, targets, eps,
-                                          **statics)
+  start = functools.partial(_start, apply_fn, params, **_statics(config))
+  step = functools.partial(_step, apply_fn, params, norm=config.norm)
 
-  def step(_, adv):
-    return _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size,
-                 norm=config.norm)
+  def repeat(step_once, adv):
+    return jax.lax.fori_loop(0, config.num_steps, lambda _, a: step_once(a), adv,
+                             unroll=unroll)
 
-  adv = jax.lax.fori_loop(0, config.num_steps, step, adv, unroll=unroll)
-  queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
-  return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
+  return _iterate(apply_fn, params, images, labels, key, targets, config, start, step, repeat)
 
 
 def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
                ) -> common.AttackResult:
   """`pgd_core` on concrete arrays: the same start and step, the steps a host loop over one
   step jitted with the params closed over (see the module doc)."""
+  start = common.bind(_start, apply_fn, params, **_statics(config))
+  step = common.bind(_step, apply_fn, params, norm=config.norm)
+
+  def repeat(step_once, adv):
+    for _ in range(config.num_steps):
+      adv = step_once(adv)
+    return adv
+
+  return _iterate(apply_fn, params, images, labels, key, targets, config, start, step, repeat)
+
+
+def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, start, step,
+             repeat) -> common.AttackResult:
+  """The start, `repeat(step_once, adv)` of the projected step, and the re-check: the one
+  body of `pgd_core` (a `lax` loop) and `_host_loop` (a host loop over jitted steps)."""
   eps = jnp.asarray(config.eps, images.dtype)
   step_size = jnp.asarray(config.step_size, images.dtype)
-  adv, targets, loss_class, sign = common.bind(_start, apply_fn, params, **_statics(config))(
-      images, labels, key, targets, eps)
-  step = common.bind(_step, apply_fn, params, norm=config.norm)
-  for _ in range(config.num_steps):
-    adv = step(images, adv, loss_class, sign, eps, step_size)
-  queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)
+  adv, targets, loss_class, sign = start(images, labels, key, targets, eps)
+  adv = repeat(lambda a: step(images, a, loss_class, sign, eps, step_size), adv)
+  queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
 
@@ -335,16 +342,16 @@ def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> fl
   return 3.0 * _as_pgd(config).num_steps + 2  # a step: forward + backward; start, re-check
 
 
-def _spec(name: str, config_cls: type, quick: dict[str, Any]) -> spec.AttackSpec:
+def _spec(name: str, run: Any, core: Any, config_cls: type, quick: dict[str, Any]
+          ) -> spec.AttackSpec:
   return spec.AttackSpec(
-      name=name, run=functools.partial(_attack, config_cls),
-      core=functools.partial(_core, config_cls), config_cls=config_cls,
+      name=name, run=run, core=core, config_cls=config_cls,
       prepare=functools.partial(prepare, default=config_cls),
       check_config=check_config, within_budget=_within_eps,
       forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD_BACKWARD,
       setup_queries=1, budget_field="eps", quick=quick)
 
 
-FGSM = _spec("fgsm", FGSMConfig, {})
-BIM = _spec("bim", BIMConfig, {"num_steps": 5})
-PGD = _spec("pgd", PGDConfig, {"num_steps": 5})
+FGSM = _spec("fgsm", fgsm, fgsm_core, FGSMConfig, {})
+BIM = _spec("bim", bim, bim_core, BIMConfig, {"num_steps": 5})
+PGD = _spec("pgd", pgd, pgd_core, PGDConfig, {"num_steps": 5})
