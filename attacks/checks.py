@@ -52,6 +52,8 @@ def check_inputs(apply_fn: Any, params: Any, images: Any, labels: Any, *, target
   if len(shape) != 4:
     raise ValueError(f"images must have rank 4 [B,H,W,C]; got shape {shape}. Add a batch "
                      "or channel axis.")
+  if shape[0] == 0:
+    raise ValueError(f"images is an empty batch (shape {shape}); pass at least one image")
   dtype = jnp.result_type(images)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"images must be floating point in [0, 1]; got dtype {dtype}. Convert "

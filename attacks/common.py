@@ -111,8 +111,13 @@ def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     single = key.ndim == 0
-  else:  # raw uint32 keys from jax.random.PRNGKey
-    single = key.ndim == 1
+  elif key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):  # a plain integer seed
+    key, single = jax.random.key(key), True
+  elif key.dtype == jnp.uint32 and key.ndim in (1, 2) and key.shape[-1] == 2:
+    single = key.ndim == 1  # raw uint32 keys from jax.random.PRNGKey
+  else:
+    raise ValueError(f"key must be a jax.random.key, one per image, or an integer seed; got "
+                     f"dtype {key.dtype} and shape {key.shape}")
   if single:
     return jax.random.split(key, batch)
   if key.shape[0] != batch:
@@ -227,6 +232,9 @@ def finalize(apply_fn: ApplyFn, params: Any, images: jax.Array, adv_images: jax.
 
 
 def _finalize(apply_fn, params, images, adv_images, labels, targets, queries) -> AttackResult:
+  # A model that returns NaN can make the attack's image NaN; its pixels fall back to the
+  # clean image, so `adv_images` stays finite and in [0, 1] (and `finite` reports it).
+  adv_images = jnp.where(jnp.isfinite(adv_images), adv_images, images)
   logits = apply_fn(params, adv_images)
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
   probs = jax.nn.softmax(logits, -1)

@@ -69,7 +69,8 @@ class OnePixelConfig:
     stop_target_prob: targeted early stop when the target probability exceeds this.
     num_slots: images attacked at once; each generation evaluates num_slots *
       population_size candidates.
-    chunk_size: candidates per model call, the memory bound of the evaluation.
+    chunk_size: candidates per model call at most, the memory bound of the evaluation
+      (`chunk_rows`: whole populations where they fit).
     splice: evaluate candidates pixel-locally when the attack is given an `evaluator` (the
       zoo's sequential CNNs have one, see `models.locality`) and k = 1: the early layers
       are computed only on the windows the changed pixel reaches. Exact up to float
@@ -150,7 +151,7 @@ class Search:
     fitness: `(ids[M], candidates[M,D]) -> (fitness[M], success[M])`; lower is better.
     image_shape: (H, W, C).
     num_generations: generations after the initial population.
-    chunk_size: candidates per model call.
+    chunk: candidates per model call (`chunk_rows`).
     evaluation: `common.FULL_EVALUATION` or `common.PIXEL_LOCAL_EVALUATION`.
   """
 
@@ -160,7 +161,7 @@ class Search:
   fitness: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
   image_shape: tuple[int, int, int]
   num_generations: int
-  chunk_size: int
+  chunk: int
   evaluation: str
 
   @property
@@ -224,7 +225,7 @@ def setup(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.
                                            evaluator)
   fitness = functools.partial(_fitness, logits_of, labels, targets, config)
   return Search(de, de_params, keys, fitness, (height, width, channels),
-                config.num_generations, config.chunk_size, evaluation), targets
+                config.num_generations, chunk_rows(config), evaluation), targets
 
 
 def fresh_de(search: Search, image_ids: jax.Array) -> Any:
@@ -253,15 +254,15 @@ def initial_state(search: Search, image_ids: jax.Array, images: jax.Array) -> Sl
 
 def evaluate(search: Search, image_ids: jax.Array, candidates: jax.Array, active: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
-  """Fitness and success of [S,P] candidates, `chunk_size` per model call.
+  """Fitness and success of [S,P] candidates, `search.chunk` per model call.
 
   The active slots move to the front and only the chunks that hold them are evaluated, so
-  idle slots cost nothing.
+  idle slots cost at most the rest of the last chunk.
   """
   slots, population, dims = candidates.shape
   total = slots * population
-  num_chunks = -(-total // min(search.chunk_size, total))
-  chunk = -(-total // num_chunks)  # even chunks: at most num_chunks - 1 padded candidates
+  chunk = search.chunk
+  num_chunks = -(-total // chunk)
   order = jnp.argsort(~active, stable=True)
   pad = num_chunks * chunk - total
   flat_ids = jnp.pad(jnp.repeat(image_ids[order], population), (0, pad))
@@ -450,10 +451,24 @@ def _forward_equivalents(config: OnePixelConfig, num_features: int, num_classes:
 
 
 def _unit_batch(config: OnePixelConfig, num_images: int) -> int:
-  """The candidates per model call: `evaluate`'s even chunks over the first slots."""
-  candidates = min(config.num_slots, num_images) * config.population_size
-  num_chunks = -(-candidates // min(config.chunk_size, candidates))
-  return -(-candidates // num_chunks)
+  del num_images
+  return chunk_rows(config)
+
+
+def chunk_rows(config: OnePixelConfig) -> int:
+  """Candidates per model call, from the config alone: whole populations, as many as fit in
+  `chunk_size`, balanced over `num_slots` slots (a population larger than `chunk_size`
+  takes several calls of `chunk_size`).
+
+  XLA's float results depend on a call's batch shape; a shape fixed by the config makes
+  every image's search, and so its row, the same in any batch (tested).
+  """
+  population = config.population_size
+  if config.chunk_size < population:
+    return config.chunk_size
+  slots_per_chunk = min(config.chunk_size // population, config.num_slots)
+  num_chunks = -(-config.num_slots // slots_per_chunk)
+  return population * -(-config.num_slots // num_chunks)
 
 
 SPEC = spec.AttackSpec(

@@ -5,33 +5,62 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import tempfile
+import typing
 from pathlib import Path
 
-from advsweep.bench import tables
-from advsweep.models import checkpoints, zoo
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+  sys.stderr.write("advsweep: interrupted while starting; nothing was written\n")
+  os._exit(130)
+
+
+# Ctrl-C during the imports below (JAX takes seconds) is one line too; `main` restores
+# Python's KeyboardInterrupt once the commands can handle it.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+  signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from advsweep.bench import tables  # noqa: E402
+from advsweep.models import checkpoints, zoo  # noqa: E402
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-  """Lists the zoo: dataset, architecture, parameters, test accuracy, checkpoint size."""
+  """Lists the zoo: dataset, architecture, parameters, test accuracy, checkpoint size. Every
+  checkpoint listed is verified (sha256 and structure) as `models.load` verifies it; exit 1
+  when one fails."""
   folder = Path(args.checkpoint_dir) if args.checkpoint_dir else zoo.CHECKPOINT_DIR
+  if not folder.is_dir():
+    raise checkpoints.CheckpointError(
+        f"no checkpoint folder {folder}; pass --checkpoint-dir a folder holding "
+        "<model>.msgpack and <model>.json files (`advsweep train NAME --out-dir DIR` writes "
+        "them)")
   header = ("model", "dataset", "architecture", "params", "test acc", "n test", "size",
             "note")
-  rows = []
+  rows, failures = [], []
   for name, spec in zoo.ZOO.items():
     path = folder / spec.checkpoint.name
     if not path.is_file():
       rows.append((name, spec.dataset, spec.architecture, "-", "not trained", "-", "-",
                    f"run `advsweep train {name}`"))
       continue
-    meta = checkpoints.load_meta(path)
+    try:
+      meta = zoo.load(name, folder).meta
+    except checkpoints.CheckpointError as err:
+      failures.append(str(err))
+      rows.append((name, spec.dataset, spec.architecture, "-", "CORRUPT", "-", "-",
+                   "fails verification (below)"))
+      continue
     rows.append((name, spec.dataset, spec.architecture, f"{meta['parameters']:,}",
                  f"{100 * meta['test_accuracy']:.2f}%", f"{meta['test_examples']:,}",
                  f"{path.stat().st_size / 1e6:.2f} MB", spec.note))
   rows = [[str(c) for c in r] for r in rows]
   print(tables.format_markdown(header, rows) if args.markdown
         else tables.format_text(header, rows))
-  return 0
+  for failure in failures:
+    print(f"advsweep models: error: {failure}", file=sys.stderr)
+  return 1 if failures else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -53,12 +82,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_attack(args: argparse.Namespace) -> int:
   from advsweep.bench import run_attack
 
-  try:
-    run = run_attack.run_attack(args.model, args.attack, args.num_images, seed=args.seed,
-                                overrides=args.set, data_dir=args.data_dir)
-  except ValueError as err:
-    print(f"advsweep attack: error: {err}", file=sys.stderr)
-    return 2
+  run = run_attack.run_attack(args.model, args.attack, args.num_images, seed=args.seed,
+                              overrides=args.set, data_dir=args.data_dir)
   print(run_attack.format_summary(run))
   return 0
 
@@ -80,78 +105,103 @@ def _cmd_perf(args: argparse.Namespace) -> int:
                    quick=args.quick, out=args.out, data_dir=args.data_dir)
 
 
-def _fail(command: str, err: Exception) -> int:
-  print(f"advsweep {command}: error: {err}", file=sys.stderr)
-  return 2
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-  from advsweep.bench import config, report, results, sweep
-  from advsweep.models import datasets
+  from advsweep.bench import config, report, sweep
 
-  try:
-    overrides = list(args.set)
-    if args.attacks:
-      for name in args.attacks:
-        config.check_attack_name(name)
-    cfg = config.load(args.config, overrides, quick=args.quick)
-    if args.attacks:
-      raw = dict(cfg.raw, attacks={k: v for k, v in cfg.raw["attacks"].items()
-                                   if k in args.attacks})
-      cfg = config.resolve(raw, source=args.config)
-    shard = sweep.parse_shard(args.shard)
-    process, processes = sweep.maybe_initialize_distributed()
-    out_dir = Path(args.out) if args.out else Path("results") / cfg.name
-    outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
-                        data_dir=args.data_dir, progress=not args.no_progress)
-    if process == 0 and not args.no_report:
-      done = len(list((out_dir / "parts").glob("*.parquet")))
-      if done < outcome.units_total:
-        print(f"{out_dir}: {done} of {outcome.units_total} units written so far; the table "
-              "covers those")
-      report.report(out_dir)
-  except (config.ConfigError, results.ResultsError, datasets.DatasetNotFoundError,
-          datasets.CorruptDataError, checkpoints.CheckpointError, ValueError) as err:
-    return _fail("run", err)
+  for name in args.attacks or []:
+    config.check_attack_name(name)
+  cfg = config.load(args.config, list(args.set), quick=args.quick)
+  if args.attacks:
+    raw = dict(cfg.raw, attacks={k: v for k, v in cfg.raw["attacks"].items()
+                                 if k in args.attacks})
+    cfg = config.resolve(raw, source=args.config)
+  shard = sweep.parse_shard(args.shard)
+  process, _ = sweep.maybe_initialize_distributed()
+  out_dir = Path(args.out) if args.out else _out_folder(str(Path("results") / cfg.name))
+  outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
+                      data_dir=args.data_dir, progress=not args.no_progress)
+  if process == 0 and not args.no_report:
+    if outcome.units_done < outcome.units_total:
+      print(f"{out_dir}: {outcome.units_done} of {outcome.units_total} units written so far; "
+            "the table covers those")
+    report.report(out_dir)
   return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-  from advsweep.bench import report, results
+  from advsweep.bench import report
 
-  try:
-    report.report(args.folder, args.out, plots=not args.no_plots)
-  except results.ResultsError as err:
-    return _fail("report", err)
+  report.report(args.folder, args.out, plots=not args.no_plots)
   return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-  from advsweep.bench import compare, results
+  from advsweep.bench import compare
 
-  try:
-    return compare.compare(args.baseline, args.new, time_factor=args.time_factor,
-                           time_floor=args.time_floor)
-  except results.ResultsError as err:
-    return _fail("compare", err)
+  return compare.compare(args.baseline, args.new, time_factor=args.time_factor,
+                         time_floor=args.time_floor)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-  from advsweep.bench import config, reproduce, results
-  from advsweep.models import datasets
+  from advsweep.bench import reproduce
 
-  try:
-    reproduce.reproduce(args.paper, quick=args.quick, out_root=args.out,
-                        data_dir=args.data_dir, overrides=args.set,
-                        progress=not args.no_progress)
-  except (config.ConfigError, results.ResultsError, datasets.DatasetNotFoundError,
-          datasets.CorruptDataError, checkpoints.CheckpointError, ValueError) as err:
-    return _fail("reproduce", err)
+  reproduce.reproduce(args.paper, quick=args.quick, out_root=args.out,
+                      data_dir=args.data_dir, overrides=args.set,
+                      progress=not args.no_progress)
   return 0
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors: the problem and where to read more, no usage dump."""
+
+  def error(self, message: str) -> typing.NoReturn:
+    self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _whole_number(low: int) -> typing.Callable[[str], int]:
+  """An argparse type: an integer >= `low`."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < low:
+      raise argparse.ArgumentTypeError(f"expected a whole number >= {low}; got {text!r}")
+    return value
+  return parse
+
+
+_count, _seed = _whole_number(1), _whole_number(0)
+
+
+def _out_folder(text: str) -> Path:
+  """An argparse type: a folder that exists or can be created, and can be written. Probed
+  with a temporary file in the nearest existing folder, removed at once: nothing is left."""
+  path = Path(text)
+  if path.exists() and not path.is_dir():
+    raise argparse.ArgumentTypeError(f"{path} is a file, not a folder; name a folder")
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise argparse.ArgumentTypeError(f"{existing} is a file, so {path} cannot be created; "
+                                     "name a folder")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".advsweep-probe-", dir=existing)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as err:
+    raise argparse.ArgumentTypeError(
+        f"cannot write in {existing} ({err.strerror}); name a folder you can write") from None
+  return path
+
+
+# Failures a user can cause and fix: printed as one line, never as a traceback.
+_USER_ERRORS = (ValueError, OSError, argparse.ArgumentTypeError)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="advsweep", description="JAX benchmark suite for adversarial attacks.")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -164,11 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train a zoo model with its recipe")
   p.add_argument("model", choices=list(zoo.ZOO), metavar="MODEL",
                  help="one of: " + ", ".join(zoo.ZOO))
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+  p.add_argument("--seed", type=_seed, default=0)
+  p.add_argument("--epochs", type=_count, default=None, help="override the recipe's epochs")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"),
                  help="local data folder (default: $ADVSWEEP_DATA_DIR)")
-  p.add_argument("--out-dir", default=str(zoo.CHECKPOINT_DIR),
+  p.add_argument("--out-dir", type=_out_folder, default=str(zoo.CHECKPOINT_DIR),
                  help="where to write <model>.msgpack and .json (default: the zoo)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(func=_cmd_train)
@@ -180,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="one of: " + ", ".join(zoo.ZOO))
   p.add_argument("attack", choices=list(attacks.REGISTRY), metavar="ATTACK",
                  help="one of: " + ", ".join(attacks.REGISTRY))
-  p.add_argument("-n", "--num-images", type=int, default=100)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("-n", "--num-images", type=_count, default=100)
+  p.add_argument("--seed", type=_seed, default=0)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set eps=0.1 (repeatable)")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
@@ -191,17 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--models", nargs="+", default=None,
                  help="zoo models (default: mnist_lenet and a shipped CIFAR-10 model)")
   p.add_argument("--attacks", nargs="+", default=None, choices=list(attacks.REGISTRY))
-  p.add_argument("-n", "--num-images", type=int, default=None,
+  p.add_argument("-n", "--num-images", type=_count, default=None,
                  help="images per attack (default 32; --peers: 256 for FGSM/BIM/PGD, 100 for "
                       "JSMA)")
   p.add_argument("--quick", action="store_true",
                  help="small budgets (few generations and steps): a smoke run in a minute")
-  p.add_argument("--out", default="results/perf", help="folder for the parquet file")
+  p.add_argument("--out", type=_out_folder, default="results/perf",
+                 help="folder for the parquet file")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.add_argument("--peers", action="store_true",
                  help="side by side with ART and Foolbox on the same model and images "
                       '(needs pip install -e ".[peers]")')
-  p.add_argument("--pixel-images", type=int, default=None,
+  p.add_argument("--pixel-images", type=_count, default=None,
                  help="--peers: images for the one-pixel comparison (default 32)")
   p.add_argument("--scaling", action="store_true",
                  help="cost against batch size, image size, k and population, with plots; "
@@ -223,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--attacks", nargs="+", default=None, metavar="ATTACK",
                  help="run only these of the config's attacks")
   p.add_argument("--quick", action="store_true", help="apply the config's [quick] table")
-  p.add_argument("--out", default=None, help="run folder (default: results/<name>)")
+  p.add_argument("--out", type=_out_folder, default=None,
+                 help="run folder (default: results/<name>)")
   p.add_argument("--shard", default=None, metavar="K/N",
                  help="run the K-th (0-based) of N disjoint parts of the sweep")
   p.add_argument("--no-resume", action="store_true",
@@ -235,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("report", help="summary tables (text, Markdown, CSV) and plots of a run")
   p.add_argument("folder", help="a run folder, e.g. results/main")
-  p.add_argument("--out", default=None, help="where to write (default: FOLDER/report)")
+  p.add_argument("--out", type=_out_folder, default=None,
+                 help="where to write (default: FOLDER/report)")
   p.add_argument("--no-plots", action="store_true")
   p.set_defaults(func=_cmd_report)
 
@@ -255,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="one of: " + ", ".join(reproduce.papers()))
   p.add_argument("--quick", action="store_true", help="the small CPU version (minutes)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  p.add_argument("--out", default="results", help="folder for the run folders")
+  p.add_argument("--out", type=_out_folder, default="results", help="folder for the run folders")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.set_defaults(func=_cmd_reproduce)
@@ -263,8 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs one command. Expected failures (bad input, missing or corrupt files) print one line
+  naming the problem and the fix and exit 2; Ctrl-C exits 130. ADVSWEEP_TRACEBACK=1 re-raises
+  instead, for debugging."""
+  if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   args = build_parser().parse_args(argv)
-  return args.func(args)
+  try:
+    return args.func(args)
+  except KeyboardInterrupt:
+    if os.environ.get("ADVSWEEP_TRACEBACK"):
+      raise
+    print(f"advsweep {args.command}: interrupted; what was written is whole (run the same "
+          "command again to continue a sweep)", file=sys.stderr)
+    return 130
+  except _USER_ERRORS as err:
+    if os.environ.get("ADVSWEEP_TRACEBACK"):
+      raise
+    print(f"advsweep {args.command}: error: {_one_line(err)}", file=sys.stderr)
+    return 2
+
+
+def _one_line(err: BaseException) -> str:
+  if isinstance(err, OSError) and err.strerror and err.filename:
+    return f"{err.filename}: {err.strerror}"
+  return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import tomllib
 import types
 import typing
@@ -56,6 +57,7 @@ IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images 
 # Possas's slides: high >= 30%, medium 15-30%, low < 15% top-1 softmax probability.
 BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
 DRIVER_KEYS = ("zip", "target_class")  # attack-table keys that are not config fields
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ConfigError(ValueError):
@@ -259,6 +261,9 @@ def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
   if top == "attacks" and len(parts) in (2, 3):
     check_attack_name(parts[1])
     tables = raw.setdefault("attacks", {})
+    if not isinstance(tables, dict) or not isinstance(tables.get(parts[1], {}), dict):
+      raise ConfigError(f"cannot set {dotted}: attacks must be a table of [attacks.NAME] "
+                        "tables")
     if len(parts) == 2:
       if not isinstance(value, dict):
         raise ConfigError(f"{dotted} must be a table of parameters, e.g. "
@@ -353,6 +358,9 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, quick: bool
   for key in raw:
     if key not in TOP_LEVEL:
       raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(TOP_LEVEL)}")
+  for key in ("images", "bins", "quick"):
+    if not isinstance(raw.get(key, {}), dict):
+      raise ConfigError(f"{source}: {key} must be a table ([{key}]); got {raw[key]!r}")
   assignments: list[tuple[str, Any]] = []
   if quick:
     assignments += list(raw.get("quick", {}).items())
@@ -370,6 +378,9 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, quick: bool
       if default is None:
         raise ConfigError(f"{source}: missing required key {key!r}")
       raw[key] = copy.deepcopy(default)
+  for key in ("images", "bins"):
+    if not isinstance(raw[key], dict):
+      raise ConfigError(f"{source}: {key} must be a table ([{key}]); got {raw[key]!r}")
   for key in raw["images"]:
     if key not in IMAGES:
       raise ConfigError(f"{source}: unknown key images.{key}; valid: {', '.join(IMAGES)}")
@@ -384,10 +395,27 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, quick: bool
   return config
 
 
+def _integer(value: Any, where: str, low: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ConfigError(f"{where} must be an integer >= {low}; got {value!r}")
+
+
+def _strings(value: Any, where: str, example: str) -> None:
+  if (not isinstance(value, list) or not value
+      or not all(isinstance(v, str) and v for v in value)):
+    raise ConfigError(f"{where} must be a non-empty list of names, e.g. {where} = "
+                      f"{example}; got {value!r}")
+
+
 def _check(raw: dict[str, Any], source: str) -> None:
-  if not isinstance(raw["models"], list) or not raw["models"]:
-    raise ConfigError(f"{source}: models must be a non-empty list of zoo names; valid: "
-                      f"{', '.join(zoo.ZOO)}")
+  """Every top-level value's type and range, before any data loads or file is written."""
+  if not isinstance(raw["name"], str) or not _NAME.fullmatch(raw["name"]):
+    raise ConfigError(f"{source}: name must be letters, digits, '.', '_' or '-' (it names "
+                      f"the run folder); got {raw['name']!r}")
+  for key in ("description", "dataset", "split"):
+    if not isinstance(raw[key], str):
+      raise ConfigError(f"{key} must be a string; got {raw[key]!r}")
+  _strings(raw["models"], "models", '["mnist_lenet"]')
   for model in raw["models"]:
     if model not in zoo.ZOO:
       raise ConfigError(f"unknown model {model!r}; valid choices: {', '.join(zoo.ZOO)}")
@@ -399,20 +427,23 @@ def _check(raw: dict[str, Any], source: str) -> None:
       if zoo.entry(model).dataset != raw["dataset"]:
         raise ConfigError(f"model {model} is trained on {zoo.entry(model).dataset}, not on "
                           f"the config's dataset {raw['dataset']}")
-  if raw["split"] not in ("train", "test"):
-    raise ConfigError(f"split must be 'train' or 'test'; got {raw['split']!r}")
-  for key in ("seed", "batch_size"):
-    if not isinstance(raw[key], int) or isinstance(raw[key], bool):
-      raise ConfigError(f"{key} must be an integer; got {raw[key]!r}")
-  if raw["batch_size"] < 1:
-    raise ConfigError(f"batch_size must be >= 1; got {raw['batch_size']}")
-  if not isinstance(raw["images"]["per_bin"], int) or raw["images"]["per_bin"] < 1:
-    raise ConfigError(f"images.per_bin must be an integer >= 1; got "
-                      f"{raw['images']['per_bin']!r}")
-  if not isinstance(raw["images"]["pool"], int) or raw["images"]["pool"] < 0:
-    raise ConfigError(f"images.pool must be an integer >= 0 (0: the whole split); got "
-                      f"{raw['images']['pool']!r}")
-  names, thresholds = raw["bins"]["names"], raw["bins"]["thresholds"]
+  if raw["split"] not in datasets.SPLITS:
+    raise ConfigError(f"split must be one of {', '.join(datasets.SPLITS)}; got "
+                      f"{raw['split']!r}")
+  _integer(raw["seed"], "seed", 0)
+  _integer(raw["batch_size"], "batch_size", 1)
+  _integer(raw["images"]["per_bin"], "images.per_bin", 1)
+  _integer(raw["images"]["pool"], "images.pool", 0)
+  _check_bins(raw["bins"]["names"], raw["bins"]["thresholds"])
+  _check_attacks(raw["attacks"], raw["models"], source)
+
+
+def _check_bins(names: Any, thresholds: Any) -> None:
+  _strings(names, "bins.names", '["high", "medium", "low"]')
+  if not isinstance(thresholds, list) or not all(
+      isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds):
+    raise ConfigError(f"bins.thresholds must be a list of probabilities, e.g. [0.30, 0.15]; "
+                      f"got {thresholds!r}")
   if len(names) != len(thresholds) + 1 or len(set(names)) != len(names):
     raise ConfigError(f"bins: {len(thresholds)} thresholds need {len(thresholds) + 1} "
                       f"distinct names; got {names}")
@@ -420,16 +451,34 @@ def _check(raw: dict[str, Any], source: str) -> None:
       thresholds) or len(set(thresholds)) != len(thresholds):
     raise ConfigError(f"bins.thresholds must be strictly decreasing probabilities in [0, 1] "
                       f"(high first); got {thresholds}")
-  if not isinstance(raw["attacks"], dict) or not raw["attacks"]:
+
+
+def _check_attacks(tables: Any, models: list[str], source: str) -> None:
+  if not isinstance(tables, dict) or not tables:
     raise ConfigError(f"{source}: attacks must be a table of [attacks.NAME] tables; valid "
                       f"names: {', '.join(attacks.REGISTRY)}")
-  for attack, table in raw["attacks"].items():
+  classes = min(datasets.info(zoo.entry(m).dataset).num_classes for m in models)
+  for attack, table in tables.items():
     check_attack_name(attack)
+    if not isinstance(table, dict):
+      raise ConfigError(f"attacks.{attack} must be a table of fields, e.g. [attacks.{attack}] "
+                        f"with one field per line; got {table!r}")
     for field in table:
       check_attack_field(attack, field)
+    groups = table.get("zip", [])
+    if not isinstance(groups, list) or not all(
+        isinstance(g, str) or (isinstance(g, list) and all(isinstance(k, str) for k in g))
+        for g in groups):
+      raise ConfigError(f"attacks.{attack}.zip must list field names, e.g. zip = [\"eps\", "
+                        f"\"num_steps\"]; got {groups!r}")
     targets = table.get("target_class")
     if targets is not None:
       target_modes = table.get("target", [])
       target_modes = target_modes if isinstance(target_modes, list) else [target_modes]
       if target_modes != [attacks.EXPLICIT]:
         raise ConfigError(f"attacks.{attack}.target_class needs target = \"explicit\"")
+      for value in targets if isinstance(targets, list) else [targets]:
+        if (not isinstance(value, int) or isinstance(value, bool)
+            or not 0 <= value < classes):
+          raise ConfigError(f"attacks.{attack}.target_class must be a class index in "
+                            f"[0, {classes}); got {value!r}")

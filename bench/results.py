@@ -110,8 +110,8 @@ def read_part(path: str | os.PathLike) -> pa.Table:
   try:
     table = pq.read_table(path)
   except (OSError, pa.ArrowException) as err:
-    raise ResultsError(f"{path} is corrupt ({err}); delete it and run again with --resume to "
-                       "recompute that unit") from None
+    raise ResultsError(f"{path} is corrupt ({err}); run the same `advsweep run` command "
+                       "again: it recomputes that unit") from None
   if table.schema.equals(_PREVIOUS_SCHEMA, check_metadata=False):
     table = table.append_column(SCHEMA.field("evaluation"),
                                 pa.nulls(table.num_rows, pa.string()))

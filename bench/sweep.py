@@ -2,7 +2,9 @@
 
 Work is cut into units, one per (model, attack configuration, batch of images), in a fixed
 order. Each unit's rows go to their own parquet file, written atomically, so:
-- resuming skips units whose file exists (a killed run loses at most the units in flight);
+- resuming skips units whose file is there, readable, of this run and whole (a killed run
+  loses at most the units in flight; anything else is run again or refused by name);
+- processes sharing a folder claim units before running them (`bench.claims`);
 - `--shard K/N` takes every N-th unit from the K-th, and the parts of all shards together
   are exactly the files of one plain run;
 - on a cluster, `jax.distributed.initialize()` runs when its environment is present and
@@ -31,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from advsweep import attacks
+from advsweep.bench import claims as claims_lib
 from advsweep.bench import results, selection, timing
 from advsweep.bench.config import Cell, RunConfig
 from advsweep.models import datasets, files, zoo
@@ -198,23 +201,65 @@ class Runner:
     return rows
 
 
-def prepare_folder(out_dir: Path, config: RunConfig) -> str:
-  """Creates or re-opens a run folder; refuses one that belongs to another config."""
+def open_folder(out_dir: Path, config: RunConfig) -> str:
+  """The run id for `out_dir`, reading only: refuses a folder that holds another config's
+  units. A folder whose `run.json` names another config but holds no unit (a run that
+  failed before its first unit) is taken over when the first unit is written."""
   run_id = f"{config.name}-{config.config_hash}"
+  if out_dir.exists() and not out_dir.is_dir():
+    raise results.ResultsError(f"{out_dir} is a file, not a run folder; pass --out a folder")
   meta = results.read_run_meta(out_dir)
-  if meta is not None:
-    if meta.get("config_hash") != config.config_hash:
+  if meta is not None and meta.get("config_hash") != config.config_hash:
+    if _part_paths(out_dir):
       raise results.ResultsError(
           f"{out_dir} holds run {meta.get('run_id')}, made with another config (hash "
-          f"{meta.get('config_hash')}, now {config.config_hash}); pass --out with a new "
-          "folder, or delete the old one")
-    return run_id
+          f"{meta.get('config_hash')}, now {config.config_hash}); pass --out a new folder, "
+          "or delete the old one")
+  return run_id
+
+
+def _part_paths(out_dir: Path) -> list[Path]:
+  return sorted(p for p in (out_dir / "parts").glob("*.parquet") if not p.name.startswith("."))
+
+
+def write_run_meta(out_dir: Path, config: RunConfig, run_id: str) -> None:
+  """Writes `run.json` (the resolved config and its hash), unless it already names this run."""
+  meta = results.read_run_meta(out_dir)
+  if meta is not None and meta.get("config_hash") == config.config_hash:
+    return
   body = {"run_id": run_id, "name": config.name, "config_hash": config.config_hash,
           "config": json.loads(config.to_json()),
           "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
-  files.atomic_write_bytes(out_dir / "run.json",
-                                 (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
-  return run_id
+  files.atomic_write_text(out_dir / "run.json", json.dumps(body, indent=2, sort_keys=True)
+                          + "\n")
+
+
+def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int
+                 ) -> str | None:
+  """Why the unit must run: None when its part is readable, belongs to this run and holds
+  exactly the unit's images; a reason when it is missing or unreadable or short.
+
+  Raises:
+    ResultsError: the part belongs to another run (another config or seed): mixing the two
+      would corrupt both, so it is refused by name.
+  """
+  if not path.exists():
+    return "missing"
+  try:
+    table = results.read_part(path)
+  except results.ResultsError as err:
+    return f"unreadable ({' '.join(str(err).split())})"
+  cols = table.select(["run_id", "config_hash", "seed", "model", "example_idx"]).to_pydict()
+  owners = set(zip(cols["run_id"], cols["seed"], strict=True))
+  if owners != {(run_id, seed)} or set(cols["config_hash"]) != {unit.cell.config_hash}:
+    other = ", ".join(f"{r} (seed {s})" for r, s in sorted(owners))
+    raise results.ResultsError(
+        f"{path} belongs to run {other}, not to this run {run_id} (seed {seed}); move it out "
+        "of the folder, or pass --out a new folder")
+  expected = sorted(data.selection.example_idx[unit.positions].tolist())
+  if set(cols["model"]) != {unit.cell.model} or sorted(cols["example_idx"]) != expected:
+    return f"holds {table.num_rows} rows, not the unit's {len(expected)} images"
+  return None
 
 
 @functools.cache
@@ -277,16 +322,23 @@ class SweepOutcome:
   out_dir: Path
   units_total: int
   units_mine: int
-  units_skipped: int
-  units_run: int
+  units_skipped: int  # found done and verified
+  units_run: int  # run by this process
+  units_done: int  # of the whole sweep, in the folder at the end
   available: dict[str, dict[str, int]]
 
 
 def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
         resume: bool = True, data_dir: str | None = None, progress: bool = True,
         estimate: bool = True, stop_after_units: int | None = None,
-        log=print) -> SweepOutcome:
+        stale_after_s: float = claims_lib.DEFAULT_STALE_AFTER_S, log=print) -> SweepOutcome:
   """Runs this process's share of the sweep, skipping units already written.
+
+  A unit counts as done only when its part is readable, belongs to this run (run id, seed,
+  configuration) and holds the unit's images; a missing, unreadable or short part is run
+  again, and a part of another run is refused by name. Processes that share a folder (two
+  launches, job-array shards) claim each unit before running it (`bench.claims`), so no unit
+  runs twice at once, and a claim left by a killed process is taken over.
 
   Args:
     config: the resolved run config.
@@ -298,15 +350,56 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     progress: show a progress bar.
     estimate: measure each model's forward rate and print an upper-bound time estimate.
     stop_after_units: stop after running this many units (to test resumption).
+    stale_after_s: a claim not refreshed for this long is taken over.
     log: where messages go.
   """
   out_dir = Path(out_dir)
   k, n = shard
   process, processes = jax.process_index(), jax.process_count()
   k, n = k * processes + process, n * processes
-  run_id = prepare_folder(out_dir, config)
+  run_id = open_folder(out_dir, config)
   parts = out_dir / "parts"
   models = load_models(config, data_dir)
+  available = _log_selection(config, models, log)
+  units = plan(config, {m: d.selection for m, d in models.items()})
+  _refuse_strangers(out_dir, units)
+  mine = units[k::n]
+  todo = []
+  for unit in mine:
+    problem = unit_problem(parts / unit.filename, unit, models[unit.cell.model], run_id,
+                           config.seed)
+    if problem is not None:
+      if problem != "missing":
+        log(f"{parts / unit.filename}: {problem}; running the unit again")
+      todo.append(unit)
+  if not resume and len(todo) < len(mine):
+    raise results.ResultsError(f"{out_dir} already has {len(mine) - len(todo)} of this run's "
+                               "units; drop --no-resume to continue it, or pass --out a new "
+                               "folder")
+  shard_text = f" (shard {k}/{n})" if n > 1 else ""
+  log(f"{config.name}: {len(units)} units in the sweep, {len(mine)} here{shard_text}, "
+      f"{len(mine) - len(todo)} already done, {len(todo)} to run on "
+      f"{len(jax.local_devices())} {jax.local_devices()[0].device_kind} device(s)")
+  if estimate and todo:
+    seconds = estimate_seconds(todo, models)
+    log(f"{config.name}: estimated at most {format_duration(seconds)} of model work (each "
+        "attack's full loop at the measured forward rate; early stops make it shorter)")
+  if todo:
+    write_run_meta(out_dir, config, run_id)
+  ran, elsewhere = _run_units(config, run_id, todo, models, out_dir,
+                              claims_lib.Claims(out_dir / "claims",
+                                                stale_after_s=stale_after_s),
+                              progress, stop_after_units)
+  if elsewhere:
+    log(f"{config.name}: {elsewhere} units were claimed by other processes sharing "
+        f"{out_dir}; they write them")
+  done = len({p.name for p in _part_paths(out_dir)} & {u.filename for u in units})
+  return SweepOutcome(out_dir, len(units), len(mine), len(mine) - len(todo), ran, done,
+                      available)
+
+
+def _log_selection(config: RunConfig, models: dict[str, ModelData], log
+                   ) -> dict[str, dict[str, int]]:
   available = {}
   for name, data in models.items():
     counts = dict(zip(config.bin_names, data.selection.available.tolist(), strict=True))
@@ -317,33 +410,44 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
                                            strict=True))
         + f"; {int((~data.selection.clean_correct).sum())} misclassified (kept, excluded "
         "from success rates)")
-  units = plan(config, {m: d.selection for m, d in models.items()})
-  mine = units[k::n]
-  todo = [u for u in mine if not (parts / u.filename).exists()]
-  if not resume and len(todo) < len(mine):
-    raise results.ResultsError(f"{out_dir} already has {len(mine) - len(todo)} of this run's "
-                               "units; drop --no-resume to continue it")
-  shard_text = f" (shard {k}/{n})" if n > 1 else ""
-  log(f"{config.name}: {len(units)} units in the sweep, {len(mine)} here{shard_text}, "
-      f"{len(mine) - len(todo)} already done, {len(todo)} to run on "
-      f"{len(jax.local_devices())} {jax.local_devices()[0].device_kind} device(s)")
-  if estimate and todo:
-    seconds = estimate_seconds(todo, models)
-    log(f"{config.name}: estimated at most {format_duration(seconds)} of model work (each "
-        "attack's full loop at the measured forward rate; early stops make it shorter)")
+  return available
+
+
+def _refuse_strangers(out_dir: Path, units: list[Unit]) -> None:
+  """Refuses parts that are no unit of this run: the report would mix them in."""
+  names = {u.filename for u in units}
+  strangers = [p for p in _part_paths(out_dir) if p.name not in names]
+  if strangers:
+    raise results.ResultsError(
+        f"{strangers[0]} (and {len(strangers) - 1} more) is no unit of this run: the folder "
+        "mixes runs; move those files out, or pass --out a new folder")
+
+
+def _run_units(config: RunConfig, run_id: str, todo: list[Unit],
+               models: dict[str, ModelData], out_dir: Path, claims: claims_lib.Claims,
+               progress: bool, stop_after_units: int | None) -> tuple[int, int]:
+  """Claims, runs and writes each unit; returns (units run, units claimed elsewhere)."""
+  parts = out_dir / "parts"
   runner = Runner(config, run_id)
-  total_images = sum(len(u.positions) for u in todo)
-  bar = tqdm(total=total_images, unit="img", desc=config.name, disable=not progress,
-             file=sys.stderr, dynamic_ncols=True)
-  successes = attempts = 0
-  ran = 0
+  bar = tqdm(total=sum(len(u.positions) for u in todo), unit="img", desc=config.name,
+             disable=not progress, file=sys.stderr, dynamic_ncols=True)
+  successes = attempts = ran = elsewhere = 0
   try:
     for unit in todo:
       if stop_after_units is not None and ran >= stop_after_units:
         break
-      bar.set_description(f"{config.name} {unit.cell.model} {unit.cell.attack}")
-      rows = runner.run_unit(unit, models[unit.cell.model])
-      results.write_part(parts / unit.filename, rows)
+      if not claims.take(unit.filename):
+        elsewhere += 1
+        bar.update(len(unit.positions))
+        continue
+      with claims.holding(unit.filename):
+        data = models[unit.cell.model]
+        if unit_problem(parts / unit.filename, unit, data, run_id, config.seed) is None:
+          bar.update(len(unit.positions))  # another process finished it meanwhile
+          continue
+        bar.set_description(f"{config.name} {unit.cell.model} {unit.cell.attack}")
+        rows = runner.run_unit(unit, data)
+        results.write_part(parts / unit.filename, rows)
       ran += 1
       keep = np.asarray(rows["clean_correct"])
       successes += int(np.asarray(rows["success"])[keep].sum())
@@ -352,4 +456,4 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
       bar.set_postfix(success=f"{successes / max(attempts, 1):.1%}", units=f"{ran}/{len(todo)}")
   finally:
     bar.close()
-  return SweepOutcome(out_dir, len(units), len(mine), len(mine) - len(todo), ran, available)
+  return ran, elsewhere

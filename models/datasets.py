@@ -178,8 +178,8 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None
   hint += (", or prepare it with TFDS on a machine that is online "
            "(pip install 'advsweep[tfds-prepare]').")
   raise DatasetNotFoundError(
-      f"dataset {name!r} split {split!r} not found. Looked in:\n  - "
-      + "\n  - ".join(looked) + "\n" + hint)
+      f"dataset {name!r} split {split!r} not found (looked in: " + "; ".join(looked) + "). "
+      + hint)
 
 
 def _checked(ds: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray
@@ -311,6 +311,9 @@ def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
   tfds_dir = os.environ.get("TFDS_DATA_DIR")
   where = tfds_dir or "~/tensorflow_datasets"
   try:
+    if _tfds_unprepared(Path(where).expanduser() / ds.name):
+      # Asking TFDS about a folder without prepared data makes it warn; say it here instead.
+      raise FileNotFoundError(f"no prepared {ds.name} (no dataset_info.json)")
     source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=False)
   except Exception as err:  # noqa: BLE001  (tfds raises many kinds; each is reported)
     first_line = str(err).splitlines()[0] if str(err) else ""
@@ -331,6 +334,12 @@ def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
       np.zeros((0, *ds.shape), np.uint8))
   labels = np.asarray([r["label"] for r in records], np.int32)
   return images, labels
+
+
+def _tfds_unprepared(folder: Path) -> bool:
+  """A TFDS dataset folder that exists but holds no prepared version (no dataset_info.json):
+  asking TFDS about it prints a warning."""
+  return folder.is_dir() and not any(folder.glob("**/dataset_info.json"))
 
 
 def _tensorflow_available() -> bool:

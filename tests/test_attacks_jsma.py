@@ -213,9 +213,9 @@ def test_bad_config_is_refused(config, match):
 
 def test_jit_and_no_jit_agree():
   apply_fn, params = linear_model(num_classes=3)
-  images = random_images(3)
-  labels = jnp.zeros(3, jnp.int32)
-  config = attacks.JSMAConfig(gamma=0.2)
+  images = random_images(2)
+  labels = jnp.zeros(2, jnp.int32)
+  config = attacks.JSMAConfig(gamma=0.1)
   jitted = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config)
   with jax.disable_jit():
     eager = attacks.jsma(apply_fn, params, images, labels, jax.random.key(0), config)

@@ -159,7 +159,7 @@ def test_jit_and_no_jit_agree():
   apply_fn, params = linear_model(height=4, width=4, channels=1, num_classes=3)
   images = random_images(2, 4, 4, 1)
   labels = jnp.argmax(apply_fn(params, images), -1)
-  config = attacks.OnePixelConfig(population_size=6, num_generations=3, num_slots=2)
+  config = attacks.OnePixelConfig(population_size=4, num_generations=1, num_slots=1)
   jitted = attacks.one_pixel(apply_fn, params, images, labels, jax.random.key(0), config)
   with jax.disable_jit():
     eager = attacks.one_pixel(apply_fn, params, images, labels, jax.random.key(0), config)

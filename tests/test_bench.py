@@ -90,7 +90,13 @@ def test_attack_and_raw_passes_are_timed_in_turn():
 def test_one_pixel_unit_batch_is_what_the_model_sees():
   config = attacks.OnePixelConfig(population_size=400, num_slots=16, chunk_size=2048)
   assert attacks.ONE_PIXEL.unit_batch(config, 100) == 1600  # 6400 candidates in 4 chunks
-  assert attacks.ONE_PIXEL.unit_batch(config, 2) == 800
+  # From the config alone, so an image's rows do not depend on the batch it came in.
+  assert attacks.ONE_PIXEL.unit_batch(config, 2) == 1600
+  assert attacks.ONE_PIXEL.unit_batch(config.replace(population_size=50), 2) == 800
+  # 50 slots of 50: 40 populations fit in 2048, so two even chunks of 25 populations.
+  assert attacks.ONE_PIXEL.unit_batch(config.replace(population_size=50, num_slots=50), 2) == (
+      1250)
+  assert attacks.ONE_PIXEL.unit_batch(config.replace(chunk_size=300), 9) == 300
   jsma_config = attacks.JSMAConfig(num_slots=32)
   assert attacks.JSMA.unit_batch(jsma_config, 100) == 32  # its working rows
   assert attacks.JSMA.unit_batch(jsma_config, 8) == 8

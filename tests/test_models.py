@@ -141,7 +141,7 @@ def test_short_training_run_lowers_the_loss(data_dir, tmp_path):
 
 @requires_data
 def test_training_is_deterministic(data_dir):
-  runs = [train.train_and_evaluate("cifar10_vgg", seed=7, data_dir=data_dir, epochs=1,
+  runs = [train.train_and_evaluate("cifar10_allconv", seed=7, data_dir=data_dir, epochs=1,
                                    train_limit=64, test_limit=16, progress=False)
           for _ in range(2)]
   assert runs[0].losses == runs[1].losses

@@ -1,0 +1,455 @@
+"""Bad input, as a hostile but realistic user gives it: every case exits non-zero with one line
+that names the problem and the fix, prints no traceback, and writes nothing.
+
+The classes (issue 19): config values checked when the config loads; one-line failures from
+every command; the attack API at its edges; resume that verifies what it skips; checkpoints
+verified where they are listed; concurrent processes sharing a folder; quiet data loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advsweep import attacks
+from advsweep.bench import claims, cli, config, results, sweep
+from advsweep.models import datasets, zoo
+from tests import attack_models
+from tests.conftest import DATA_DIR, requires_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(folder: Path) -> set[str]:
+  return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def fails(capsys, cwd: Path, argv: list[str], *phrases: str, code: int = 2) -> str:
+  """Runs `advsweep ARGV` in `cwd`; asserts the exit status, one stderr line holding every
+  phrase, no traceback and no file written. Returns the line."""
+  before = _tree(cwd)
+  try:
+    rc = cli.main(argv)
+  except SystemExit as exit_:  # argparse
+    rc = exit_.code
+  out, err = capsys.readouterr()
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == code, (rc, out, err)
+  assert "Traceback" not in err + out
+  assert len(lines) == 1, err
+  for phrase in phrases:
+    assert phrase.lower() in lines[0].lower(), (phrase, lines[0])
+  assert _tree(cwd) == before, "a failed command wrote files"
+  return lines[0]
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch) -> Path:
+  monkeypatch.chdir(tmp_path)
+  return tmp_path
+
+
+# --- 1. Config values are checked when the config loads, before data or files. ----------
+
+CONFIG_CASES = [
+    ('attacks.fgsm.eps=abc', ('attacks.fgsm.eps takes a number', "'abc'")),
+    ('attacks.fgsm.eps=true', ('attacks.fgsm.eps takes a number', 'True')),
+    ('attacks.bim.num_steps=0', ('num_steps', '>= 1')),
+    ('attacks.pgd.num_steps=2.5', ('attacks.pgd.num_steps takes an integer', '2.5')),
+    ('attacks.one_pixel.stop_on_flip=False', ('stop_on_flip takes true or false', "'False'")),
+    ('attacks.pgd.random_start=1', ('random_start takes true or false', 'toml')),
+    ('bins.thresholds=["a", "b"]', ('bins.thresholds must be a list of probabilities',)),
+    ('bins.thresholds=[0.1, 0.5]', ('strictly decreasing',)),
+    ('bins.names=["a", "a", "b"]', ('distinct names',)),
+    ('images.per_bin=0', ('images.per_bin must be an integer >= 1',)),
+    ('images.per_bin=true', ('images.per_bin must be an integer >= 1',)),
+    ('images.pool=-1', ('images.pool must be an integer >= 0',)),
+    ('seed=-1', ('seed must be an integer >= 0',)),
+    ('seed=1.5', ('seed must be an integer >= 0',)),
+    ('batch_size=0', ('batch_size must be an integer >= 1',)),
+    ('models=[]', ('models must be a non-empty list',)),
+    ('models=["mnist_lenet", 3]', ('models must be a non-empty list',)),
+    ('models=["no_such_model"]', ("unknown model 'no_such_model'", 'valid choices')),
+    ('split=validation', ('split must be one of', 'test')),
+    ('name="../elsewhere"', ('name must be letters', 'run folder')),
+    ('foo=1', ("unknown config key 'foo'", 'valid keys')),
+    ('attacks.nope.eps=1', ("unknown attack 'nope'", 'valid choices')),
+    ('attacks.fgsm.nope=1', ("unknown field 'nope' for attack fgsm", 'valid fields')),
+    ('attacks.fgsm.eps', ('--set expects KEY=VALUE',)),
+    ('attacks.fgsm=3', ('must be a table of parameters',)),
+    ('attacks.fgsm.target_class=3', ('target_class needs target = "explicit"',)),
+    ('attacks.fgsm.eps=-0.1', ('eps must be >= 0',)),
+    ('attacks.jsma.derivative="nope"', ("unknown derivative 'nope'", 'valid choices')),
+]
+
+
+@pytest.mark.parametrize("assignment,phrases", CONFIG_CASES,
+                         ids=[c[0] for c in CONFIG_CASES])
+def test_run_refuses_a_bad_config_value_before_anything(capsys, cwd, assignment, phrases):
+  fails(capsys, cwd, ["run", "ci", "--out", "run", "--set", assignment, "--no-progress"],
+        *phrases)
+
+
+def test_explicit_target_class_must_be_a_class_of_the_models(capsys, cwd):
+  fails(capsys, cwd, ["run", "ci", "--out", "run", "--set", 'attacks.fgsm.target="explicit"',
+                      "--set", "attacks.fgsm.target_class=10"],
+        "target_class must be a class index in [0, 10)", "10")
+
+
+def test_a_config_file_that_is_not_toml_or_not_there(capsys, cwd):
+  (cwd / "bad.toml").write_text("name = [unclosed\n")
+  fails(capsys, cwd, ["run", "bad.toml"], "bad.toml is not valid TOML")
+  fails(capsys, cwd, ["run", "missing.toml"], "no config file missing.toml")
+  fails(capsys, cwd, ["run", "no_such_config"], "unknown config 'no_such_config'",
+        "valid choices")
+  (cwd / "table.toml").write_text('name = "t"\nmodels = ["mnist_lenet"]\n'
+                                  '[attacks]\nfgsm = 3\n')
+  fails(capsys, cwd, ["run", "table.toml"], "attacks.fgsm must be a table of fields")
+
+
+def test_attack_and_reproduce_check_values_too(capsys, cwd):
+  fails(capsys, cwd, ["attack", "mnist_lenet", "fgsm", "--set", "eps=true"],
+        "fgsm.eps takes a number")
+  fails(capsys, cwd, ["attack", "mnist_lenet", "bim", "--set", "num_steps=0"], "num_steps")
+  fails(capsys, cwd, ["reproduce", "goodfellow2015", "--out", "runs", "--set",
+                      "attacks.fgsm.eps=abc"], "attacks.fgsm.eps takes a number")
+
+
+# --- 2. Every expected failure is one line and a non-zero exit. --------------------------
+
+@pytest.mark.parametrize("argv,phrases", [
+    (["attack", "mnist_lenet", "fgsm", "-n", "0"], ["-n", "whole number >= 1"]),
+    (["attack", "mnist_lenet", "fgsm", "-n", "-3"], ["-n", "whole number >= 1"]),
+    (["attack", "mnist_lenet", "fgsm", "--seed", "x"], ["--seed", "whole number >= 0"]),
+    (["attack", "no_model", "fgsm"], ["invalid choice: 'no_model'", "--help"]),
+    (["perf", "-n", "0"], ["-n", "whole number >= 1"]),
+    (["perf", "--peers", "--pixel-images", "-1"], ["--pixel-images", "whole number"]),
+    (["train", "mnist_lenet", "--epochs", "0"], ["--epochs", "whole number >= 1"]),
+    (["run", "ci", "--shard", "3/2"], ["--shard K/N needs 0 <= K < N"]),
+    (["run", "ci", "--shard", "one/two"], ["--shard expects K/N"]),
+    (["run", "ci", "--attacks", "nope"], ["unknown attack 'nope'"]),
+    (["report", "no_such_run"], ["no results folder no_such_run"]),
+    (["compare", "a", "b"], ["no results folder a"]),
+    (["models", "--checkpoint-dir", "nowhere"], ["no checkpoint folder nowhere",
+                                                 "--checkpoint-dir"]),
+])
+def test_every_command_fails_in_one_line(capsys, cwd, argv, phrases):
+  fails(capsys, cwd, argv, *phrases)
+
+
+def test_out_must_be_a_folder_that_can_be_written(capsys, cwd):
+  (cwd / "afile").write_text("x")
+  fails(capsys, cwd, ["run", "ci", "--out", "afile"], "afile is a file", "name a folder")
+  fails(capsys, cwd, ["run", "ci", "--out", "afile/run"], "afile is a file", "cannot be created")
+  fails(capsys, cwd, ["report", "somewhere", "--out", "afile"], "afile is a file")
+  fails(capsys, cwd, ["reproduce", "su2019", "--out", "afile"], "afile is a file")
+  fails(capsys, cwd, ["run", "ci", "--out", "/proc/advsweep-run"], "cannot write in /proc",
+        "a folder you can write")
+
+
+def test_missing_data_is_one_line_from_attack_and_run(capsys, cwd, monkeypatch):
+  monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+  line = fails(capsys, cwd, ["attack", "mnist_lenet", "fgsm", "-n", "2", "--data-dir",
+                             str(cwd / "nodata")], "dataset 'mnist' split 'test' not found",
+               "--data-dir")
+  assert "nodata" in line
+  fails(capsys, cwd, ["run", "ci", "--out", "run", "--data-dir", str(cwd / "nodata"),
+                      "--no-progress"], "not found", "Fix:")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+  """SIGINT while a sweep runs: exit 130, one line, and only whole parts on disk."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if DATA_DIR is not None:
+    env[datasets.DATA_DIR_ENV] = str(DATA_DIR)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "advsweep.bench.cli", "run", "ci", "--out", str(tmp_path / "r"),
+       "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+      cwd=tmp_path)
+  for line in proc.stdout:  # interrupt once the sweep has begun its units
+    if "to run on" in line:
+      break
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, (out, err)
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines == [lines[-1]] and "interrupted" in lines[-1], err
+  assert "Traceback" not in err
+  for part in (tmp_path / "r").rglob("*.parquet"):
+    results.read_part(part)
+
+
+# --- 3. The attack API at its edges. ---------------------------------------------------
+
+APPLY, PARAMS = attack_models.linear_model(height=4, width=4, channels=1, num_classes=3)
+SMALL = {
+    "fgsm": attacks.FGSM.config(eps=0.1),
+    "bim": attacks.BIM.config(eps=0.1, num_steps=2),
+    "pgd": attacks.PGD.config(eps=0.1, num_steps=2),
+    "jsma": attacks.JSMA.config(gamma=0.2),
+    "one_pixel": attacks.ONE_PIXEL.config(population_size=4, num_generations=1),
+}
+
+
+@pytest.mark.parametrize("name", list(attacks.REGISTRY))
+def test_an_empty_batch_is_refused_by_name(name):
+  images = jnp.zeros((0, 4, 4, 1))
+  with pytest.raises(ValueError, match="empty batch"):
+    attacks.REGISTRY[name].run(APPLY, PARAMS, images, jnp.zeros((0,), jnp.int32),
+                               jax.random.key(0), SMALL[name])
+
+
+@pytest.mark.parametrize("name", list(attacks.REGISTRY))
+def test_an_integer_seed_is_a_key(name):
+  images = attack_models.random_images(2, 4, 4, 1)
+  labels = jnp.asarray([0, 1], jnp.int32)
+  spec = attacks.REGISTRY[name]
+  by_seed = spec.run(APPLY, PARAMS, images, labels, 7, SMALL[name])
+  by_key = spec.run(APPLY, PARAMS, images, labels, jax.random.key(7), SMALL[name])
+  np.testing.assert_array_equal(by_seed.adv_images, by_key.adv_images)
+  with pytest.raises(ValueError, match="integer seed"):
+    spec.run(APPLY, PARAMS, images, labels, jnp.zeros((3,), jnp.float32), SMALL[name])
+
+
+@pytest.mark.parametrize("name", list(attacks.REGISTRY))
+def test_a_model_that_returns_nan_gives_finite_images_and_no_success(name):
+  def nan_model(params, images):
+    return APPLY(params, images) * jnp.nan
+
+  images = attack_models.random_images(2, 4, 4, 1)
+  result = attacks.REGISTRY[name].run(nan_model, PARAMS, images, jnp.asarray([0, 1]),
+                                      jax.random.key(0), SMALL[name])
+  adv = np.asarray(result.adv_images)
+  assert np.isfinite(adv).all() and adv.min() >= 0 and adv.max() <= 1
+  assert not np.asarray(result.finite).any() and not np.asarray(result.success).any()
+
+
+# --- 4. Resume verifies what it skips. -------------------------------------------------
+
+TINY = config.resolve({
+    "name": "tiny", "models": ["mnist_softmax"], "seed": 1, "batch_size": 4,
+    "images": {"per_bin": 2, "pool": 200}, "bins": {"thresholds": [0.99, 0.9]},
+    "attacks": {"fgsm": {"eps": [0.1, 0.2]}}})
+
+
+def _sweep(cfg, out, **kwargs):
+  messages = []
+  outcome = sweep.run(cfg, out, data_dir=str(DATA_DIR), progress=False, estimate=False,
+                      log=messages.append, **kwargs)
+  return outcome, messages
+
+
+@requires_data
+def test_a_truncated_part_is_run_again(tmp_path):
+  out = tmp_path / "run"
+  first, _ = _sweep(TINY, out)
+  part = sorted((out / "parts").glob("*.parquet"))[0]
+  whole = part.read_bytes()
+  part.write_bytes(whole[:300])
+  again, messages = _sweep(TINY, out)
+  assert (again.units_skipped, again.units_run) == (first.units_total - 1, 1)
+  assert any(str(part) in m and "unreadable" in m for m in messages)
+  assert results.read_part(part).num_rows == results.read_part(
+      _write_to(tmp_path / "copy.parquet", whole)).num_rows
+
+
+def _write_to(path: Path, data: bytes) -> Path:
+  path.write_bytes(data)
+  return path
+
+
+@requires_data
+def test_parts_of_another_seed_are_refused_by_name(tmp_path):
+  out = tmp_path / "run"
+  _sweep(TINY, out)
+  (out / "run.json").unlink()
+  other = config.resolve(dict(TINY.raw, seed=2))
+  with pytest.raises(results.ResultsError, match=r"belongs to run tiny-\w+ \(seed 1\)"):
+    _sweep(other, out)
+  assert not (out / "run.json").exists()  # refused before anything was written
+
+
+@requires_data
+def test_a_part_that_is_no_unit_of_the_run_is_refused(tmp_path):
+  out = tmp_path / "run"
+  _sweep(TINY, out)
+  shutil.copy(sorted((out / "parts").glob("*.parquet"))[0], out / "parts" / "stray.parquet")
+  with pytest.raises(results.ResultsError, match="stray.parquet .* is no unit of this run"):
+    _sweep(TINY, out)
+
+
+@requires_data
+def test_a_config_that_failed_before_its_first_unit_gives_the_folder_back(tmp_path):
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / "run.json").write_text(json.dumps({"run_id": "x", "config_hash": "other"}))
+  outcome, _ = _sweep(TINY, out)
+  assert outcome.units_run == outcome.units_total
+  assert json.loads((out / "run.json").read_text())["config_hash"] == TINY.config_hash
+
+
+def test_every_flag_an_error_message_advises_exists():
+  """Advice must work as written: each `--flag` in a message of bench/ or models/ is an
+  option of some command."""
+  parser = cli.build_parser()
+  options = set()
+  for action in parser._subparsers._group_actions:  # noqa: SLF001
+    for sub in action.choices.values():
+      for a in sub._actions:  # noqa: SLF001
+        options.update(o for o in a.option_strings if o.startswith("--"))
+  mentioned = set()
+  for path in [*(REPO / "bench").glob("*.py"), *(REPO / "models").glob("*.py")]:
+    for literal in re.findall(r'f?"([^"\n]* [^"\n]*)"', path.read_text()):  # messages
+      mentioned.update(re.findall(r"(?<![\w-])--[a-z][a-z-]+", literal))
+  mentioned -= {"--no-build-isolation"}  # pip's, quoted in an install hint
+  assert mentioned and mentioned <= options, sorted(mentioned - options)
+
+
+# --- 5. Checkpoints are verified where they are listed. -------------------------------
+
+@pytest.mark.parametrize("damage,phrase", [
+    ("flip", "sha256"), ("truncate", "sha256"), ("zero_checksum", "sha256"),
+    ("no_meta", "metadata file missing"), ("bad_meta", "not valid JSON"),
+    ("wrong_model", "wrong model"),
+])
+def test_models_lists_a_damaged_checkpoint_as_corrupt(capsys, cwd, damage, phrase):
+  folder = cwd / "ckpt"
+  folder.mkdir()
+  for suffix in (".msgpack", ".json"):
+    shutil.copy(zoo.CHECKPOINT_DIR / f"mnist_softmax{suffix}", folder)
+  weights, meta = folder / "mnist_softmax.msgpack", folder / "mnist_softmax.json"
+  if damage == "flip":
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+  elif damage == "truncate":
+    weights.write_bytes(weights.read_bytes()[:1000])
+  elif damage == "zero_checksum":
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), sha256="0" * 64)))
+  elif damage == "no_meta":
+    meta.unlink()
+  elif damage == "bad_meta":
+    meta.write_text("{not json")
+  elif damage == "wrong_model":
+    shutil.copy(zoo.CHECKPOINT_DIR / "mnist_lenet.msgpack", weights)
+    lenet_meta = json.loads((zoo.CHECKPOINT_DIR / "mnist_lenet.json").read_text())
+    meta.write_text(json.dumps(lenet_meta))
+  before = _tree(cwd)
+  assert cli.main(["models", "--checkpoint-dir", str(folder)]) == 1
+  out, err = capsys.readouterr()
+  assert "CORRUPT" in out and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1 and phrase in err
+  assert _tree(cwd) == before
+
+
+def test_models_lists_a_healthy_folder_with_exit_0(capsys, cwd):
+  folder = cwd / "ckpt"
+  folder.mkdir()
+  for suffix in (".msgpack", ".json"):
+    shutil.copy(zoo.CHECKPOINT_DIR / f"mnist_softmax{suffix}", folder)
+  assert cli.main(["models", "--checkpoint-dir", str(folder)]) == 0
+  out, err = capsys.readouterr()
+  assert "CORRUPT" not in out and "not trained" in out and not err
+
+
+# --- 7. Processes sharing a folder share its work. ------------------------------------
+
+def test_a_claim_is_exclusive_and_released(tmp_path):
+  a, b = claims.Claims(tmp_path), claims.Claims(tmp_path)
+  assert a.take("u") and not b.take("u")
+  a.release("u")
+  assert b.take("u") and not a.take("u")
+
+
+def test_a_claim_of_a_killed_process_is_taken_over(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  owner = {"host": claims.socket.gethostname(), "pid": dead.pid, "token": "gone"}
+  (tmp_path / "u.claim").write_text(json.dumps(owner))
+  a, b = claims.Claims(tmp_path), claims.Claims(tmp_path)
+  assert a.take("u") and not b.take("u")
+
+
+def test_a_claim_not_refreshed_is_taken_over_and_a_fresh_one_is_not(tmp_path):
+  owner = {"host": "another-host", "pid": 1, "token": "far"}
+  (tmp_path / "u.claim").write_text(json.dumps(owner))
+  patient = claims.Claims(tmp_path, stale_after_s=60)
+  assert not patient.take("u")
+  old = time.time() - 120
+  os.utime(tmp_path / "u.claim", (old, old))
+  assert patient.take("u")
+  holder = claims.Claims(tmp_path, stale_after_s=0.5, heartbeat_s=0.05)
+  assert holder.take("v")
+  with holder.holding("v"):
+    time.sleep(1.0)  # the heartbeat keeps it fresh
+    assert not claims.Claims(tmp_path, stale_after_s=0.5).take("v")
+  assert not (tmp_path / "v.claim").exists()
+
+
+@requires_data
+def test_two_sweeps_into_one_folder_run_each_unit_once(tmp_path):
+  import threading
+
+  out = tmp_path / "run"
+  cfg = config.resolve(dict(TINY.raw, batch_size=1))
+  outcomes = []
+  threads = [threading.Thread(target=lambda: outcomes.append(_sweep(cfg, out)[0]))
+             for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  total = outcomes[0].units_total
+  assert sum(o.units_run for o in outcomes) == total
+  assert outcomes[-1].units_done == total
+  assert results.read_run(out).num_rows == total
+  assert not list((out / "claims").glob("*"))
+
+
+# --- 8. Quiet output. -----------------------------------------------------------------
+
+def test_an_unprepared_tfds_folder_says_nothing(tmp_path, monkeypatch, capfd):
+  (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+  with pytest.raises(datasets.DatasetNotFoundError, match="no dataset_info.json"):
+    datasets.load("mnist", "test", tmp_path / "nodata")
+  out, err = capfd.readouterr()
+  assert "Variant folder" not in out + err and "dataset_info" not in out + err
+
+
+# --- 6. Rows do not depend on the batch. ------------------------------------------------
+
+def test_one_pixel_model_calls_have_one_shape_whatever_the_batch():
+  """XLA rounds differently at different batch shapes, and DE follows the rounding; the
+  candidates' model calls take their shape from the config alone, so an image's search is
+  the same in any batch (a batch of 7 against 60 changed failed rows before)."""
+  shapes = {}
+
+  def spying(batch):
+    def apply_fn(params, images):
+      if images.shape[0] not in (1, batch):  # candidates, not the shape probe or a pass
+        # over the batch (clean and final)
+        shapes.setdefault(batch, set()).add(images.shape[0])
+      return APPLY(params, images)
+    return apply_fn
+
+  config = attacks.ONE_PIXEL.config(population_size=6, num_generations=2, num_slots=4,
+                                    chunk_size=13)
+  for batch in (3, 9):
+    images = attack_models.random_images(batch, 4, 4, 1, seed=batch)
+    attacks.one_pixel(spying(batch), PARAMS, images, jnp.zeros(batch, jnp.int32),
+                      jax.random.key(0), config)
+  assert shapes[3] == shapes[9] == {12}, shapes
