@@ -21,11 +21,14 @@ neither is refused, never half-read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import logging
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -311,10 +314,8 @@ def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
   tfds_dir = os.environ.get("TFDS_DATA_DIR")
   where = tfds_dir or "~/tensorflow_datasets"
   try:
-    if _tfds_unprepared(Path(where).expanduser() / ds.name):
-      # Asking TFDS about a folder without prepared data makes it warn; say it here instead.
-      raise FileNotFoundError(f"no prepared {ds.name} (no dataset_info.json)")
-    source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=False)
+    with _quiet_absl():  # TFDS warns about a dataset it has not prepared; we report it
+      source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=False)
   except Exception as err:  # noqa: BLE001  (tfds raises many kinds; each is reported)
     first_line = str(err).splitlines()[0] if str(err) else ""
     looked.append(f"TFDS data_source({ds.name!r}) in {where}: not prepared as array_record "
@@ -336,10 +337,16 @@ def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
   return images, labels
 
 
-def _tfds_unprepared(folder: Path) -> bool:
-  """A TFDS dataset folder that exists but holds no prepared version (no dataset_info.json):
-  asking TFDS about it prints a warning."""
-  return folder.is_dir() and not any(folder.glob("**/dataset_info.json"))
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+  """Holds back absl's warnings (TFDS logs through absl) for the body."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _tensorflow_available() -> bool:

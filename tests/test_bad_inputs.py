@@ -420,11 +420,13 @@ def test_two_sweeps_into_one_folder_run_each_unit_once(tmp_path):
 
 # --- 8. Quiet output. -----------------------------------------------------------------
 
-def test_an_unprepared_tfds_folder_says_nothing(tmp_path, monkeypatch, capfd):
-  (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
+@pytest.mark.parametrize("variant_folder", [True, False])
+def test_an_unprepared_tfds_folder_says_nothing(tmp_path, monkeypatch, capfd, variant_folder):
+  if variant_folder:
+    (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
-  with pytest.raises(datasets.DatasetNotFoundError, match="no dataset_info.json"):
+  with pytest.raises(datasets.DatasetNotFoundError, match="not prepared"):
     datasets.load("mnist", "test", tmp_path / "nodata")
   out, err = capfd.readouterr()
   assert "Variant folder" not in out + err and "dataset_info" not in out + err
