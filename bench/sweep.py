@@ -390,9 +390,10 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
                               claims_lib.Claims(out_dir / "claims",
                                                 stale_after_s=stale_after_s),
                               progress, stop_after_units)
-  if elsewhere:
-    log(f"{config.name}: {elsewhere} units were claimed by other processes sharing "
-        f"{out_dir}; they write them")
+  if todo:
+    log(f"{config.name}: ran {ran} units here" + (
+        f"; {elsewhere} were claimed by other processes sharing {out_dir}" if elsewhere
+        else ""))
   done = len({p.name for p in _part_paths(out_dir)} & {u.filename for u in units})
   return SweepOutcome(out_dir, len(units), len(mine), len(mine) - len(todo), ran, done,
                       available)
