@@ -391,7 +391,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
                                                 stale_after_s=stale_after_s),
                               progress, stop_after_units)
   if todo:
-    log(f"{config.name}: ran {ran} units here" + (
+    log(f"{config.name}: ran {ran} unit{'' if ran == 1 else 's'} here" + (
         f"; {elsewhere} were claimed by other processes sharing {out_dir}" if elsewhere
         else ""))
   done = len({p.name for p in _part_paths(out_dir)} & {u.filename for u in units})
