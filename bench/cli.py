@@ -106,8 +106,11 @@ def _cmd_perf(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+  import jax
+
   from advsweep.bench import config, report, sweep
 
+  process = jax.process_index()  # `main` joined a multi-process job, where there is one
   for name in args.attacks or []:
     config.check_attack_name(name)
   cfg = config.load(args.config, list(args.set), quick=args.quick)
@@ -116,7 +119,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  if k in args.attacks})
     cfg = config.resolve(raw, source=args.config)
   shard = sweep.parse_shard(args.shard)
-  process, _ = sweep.maybe_initialize_distributed()
   out_dir = Path(args.out) if args.out else _out_folder(str(Path("results") / cfg.name))
   outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
                       data_dir=args.data_dir, progress=not args.no_progress)
@@ -321,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
   instead, for debugging."""
   if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+  from advsweep.bench import distributed
+
+  distributed.maybe_initialize()  # before the parser: importing the attacks starts JAX
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)

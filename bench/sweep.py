@@ -66,24 +66,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
   return k, n
 
 
-def maybe_initialize_distributed() -> tuple[int, int]:
-  """Starts `jax.distributed` when a multi-process cluster environment is present.
-
-  Recognised: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), a SLURM
-  job step with more than one task, Open MPI with more than one rank, and multi-host TPU
-  slices; jax.distributed.initialize() reads the details itself. Returns (process index,
-  process count).
-  """
-  env = os.environ
-  multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
-           or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-           or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-           or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if multi and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-  return jax.process_index(), jax.process_count()
-
-
 def cell_key(seed: int, cell: Cell) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), int(cell.draw_hash[:8], 16))
 
