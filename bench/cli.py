@@ -55,6 +55,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows.append((name, spec.dataset, spec.architecture, f"{meta['parameters']:,}",
                  f"{100 * meta['test_accuracy']:.2f}%", f"{meta['test_examples']:,}",
                  f"{path.stat().st_size / 1e6:.2f} MB", spec.note))
+  from advsweep.models import custom
+
+  for name, entry_point in custom.entry_points().items():
+    rows.append((name, "-", "user (entry point)", "-", "-", "-", "-", entry_point.value))
   rows = [[str(c) for c in r] for r in rows]
   print(tables.format_markdown(header, rows) if args.markdown
         else tables.format_text(header, rows))
@@ -121,7 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
   shard = sweep.parse_shard(args.shard)
   out_dir = Path(args.out) if args.out else _out_folder(str(Path("results") / cfg.name))
   outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
-                      data_dir=args.data_dir, progress=not args.no_progress)
+                      data_dir=args.data_dir, progress=not args.no_progress,
+                      checkpoint_dir=args.checkpoint_dir)
   if process == 0 and not args.no_report:
     if outcome.units_done < outcome.units_total:
       print(f"{out_dir}: {outcome.units_done} of {outcome.units_total} units written so far; "
@@ -285,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-report", action="store_true", help="do not print the summary")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.add_argument("--checkpoint-dir", default=None,
+                 help="folder of zoo checkpoints to use instead of the shipped ones")
   p.set_defaults(func=_cmd_run)
 
   p = sub.add_parser("report", help="summary tables (text, Markdown, CSV) and plots of a run")

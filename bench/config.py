@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from advsweep import attacks
-from advsweep.models import datasets, zoo
+from advsweep.models import custom, datasets, zoo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "main"
@@ -44,7 +44,8 @@ TOP_LEVEL = {
     "name": None,
     "description": "",
     "models": None,
-    "dataset": "",  # optional: when given, every model must be trained on it
+    "dataset": "",  # optional: every zoo model must be trained on it; a user model without
+    # a dataset of its own takes it (a zoo name, a data folder or .npz, a TFDS name)
     "split": "test",
     "seed": 0,
     "batch_size": 100,  # images per attack call, and per results file
@@ -417,13 +418,17 @@ def _check(raw: dict[str, Any], source: str) -> None:
       raise ConfigError(f"{key} must be a string; got {raw[key]!r}")
   _strings(raw["models"], "models", '["mnist_lenet"]')
   for model in raw["models"]:
-    if model not in zoo.ZOO:
-      raise ConfigError(f"unknown model {model!r}; valid choices: {', '.join(zoo.ZOO)}")
+    try:
+      custom.check_reference(model)
+    except custom.ModelReferenceError as err:
+      raise ConfigError(str(err)) from None
   if raw["dataset"]:
-    if raw["dataset"] not in datasets.DATASETS:
-      raise ConfigError(f"unknown dataset {raw['dataset']!r}; valid choices: "
-                        f"{', '.join(datasets.DATASETS)}")
-    for model in raw["models"]:
+    dataset = raw["dataset"]
+    if dataset not in datasets.DATASETS and ("/" in dataset or dataset.endswith(".npz")) and (
+        not Path(dataset).expanduser().exists()):
+      raise ConfigError(f"dataset {dataset!r}: no such file or folder; name one of "
+                        f"{', '.join(datasets.DATASETS)}, a data folder or a TFDS dataset")
+    for model in (m for m in raw["models"] if m in zoo.ZOO):
       if zoo.entry(model).dataset != raw["dataset"]:
         raise ConfigError(f"model {model} is trained on {zoo.entry(model).dataset}, not on "
                           f"the config's dataset {raw['dataset']}")
@@ -457,7 +462,9 @@ def _check_attacks(tables: Any, models: list[str], source: str) -> None:
   if not isinstance(tables, dict) or not tables:
     raise ConfigError(f"{source}: attacks must be a table of [attacks.NAME] tables; valid "
                       f"names: {', '.join(attacks.REGISTRY)}")
-  classes = min(datasets.info(zoo.entry(m).dataset).num_classes for m in models)
+  # Classes are known here for zoo models; a user's model is checked when it loads.
+  classes = min((datasets.info(zoo.entry(m).dataset).num_classes for m in models
+                 if m in zoo.ZOO), default=None)
   for attack, table in tables.items():
     check_attack_name(attack)
     if not isinstance(table, dict):
@@ -478,7 +485,7 @@ def _check_attacks(tables: Any, models: list[str], source: str) -> None:
       if target_modes != [attacks.EXPLICIT]:
         raise ConfigError(f"attacks.{attack}.target_class needs target = \"explicit\"")
       for value in targets if isinstance(targets, list) else [targets]:
-        if (not isinstance(value, int) or isinstance(value, bool)
-            or not 0 <= value < classes):
+        if (not isinstance(value, int) or isinstance(value, bool) or value < 0
+            or (classes is not None and value >= classes)):
           raise ConfigError(f"attacks.{attack}.target_class must be a class index in "
-                            f"[0, {classes}); got {value!r}")
+                            f"[0, {classes or 'K'}); got {value!r}")

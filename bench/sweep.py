@@ -21,6 +21,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from advsweep import attacks
+from advsweep.attacks import checks
 from advsweep.bench import claims as claims_lib
 from advsweep.bench import results, selection, timing
-from advsweep.bench.config import Cell, RunConfig
-from advsweep.models import datasets, files, zoo
+from advsweep.bench.config import Cell, ConfigError, RunConfig
+from advsweep.models import custom, datasets, files, zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Unit:
   @property
   def filename(self) -> str:
     c = self.cell
-    return f"{c.model}-{c.attack}-{c.config_hash}-{self.index:04d}.parquet"
+    model = re.sub(r"[^A-Za-z0-9._-]", "_", c.model)  # a user's `package.module:function`
+    return f"{model}-{c.attack}-{c.config_hash}-{self.index:04d}.parquet"
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -84,6 +87,8 @@ class ModelData:
   model: zoo.Model
   images_u8: np.ndarray
   selection: selection.Selection
+  dataset: str  # the model's, or the config's for a user's model without one
+  num_classes: int
 
 
 def plan(config: RunConfig, selections: dict[str, selection.Selection]) -> list[Unit]:
@@ -154,7 +159,7 @@ class Runner:
         "versions": results.versions(),
         "device_kind": self.devices[0].device_kind,
         "device_count": len(self.devices),
-        "dataset": meta["dataset"],
+        "dataset": data.dataset,
         "split": self.config.split,
         "model": cell.model,
         "model_sha256": meta["sha256"],
@@ -247,7 +252,7 @@ def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int
 @functools.cache
 def _model(name: str, checkpoint_dir: str | None) -> zoo.Model:
   """One Model per process: jit caches key on its apply_fn, so reusing it reuses compiles."""
-  return zoo.load(name, checkpoint_dir)
+  return custom.resolve(name, checkpoint_dir)
 
 
 @functools.cache
@@ -264,11 +269,39 @@ def load_models(config: RunConfig, data_dir: str | None,
   out = {}
   for name in config.models:
     model = _model(name, checkpoint_dir)
-    images_u8, labels = _dataset(model.meta["dataset"], config.split, data_dir)
+    dataset = model.meta.get("dataset") or config.raw["dataset"]
+    if not dataset:
+      raise ConfigError(f"model {name} names no dataset; set dataset = \"FOLDER\" (or a "
+                        "dataset name) in the config")
+    images_u8, labels = _dataset(dataset, config.split, data_dir)
+    num_classes = _check_fit(name, model, images_u8, labels, config)
     sel = selection.select(model.apply_fn, model.params, images_u8, labels,
                            config.thresholds, config.per_bin, config.pool, config.seed)
-    out[name] = ModelData(model, images_u8, sel)
+    out[name] = ModelData(model, images_u8, sel, dataset, num_classes)
   return out
+
+
+def _check_fit(name: str, model: zoo.Model, images_u8: np.ndarray, labels: np.ndarray,
+               config: RunConfig) -> int:
+  """The model's number of classes, checked against its data and the config's targets."""
+  probe = np.zeros((1, *images_u8.shape[1:]), np.float32)
+  try:
+    num_classes = checks.num_classes_of(model.apply_fn, model.params, probe)
+  except Exception as err:  # noqa: BLE001  (a user's function can fail in any way)
+    raise ConfigError(f"model {name} cannot take this data's images {probe.shape[1:]}: "
+                      f"{type(err).__name__}: {err}") from None
+  stated = model.meta.get("num_classes")
+  if stated is not None and stated != num_classes:
+    raise ConfigError(f"model {name} says it has {stated} classes but returns {num_classes}")
+  if len(labels) and labels.max() >= num_classes:
+    raise ConfigError(f"model {name} has {num_classes} classes but its data has labels up "
+                      f"to {labels.max()}")
+  for cell in config.cells():
+    if cell.model == name and cell.target_class is not None and (
+        cell.target_class >= num_classes):
+      raise ConfigError(f"attacks.{cell.attack}.target_class {cell.target_class} is no class "
+                        f"of model {name} ({num_classes} classes)")
+  return num_classes
 
 
 @functools.cache
@@ -284,9 +317,8 @@ def estimate_seconds(units: list[Unit], models: dict[str, ModelData]) -> float:
   for unit in units:
     data = models[unit.cell.model]
     shape = data.images_u8.shape[1:]
-    num_classes = datasets.info(data.model.meta["dataset"]).num_classes
     per_image = attacks.REGISTRY[unit.cell.attack].forward_equivalents(
-        unit.cell.config, int(np.prod(shape)), num_classes)
+        unit.cell.config, int(np.prod(shape)), data.num_classes)
     total += per_image * len(unit.positions) / _forward_rate(data.model, shape)
   return total
 
@@ -313,7 +345,8 @@ class SweepOutcome:
 def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
         resume: bool = True, data_dir: str | None = None, progress: bool = True,
         estimate: bool = True, stop_after_units: int | None = None,
-        stale_after_s: float = claims_lib.DEFAULT_STALE_AFTER_S, log=print) -> SweepOutcome:
+        stale_after_s: float = claims_lib.DEFAULT_STALE_AFTER_S,
+        checkpoint_dir: str | None = None, log=print) -> SweepOutcome:
   """Runs this process's share of the sweep, skipping units already written.
 
   A unit counts as done only when its part is readable, belongs to this run (run id, seed,
@@ -333,6 +366,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     estimate: measure each model's forward rate and print an upper-bound time estimate.
     stop_after_units: stop after running this many units (to test resumption).
     stale_after_s: a claim not refreshed for this long is taken over.
+    checkpoint_dir: where the zoo models' checkpoints are (default: the shipped ones).
     log: where messages go.
   """
   out_dir = Path(out_dir)
@@ -341,7 +375,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   k, n = k * processes + process, n * processes
   run_id = open_folder(out_dir, config)
   parts = out_dir / "parts"
-  models = load_models(config, data_dir)
+  models = load_models(config, data_dir, checkpoint_dir)
   available = _log_selection(config, models, log)
   units = plan(config, {m: d.selection for m, d in models.items()})
   _refuse_strangers(out_dir, units)
@@ -393,6 +427,9 @@ def _log_selection(config: RunConfig, models: dict[str, ModelData], log
                                            strict=True))
         + f"; {int((~data.selection.clean_correct).sum())} misclassified (kept, excluded "
         "from success rates)")
+    if data.model.pixel_evaluator is None:
+      log(f"{name}: no pixel-local evaluator for this architecture: attacks that use one run "
+          "the full forward pass instead (the rows say evaluation = full)")
   return available
 
 

@@ -156,9 +156,11 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None
     CorruptDataError: a file was found but fails verification.
     DatasetNotFoundError: no source had the data; the message says where it looked.
   """
-  ds = info(name)
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
+  if name not in DATASETS:
+    return load_other(name, split)
+  ds = DATASETS[name]
   folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
   looked: list[str] = []
   if folder is not None:
@@ -171,7 +173,7 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None
     result = _load_idx_folder(ds, split, DEBIAN_FASHION_MNIST, looked)
     if result is not None:
       return _checked(ds, split, *result)
-  result = _load_tfds(ds, split, looked)
+  result = _load_tfds(ds.name, ds.shape, split, looked)
   if result is not None:
     return _checked(ds, split, *result)
   hint = (f"Fix: point --data-dir or ${DATA_DIR_ENV} at a folder holding {name}.npz or the "
@@ -183,6 +185,73 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None
   raise DatasetNotFoundError(
       f"dataset {name!r} split {split!r} not found (looked in: " + "; ".join(looked) + "). "
       + hint)
+
+
+def load_other(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A user's dataset: an `.npz` file (`x_<split>`, `y_<split>` uint8 arrays), a folder
+  holding one, a folder of PNGs per class (`<folder>/<split>/<class>/*.png`, or
+  `<folder>/<class>/*.png` for the test split), or a prepared TFDS dataset. Any image size,
+  any number of classes."""
+  path = Path(name).expanduser()
+  if path.is_file() and path.suffix == ".npz":
+    images, labels = _load_npz(path, split)
+  elif path.is_dir():
+    images, labels = _load_folder(path, split)
+  elif "/" in name or name.endswith(".npz"):
+    raise DatasetNotFoundError(f"no data file or folder {path}; name an .npz file, a folder "
+                               "holding one, or a folder of PNGs per class")
+  else:
+    looked: list[str] = []
+    result = _load_tfds(name, None, split, looked)
+    if result is None:
+      raise DatasetNotFoundError(
+          f"dataset {name!r} is neither advsweep's ({', '.join(DATASETS)}), nor a file or "
+          f"folder, nor a prepared TFDS dataset ({'; '.join(looked)}). Fix: name a folder, "
+          "or prepare it with TFDS")
+    images, labels = result
+  return _checked_any(str(path), split, images, labels)
+
+
+def _load_folder(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+  archives = sorted(folder.glob("*.npz"))
+  if len(archives) == 1:
+    return _load_npz(archives[0], split)
+  if len(archives) > 1:
+    raise CorruptDataError(f"{folder} holds {len(archives)} .npz files; name one of them")
+  root = folder / split if (folder / split).is_dir() else folder
+  if root is folder and split != "test":
+    raise DatasetNotFoundError(f"{folder} has no {split}/ folder of classes; its class "
+                               "folders are read as the test split")
+  classes = sorted(p for p in root.iterdir() if p.is_dir())
+  files = [(label, png) for label, c in enumerate(classes) for png in sorted(c.glob("*.png"))]
+  if not files:
+    raise DatasetNotFoundError(f"{root}: no class folders of .png images (and no .npz)")
+  from PIL import Image  # noqa: PLC0415  (only for PNG folders)
+
+  images = [np.asarray(Image.open(png)) for _, png in files]
+  shapes = {image.shape for image in images}
+  if len(shapes) != 1:
+    raise CorruptDataError(f"{root}: the images have different shapes {sorted(shapes)}; "
+                           "resize them to one size")
+  return np.stack(images), np.asarray([label for label, _ in files], np.int32)
+
+
+def _checked_any(where: str, split: str, images: np.ndarray, labels: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """A user's data as uint8 [N,H,W,C] images and int32 [N] labels, or CorruptDataError."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise CorruptDataError(f"{where}/{split}: images must be uint8 [N,H,W] or [N,H,W,C]; got "
+                           f"{images.dtype} {images.shape}")
+  labels = np.asarray(labels).reshape(-1)
+  if not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
+    raise CorruptDataError(f"{where}/{split}: need one integer label per image; got "
+                           f"{labels.dtype} labels for {len(images)} images")
+  if len(labels) and labels.min() < 0:
+    raise CorruptDataError(f"{where}/{split}: labels must be >= 0")
+  return images, labels.astype(np.int32)
 
 
 def _checked(ds: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray
@@ -304,7 +373,7 @@ def _load_cifar_batches(split: str, folder: Path, looked: list[str]):
   return np.concatenate(images), np.concatenate(labels)
 
 
-def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
+def _load_tfds(name: str, shape: tuple[int, int, int] | None, split: str, looked: list[str]):
   """Reads a prepared TFDS dataset; prepares it only where TensorFlow is installed."""
   try:
     import tensorflow_datasets as tfds
@@ -315,24 +384,24 @@ def _load_tfds(ds: DatasetInfo, split: str, looked: list[str]):
   where = tfds_dir or "~/tensorflow_datasets"
   try:
     with _quiet_absl():  # TFDS warns about a dataset it has not prepared; we report it
-      source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=False)
+      source = tfds.data_source(name, split=split, data_dir=tfds_dir, download=False)
   except Exception as err:  # noqa: BLE001  (tfds raises many kinds; each is reported)
     first_line = str(err).splitlines()[0] if str(err) else ""
-    looked.append(f"TFDS data_source({ds.name!r}) in {where}: not prepared as array_record "
+    looked.append(f"TFDS data_source({name!r}) in {where}: not prepared as array_record "
                   f"({type(err).__name__}: {first_line})")
     if not _tensorflow_available():
       looked.append("TFDS download_and_prepare: skipped, TensorFlow is not installed "
                     "(pip install 'advsweep[tfds-prepare]' on a machine that is online)")
       return None
     try:
-      source = tfds.data_source(ds.name, split=split, data_dir=tfds_dir, download=True,
+      source = tfds.data_source(name, split=split, data_dir=tfds_dir, download=True,
                                 builder_kwargs={"file_format": "array_record"})
     except Exception as err2:  # noqa: BLE001
-      looked.append(f"TFDS download_and_prepare({ds.name!r}): {type(err2).__name__}: {err2}")
+      looked.append(f"TFDS download_and_prepare({name!r}): {type(err2).__name__}: {err2}")
       return None
   records = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(r["image"], np.uint8) for r in records]) if records else (
-      np.zeros((0, *ds.shape), np.uint8))
+      np.zeros((0, *(shape or (1, 1, 1))), np.uint8))
   labels = np.asarray([r["label"] for r in records], np.int32)
   return images, labels
 

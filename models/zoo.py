@@ -108,31 +108,35 @@ class ApplyFn:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jit caches key on apply_fn
 class Model:
-  """A zoo model ready to use.
+  """A model ready to attack: a zoo model, or a user's (`models.custom.model`).
 
   Attributes:
-    name: zoo name.
-    module: the Flax module.
-    params: all variables (`{"params": ..., "batch_stats": ...}`), the first argument of
-      `apply_fn`.
-    meta: the metadata dict (dataset, architecture, accuracy, sha256, training command...).
+    name: zoo name, or the name a user's model goes by in the rows.
+    module: the zoo's Flax module, or None for a user's model.
+    params: the first argument of `apply_fn` (a zoo model's variables, `{"params": ...,
+      "batch_stats": ...}`; any pytree for a user's model).
+    meta: the metadata dict (dataset, number of classes, sha256, and for the zoo the
+      architecture, accuracy and training command).
+    function: a user's `apply_fn`, where there is no zoo module.
   """
 
   name: str
-  module: nn.Module
+  module: nn.Module | None
   params: Any
   meta: dict
+  function: Callable[[Any, jnp.ndarray], jnp.ndarray] | None = None
 
   @functools.cached_property
-  def apply_fn(self) -> ApplyFn:
+  def apply_fn(self) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
     """Pure inference: `apply_fn(params, images[B,H,W,C] in [0, 1]) -> logits[B,K]`."""
-    return ApplyFn(self.module)
+    return self.function if self.function is not None else ApplyFn(self.module)
 
   @functools.cached_property
   def pixel_evaluator(self) -> locality.PixelSplicer | None:
     """The exact pixel-local evaluator of this architecture (`models.locality`), or None
-    where it has none: pass it to the one-pixel attack as `evaluator=`."""
-    return locality.splicer_for(self.module)
+    where it has none (every user's model, so far): pass it to the one-pixel attack as
+    `evaluator=`."""
+    return None if self.module is None else locality.splicer_for(self.module)
 
   def intermediates(self, params: Any, images: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:

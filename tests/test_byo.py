@@ -1,0 +1,128 @@
+"""A user's own model and data through the driver: a plain-JAX model with 7 classes on
+20x24x3 images from a local npz folder through every attack, `report` and `compare`; a Flax
+NNX model; a model registered by a package's entry point; PNG folders as data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from advsweep.bench import cli, config, results
+from advsweep.models import custom, datasets
+from tests import byo_models
+
+ATTACKS = """
+[attacks.fgsm]
+eps = 0.1
+[attacks.bim]
+eps = 0.05
+num_steps = 2
+[attacks.pgd]
+eps = 0.05
+num_steps = 2
+[attacks.jsma]
+gamma = 0.01
+[attacks.one_pixel]
+population_size = 8
+num_generations = 2
+"""
+
+
+def _config(tmp_path: Path, model: str, attacks: str = ATTACKS, n: int = 12) -> Path:
+  data = tmp_path / "data"
+  data.mkdir(exist_ok=True)
+  np.savez(data / "mine.npz", **byo_models.labelled_data(custom.resolve(model), n))
+  path = tmp_path / "mine.toml"
+  path.write_text(f'name = "mine"\nmodels = ["{model}"]\ndataset = "{data}"\n'
+                  f"batch_size = 5\n[images]\nper_bin = {n}\n"
+                  '[bins]\nnames = ["all"]\nthresholds = []\n' + attacks)
+  return path
+
+
+def test_a_seven_class_plain_jax_model_runs_every_attack_report_and_compare(tmp_path, capsys):
+  path = _config(tmp_path, "tests.byo_models:seven_class")
+  out = tmp_path / "run"
+  assert cli.main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+  printed = capsys.readouterr().out
+  assert "no pixel-local evaluator" in printed and "evaluation = full" in printed
+  table = results.read_run(out)
+  cols = table.to_pydict()
+  assert set(cols["attack"]) == {"fgsm", "bim", "pgd", "jsma", "one_pixel"}
+  assert table.num_rows == 5 * 12 and set(cols["model"]) == {"tests.byo_models:seven_class"}
+  assert set(cols["evaluation"]) == {"full"} and all(cols["valid"])
+  assert max(cols["label"]) < 7 and set(cols["dataset"]) == {str(tmp_path / "data")}
+  assert all(cols["clean_correct"])  # the data is labelled by the model
+  assert sum(cols["success"]) > 0
+  assert cli.main(["report", str(out), "--no-plots"]) == 0
+  assert "one_pixel" in capsys.readouterr().out
+  again = tmp_path / "again"
+  assert cli.main(["run", str(path), "--out", str(again), "--no-progress", "--no-report"]) == 0
+  assert cli.main(["compare", str(out), str(again)]) == 0
+  assert results.content(results.read_run(again)).equals(results.content(table))
+
+
+def test_a_flax_nnx_model_runs(tmp_path):
+  path = _config(tmp_path, "tests.byo_models:nnx_model", "[attacks.fgsm]\neps = 0.1\n", n=6)
+  out = tmp_path / "run"
+  assert cli.main(["run", str(path), "--out", str(out), "--no-progress", "--no-report"]) == 0
+  assert results.read_run(out).num_rows == 6
+
+
+def test_bad_model_references_are_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for reference, phrase in [("nope", "valid choices"),
+                            ("no_such_package.models:net", "cannot import no_such_package"),
+                            ("tests.byo_models:missing", "has no function 'missing'")]:
+    assert cli.main(["run", "ci", "--set", f'models=["{reference}"]']) == 2
+    assert phrase in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_user_model_without_a_dataset_is_told_to_name_one(tmp_path):
+  cfg = config.resolve({"name": "x", "models": ["tests.byo_models:seven_class"],
+                        "attacks": {"fgsm": {}}})
+  from advsweep.bench import sweep
+
+  with pytest.raises(config.ConfigError, match="names no dataset"):
+    sweep.load_models(cfg, None)
+
+
+def test_an_entry_point_registers_a_model(tmp_path, monkeypatch, capsys):
+  info = tmp_path / "my_models-1.0.dist-info"
+  info.mkdir()
+  (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-models\nVersion: 1.0\n")
+  (info / "entry_points.txt").write_text(
+      "[advsweep.models]\nseven = tests.byo_models:seven_class\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert "seven" in custom.entry_points()
+  assert custom.resolve("seven").name == "seven_class"
+  assert cli.main(["models"]) == 0
+  assert "tests.byo_models:seven_class" in capsys.readouterr().out
+  config.resolve({"name": "x", "models": ["seven"], "attacks": {"fgsm": {}}})
+
+
+def test_png_folders_per_class_and_npz_files_load(tmp_path):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 4), ("test", 3)):
+    for label in ("cat", "dog"):
+      folder = tmp_path / "pngs" / split / label
+      folder.mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+  images, labels = datasets.load(str(tmp_path / "pngs"), "test")
+  assert images.shape == (6, 5, 6, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+  assert datasets.load(str(tmp_path / "pngs"), "train")[0].shape == (8, 5, 6, 3)
+  np.savez(tmp_path / "grey.npz", x_test=np.zeros((4, 9, 9), np.uint8),
+           y_test=np.array([0, 4, 2, 1]))
+  images, labels = datasets.load(str(tmp_path / "grey.npz"), "test")
+  assert images.shape == (4, 9, 9, 1) and labels.dtype == np.int32
+  with pytest.raises(datasets.DatasetNotFoundError, match="no data file or folder"):
+    datasets.load(str(tmp_path / "missing"), "test")
+  np.savez(tmp_path / "bad.npz", x_test=np.zeros((4, 9, 9), np.float32), y_test=np.zeros(4))
+  with pytest.raises(datasets.CorruptDataError, match="uint8"):
+    datasets.load(str(tmp_path / "bad.npz"), "test")
