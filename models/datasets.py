@@ -9,9 +9,14 @@ Sources, tried in order (the error lists every place that was looked at):
    y_test`, uint8), the original idx `.gz` files in `mnist-raw/` or `fashion-mnist/`, or the
    original CIFAR-10 binary batches in `cifar-10-batches-bin/`.
 2. The Debian package path `/usr/share/datasets/fashion-mnist/` (`dataset-fashion-mnist`).
-3. TensorFlow Datasets: a prepared dataset read with `tfds.data_source` (array_record, needs no
+3. The download cache (`models.download`): the original files, downloaded there on first
+   use where the machine is online, verified by their published checksums (no TensorFlow).
+4. TensorFlow Datasets: a prepared dataset read with `tfds.data_source` (array_record, needs no
    TensorFlow), or `download_and_prepare()` where the machine is online and TensorFlow is
    installed (the `[tfds-prepare]` extra).
+
+Any other name is a user's dataset (`load_other`): an .npz file or folder, a folder of PNGs
+per class, or a prepared TFDS dataset, of any image size and number of classes.
 
 Original files are verified before use: the idx `.gz` files by the sha256 published in the
 TFDS checksums, or, where a distributor recompressed them (Debian does), by the sha256 of the
@@ -32,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from advsweep.models import download
 
 DATA_DIR_ENV = "ADVSWEEP_DATA_DIR"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -118,6 +125,23 @@ _CIFAR_MD5 = {
 }
 
 
+# The original files' homes (the first run downloads from them, `models.download`).
+REMOTES = {
+    "mnist": download.Remote(
+        "mnist-raw", ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                      "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+        {s: (_IDX_FILES[(s, "images")], _IDX_FILES[(s, "labels")]) for s in SPLITS},
+        sha256=_GZ_SHA256["mnist"]),
+    "fashion_mnist": download.Remote(
+        "fashion-mnist", ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        {s: (_IDX_FILES[(s, "images")], _IDX_FILES[(s, "labels")]) for s in SPLITS},
+        sha256=_GZ_SHA256["fashion_mnist"]),
+    "cifar10": download.Remote(
+        _CIFAR_DIR, ("https://www.cs.toronto.edu/~kriz/",),
+        {s: ("cifar-10-binary.tar.gz",) for s in SPLITS}, members=_CIFAR_MD5),
+}
+
+
 class DatasetNotFoundError(FileNotFoundError):
   """No source could provide the dataset; the message lists every place looked at."""
 
@@ -173,6 +197,9 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None
     result = _load_idx_folder(ds, split, DEBIAN_FASHION_MNIST, looked)
     if result is not None:
       return _checked(ds, split, *result)
+  result = _load_cached(ds, split, looked)
+  if result is not None:
+    return _checked(ds, split, *result)
   result = _load_tfds(ds.name, ds.shape, split, looked)
   if result is not None:
     return _checked(ds, split, *result)
@@ -185,6 +212,23 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None
   raise DatasetNotFoundError(
       f"dataset {name!r} split {split!r} not found (looked in: " + "; ".join(looked) + "). "
       + hint)
+
+
+def _load_cached(ds: DatasetInfo, split: str, looked: list[str]):
+  """The download cache, downloading the original files into it first where needed."""
+  cache = download.cache_dir()
+  result = _load_local(ds, split, cache, []) if cache.is_dir() else None
+  if result is not None:
+    return result
+  if not download.enabled():
+    looked.append(f"download: off (${download.DOWNLOAD_ENV}=0)")
+    return None
+  try:
+    download.fetch(ds.name, REMOTES[ds.name], split)
+  except download.DownloadError as err:
+    looked.append(str(err))
+    return None
+  return _load_local(ds, split, cache, looked)
 
 
 def load_other(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -44,5 +44,9 @@ def data_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_tfds(tmp_path_factory, monkeypatch):
-  """Points TFDS at an empty folder, so no test reads a user's cache or the network."""
+  """Points TFDS and the download cache at empty folders and turns downloading off, so no
+  test reads a user's cache or the network (tests/test_download.py turns it on against a
+  local server)."""
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.mktemp("tfds")))
+  monkeypatch.setenv("ADVSWEEP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+  monkeypatch.setenv("ADVSWEEP_DOWNLOAD", "0")

@@ -59,7 +59,7 @@ def test_overrides_reach_any_field_and_refuse_unknown_names():
            ("attacks.deepfool.eps=1", "valid choices: one_pixel"),
            ("attacks.fgsm.epsilon=1", "valid fields: eps"),
            ("models=['resnet50']", "valid choices: mnist_lenet"),
-           ("dataset=imagenet", "valid choices: mnist"),
+           ("dataset=imagenet", "trained on mnist, not on the config's dataset imagenet"),
            ("dataset=cifar10", "trained on mnist"), ("bins.thresholds=[0.1, 0.5]", "decreasing"),
            ("bins.names=['a']", "distinct names"), ("images.per_bin=0", ">= 1"),
            ("batch_size=x", "integer"), ("seed", "KEY=VALUE")]
