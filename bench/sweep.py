@@ -378,6 +378,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   models = load_models(config, data_dir, checkpoint_dir)
   available = _log_selection(config, models, log)
   units = plan(config, {m: d.selection for m, d in models.items()})
+  _check_fits_devices(config, units, n)
   _refuse_strangers(out_dir, units)
   mine = units[k::n]
   todo = []
@@ -431,6 +432,20 @@ def _log_selection(config: RunConfig, models: dict[str, ModelData], log
       log(f"{name}: no pixel-local evaluator for this architecture: attacks that use one run "
           "the full forward pass instead (the rows say evaluation = full)")
   return available
+
+
+def _check_fits_devices(config: RunConfig, units: list[Unit], parts: int) -> None:
+  """Refuses a batch that cannot be split over the local devices, and more shards (times
+  processes) than the sweep has units."""
+  devices = len(jax.local_devices())
+  if config.batch_size < devices:
+    raise ConfigError(f"batch_size {config.batch_size} cannot be split over {devices} "
+                      f"devices; set batch_size to at least {devices} (a multiple of "
+                      f"{devices} wastes nothing)")
+  if parts > len(units):
+    raise ConfigError(f"the sweep has {len(units)} units, fewer than its {parts} parts "
+                      "(--shard N x processes): some would get nothing; use fewer shards or a "
+                      "smaller batch_size")
 
 
 def _refuse_strangers(out_dir: Path, units: list[Unit]) -> None:

@@ -455,3 +455,14 @@ def test_one_pixel_model_calls_have_one_shape_whatever_the_batch():
     attacks.one_pixel(spying(batch), PARAMS, images, jnp.zeros(batch, jnp.int32),
                       jax.random.key(0), config)
   assert shapes[3] == shapes[9] == {12}, shapes
+
+
+@requires_data
+def test_settings_that_cannot_fit_the_devices_are_refused(tmp_path, monkeypatch):
+  with pytest.raises(config.ConfigError, match="fewer than its 50 parts"):
+    _sweep(TINY, tmp_path / "a", shard=(0, 50))
+  devices = jax.local_devices()
+  monkeypatch.setattr(sweep.jax, "local_devices", lambda: devices * 8)
+  with pytest.raises(config.ConfigError, match="batch_size 4 cannot be split over 8 devices"):
+    _sweep(TINY, tmp_path / "b")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
