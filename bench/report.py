@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,8 @@ def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     slug = "-".join(s for s in (model, attack, x_name, rest.replace(" ", "_")) if s)
-    path = out_dir / f"success-vs-{slug.replace('=', '')}.png"
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", slug.replace("=", ""))  # a user's `pkg.mod:fn`
+    path = out_dir / f"success-vs-{slug}.png"
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
