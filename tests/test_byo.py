@@ -12,6 +12,7 @@ import pytest
 from advsweep.bench import cli, config, results
 from advsweep.models import custom, datasets
 from tests import byo_models
+from tests.conftest import requires_data
 
 ATTACKS = """
 [attacks.fgsm]
@@ -126,3 +127,24 @@ def test_png_folders_per_class_and_npz_files_load(tmp_path):
   np.savez(tmp_path / "bad.npz", x_test=np.zeros((4, 9, 9), np.float32), y_test=np.zeros(4))
   with pytest.raises(datasets.CorruptDataError, match="uint8"):
     datasets.load(str(tmp_path / "bad.npz"), "test")
+
+
+@requires_data
+def test_zoo_checkpoints_from_a_folder_of_ones_own(tmp_path, capsys, monkeypatch):
+  import shutil
+
+  from advsweep.models import zoo
+
+  for folder in ("mine", "damaged"):
+    (tmp_path / folder).mkdir()
+    for suffix in (".msgpack", ".json"):
+      shutil.copy(zoo.CHECKPOINT_DIR / f"mnist_softmax{suffix}", tmp_path / folder)
+  weights = tmp_path / "damaged" / "mnist_softmax.msgpack"
+  weights.write_bytes(weights.read_bytes()[:-10])
+  monkeypatch.chdir(tmp_path)
+  args = ["run", "ci", "--set", 'models=["mnist_softmax"]', "--set", "images.per_bin=2",
+          "--attacks", "fgsm", "--no-progress", "--no-report", "--checkpoint-dir"]
+  assert cli.main([*args, "mine", "--out", "good"]) == 0
+  assert cli.main([*args, "damaged", "--out", "bad"]) == 2
+  assert "sha256" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
