@@ -1,0 +1,53 @@
+"""Input-transformation defenses as models, and BPDA: a JPEG-defended LeNet holds against
+PGD that differentiates through the JPEG (its gradient is zero) and falls to PGD with the
+identity's backward pass (Athalye et al. 2018)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advsweep import attacks
+from advsweep.models import datasets, defenses, zoo
+from tests.conftest import DATA_DIR, requires_data
+
+
+def test_defense_names_are_parsed_or_refused():
+  assert defenses.parse("jpeg:75") == defenses.Defense("jpeg", 75)
+  assert defenses.parse("bits:4").name == "bits:4"
+  for bad, message in [("jpeg", "valid forms"), ("gauss:3", "unknown defense"),
+                       ("jpeg:0", r"\[1, 100\]"), ("bits:x", "valid forms")]:
+    with pytest.raises(ValueError, match=message):
+      defenses.parse(bad)
+
+
+@requires_data
+def test_bpda_breaks_jpeg_where_the_plain_gradient_sees_nothing():
+  model = zoo.load("mnist_lenet")
+  images, labels = datasets.load("mnist", "test", DATA_DIR)
+  images, labels = jnp.asarray(images[:16], jnp.float32) / 255, jnp.asarray(labels[:16])
+  defended = defenses.defend(model, "jpeg:50")
+  assert defended.meta["defense"] == "jpeg:50" and defended.meta["twin"] == "mnist_lenet"
+  assert defended.pixel_evaluator is None
+  np.testing.assert_array_equal(defended.apply_fn(model.params, images),
+                                defended.bpda_apply_fn(model.params, images))
+  assert defended.apply_fn == defenses.defend(model, "jpeg:50").apply_fn  # shared jit caches
+  assert defenses.gradient_share_zero(defended.apply_fn, model.params, images, labels) == 1.0
+  assert defenses.gradient_share_zero(defended.bpda_apply_fn, model.params, images,
+                                      labels) < 0.1
+
+  def accuracy(adv):
+    return float(jnp.mean(jnp.argmax(defended.apply_fn(model.params, adv), -1) == labels))
+
+  assert accuracy(images) == 1.0
+  config = attacks.PGD.config(eps=0.3, step_size=0.075, num_steps=10)
+  plain = attacks.pgd(defended.apply_fn, model.params, images, labels, jax.random.key(0),
+                      config)
+  adaptive = attacks.pgd(defended.bpda_apply_fn, model.params, images, labels,
+                         jax.random.key(0), config)
+  assert accuracy(plain.adv_images) >= 0.9  # looks robust ...
+  assert accuracy(adaptive.adv_images) <= 0.1  # ... and is not
+  np.testing.assert_array_equal(adaptive.success, ~(
+      jnp.argmax(defended.apply_fn(model.params, adaptive.adv_images), -1) == labels))
