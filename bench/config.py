@@ -35,6 +35,7 @@ from typing import Any
 
 from advsweep import attacks
 from advsweep.models import custom, datasets, zoo
+from advsweep.models import defenses as defenses_lib
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "main"
@@ -52,12 +53,16 @@ TOP_LEVEL = {
     "images": {},
     "bins": {},
     "attacks": None,
+    "defenses": ["none"],  # input transformations each model is also run behind (jpeg:75 ...)
     "quick": {},
 }
 IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images (0: all)
 # Possas's slides: high >= 30%, medium 15-30%, low < 15% top-1 softmax probability.
 BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
-DRIVER_KEYS = ("zip", "target_class")  # attack-table keys that are not config fields
+# Attack-table keys that are not config fields: `target_class`, and `bpda` (attack a
+# defended model through its transform with the identity's gradient, `models.defenses`).
+DRIVER_KEYS = ("zip", "target_class", "bpda")
+NO_DEFENSE = "none"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -88,12 +93,15 @@ class Cell:
   config: Any
   params: dict[str, Any]
   target_class: int | None = None
+  bpda: bool = False  # gradients through a defense's transform as the identity's
 
   @property
   def config_json(self) -> str:
     fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
               if not f.metadata.get(attacks.SAME_RESULTS)}
     fields = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in fields.items()}
+    if self.bpda:  # only when set, so cells made before the key keep their hash
+      fields["bpda"] = True
     return json.dumps({"attack": self.attack, "target_class": self.target_class, **fields},
                       sort_keys=True)
 
@@ -126,7 +134,9 @@ class RunConfig:
 
   @property
   def models(self) -> list[str]:
-    return list(self.raw["models"])
+    """Every model, and every model behind every defense (`MODEL+jpeg:75`)."""
+    return [m if d == NO_DEFENSE else f"{m}+{d}" for m in self.raw["models"]
+            for d in self.raw["defenses"]]
 
   @property
   def seed(self) -> int:
@@ -158,6 +168,8 @@ class RunConfig:
 
   def to_json(self) -> str:
     body = {k: v for k, v in self.raw.items() if k != "quick"}
+    if body.get("defenses") == [NO_DEFENSE]:  # the default: runs made before it keep
+      del body["defenses"]                    # their hash
     return json.dumps(body, sort_keys=True)
 
   @property
@@ -171,11 +183,14 @@ class RunConfig:
     for model in self.models:
       for attack, table in self.raw["attacks"].items():
         for params in expand(table, f"attacks.{attack}"):
-          fields = {k: v for k, v in params.items() if k != "target_class"}
+          fields = {k: v for k, v in params.items() if k not in DRIVER_KEYS}
           config = attack_config(attack, fields)
           target_class = params.get("target_class")
+          bpda = params.get("bpda", False)
+          if not isinstance(bpda, bool):
+            raise ConfigError(f"attacks.{attack}.bpda takes true or false; got {bpda!r}")
           out.append(Cell(model, attack, config, params,
-                          None if target_class is None else int(target_class)))
+                          None if target_class is None else int(target_class), bpda))
     hashes = [(c.model, c.config_hash) for c in out]
     if len(set(hashes)) != len(hashes):
       raise ConfigError("the sweep lists the same attack configuration twice; remove the "
@@ -417,6 +432,13 @@ def _check(raw: dict[str, Any], source: str) -> None:
     if not isinstance(raw[key], str):
       raise ConfigError(f"{key} must be a string; got {raw[key]!r}")
   _strings(raw["models"], "models", '["mnist_lenet"]')
+  _strings(raw["defenses"], "defenses", '["none", "jpeg:75"]')
+  for defense in raw["defenses"]:
+    if defense != NO_DEFENSE:
+      try:
+        defenses_lib.parse(defense)
+      except ValueError as err:
+        raise ConfigError(f"defenses: {err}") from None
   for model in raw["models"]:
     try:
       custom.check_reference(model)

@@ -58,10 +58,11 @@ SCHEMA = pa.schema([
     ("wall_s", pa.float64()),  # the unit's attack wall time / its images
     ("valid", pa.bool_()),  # budget, [0, 1] range and finite output checks passed
     ("evaluation", pa.string()),  # "full" forward pass or "pixel_local" (AttackResult)
+    ("defense", pa.string()),  # the input transformation before the model, or "none"
 ])
-# Parts written before the `evaluation` column are read with it null: their evaluation is
-# not recorded.
-_PREVIOUS_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "evaluation"])
+# Columns added after the first release, in order: parts written before a column existed
+# are read with it null (their evaluation, their defense, is not recorded).
+_ADDED = ("evaluation", "defense")
 # Columns that record when and where a row was made, not what it says.
 PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
 ROW_KEY = ("model", "config_hash", "example_idx")
@@ -112,9 +113,13 @@ def read_part(path: str | os.PathLike) -> pa.Table:
   except (OSError, pa.ArrowException) as err:
     raise ResultsError(f"{path} is corrupt ({err}); run the same `advsweep run` command "
                        "again: it recomputes that unit") from None
-  if table.schema.equals(_PREVIOUS_SCHEMA, check_metadata=False):
-    table = table.append_column(SCHEMA.field("evaluation"),
-                                pa.nulls(table.num_rows, pa.string()))
+  for i in range(len(_ADDED)):
+    older = pa.schema([f for f in SCHEMA if f.name not in _ADDED[i:]])
+    if table.schema.equals(older, check_metadata=False):
+      for missing in _ADDED[i:]:
+        table = table.append_column(SCHEMA.field(missing), pa.nulls(table.num_rows,
+                                                                    pa.string()))
+      break
   if not table.schema.equals(SCHEMA, check_metadata=False):
     raise ResultsError(f"{path} does not have the advsweep results schema; it is from another "
                        "version or tool: move it out of the run folder")

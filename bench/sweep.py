@@ -36,6 +36,7 @@ from tqdm import tqdm
 from advsweep import attacks
 from advsweep.attacks import checks
 from advsweep.bench import claims as claims_lib
+from advsweep.bench import config as config_lib
 from advsweep.bench import results, selection, timing
 from advsweep.bench.config import Cell, ConfigError, RunConfig
 from advsweep.models import custom, datasets, files, zoo
@@ -140,7 +141,10 @@ class Runner:
       targets = self.shard(np.full(len(positions), cell.target_class, np.int32))
     spec = attacks.REGISTRY[cell.attack]
     start = time.perf_counter()
-    result = spec.run(data.model.apply_fn, self.params(data), self.shard(images),
+    apply_fn = data.model.apply_fn
+    if cell.bpda:  # a defended model's forward values, the identity's gradient through it
+      apply_fn = getattr(data.model, "bpda_apply_fn", apply_fn)
+    result = spec.run(apply_fn, self.params(data), self.shard(images),
                       self.shard(labels), self.shard(keys), cell.config, targets=targets,
                       evaluator=data.model.pixel_evaluator)
     result = jax.block_until_ready(result)
@@ -184,6 +188,7 @@ class Runner:
         "l0_fraction": r.l0_fraction, "l2": r.l2, "linf": r.linf,
         "queries": r.queries.astype(np.int64), "valid": valid,
         "evaluation": [r.evaluation] * n,
+        "defense": [meta.get("defense") or config_lib.NO_DEFENSE] * n,
     })
     return rows
 

@@ -19,6 +19,7 @@ A package lists its models for `advsweep models` and for configs by name in its
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from advsweep.models import zoo
+from advsweep.models import defenses, zoo
 
 ENTRY_POINT_GROUP = "advsweep.models"
 
@@ -96,16 +97,35 @@ def _function(reference: str) -> Callable[[], Any]:
   return function
 
 
+def split_defense(reference: str) -> tuple[str, str | None]:
+  """`"cifar10_allconv+jpeg:75"` -> ("cifar10_allconv", "jpeg:75"); no `+`: no defense."""
+  base, sep, defense = reference.partition("+")
+  return (base, defense) if sep else (reference, None)
+
+
 def check_reference(reference: str) -> None:
-  """Raises ModelReferenceError unless `reference` names a model (nothing is loaded)."""
-  if not isinstance(reference, str) or reference in zoo.ZOO:
+  """Raises ModelReferenceError unless `reference` names a model, optionally behind a
+  defense (`MODEL+jpeg:75`); nothing is loaded."""
+  if not isinstance(reference, str):
     return
-  _function(reference)
+  reference, defense = split_defense(reference)
+  if defense is not None:
+    try:
+      defenses.parse(defense)
+    except ValueError as err:
+      raise ModelReferenceError(str(err)) from None
+  if reference not in zoo.ZOO:
+    _function(reference)
 
 
 def resolve(reference: str, checkpoint_dir: str | Path | None = None) -> zoo.Model:
   """The model a config names: a zoo model (from `checkpoint_dir` where given), an entry
-  point's model, or what `package.module:function()` returns."""
+  point's model, or what `package.module:function()` returns; `NAME+DEFENSE` puts it
+  behind an input-transformation defense (`models.defenses`)."""
+  base, defense = split_defense(reference)
+  if defense is not None:
+    defended = defenses.defend(resolve(base, checkpoint_dir), defense)
+    return dataclasses.replace(defended, name=reference)
   if reference in zoo.ZOO:
     return zoo.load(reference, checkpoint_dir)
   built = _function(reference)()

@@ -51,3 +51,48 @@ def test_bpda_breaks_jpeg_where_the_plain_gradient_sees_nothing():
   assert accuracy(adaptive.adv_images) <= 0.1  # ... and is not
   np.testing.assert_array_equal(adaptive.success, ~(
       jnp.argmax(defended.apply_fn(model.params, adaptive.adv_images), -1) == labels))
+
+
+@requires_data
+def test_defenses_and_bpda_are_sweep_axes(tmp_path):
+  from advsweep.bench import config, report, results, sweep
+
+  cfg = config.resolve({
+      "name": "defended", "models": ["mnist_softmax"], "defenses": ["none", "jpeg:50"],
+      "batch_size": 12, "images": {"per_bin": 4, "pool": 300},
+      "bins": {"thresholds": [0.99, 0.9]},
+      "attacks": {"pgd": {"eps": 0.2, "step_size": 0.05, "num_steps": 5,
+                          "random_start": False, "bpda": [False, True]}}})
+  assert cfg.models == ["mnist_softmax", "mnist_softmax+jpeg:50"]
+  sweep.run(cfg, tmp_path / "run", data_dir=str(DATA_DIR), progress=False, estimate=False,
+            log=lambda *_: None)
+  cols = report.columns(results.read_run(tmp_path / "run"))
+  assert set(cols["defense"]) == {"none", "jpeg:50"}
+  rate = {}
+  for defense in ("none", "jpeg:50"):
+    for bpda in (False, True):
+      mask = (cols["defense"] == defense) & np.array(
+          [('"bpda": true' in p) == bpda for p in cols["params"]]) & cols["clean_correct"]
+      rate[defense, bpda] = cols["success"][mask].mean()
+  assert rate["none", False] == rate["none", True]  # no transform: BPDA changes nothing
+  # Without a random start, a zero gradient moves nothing: no success at all, while BPDA
+  # finds what the undefended model's PGD finds.
+  assert rate["jpeg:50", False] == 0 and rate["jpeg:50", True] >= 0.9 * rate["none", False]
+  with pytest.raises(config.ConfigError, match="unknown defense"):
+    config.resolve(dict(cfg.raw, defenses=["blur:3"]))
+  # A config without defenses keeps the hash it had before the axis existed.
+  plain = config.resolve({k: v for k, v in cfg.raw.items() if k != "defenses"})
+  assert "defenses" not in plain.to_json()
+
+
+def test_parts_written_before_the_new_columns_read_with_them_null(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from advsweep.bench import results
+
+  rows = {f.name: [] for f in results.SCHEMA}
+  table = pa.Table.from_pydict(rows, schema=results.SCHEMA)
+  for dropped in (["defense"], ["evaluation", "defense"]):
+    pq.write_table(table.drop_columns(dropped), tmp_path / "old.parquet")
+    assert results.read_part(tmp_path / "old.parquet").schema.equals(results.SCHEMA)
