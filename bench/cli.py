@@ -18,8 +18,10 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 
 # Ctrl-C during the imports below (JAX takes seconds) is one line too; `main` restores
-# Python's KeyboardInterrupt once the commands can handle it.
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+# Python's KeyboardInterrupt once the commands can handle it. Only when this module starts
+# the `advsweep` command: a program that imports it keeps its own Ctrl-C.
+_STARTING = __name__ == "__main__" or Path(sys.argv[0] if sys.argv else "").name == "advsweep"
+if _STARTING and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
   signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 from advsweep.bench import tables  # noqa: E402
