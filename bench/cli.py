@@ -330,12 +330,19 @@ def main(argv: list[str] | None = None) -> int:
   """Runs one command. Expected failures (bad input, missing or corrupt files) print one line
   naming the problem and the fix and exit 2; Ctrl-C exits 130. ADVSWEEP_TRACEBACK=1 re-raises
   instead, for debugging."""
+  command = (sys.argv[1:] if argv is None else argv)[:1]
+  try:
+    if command == ["run"]:  # join a multi-process job before importing the attacks starts
+      from advsweep.bench import distributed  # JAX (only `run` shares work across hosts)
+
+      distributed.maybe_initialize()
+  except (ValueError, RuntimeError) as err:
+    print(f"advsweep run: error: cannot join the multi-process job: {_one_line(err)}",
+          file=sys.stderr)
+    return 2
+  args = build_parser().parse_args(argv)
   if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-  from advsweep.bench import distributed
-
-  distributed.maybe_initialize()  # before the parser: importing the attacks starts JAX
-  args = build_parser().parse_args(argv)
   try:
     return args.func(args)
   except KeyboardInterrupt:

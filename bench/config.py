@@ -439,6 +439,9 @@ def _check(raw: dict[str, Any], source: str) -> None:
         defenses_lib.parse(defense)
       except ValueError as err:
         raise ConfigError(f"defenses: {err}") from None
+  if raw["defenses"] != [NO_DEFENSE] and any("+" in m for m in raw["models"]):
+    raise ConfigError("models already behind a defense (MODEL+DEFENSE) cannot take the "
+                      "defenses axis too; list the plain models, or drop `defenses`")
   for model in raw["models"]:
     try:
       custom.check_reference(model)

@@ -72,6 +72,10 @@ class ResultsError(ValueError):
   """A results folder or file is corrupt, foreign or mismatched."""
 
 
+class ForeignPartError(ResultsError):
+  """A readable parquet file without advsweep's results schema (another tool or version)."""
+
+
 @functools.cache
 def git_sha() -> str:
   """The checkout's commit, with `+dirty` if it has changes; "unknown" outside git."""
@@ -121,8 +125,8 @@ def read_part(path: str | os.PathLike) -> pa.Table:
                                                                     pa.string()))
       break
   if not table.schema.equals(SCHEMA, check_metadata=False):
-    raise ResultsError(f"{path} does not have the advsweep results schema; it is from another "
-                       "version or tool: move it out of the run folder")
+    raise ForeignPartError(f"{path} does not have the advsweep results schema; it is from "
+                           "another version or tool: move it out of the run folder")
   return table
 
 

@@ -239,9 +239,17 @@ def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int
     return "missing"
   try:
     table = results.read_part(path)
+  except results.ForeignPartError:
+    raise  # readable but not ours: refused by name, never overwritten
   except results.ResultsError as err:
     return f"unreadable ({' '.join(str(err).split())})"
-  cols = table.select(["run_id", "config_hash", "seed", "model", "example_idx"]).to_pydict()
+  cols = table.select(["run_id", "config_hash", "seed", "model", "example_idx",
+                       "model_sha256"]).to_pydict()
+  if set(cols["model_sha256"]) != {data.model.meta["sha256"]}:
+    raise results.ResultsError(
+        f"{path} was made with other weights of {unit.cell.model} (sha256 "
+        f"{cols['model_sha256'][0][:12]}..., now {data.model.meta['sha256'][:12]}...); pass "
+        "--out a new folder for the new weights")
   owners = set(zip(cols["run_id"], cols["seed"], strict=True))
   if owners != {(run_id, seed)} or set(cols["config_hash"]) != {unit.cell.config_hash}:
     other = ", ".join(f"{r} (seed {s})" for r, s in sorted(owners))

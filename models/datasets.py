@@ -262,17 +262,27 @@ def _load_folder(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return _load_npz(archives[0], split)
   if len(archives) > 1:
     raise CorruptDataError(f"{folder} holds {len(archives)} .npz files; name one of them")
+  split_folders = [folder / s for s in SPLITS if (folder / s).is_dir()]
   root = folder / split if (folder / split).is_dir() else folder
-  if root is folder and split != "test":
-    raise DatasetNotFoundError(f"{folder} has no {split}/ folder of classes; its class "
-                               "folders are read as the test split")
-  classes = sorted(p for p in root.iterdir() if p.is_dir())
-  files = [(label, png) for label, c in enumerate(classes) for png in sorted(c.glob("*.png"))]
+  if root is folder and (split != "test" or split_folders):
+    raise DatasetNotFoundError(f"{folder} has no {split}/ folder of classes; without split "
+                               "folders its class folders are read as the test split")
+  # One class list for every split (a class missing from one keeps its label), in natural
+  # order (2 before 10).
+  names = sorted({p.name for f in (split_folders or [folder]) for p in f.iterdir()
+                  if p.is_dir()}, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+  files = [(label, png) for label, name in enumerate(names)
+           for png in sorted((root / name).glob("*.png"))]
   if not files:
     raise DatasetNotFoundError(f"{root}: no class folders of .png images (and no .npz)")
   from PIL import Image  # noqa: PLC0415  (only for PNG folders)
 
-  images = [np.asarray(Image.open(png)) for _, png in files]
+  def pixels(png: Path) -> np.ndarray:
+    with Image.open(png) as image:  # palette, alpha, 16-bit: to 8-bit greyscale or RGB
+      return np.asarray(image if image.mode in ("L", "RGB") else image.convert(
+          "L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
+
+  images = [pixels(png) for _, png in files]
   shapes = {image.shape for image in images}
   if len(shapes) != 1:
     raise CorruptDataError(f"{root}: the images have different shapes {sorted(shapes)}; "

@@ -116,17 +116,19 @@ def _download_verified(dataset: str, remote: Remote, name: str, target: Path,
         data = _get(url, name)
       except (OSError, http.client.HTTPException) as err:
         failures.append(f"{url} ({_reason(err)})")
-        if isinstance(err, urllib.error.HTTPError):
-          break  # the server answered: asking again gives the same answer
+        if isinstance(err, urllib.error.HTTPError) and err.code < 500 and err.code != 429:
+          break  # the server refused: asking again gives the same answer
         continue
       if check(data):
         return data
       failures.append(f"{url} (checksum mismatch: not the original file; refused)")
       break
+  place = (f"unpack its {remote.folder}/ files into {target.parent}" if remote.members
+           else f"put it at {target}")
   raise DownloadError(
       f"could not download {dataset} file {name}: tried " + "; ".join(failures)
-      + f". Fix: download it by hand and put it at {target}, point --data-dir at a folder "
-      f"holding it, or set ${MIRRORS_ENV} to a mirror's base URL")
+      + f". Fix: download it by hand and {place}, point --data-dir at a folder holding "
+      f"them, or set ${MIRRORS_ENV} to a mirror's base URL")
 
 
 def _reason(err: BaseException) -> str:

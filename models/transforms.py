@@ -44,7 +44,7 @@ def quantization_table(base: np.ndarray, quality: int) -> np.ndarray:
   """libjpeg's `jpeg_quality_scaling` and baseline clamp: the table used at `quality`."""
   if not 1 <= quality <= 100:
     raise ValueError(f"JPEG quality must be in [1, 100]; got {quality}")
-  scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+  scale = 5000 // quality if quality < 50 else 200 - 2 * quality  # integers, as libjpeg
   return np.clip(np.floor((base * scale + 50) / 100), 1, 255).astype(np.float32)
 
 

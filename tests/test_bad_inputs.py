@@ -466,3 +466,35 @@ def test_settings_that_cannot_fit_the_devices_are_refused(tmp_path, monkeypatch)
   with pytest.raises(config.ConfigError, match="batch_size 4 cannot be split over 8 devices"):
     _sweep(TINY, tmp_path / "b")
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@requires_data
+def test_parts_of_other_weights_or_another_schema_are_refused_not_overwritten(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  out = tmp_path / "run"
+  _sweep(TINY, out)
+  parts = sorted((out / "parts").glob("*.parquet"))
+  table = results.read_part(parts[0])
+  other = table.set_column(table.schema.get_field_index("model_sha256"), "model_sha256",
+                           pa.array(["f" * 64] * table.num_rows))
+  results.write_part(parts[0], other.to_pydict())
+  with pytest.raises(results.ResultsError, match="made with other weights"):
+    _sweep(TINY, out)
+  pq.write_table(pa.table({"x": [1, 2]}), parts[1])
+  before = parts[1].read_bytes()
+  results.write_part(parts[0], table.to_pydict())
+  with pytest.raises(results.ForeignPartError, match="move it out"):
+    _sweep(TINY, out)
+  assert parts[1].read_bytes() == before
+
+
+def test_only_run_joins_a_multi_process_job(capsys, cwd, monkeypatch):
+  monkeypatch.setenv("SLURM_NTASKS", "4")  # inside an sbatch allocation, outside srun
+  assert cli.main(["models"]) == 0  # does not wait for peers that never come
+  capsys.readouterr()
+  monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  fails(capsys, cwd, ["run", "ci"], "cannot join the multi-process job")

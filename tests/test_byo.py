@@ -117,7 +117,14 @@ def test_png_folders_per_class_and_npz_files_load(tmp_path):
             folder / f"{i}.png")
   images, labels = datasets.load(str(tmp_path / "pngs"), "test")
   assert images.shape == (6, 5, 6, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1]
-  assert datasets.load(str(tmp_path / "pngs"), "train")[0].shape == (8, 5, 6, 3)
+  # A class only in train keeps its label in both splits; palette images are decoded.
+  (tmp_path / "pngs" / "train" / "ant").mkdir()
+  palette = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).convert("P")
+  palette.save(tmp_path / "pngs" / "train" / "ant" / "0.png")
+  images, labels = datasets.load(str(tmp_path / "pngs"), "test")
+  assert labels.tolist() == [1, 1, 1, 2, 2, 2]  # ant, cat, dog
+  train_images, train_labels = datasets.load(str(tmp_path / "pngs"), "train")
+  assert train_labels.tolist()[0] == 0 and train_images.shape == (9, 5, 6, 3)
   np.savez(tmp_path / "grey.npz", x_test=np.zeros((4, 9, 9), np.uint8),
            y_test=np.array([0, 4, 2, 1]))
   images, labels = datasets.load(str(tmp_path / "grey.npz"), "test")

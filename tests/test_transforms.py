@@ -60,6 +60,8 @@ def test_jpeg_keeps_shapes_ranges_and_jits_in_a_batch():
   with pytest.raises(ValueError, match=r"quality must be in \[1, 100\]"):
     transforms.jpeg(images, quality=0)
   assert transforms.quantization_table(transforms._LUMA, 50)[0, 0] == 16  # noqa: SLF001
+  # libjpeg's integer scale at q 30: 5000 // 30 = 166, (99 * 166 + 50) // 100 = 164.
+  assert transforms.quantization_table(transforms._CHROMA, 30)[7, 7] == 164  # noqa: SLF001
   grads = jax.grad(lambda x: transforms.jpeg(x, quality=50).sum())(images)
   assert not np.asarray(grads).any()  # rounding: zero gradient, hence BPDA
 
