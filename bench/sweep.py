@@ -280,6 +280,7 @@ def load_models(config: RunConfig, data_dir: str | None,
                 checkpoint_dir: str | None = None) -> dict[str, ModelData]:
   """Loads each model and its dataset, and draws its images per confidence bin."""
   out = {}
+  cells = config.cells()
   for name in config.models:
     model = _model(name, checkpoint_dir)
     dataset = model.meta.get("dataset") or config.raw["dataset"]
@@ -287,7 +288,7 @@ def load_models(config: RunConfig, data_dir: str | None,
       raise ConfigError(f"model {name} names no dataset; set dataset = \"FOLDER\" (or a "
                         "dataset name) in the config")
     images_u8, labels = _dataset(dataset, config.split, data_dir)
-    num_classes = _check_fit(name, model, images_u8, labels, config)
+    num_classes = _check_fit(name, model, images_u8, labels, cells)
     sel = selection.select(model.apply_fn, model.params, images_u8, labels,
                            config.thresholds, config.per_bin, config.pool, config.seed)
     out[name] = ModelData(model, images_u8, sel, dataset, num_classes)
@@ -295,7 +296,7 @@ def load_models(config: RunConfig, data_dir: str | None,
 
 
 def _check_fit(name: str, model: zoo.Model, images_u8: np.ndarray, labels: np.ndarray,
-               config: RunConfig) -> int:
+               cells: list[Cell]) -> int:
   """The model's number of classes, checked against its data and the config's targets."""
   probe = np.zeros((1, *images_u8.shape[1:]), np.float32)
   try:
@@ -309,7 +310,7 @@ def _check_fit(name: str, model: zoo.Model, images_u8: np.ndarray, labels: np.nd
   if len(labels) and labels.max() >= num_classes:
     raise ConfigError(f"model {name} has {num_classes} classes but its data has labels up "
                       f"to {labels.max()}")
-  for cell in config.cells():
+  for cell in cells:
     if cell.model == name and cell.target_class is not None and (
         cell.target_class >= num_classes):
       raise ConfigError(f"attacks.{cell.attack}.target_class {cell.target_class} is no class "

@@ -77,13 +77,14 @@ def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 def _function(reference: str) -> Callable[[], Any]:
   """The callable a reference names, imported (the user's own code runs here)."""
-  if reference in entry_points():
-    return entry_points()[reference].load()
+  registered = entry_points()
+  if reference in registered:
+    return registered[reference].load()
   module_name, sep, attribute = reference.partition(":")
   if not sep or not module_name or not attribute:
     raise ModelReferenceError(
         f"unknown model {reference!r}; valid choices: {', '.join(zoo.ZOO)}"
-        + (f", {', '.join(entry_points())}" if entry_points() else "")
+        + (f", {', '.join(registered)}" if registered else "")
         + ", or a function as package.module:function")
   try:
     module = importlib.import_module(module_name)

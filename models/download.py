@@ -77,9 +77,7 @@ def fetch(dataset: str, remote: Remote, split: str) -> Path:
     if all(p.is_file() for p in outputs):
       continue
     if remote.members:
-      data = _download_verified(dataset, remote, name, folder / name,
-                                lambda d: _members(d, remote.members) is not None)
-      for member, body in _members(data, remote.members).items():
+      for member, body in _download_members(dataset, remote, name, folder).items():
         files.atomic_write_bytes(folder / member, body)
     else:
       expected = remote.sha256[name]
@@ -87,6 +85,20 @@ def fetch(dataset: str, remote: Remote, split: str) -> Path:
                                 lambda d, e=expected: hashlib.sha256(d).hexdigest() == e)
       files.atomic_write_bytes(folder / name, data)
   return cache_dir()
+
+
+def _download_members(dataset: str, remote: Remote, name: str, folder: Path
+                      ) -> dict[str, bytes]:
+  """An archive's verified members; the check's extraction is kept, so it is read once."""
+  verified: dict[str, bytes] = {}
+
+  def check(data: bytes) -> bool:
+    members = _members(data, remote.members)
+    verified.update(members or {})
+    return members is not None
+
+  _download_verified(dataset, remote, name, folder / name, check)
+  return verified
 
 
 def _members(data: bytes, md5s: dict[str, str]) -> dict[str, bytes] | None:
