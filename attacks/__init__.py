@@ -15,6 +15,7 @@ from advsweep.attacks.common import (
   EXPLICIT,
   FULL_EVALUATION,
   LEAST_LIKELY,
+  OMIT_AT_DEFAULT,
   PIXEL_LOCAL_EVALUATION,
   RANDOM,
   SAME_RESULTS,
@@ -66,7 +67,8 @@ register(JSMA)
 
 __all__ = [
     "AT_LEAST_ONE_TARGET", "BIM", "EXPLICIT", "FGSM", "FULL_EVALUATION", "JSMA", "LEAST_LIKELY",
-    "ONE_PIXEL", "PGD", "PIXEL_LOCAL_EVALUATION", "RANDOM", "REGISTRY", "SAME_RESULTS",
+    "OMIT_AT_DEFAULT", "ONE_PIXEL", "PGD", "PIXEL_LOCAL_EVALUATION", "RANDOM", "REGISTRY",
+    "SAME_RESULTS",
     "TARGET_MODES", "UNTARGETED", "AttackResult", "AttackSpec", "BIMConfig", "FGSMConfig",
     "JSMAConfig", "OnePixelConfig", "PGDConfig", "PreparedCall", "bim", "bim_core",
     "every_other_class", "fgsm", "fgsm_core", "jsma", "jsma_core", "one_pixel",

@@ -34,6 +34,9 @@ TARGET_MODES = (UNTARGETED, LEAST_LIKELY, RANDOM, EXPLICIT)
 # Config-field metadata key: the field changes how an attack computes, not what it returns
 # (up to float rounding), so a benchmark leaves it out of a configuration's identity.
 SAME_RESULTS = "same_results"
+# Config-field metadata key: a field added after results were recorded, left out of a
+# configuration's identity while it holds its default (the earlier results are its default).
+OMIT_AT_DEFAULT = "omit_at_default"
 NO_TARGET = -1
 # AttackResult.evaluation: the plain forward pass, or exact pixel-local evaluation.
 FULL_EVALUATION = "full"
@@ -124,6 +127,16 @@ def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
     raise ValueError(f"got {key.shape[0]} keys for {batch} images; pass one key or one per "
                      "image")
   return key
+
+
+def neighbour_difference_score(images: jax.Array) -> jax.Array:
+  """[B] the sum of squared differences between each pair of neighbouring pixels (the four
+  neighbours, each pair once, every channel): Papernot et al.'s detection statistic (the
+  slides on "The Limitations of Deep Learning in Adversarial Settings", `../shared/papers/
+  003`: it "is always higher for adversarial samples")."""
+  rows = jnp.sum(jnp.square(images[:, 1:] - images[:, :-1]), axis=(1, 2, 3))
+  cols = jnp.sum(jnp.square(images[:, :, 1:] - images[:, :, :-1]), axis=(1, 2, 3))
+  return rows + cols
 
 
 def choose_targets(mode: str, keys: jax.Array, labels: jax.Array, clean_logits: jax.Array,

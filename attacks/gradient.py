@@ -50,6 +50,10 @@ class BIMConfig:
     target: a mode of `attacks.common.TARGET_MODES`.
     away_from: for untargeted attacks, climb the loss of the "label" or of the clean
       "prediction" (the slides' inverse perturbation).
+    detector_threshold: where finite, each step also descends `detector_weight` times the
+      neighbour-difference score's excess over it (`common.neighbour_difference_score`):
+      the attack that knows Papernot et al.'s detector and keeps under its threshold.
+    detector_weight: the weight of that penalty against the loss.
   """
 
   eps: float = 16 / 255
@@ -57,18 +61,25 @@ class BIMConfig:
   num_steps: int | None = struct.field(pytree_node=False, default=None)
   target: str = struct.field(pytree_node=False, default=common.UNTARGETED)
   away_from: str = struct.field(pytree_node=False, default="label")
+  detector_threshold: float = struct.field(default=math.inf,
+                                           metadata={common.OMIT_AT_DEFAULT: True})
+  detector_weight: float = struct.field(default=1.0, metadata={common.OMIT_AT_DEFAULT: True})
 
 
 @struct.dataclass
 class FGSMConfig:
   """Fast gradient sign method (Goodfellow et al., 2015): one step of size eps.
 
-  The default eps = 0.25 is the paper's MNIST setting.
+  The default eps = 0.25 is the paper's MNIST setting; `detector_threshold` and
+  `detector_weight` as in `BIMConfig`.
   """
 
   eps: float = 0.25
   target: str = struct.field(pytree_node=False, default=common.UNTARGETED)
   away_from: str = struct.field(pytree_node=False, default="label")
+  detector_threshold: float = struct.field(default=math.inf,
+                                           metadata={common.OMIT_AT_DEFAULT: True})
+  detector_weight: float = struct.field(default=1.0, metadata={common.OMIT_AT_DEFAULT: True})
 
 
 @struct.dataclass
@@ -76,7 +87,8 @@ class PGDConfig:
   """Projected gradient descent with a random start (Madry et al., 2018).
 
   Defaults are the paper's CIFAR-10 L-inf setting (eps 8/255, step 2/255, 7 steps).
-  With `norm="l2"` steps follow the normalised gradient and project onto the L2 ball.
+  With `norm="l2"` steps follow the normalised gradient and project onto the L2 ball;
+  `detector_threshold` and `detector_weight` as in `BIMConfig`.
   """
 
   eps: float = 8 / 255
@@ -86,6 +98,9 @@ class PGDConfig:
   random_start: bool = struct.field(pytree_node=False, default=True)
   target: str = struct.field(pytree_node=False, default=common.UNTARGETED)
   away_from: str = struct.field(pytree_node=False, default="label")
+  detector_threshold: float = struct.field(default=math.inf,
+                                           metadata={common.OMIT_AT_DEFAULT: True})
+  detector_weight: float = struct.field(default=1.0, metadata={common.OMIT_AT_DEFAULT: True})
 
 
 def kurakin_num_steps(eps: float) -> int:
@@ -136,12 +151,20 @@ def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random
   return adv, targets, loss_class.astype(jnp.int32), jnp.asarray(sign, images.dtype)
 
 
-def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, *, norm):
-  """One signed (L-inf) or normalised (L2) gradient step, projected onto the budget."""
+def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, detector, *,
+          norm):
+  """One signed (L-inf) or normalised (L2) gradient step, projected onto the budget.
+
+  `detector` is (threshold, weight): the step also descends the weighted excess of the
+  neighbour-difference score over the threshold (none while the threshold is infinite).
+  """
+  threshold, weight = detector
 
   def loss(x):
     logits = apply_fn(params, x)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, loss_class))
+    ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, loss_class))
+    excess = jax.nn.relu(common.neighbour_difference_score(x) - threshold)
+    return ce - sign * weight * jnp.sum(jnp.where(jnp.isfinite(threshold), excess, 0.0))
 
   grad = jax.grad(loss)(adv)
   if norm == LINF:
@@ -153,6 +176,11 @@ def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, *, no
   return _project(images, adv + sign * step_size * direction, eps, norm)
 
 
+def _detector(config: PGDConfig, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  return (jnp.asarray(config.detector_threshold, dtype),
+          jnp.asarray(config.detector_weight, dtype))
+
+
 def _as_pgd(config: Any) -> PGDConfig:
   """FGSM and BIM as the PGD settings they are: no random start, L-inf, and for FGSM one
   step of size eps."""
@@ -160,7 +188,9 @@ def _as_pgd(config: Any) -> PGDConfig:
     return config
   if isinstance(config, FGSMConfig):
     return PGDConfig(eps=config.eps, step_size=config.eps, num_steps=1, random_start=False,
-                     target=config.target, away_from=config.away_from)
+                     target=config.target, away_from=config.away_from,
+                     detector_threshold=config.detector_threshold,
+                     detector_weight=config.detector_weight)
   if isinstance(config, BIMConfig):
     num_steps = config.num_steps
     if num_steps is None:
@@ -169,13 +199,15 @@ def _as_pgd(config: Any) -> PGDConfig:
                          "which is traced here; set num_steps")
       num_steps = kurakin_num_steps(float(config.eps))
     return PGDConfig(eps=config.eps, step_size=config.step_size, num_steps=num_steps,
-                     random_start=False, target=config.target, away_from=config.away_from)
+                     random_start=False, target=config.target, away_from=config.away_from,
+                     detector_threshold=config.detector_threshold,
+                     detector_weight=config.detector_weight)
   raise TypeError(f"expected FGSMConfig, BIMConfig or PGDConfig; got {type(config).__name__}")
 
 
 def check_config(config: Any) -> None:
   """Raises ValueError naming a bad value of an FGSM, BIM or PGD config."""
-  for name in ("eps", "step_size"):
+  for name in ("eps", "step_size", "detector_weight"):
     if hasattr(config, name):
       checks.check_at_least(name, getattr(config, name), 0.0)
   num_steps = getattr(config, "num_steps", 1)
@@ -234,7 +266,8 @@ def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, 
   eps = jnp.asarray(config.eps, images.dtype)
   step_size = jnp.asarray(config.step_size, images.dtype)
   adv, targets, loss_class, sign = start(images, labels, key, targets, eps)
-  adv = repeat(lambda a: step(images, a, loss_class, sign, eps, step_size), adv)
+  detector = _detector(config, images.dtype)
+  adv = repeat(lambda a: step(images, a, loss_class, sign, eps, step_size, detector), adv)
   queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
   return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
 
@@ -259,7 +292,8 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   step = common.bind(_step, apply_fn, params, norm=config.norm)
   eps = jnp.asarray(config.eps, images.dtype)
   lower_step = functools.partial(step.lower, images, images, labels, jnp.ones((), images.dtype),
-                                 eps, jnp.asarray(config.step_size, images.dtype))
+                                 eps, jnp.asarray(config.step_size, images.dtype),
+                                 _detector(config, images.dtype))
   return common.PreparedCall(functools.partial(_host_loop, *args, targets, config), lower_step)
 
 

@@ -59,9 +59,14 @@ TOP_LEVEL = {
 IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images (0: all)
 # Possas's slides: high >= 30%, medium 15-30%, low < 15% top-1 softmax probability.
 BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
-# Attack-table keys that are not config fields: `target_class`, and `bpda` (attack a
-# defended model through its transform with the identity's gradient, `models.defenses`).
-DRIVER_KEYS = ("zip", "target_class", "bpda")
+# Attack-table keys that are not config fields: `target_class`; the adaptive attacks on a
+# defended model (`models.defenses`): `bpda` (the identity's gradient through a transform
+# that rounds) and `eot_samples` (the gradient, or fitness, averaged over n draws of a
+# randomized defense); `evade_detector` (the gradient attacks keep the neighbour-difference
+# score under the detector's threshold at 5% false positives, `bench.detection`).
+DRIVER_KEYS = ("zip", "target_class", "bpda", "eot_samples", "evade_detector")
+# The driver keys whose effect depends on the defense, and what they are on other models.
+ADAPTIVE_KEYS = {"bpda": False, "eot_samples": 1}
 NO_DEFENSE = "none"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -94,14 +99,27 @@ class Cell:
   params: dict[str, Any]
   target_class: int | None = None
   bpda: bool = False  # gradients through a defense's transform as the identity's
+  eot_samples: int = 1  # draws of a randomized defense each gradient (or fitness) averages
+
+  @property
+  def adaptive(self) -> bool:
+    """The attack adapts to the model's defense (BPDA or EOT)."""
+    return self.bpda or self.eot_samples > 1
 
   @property
   def config_json(self) -> str:
     fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
-              if not f.metadata.get(attacks.SAME_RESULTS)}
+              if not f.metadata.get(attacks.SAME_RESULTS)
+              and not (f.metadata.get(attacks.OMIT_AT_DEFAULT)
+                       and getattr(self.config, f.name) == f.default)}
     fields = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in fields.items()}
-    if self.bpda:  # only when set, so cells made before the key keep their hash
+    # Only when set, so cells made before these keys keep their hash.
+    if self.bpda:
       fields["bpda"] = True
+    if self.eot_samples > 1:
+      fields["eot_samples"] = self.eot_samples
+    if self.params.get("evade_detector"):
+      fields["evade_detector"] = True
     return json.dumps({"attack": self.attack, "target_class": self.target_class, **fields},
                       sort_keys=True)
 
@@ -117,9 +135,13 @@ class Cell:
   def draw_hash(self) -> str:
     """What seeds the cell's random draws: the attack, the target class and the parameters
     the config file set, not the defaults, so a config field added later (with a default
-    that keeps earlier results) keeps earlier draws too. `config_hash` is the identity."""
+    that keeps earlier results) keeps earlier draws too; an adaptive attack (BPDA, EOT, the
+    detector's penalty) draws as its plain twin does, so the two differ only in adapting.
+    `config_hash` is the identity."""
+    params = {k: v for k, v in self.params.items()
+              if k not in (*ADAPTIVE_KEYS, "evade_detector")}
     return short_hash(json.dumps({"attack": self.attack, "target_class": self.target_class,
-                                  "params": self.params}, sort_keys=True))
+                                  "params": params}, sort_keys=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,23 +201,59 @@ class RunConfig:
 
   def cells(self) -> list[Cell]:
     """The sweep: every model x attack x parameter combination, in config order."""
-    out = []
+    out, seen = [], {}
     for model in self.models:
+      defense = _defense_of(model)
       for attack, table in self.raw["attacks"].items():
         for params in expand(table, f"attacks.{attack}"):
+          _check_driver_keys(params, f"attacks.{attack}")
+          params, normalised = _effective(params, defense)
           fields = {k: v for k, v in params.items() if k not in DRIVER_KEYS}
           config = attack_config(attack, fields)
+          if params.get("evade_detector") and not hasattr(config, "detector_threshold"):
+            raise ConfigError(f"attacks.{attack}.evade_detector: only the gradient-sign "
+                              "attacks (fgsm, bim, pgd) take the detector's penalty")
           target_class = params.get("target_class")
-          bpda = params.get("bpda", False)
-          if not isinstance(bpda, bool):
-            raise ConfigError(f"attacks.{attack}.bpda takes true or false; got {bpda!r}")
-          out.append(Cell(model, attack, config, params,
-                          None if target_class is None else int(target_class), bpda))
-    hashes = [(c.model, c.config_hash) for c in out]
-    if len(set(hashes)) != len(hashes):
-      raise ConfigError("the sweep lists the same attack configuration twice; remove the "
-                        "duplicate values")
+          cell = Cell(model, attack, config, params,
+                      None if target_class is None else int(target_class),
+                      params.get("bpda", False), params.get("eot_samples", 1))
+          key = (cell.model, cell.config_hash)
+          if key in seen:
+            if normalised or seen[key]:
+              continue  # e.g. bpda=true on an undefended model: the plain attack, once
+            raise ConfigError("the sweep lists the same attack configuration twice; remove "
+                              "the duplicate values")
+          seen[key] = normalised
+          out.append(cell)
     return out
+
+
+def _defense_of(model: str) -> defenses_lib.Defense | None:
+  _, sep, defense = model.partition("+")
+  return defenses_lib.parse(defense) if sep else None
+
+
+def _check_driver_keys(params: dict[str, Any], where: str) -> None:
+  for key in ("bpda", "evade_detector"):
+    if not isinstance(params.get(key, False), bool):
+      raise ConfigError(f"{where}.{key} takes true or false; got {params[key]!r}")
+  samples = params.get("eot_samples", 1)
+  if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    raise ConfigError(f"{where}.eot_samples takes a whole number >= 1; got {samples!r}")
+
+
+def _effective(params: dict[str, Any], defense: defenses_lib.Defense | None
+               ) -> tuple[dict[str, Any], bool]:
+  """The parameters as they act on a model behind `defense`: BPDA only where the transform
+  rounds, EOT only where it draws; elsewhere the key is dropped (the plain attack), and the
+  flag says so."""
+  applies = {"bpda": defense is not None and defense.shatters_gradients,
+             "eot_samples": defense is not None and defense.randomized}
+  dropped = {k for k, default in ADAPTIVE_KEYS.items()
+             if k in params and (not applies[k] or params[k] == default)}
+  if not dropped:
+    return params, False
+  return {k: v for k, v in params.items() if k not in dropped}, True
 
 
 def expand(table: dict[str, Any], where: str) -> list[dict[str, Any]]:

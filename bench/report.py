@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep import attacks
-from advsweep.bench import results, tables
+from advsweep.bench import detection, masking, results, tables
 from advsweep.models import files
 
 ALL_BINS = "all"
@@ -219,6 +219,96 @@ def possas_rows(table: dict[str, dict[str, CellSummary]],
   return rows
 
 
+ADAPTIVE_PARAMS = ("bpda", "eot_samples")
+DEFENSE_HEADER = ("model", "defense", "attack", "params", "n", "accuracy", "95% CI",
+                  "adaptive", "adaptive accuracy", "95% CI", "transfer accuracy")
+
+
+def _plain_params(params: dict[str, Any]) -> str:
+  return json.dumps({k: v for k, v in params.items() if k not in ADAPTIVE_PARAMS},
+                    sort_keys=True)
+
+
+def _accuracy(cols: dict[str, np.ndarray], mask: np.ndarray) -> tuple[str, str]:
+  ok = mask & cols["clean_correct"]
+  n = int(ok.sum())
+  if not n:
+    return "-", "-"
+  k = int((ok & (cols["adv_pred"] == cols["label"])).sum())
+  lo, hi = tables.wilson_interval(k, n)
+  return tables.pct(k / n), f"{tables.pct(lo)}-{tables.pct(hi)}"
+
+
+def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
+  """Accuracy under the plain and the adaptive attack side by side, per model, defense and
+  attack configuration, with the transfer attack's; and the masking flags of every cell
+  (`bench.masking`). Empty where the run has no defended model."""
+  cols = columns(table)
+  if "defense" not in cols or all(d in (None, "none") for d in cols["defense"]):
+    return [], []
+  for name in ("grad_zero_share", "transfer_success", "nd_score_clean", "nd_score_adv"):
+    cols[name] = np.asarray(table.column(name).to_pylist(), object)
+  cols["forward_repeatable"] = np.asarray(
+      [v is not False for v in table.column("forward_repeatable").to_pylist()])
+  cells: dict[tuple[str, str, str], np.ndarray] = {}
+  for i, key in enumerate(zip(cols["model"], cols["attack"], cols["params"], strict=True)):
+    cells.setdefault(key, np.zeros(table.num_rows, bool))[i] = True
+  groups: dict[tuple[str, str, str], dict[bool, tuple[dict, np.ndarray]]] = defaultdict(dict)
+  for (model, attack, params), mask in cells.items():
+    p = json.loads(params)
+    adaptive = p.get("bpda", False) or p.get("eot_samples", 1) > 1
+    groups[(model, attack, _plain_params(p))][adaptive] = (p, mask)
+  rows, flag_lines = [], []
+  for (model, attack, plain), pair in sorted(groups.items()):
+    defense = str(cols["defense"][next(iter(pair.values()))[1]][0] or "none")
+    plain_cell = pair.get(False)
+    adaptive_cell = pair.get(True)
+    acc, ci = _accuracy(cols, plain_cell[1]) if plain_cell else ("-", "-")
+    adaptive_name, a_acc, a_ci = "-", "-", "-"
+    if adaptive_cell:
+      p = adaptive_cell[0]
+      adaptive_name = " ".join(f"{k}={p[k]}" for k in ADAPTIVE_PARAMS if k in p)
+      a_acc, a_ci = _accuracy(cols, adaptive_cell[1])
+    transfer = "-"
+    if plain_cell:
+      ok = plain_cell[1] & cols["clean_correct"]
+      t = [v for v in cols["transfer_success"][ok] if v is not None]
+      if t:
+        transfer = tables.pct(1 - np.mean(np.asarray(t, bool)))
+    n = int(((plain_cell or adaptive_cell)[1] & cols["clean_correct"]).sum())
+    rows.append([model, defense, attack, params_text(plain), str(n), acc, ci, adaptive_name,
+                 a_acc, a_ci, transfer])
+    peers = [({"attack": a, "params": json.loads(pp)}, m)
+             for (mm, a, pp), m in cells.items() if mm == model]
+    for adaptive, (p, mask) in sorted(pair.items()):
+      cell = {"attack": attack, "params": p}
+      twin = adaptive_cell[1] if (not adaptive and adaptive_cell) else None
+      for message in masking.flags(cols, mask, cell, peers, twin):
+        flag_lines.append(f"FLAG {model} {attack} {params_text(json.dumps(p))}: {message}")
+  return rows, flag_lines
+
+
+def detection_section(table: pa.Table) -> tuple[list[detection.Detection],
+                                                dict[tuple[str, str, str], np.ndarray],
+                                                dict[str, np.ndarray]]:
+  """Papernot et al.'s detector against every attack configuration whose rows hold the
+  neighbour-difference scores."""
+  cols = columns(table)
+  if "nd_score_clean" not in cols:
+    return [], {}, cols
+  cols["nd_score_clean"] = np.asarray(table.column("nd_score_clean").to_numpy(
+      zero_copy_only=False), np.float64)
+  cols["nd_score_adv"] = np.asarray(table.column("nd_score_adv").to_numpy(
+      zero_copy_only=False), np.float64)
+  groups: dict[tuple[str, str, str], np.ndarray] = {}
+  for i, key in enumerate(zip(cols["model"], cols["attack"], cols["params"], strict=True)):
+    if not np.isnan(cols["nd_score_clean"][i]):
+      groups.setdefault(key, np.zeros(table.num_rows, bool))[i] = True
+  found = [d for key, mask in sorted(groups.items())
+           if (d := detection.evaluate(cols, mask, key)) is not None]
+  return found, groups, cols
+
+
 def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
   """PNG plots: success against each attack's budget (`AttackSpec.budget_field`: eps, k,
   gamma) per bin, where the run swept it."""
@@ -286,11 +376,29 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
     prow = possas_rows(layout)
     text += ["", title, tables.format_text(POSSAS_HEADER, prow)]
     markdown += ["", f"## {title}", "", tables.format_markdown(POSSAS_HEADER, prow)]
+  defense_rows, flag_lines = defense_section(table)
+  if defense_rows:
+    title = ("Defenses: accuracy (clean-correct images still classified correctly) under the "
+             "plain and the adaptive attack")
+    text += ["", title, tables.format_text(DEFENSE_HEADER, defense_rows)]
+    markdown += ["", f"## {title}", "", tables.format_markdown(DEFENSE_HEADER, defense_rows)]
+    flag_lines = flag_lines or ["no gradient-masking flag raised"]
+    text += ["", "Gradient-masking checks", *flag_lines]
+    markdown += ["", "## Gradient-masking checks", "", *[f"- {f}" for f in flag_lines]]
+  found, groups, det_cols = detection_section(table)
+  if found:
+    title = ("Detection: neighbour-difference score (Papernot et al.), threshold at 5% false "
+             "positives on the clean images")
+    det_rows = detection.rows(found, params_text)
+    text += ["", title, tables.format_text(detection.HEADER, det_rows)]
+    markdown += ["", f"## {title}", "", tables.format_markdown(detection.HEADER, det_rows)]
   log("\n".join(text))
   tables.write_text(out_dir / "summary.md", "\n".join(markdown) + "\n")
   tables.write_text(out_dir / "summary.csv", summary_csv(cells))
   written = [out_dir / "summary.md", out_dir / "summary.csv"]
   if plots:
     written += plot(cells, out_dir)
+    if found:
+      written += detection.plot_roc(det_cols, groups, out_dir, params_text)
   log("wrote " + ", ".join(str(p) for p in written))
   return cells

@@ -59,10 +59,19 @@ SCHEMA = pa.schema([
     ("valid", pa.bool_()),  # budget, [0, 1] range and finite output checks passed
     ("evaluation", pa.string()),  # "full" forward pass or "pixel_local" (AttackResult)
     ("defense", pa.string()),  # the input transformation before the model, or "none"
+    # Gradient-masking checks (`bench.masking`); null where they do not apply.
+    ("grad_zero_share", pa.float32()),  # input-gradient entries zero or non-finite, at the
+    # clean image, of what the attack differentiates (gradient attacks)
+    ("forward_repeatable", pa.bool_()),  # two draws of the model give the same logits
+    ("transfer_success", pa.bool_()),  # the twin's adversarial image fools this model
+    # Papernot et al.'s detection statistic (`attacks.common.neighbour_difference_score`).
+    ("nd_score_clean", pa.float32()),
+    ("nd_score_adv", pa.float32()),
 ])
 # Columns added after the first release, in order: parts written before a column existed
-# are read with it null (their evaluation, their defense, is not recorded).
-_ADDED = ("evaluation", "defense")
+# are read with it null (their evaluation, their defense, ... is not recorded).
+_ADDED = ("evaluation", "defense", "grad_zero_share", "forward_repeatable",
+          "transfer_success", "nd_score_clean", "nd_score_adv")
 # Columns that record when and where a row was made, not what it says.
 PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
 ROW_KEY = ("model", "config_hash", "example_idx")
@@ -121,8 +130,8 @@ def read_part(path: str | os.PathLike) -> pa.Table:
     older = pa.schema([f for f in SCHEMA if f.name not in _ADDED[i:]])
     if table.schema.equals(older, check_metadata=False):
       for missing in _ADDED[i:]:
-        table = table.append_column(SCHEMA.field(missing), pa.nulls(table.num_rows,
-                                                                    pa.string()))
+        field = SCHEMA.field(missing)
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
       break
   if not table.schema.equals(SCHEMA, check_metadata=False):
     raise ForeignPartError(f"{path} does not have the advsweep results schema; it is from "

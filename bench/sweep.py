@@ -37,9 +37,9 @@ from advsweep import attacks
 from advsweep.attacks import checks
 from advsweep.bench import claims as claims_lib
 from advsweep.bench import config as config_lib
-from advsweep.bench import results, selection, timing
+from advsweep.bench import detection, masking, results, selection, timing
 from advsweep.bench.config import Cell, ConfigError, RunConfig
-from advsweep.models import custom, datasets, files, zoo
+from advsweep.models import custom, datasets, defenses, files, zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,17 @@ def cell_key(seed: int, cell: Cell) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), int(cell.draw_hash[:8], 16))
 
 
+def evaluation_draws_key(seed: int) -> jax.Array:
+  """The key of a randomized defense's draws where rows are decided (selection, success)."""
+  return jax.random.fold_in(jax.random.key(seed), 0x0E7A1)
+
+
+def attack_draws_key(seed: int) -> jax.Array:
+  """The key of the draws an attack sees: independent of the evaluation's, so an attack
+  cannot win by knowing the draws that judge it."""
+  return jax.random.fold_in(jax.random.key(seed), 0xA77AC)
+
+
 def image_keys(seed: int, cell: Cell, example_idx: np.ndarray) -> jax.Array:
   """One key per image from (seed, the cell's set parameters, image index) alone."""
   base = cell_key(seed, cell)
@@ -90,6 +101,11 @@ class ModelData:
   selection: selection.Selection
   dataset: str  # the model's, or the config's for a user's model without one
   num_classes: int
+
+  @functools.cached_property
+  def detector_threshold(self) -> float:
+    """Papernot et al.'s detector at 5% false positives on this split's clean images."""
+    return detection.threshold_at(detection.scores(self.images_u8))
 
 
 def plan(config: RunConfig, selections: dict[str, selection.Selection]) -> list[Unit]:
@@ -126,33 +142,53 @@ class Runner:
   def shard(self, x: np.ndarray | jax.Array) -> jax.Array:
     return jax.device_put(x, self.batch_sharding)
 
+  def attack_params(self, data: ModelData) -> Any:
+    """The params an attack is given: the model's, but for a randomized defense with draws
+    of another key than the evaluation's (`attack_draws_key`)."""
+    name = ("attack", data.model.name)
+    if name not in self._params:
+      model = data.model
+      if getattr(model, "randomized", False):
+        model = model.with_draws(attack_draws_key(self.config.seed))
+      self._params[name] = jax.device_put(model.params, self.replicated)
+    return self._params[name]
+
   def run_unit(self, unit: Unit, data: ModelData) -> dict[str, Any]:
     """Attacks the unit's images and returns its rows (columns of equal length)."""
-    cell, sel = unit.cell, data.selection
+    cell, sel, model = unit.cell, data.selection, data.model
     n = len(unit.positions)
     pad = (-n) % len(self.devices)
     positions = np.concatenate([unit.positions, np.repeat(unit.positions[-1:], pad)])
     example_idx = sel.example_idx[positions]
-    images = data.images_u8[example_idx].astype(np.float32) / 255.0
-    labels = sel.labels[positions].astype(np.int32)
-    keys = image_keys(self.config.seed, cell, example_idx)
+    images = self.shard(data.images_u8[example_idx].astype(np.float32) / 255.0)
+    labels = self.shard(sel.labels[positions].astype(np.int32))
+    keys = self.shard(image_keys(self.config.seed, cell, example_idx))
     targets = None
     if cell.target_class is not None:
       targets = self.shard(np.full(len(positions), cell.target_class, np.int32))
     spec = attacks.REGISTRY[cell.attack]
+    config = cell.config
+    if cell.params.get("evade_detector"):
+      config = dataclasses.replace(config, detector_threshold=data.detector_threshold)
+    defended = isinstance(model, defenses.DefendedModel)
+    apply_fn = (model.attack_apply_fn(cell.bpda, cell.eot_samples) if defended
+                else model.apply_fn)
+    params = self.attack_params(data)
     start = time.perf_counter()
-    apply_fn = data.model.apply_fn
-    if cell.bpda:  # a defended model's forward values, the identity's gradient through it
-      apply_fn = getattr(data.model, "bpda_apply_fn", apply_fn)
-    result = spec.run(apply_fn, self.params(data), self.shard(images),
-                      self.shard(labels), self.shard(keys), cell.config, targets=targets,
-                      evaluator=data.model.pixel_evaluator)
-    result = jax.block_until_ready(result)
+    result = spec.run(apply_fn, params, images, labels, keys, config, targets=targets,
+                      evaluator=model.pixel_evaluator)
+    if defended and model.randomized:  # success as the defense's own draws decide it
+      result = attacks.common.finalize(model.apply_fn, self.params(data), images,
+                                       result.adv_images, labels, result.target,
+                                       result.queries, result.evaluation)
     wall = time.perf_counter() - start
+    checked = masking.unit_checks(spec, config, cell, model, apply_fn, params,
+                                  self.params(data), images, labels, keys, targets,
+                                  result.adv_images)
     r = jax.tree.map(lambda x: np.asarray(x)[:n], result)
     flat = r.adv_images.reshape(n, -1)
     in_range = (flat.min(-1) >= 0.0) & (flat.max(-1) <= 1.0)
-    valid = r.finite & in_range & spec.within_budget(cell.config, r, flat.shape[1])
+    valid = r.finite & in_range & spec.within_budget(config, r, flat.shape[1])
     pos = unit.positions
     bin_names = np.asarray(self.config.bin_names)
     meta = data.model.meta
@@ -186,9 +222,11 @@ class Runner:
         "target": r.target, "adv_pred": r.adv_pred, "adv_conf": r.adv_conf,
         "adv_top5_correct": r.adv_top5_correct, "success": r.success, "l0": r.l0,
         "l0_fraction": r.l0_fraction, "l2": r.l2, "linf": r.linf,
-        "queries": r.queries.astype(np.int64), "valid": valid,
+        # EOT spends `eot_samples` model evaluations on every query.
+        "queries": r.queries.astype(np.int64) * cell.eot_samples, "valid": valid,
         "evaluation": [r.evaluation] * n,
         "defense": [meta.get("defense") or config_lib.NO_DEFENSE] * n,
+        **{k: v[:n] for k, v in checked.items()},
     })
     return rows
 
@@ -283,6 +321,8 @@ def load_models(config: RunConfig, data_dir: str | None,
   cells = config.cells()
   for name in config.models:
     model = _model(name, checkpoint_dir)
+    if getattr(model, "randomized", False):
+      model = model.with_draws(evaluation_draws_key(config.seed))
     dataset = model.meta.get("dataset") or config.raw["dataset"]
     if not dataset:
       raise ConfigError(f"model {name} names no dataset; set dataset = \"FOLDER\" (or a "

@@ -9,12 +9,25 @@ backward pass of the identity through the transform, the backward pass different
 approximation of Athalye, Carlini and Wagner (2018, "Obfuscated gradients give a false
 sense of security", Section 4.1): its values equal the defended model's exactly, its
 gradient is the network's gradient at the transformed image.
+
+A randomized defense (`randomize`, Xie et al. 2018) draws anew on every forward pass. Its
+randomness is a key in the defended model's params, `{"net": params, "draws": key}`: each
+image's draw comes from that key and the image's pixels (`transforms.draw_keys`), so every
+new input (each PGD step, each DE candidate) gets a fresh draw, the same input under the
+same key the same one, and a model under another key (`with_draws`) is an independent
+realisation of the defense. The sweep evaluates with a key derived from the run's seed and
+lets the attack see another, so an attack never wins by knowing the evaluation's draws.
+`eot_apply_fn(n)` is expectation over transformation (Athalye et al. 2018, Section 4.3; Athalye,
+Engstrom et al. 2018): the model whose probabilities are the mean over n draws, so that
+gradient attacks follow the gradient of the expected probabilities, the mean of the draws'
+gradients, and the one-pixel attack's fitness averages them too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +39,8 @@ from advsweep.models import transforms, zoo
 
 @dataclasses.dataclass(frozen=True)
 class Defense:
-  """A named input transformation: `jpeg:75`, `bits:4`, `median:2`."""
+  """A named input transformation: `jpeg:75`, `bits:4`, `median:2`, `randomize:90` (the
+  smallest resize in percent of the image side)."""
 
   kind: str
   level: int
@@ -35,7 +49,22 @@ class Defense:
   def name(self) -> str:
     return f"{self.kind}:{self.level}"
 
-  def transform(self, images: jax.Array) -> jax.Array:
+  @property
+  def randomized(self) -> bool:
+    """Draws anew on every forward pass (attack it with EOT)."""
+    return self.kind in _RANDOM
+
+  @property
+  def shatters_gradients(self) -> bool:
+    """Has a rounding step whose gradient is zero almost everywhere (attack it with BPDA)."""
+    return self.kind in _TRANSFORMS
+
+  def transform(self, images: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+    """The transformed images; a randomized defense takes one key per image."""
+    if self.randomized:
+      if keys is None:
+        raise ValueError(f"defense {self.name} is randomized: pass one key per image")
+      return _RANDOM[self.kind](images, keys, self.level)
     return _TRANSFORMS[self.kind](images, self.level)
 
 
@@ -44,15 +73,25 @@ _TRANSFORMS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
     "bits": lambda images, b: transforms.bit_depth(images, bits=b),
     "median": lambda images, s: transforms.median_smooth(images, size=s),
 }
-_RANGES = {"jpeg": (1, 100), "bits": (1, 8), "median": (1, 7)}
+_RANDOM: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
+    "randomize": lambda images, keys, pct: transforms.random_resize_pad(
+        images, keys, min_size=math.ceil(images.shape[1] * pct / 100)),
+}
+_RANGES = {"jpeg": (1, 100), "bits": (1, 8), "median": (1, 7), "randomize": (50, 100)}
+# A bare name takes its usual level: Xie et al. resize 299 to at least 299/331 ~ 90%.
+_DEFAULT_LEVELS = {"randomize": 90}
+KINDS = (*_TRANSFORMS, *_RANDOM)
 
 
 def parse(text: str) -> Defense:
-  """`"jpeg:75"` -> Defense("jpeg", 75); a clear ValueError for anything else."""
+  """`"jpeg:75"` -> Defense("jpeg", 75), `"randomize"` -> Defense("randomize", 90); a clear
+  ValueError for anything else."""
   kind, sep, level = text.partition(":")
-  if kind not in _TRANSFORMS or not sep or not level.isdigit():
+  if not sep and kind in _DEFAULT_LEVELS:
+    level, sep = str(_DEFAULT_LEVELS[kind]), ":"
+  if kind not in KINDS or not sep or not level.isdigit():
     raise ValueError(f"unknown defense {text!r}; valid forms: "
-                     + ", ".join(f"{k}:N" for k in _TRANSFORMS) + " (e.g. jpeg:75)")
+                     + ", ".join(f"{k}:N" for k in KINDS) + " (e.g. jpeg:75), randomize")
   low, high = _RANGES[kind]
   if not low <= int(level) <= high:
     raise ValueError(f"defense {text!r}: {kind} takes a level in [{low}, {high}]")
@@ -70,10 +109,29 @@ class DefendedApply:
   bpda: bool = False
 
   def __call__(self, params: Any, images: jax.Array) -> jax.Array:
-    transformed = self.defense.transform(images)
+    if self.defense.randomized:
+      params, keys = params["net"], transforms.draw_keys(params["draws"], images)
+      transformed = self.defense.transform(images, keys)
+    else:
+      transformed = self.defense.transform(images)
     if self.bpda:
       transformed = _straight_through(images, transformed)
     return self.inner(params, transformed)
+
+
+@dataclasses.dataclass(frozen=True)
+class EOTApply:
+  """Expectation over transformation: log of the mean probabilities of a randomized model
+  over `samples` independent draws (keys folded from the params' key)."""
+
+  inner: DefendedApply
+  samples: int
+
+  def __call__(self, params: Any, images: jax.Array) -> jax.Array:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        params["draws"], jnp.arange(self.samples, dtype=jnp.uint32))
+    logits = jax.vmap(lambda k: self.inner({"net": params["net"], "draws": k}, images))(keys)
+    return jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=0) - math.log(self.samples)
 
 
 @jax.custom_vjp
@@ -113,22 +171,43 @@ class DefendedModel(zoo.Model):
   def pixel_evaluator(self) -> None:
     return None  # the transform mixes pixels: a pixel change reaches the whole image
 
+  @property
+  def randomized(self) -> bool:
+    return self.defense.randomized
 
-def defend(model: zoo.Model, defense: Defense | str) -> DefendedModel:
-  """`model` behind `defense` (a Defense or its name, `"jpeg:75"`)."""
+  def eot_apply_fn(self, samples: int) -> EOTApply:
+    """The EOT model over `samples` draws (a randomized defense only)."""
+    if not self.randomized:
+      raise ValueError(f"{self.name} is deterministic: EOT over its draws is its forward pass")
+    return EOTApply(self.apply_fn, samples)
+
+  def attack_apply_fn(self, bpda: bool = False, eot_samples: int = 1
+                      ) -> Callable[[Any, jax.Array], jax.Array]:
+    """What an attack differentiates: the defended forward pass, through BPDA where the
+    transform shatters gradients and `bpda` is set, averaged over `eot_samples` draws where
+    it is randomized and `eot_samples` > 1."""
+    if eot_samples > 1 and self.randomized:
+      return self.eot_apply_fn(eot_samples)
+    if bpda and self.defense.shatters_gradients:
+      return self.bpda_apply_fn
+    return self.apply_fn
+
+  def with_draws(self, key: jax.Array) -> DefendedModel:
+    """The same model under another key: an independent realisation of its randomness (a
+    deterministic defense is returned as it is)."""
+    if not self.randomized:
+      return self
+    return dataclasses.replace(self, params={"net": self.params["net"], "draws": key})
+
+
+def defend(model: zoo.Model, defense: Defense | str, key: jax.Array | None = None
+           ) -> DefendedModel:
+  """`model` behind `defense` (a Defense or its name, `"jpeg:75"`); a randomized defense
+  draws from `key` (default `jax.random.key(0)`; the sweep sets one from the run's seed)."""
   defense = parse(defense) if isinstance(defense, str) else defense
-  return DefendedModel(name=f"{model.name}+{defense.name}", module=None, params=model.params,
+  params = model.params
+  if defense.randomized:
+    params = {"net": model.params, "draws": jax.random.key(0) if key is None else key}
+  return DefendedModel(name=f"{model.name}+{defense.name}", module=None, params=params,
                        meta={**model.meta, "defense": defense.name, "twin": model.name},
                        defense=defense, undefended=model)
-
-
-def gradient_share_zero(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
-                        images: jax.Array, labels: jax.Array) -> float:
-  """The share of input-gradient entries of the cross-entropy that are exactly zero or not
-  finite: near 1 marks a masked gradient (AutoAttack's check, and Athalye et al.'s)."""
-  def loss(x):
-    logits = apply_fn(params, x)
-    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
-
-  grads = jax.grad(loss)(images)
-  return float(jnp.mean((grads == 0) | ~jnp.isfinite(grads)))

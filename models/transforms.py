@@ -11,6 +11,9 @@ on an accelerator with the model.
 - `bit_depth`: colour-depth reduction to `bits` bits per channel (Xu et al. 2018, feature
   squeezing).
 - `median_smooth`: a `size` x `size` median filter per channel, edges replicated (Xu et al.).
+- `random_resize_pad`: Xie et al. 2018 ("Mitigating adversarial effects through
+  randomization"): resize to a random size, then zero-pad at a random offset, one draw per
+  image from its key (`draw_keys`).
 
 Every one maps [B,H,W,C] images in [0, 1] to the same shape in [0, 1]. Their rounding steps
 have zero gradient almost everywhere: an attack that differentiates through them sees
@@ -171,3 +174,50 @@ def median_smooth(images: jax.Array, size: int = 2) -> jax.Array:
   windows = jnp.stack([padded[:, i:i + h, j:j + w] for i in range(size) for j in range(size)],
                       axis=-1)
   return jnp.median(windows, axis=-1).astype(images.dtype)
+
+
+def random_resize_pad(images: jax.Array, keys: jax.Array, min_size: int) -> jax.Array:
+  """Xie et al.'s randomization layers for a network of fixed input size S: each image is
+  resized (bilinear) to r x r, r drawn uniformly from [min_size, S], and zero-padded back to
+  S x S at a random offset, one draw per image from `keys` [B].
+
+  Xie et al. enlarge 299 to r in [299, 331) and pad to 331 for an Inception network that
+  takes any size; the zoo's networks take their training size, so the draw shrinks by the
+  same ratio (299/331 ~ 0.9) instead. The resize and the padding are differentiable in the
+  image: the gradient is not masked, it is random (Athalye et al. 2018: broken by EOT).
+  """
+  size = images.shape[1]
+  if images.shape[2] != size:
+    raise ValueError(f"random_resize_pad takes square images; got {images.shape[1:3]}")
+
+  def one(image, key):
+    k_size, k_top, k_left = jax.random.split(key, 3)
+    r = jax.random.randint(k_size, (), min_size, size + 1)
+    top = jax.random.randint(k_top, (), 0, size - r + 1)
+    left = jax.random.randint(k_left, (), 0, size - r + 1)
+    scale = jnp.full((2,), r / size, jnp.float32)
+    offset = jnp.stack([top, left]).astype(jnp.float32)
+    return jax.image.scale_and_translate(image, image.shape, (0, 1), scale, offset,
+                                         method="linear", antialias=True)
+
+  return jax.vmap(one)(images, keys)
+
+
+def draw_keys(key: jax.Array, images: jax.Array) -> jax.Array:
+  """One key per image from `key` and the image's exact pixel values.
+
+  A randomized defense draws anew for every input it sees (every PGD step, every DE
+  candidate), and the same (key, image) always gives the same draw, whatever the batch it
+  is in: rows do not depend on batching, and a run is repeatable from its seed. The hash is
+  a position-weighted sum of the pixels' bit patterns (wrapping uint32 arithmetic: exact in
+  any reduction order), mixed once more through `fold_in`.
+  """
+  flat = jax.lax.stop_gradient(images).reshape(images.shape[0], -1).astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(flat + 0.0, jnp.uint32)  # + 0.0: -0.0 is 0.0
+  positions = jnp.arange(bits.shape[1], dtype=jnp.uint32)
+  weights = positions * jnp.uint32(2654435761) + jnp.uint32(1)
+  first = jnp.sum(bits * (weights | jnp.uint32(1)), axis=1, dtype=jnp.uint32)
+  second = jnp.sum((bits ^ (bits >> 13)) * (weights * jnp.uint32(40503) | jnp.uint32(1)),
+                   axis=1, dtype=jnp.uint32)
+  return jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(key, a), b))(
+      first, second)
