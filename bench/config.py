@@ -251,6 +251,8 @@ def _effective(params: dict[str, Any], defense: defenses_lib.Defense | None
              "eot_samples": defense is not None and defense.randomized}
   dropped = {k for k, default in ADAPTIVE_KEYS.items()
              if k in params and (not applies[k] or params[k] == default)}
+  if params.get("evade_detector") is False:
+    dropped.add("evade_detector")  # the plain attack
   if not dropped:
     return params, False
   return {k: v for k, v in params.items() if k not in dropped}, True
@@ -491,12 +493,17 @@ def _check(raw: dict[str, Any], source: str) -> None:
       raise ConfigError(f"{key} must be a string; got {raw[key]!r}")
   _strings(raw["models"], "models", '["mnist_lenet"]')
   _strings(raw["defenses"], "defenses", '["none", "jpeg:75"]')
+  canonical = []
   for defense in raw["defenses"]:
     if defense != NO_DEFENSE:
       try:
-        defenses_lib.parse(defense)
+        defense = defenses_lib.parse(defense).name  # "randomize" is "randomize:90"
       except ValueError as err:
         raise ConfigError(f"defenses: {err}") from None
+    canonical.append(defense)
+  if len(set(canonical)) != len(canonical):
+    raise ConfigError(f"defenses lists one defense twice: {raw['defenses']}")
+  raw["defenses"] = canonical
   if raw["defenses"] != [NO_DEFENSE] and any("+" in m for m in raw["models"]):
     raise ConfigError("models already behind a defense (MODEL+DEFENSE) cannot take the "
                       "defenses axis too; list the plain models, or drop `defenses`")

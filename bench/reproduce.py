@@ -18,7 +18,7 @@ from advsweep.bench import config as config_lib
 from advsweep.bench import report, results, sweep, tables
 
 PUBLISHED = Path(__file__).parent / "published.toml"
-RATE_METRICS = ("success_rate", "top1_error", "top5_error")
+RATE_METRICS = ("success_rate", "top1_error", "top5_error", "accuracy")
 MEAN_METRICS = ("mean_adv_conf", "mean_l0_fraction")  # over successful attacks
 
 
@@ -50,6 +50,7 @@ def metric(cols: dict[str, np.ndarray], mask: np.ndarray, name: str
   if name in RATE_METRICS:
     hits = {"success_rate": cols["success"],
             "top1_error": cols["adv_pred"] != cols["label"],
+            "accuracy": cols["adv_pred"] == cols["label"],
             "top5_error": ~cols["adv_top5_correct"]}[name][ok]
     n = len(hits)
     k = int(hits.sum())
@@ -72,7 +73,9 @@ FIGURE_HEADER = ("figure", "model", "paper", "ours", "n", "95% interval", "paper
 def figure_rows(table: pa.Table, figures: list[dict[str, Any]]) -> list[list[str]]:
   """One row per published figure and matching model of the run."""
   cols = report.columns(table)
-  params = np.array([json.loads(p) for p in cols["params"]], dtype=object)
+  # A plain cell's params hold no adaptive key: it matches the key at its default.
+  params = np.array([{**config_lib.ADAPTIVE_KEYS, **json.loads(p)} for p in cols["params"]],
+                    dtype=object)
   rows = []
   for fig in figures:
     models = [fig["model"]] if "model" in fig else list(dict.fromkeys(cols["model"].tolist()))
@@ -139,6 +142,14 @@ def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
       rows = figure_rows(table, entry["figures"])
       text.append(tables.format_text(FIGURE_HEADER, rows))
       markdown += ["", tables.format_markdown(FIGURE_HEADER, rows)]
+    if "defenses" in entry:
+      rows, flag_lines = report.defense_section(table)
+      title = "Plain and adaptive attacks side by side"
+      text += ["", title, tables.format_text(report.DEFENSE_HEADER, rows), "",
+               "Gradient-masking checks", *(flag_lines or ["no flag raised"])]
+      markdown += ["", f"## {title}", "", tables.format_markdown(report.DEFENSE_HEADER, rows),
+                   "", "## Gradient-masking checks", "",
+                   *[f"- {f}" for f in flag_lines or ["no flag raised"]]]
     if paper == "papernot2016":
       header, rows = class_pair_matrix(table)
       title = "Class pairs: success rate / mean features changed on successes"

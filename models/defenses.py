@@ -128,10 +128,14 @@ class EOTApply:
   samples: int
 
   def __call__(self, params: Any, images: jax.Array) -> jax.Array:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        params["draws"], jnp.arange(self.samples, dtype=jnp.uint32))
-    logits = jax.vmap(lambda k: self.inner({"net": params["net"], "draws": k}, images))(keys)
-    return jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=0) - math.log(self.samples)
+    # One forward pass per draw, unrolled: on the CPU a vmap over the draws runs the
+    # network on n times the batch at once and is several times slower (and lax.map's
+    # rolled loop slows the backward pass); see results/perf/NOTES.md.
+    log_probs = jnp.stack([
+        jax.nn.log_softmax(self.inner(
+            {"net": params["net"], "draws": jax.random.fold_in(params["draws"], j)}, images))
+        for j in range(self.samples)])
+    return jax.nn.logsumexp(log_probs, axis=0) - math.log(self.samples)
 
 
 @jax.custom_vjp

@@ -134,3 +134,131 @@ def test_randomize_draws_from_its_key_and_the_image_alone():
   assert defended.attack_apply_fn(bpda=True) == defended.apply_fn  # nothing rounds
   with pytest.raises(ValueError, match="deterministic"):
     defenses.defend(model, "jpeg:50").eot_apply_fn(4)
+
+
+@requires_data
+def test_a_defended_sweep_reports_plain_and_adaptive_side_by_side(tmp_path):
+  from advsweep.bench import config, report, results, sweep
+
+  cfg = config.resolve({
+      "name": "adaptive", "models": ["mnist_softmax"],
+      "defenses": ["none", "jpeg:50", "randomize"], "batch_size": 12,
+      "images": {"per_bin": 12, "pool": 300}, "bins": {"names": ["all"], "thresholds": []},
+      "attacks": {"fgsm": {"eps": 0.2, "bpda": [False, True], "eot_samples": [1, 3]},
+                  "pgd": {"eps": 1.0, "step_size": 0.25, "num_steps": 4,
+                          "bpda": [False, True], "eot_samples": [1, 3]}}})
+  assert cfg.raw["defenses"] == ["none", "jpeg:50", "randomize:90"]
+  cells = cfg.cells()
+  # The adaptive keys act only where they mean something: 1 + 2 + 2 cells per attack.
+  assert [(c.model, c.bpda, c.eot_samples) for c in cells if c.attack == "fgsm"] == [
+      ("mnist_softmax", False, 1), ("mnist_softmax+jpeg:50", False, 1),
+      ("mnist_softmax+jpeg:50", True, 1), ("mnist_softmax+randomize:90", False, 1),
+      ("mnist_softmax+randomize:90", False, 3)]
+  plain = {c.draw_hash for c in cells if c.model.endswith("jpeg:50") and c.attack == "fgsm"}
+  assert len(plain) == 1  # plain and adaptive draw alike: they differ only in adapting
+  for out in ("a", "b"):
+    sweep.run(cfg, tmp_path / out, data_dir=str(DATA_DIR), progress=False, estimate=False,
+              log=lambda *_: None)
+  table = results.read_run(tmp_path / "a")
+  assert results.content(table).equals(results.content(results.read_run(tmp_path / "b")))
+  cols = report.columns(table)
+  rows = table.to_pylist()
+
+  def fgsm(model, adaptive_key=None):
+    """The model's FGSM rows: plain (no adaptive key) or with `adaptive_key`."""
+    def wanted(params):
+      if adaptive_key is None:
+        return "bpda" not in params and "eot_samples" not in params
+      return adaptive_key in params
+    return [r for r in rows if r["model"] == model and r["attack"] == "fgsm"
+            and wanted(r["params"])]
+
+  jpeg_plain = fgsm("mnist_softmax+jpeg:50")
+  jpeg_bpda = fgsm("mnist_softmax+jpeg:50", '"bpda": true')
+  random_plain = fgsm("mnist_softmax+randomize:90")
+  random_eot = fgsm("mnist_softmax+randomize:90", '"eot_samples": 3')
+  assert min(r["grad_zero_share"] for r in jpeg_plain) == 1.0
+  assert max(r["grad_zero_share"] for r in jpeg_bpda) < 0.5
+  assert all(r["transfer_success"] is not None for r in jpeg_plain)
+  assert all(r["transfer_success"] is None for r in jpeg_bpda)  # adaptive: no transfer
+  # Two draws agree only where both keep the full size (1 in 9 at 28 x 28, level 90).
+  assert np.mean([r["forward_repeatable"] for r in random_plain]) <= 0.5
+  assert {r["queries"] for r in random_eot} == {3 * q for q in {r["queries"]
+                                                                for r in random_plain}}
+  assert all(r["forward_repeatable"] for r in jpeg_plain)
+  assert (cols["nd_score_clean"] > 0).all() and (cols["nd_score_adv"] > 0).all()
+  side, flags = report.defense_section(table)
+  by = {(r[0], r[2], r[3]): r for r in side}
+  jpeg_row = by["mnist_softmax+jpeg:50", "fgsm", "eps=0.2"]
+  assert jpeg_row[7] == "bpda=True" and jpeg_row[5] != "-" and jpeg_row[8] != "-"
+  assert by["mnist_softmax+randomize:90", "fgsm", "eps=0.2"][7] == "eot_samples=3"
+  text = "\n".join(flags)
+  assert "mnist_softmax+jpeg:50 fgsm eps=0.2: masked gradient" in text
+  assert "mnist_softmax+randomize:90 fgsm eps=0.2: randomized" in text
+  assert "mnist_softmax+jpeg:50 fgsm bpda=True" not in text  # BPDA: nothing masked
+  # eps 1 through JPEG's zero gradient finds nothing; with BPDA it always wins.
+  assert "mnist_softmax+jpeg:50 pgd eps=1 num_steps=4 step_size=0.25: eps 1" in text
+  pgd_bpda = [r for r in rows if r["model"] == "mnist_softmax+jpeg:50" and r["attack"] ==
+              "pgd" and '"bpda": true' in r["params"] and r["clean_correct"]]
+  assert all(r["success"] for r in pgd_bpda)
+  lines = []
+  report.report(tmp_path / "a", plots=True, log=lines.append)
+  out = "\n".join(lines)
+  assert "Defenses: accuracy" in out and "Detection: neighbour-difference" in out
+  assert (tmp_path / "a" / "report" / "detection-roc-mnist_softmax.png").stat().st_size > 0
+
+
+@requires_data
+def test_randomized_success_is_judged_on_draws_the_attack_never_saw(tmp_path):
+  from advsweep.bench import sweep
+
+  model = defenses.defend(zoo.load("mnist_softmax"), "randomize")
+  evaluation = model.with_draws(sweep.evaluation_draws_key(0))
+  attack = model.with_draws(sweep.attack_draws_key(0))
+  images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  assert not np.allclose(evaluation.apply_fn(evaluation.params, images),
+                         attack.apply_fn(attack.params, images))
+
+
+def test_detector_figures_match_their_definitions():
+  from advsweep.bench import detection
+
+  rng = np.random.default_rng(0)
+  clean, adv = rng.normal(0, 1, 200), rng.normal(1, 1, 150)
+  adv[:10] = clean[:10]  # ties count half
+  pairs = (adv[:, None] > clean[None, :]).mean() + 0.5 * (adv[:, None] == clean[None, :]).mean()
+  assert detection.auc(clean, adv) == pytest.approx(pairs)
+  threshold = detection.threshold_at(clean, 0.05)
+  assert (clean > threshold).mean() <= 0.05
+  assert (clean >= threshold).mean() > 0.05  # the smallest such threshold
+  fpr, tpr = detection.roc(clean, adv)
+  assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+  assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+  assert np.trapezoid(tpr, fpr) == pytest.approx(pairs, abs=1e-9)
+  # The score: squared differences of the four-neighbour pairs, each pair once.
+  image = np.zeros((1, 3, 3, 1), np.float32)
+  image[0, 1, 1, 0] = 1.0
+  assert float(attacks.common.neighbour_difference_score(jnp.asarray(image))[0]) == 4.0
+
+
+@requires_data
+def test_the_detector_aware_attack_stays_under_the_threshold():
+  from advsweep.bench import detection
+
+  model = zoo.load("mnist_lenet")
+  images_u8, labels = datasets.load("mnist", "test", DATA_DIR)
+  threshold = detection.threshold_at(detection.scores(images_u8[:2000]))
+  images = jnp.asarray(images_u8[2000:2064], jnp.float32) / 255
+  labels = jnp.asarray(labels[2000:2064])
+  base = dict(eps=0.3, step_size=0.05, num_steps=20)
+  plain = attacks.pgd(model.apply_fn, model.params, images, labels, jax.random.key(0),
+                      attacks.PGD.config(**base))
+  aware = attacks.pgd(model.apply_fn, model.params, images, labels, jax.random.key(0),
+                      attacks.PGD.config(**base, detector_threshold=threshold * 0.9))
+  score = attacks.common.neighbour_difference_score
+  caught_plain = float(jnp.mean(score(plain.adv_images) > threshold))
+  caught_aware = float(jnp.mean(score(aware.adv_images) > threshold))
+  # Measured: 28% of plain PGD images caught, none of the detector-aware ones, both at
+  # 100% success.
+  assert caught_plain >= 0.15 and caught_aware <= 0.02, (caught_plain, caught_aware)
+  assert float(jnp.mean(aware.success)) >= 0.9
