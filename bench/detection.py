@@ -138,7 +138,7 @@ def plot_roc(cols: dict[str, np.ndarray], groups: dict[tuple[str, str, str], np.
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  by_model: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]] = {}
+  by_model: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
   for (model, attack, params), mask in groups.items():
     won = mask & cols["success"] & cols["clean_correct"]
     if not won.any():
@@ -146,13 +146,13 @@ def plot_roc(cols: dict[str, np.ndarray], groups: dict[tuple[str, str, str], np.
     clean = cols["nd_score_clean"][mask].astype(np.float64)
     adv = cols["nd_score_adv"][won].astype(np.float64)
     fpr, tpr = roc(clean, adv)
-    by_model.setdefault(model, []).append(
-        (f"{attack} {params_text(params)}", fpr, tpr, auc(clean, adv)))
+    label = f"AUC {auc(clean, adv):.2f}, n={len(adv)}: {attack} {params_text(params)}"
+    by_model.setdefault(model, []).append((label, fpr, tpr))
   written = []
   for model, curves in by_model.items():
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for label, fpr, tpr, area in curves:
-      ax.plot(100 * fpr, 100 * tpr, label=f"{label} (AUC {area:.2f})"[:70])
+    for label, fpr, tpr in curves:
+      ax.plot(100 * fpr, 100 * tpr, label=label[:90])
     ax.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=1)
     ax.axvline(100 * FALSE_POSITIVE_RATE, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("clean images flagged (%)")

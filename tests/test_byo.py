@@ -12,7 +12,7 @@ import pytest
 from advsweep.bench import cli, config, results
 from advsweep.models import custom, datasets
 from tests import byo_models
-from tests.conftest import requires_data
+from tests.conftest import DATA_DIR, requires_data
 
 ATTACKS = """
 [attacks.fgsm]
@@ -150,7 +150,8 @@ def test_zoo_checkpoints_from_a_folder_of_ones_own(tmp_path, capsys, monkeypatch
   weights.write_bytes(weights.read_bytes()[:-10])
   monkeypatch.chdir(tmp_path)
   args = ["run", "ci", "--set", 'models=["mnist_softmax"]', "--set", "images.per_bin=2",
-          "--attacks", "fgsm", "--no-progress", "--no-report", "--checkpoint-dir"]
+          "--attacks", "fgsm", "--no-progress", "--no-report", "--data-dir", str(DATA_DIR),
+          "--checkpoint-dir"]
   assert cli.main([*args, "mine", "--out", "good"]) == 0
   assert cli.main([*args, "damaged", "--out", "bad"]) == 2
   assert "sha256" in capsys.readouterr().err
