@@ -185,6 +185,7 @@ class Runner:
       result = attacks.common.finalize(model.apply_fn, self.params(data), images,
                                        result.adv_images, labels, result.target,
                                        result.queries, result.evaluation)
+    result = jax.block_until_ready(result)
     wall = time.perf_counter() - start
     checked = masking.unit_checks(spec, config, cell, model, apply_fn, params,
                                   self.params(data), images, labels, keys, targets,
@@ -492,8 +493,11 @@ def _log_selection(config: RunConfig, models: dict[str, ModelData], log
         + f"; {int((~data.selection.clean_correct).sum())} misclassified (kept, excluded "
         "from success rates)")
     if data.model.pixel_evaluator is None:
-      log(f"{name}: no pixel-local evaluator for this architecture: attacks that use one run "
-          "the full forward pass instead (the rows say evaluation = full)")
+      why = ("its defense transforms the whole image" if isinstance(
+          data.model, defenses.DefendedModel) else "no pixel-local evaluator for this "
+          "architecture")
+      log(f"{name}: {why}: attacks that use one run the full forward pass instead (the rows "
+          "say evaluation = full)")
   return available
 
 

@@ -201,6 +201,17 @@ def test_a_defended_sweep_reports_plain_and_adaptive_side_by_side(tmp_path):
   pgd_bpda = [r for r in rows if r["model"] == "mnist_softmax+jpeg:50" and r["attack"] ==
               "pgd" and '"bpda": true' in r["params"] and r["clean_correct"]]
   assert all(r["success"] for r in pgd_bpda)
+  # reproduce's figures match a plain cell by the adaptive keys' defaults.
+  from advsweep.bench import reproduce
+
+  figures = [{"what": w, "model": "mnist_softmax+jpeg:50", "attack": "fgsm",
+              "params": {"bpda": b}, "metric": "accuracy"} for w, b in (("p", False),
+                                                                        ("a", True))]
+  [plain_fig, adaptive_fig] = reproduce.figure_rows(table, figures)
+  def pct(text):
+    return round(float(text.rstrip("%")), 1)
+
+  assert (pct(plain_fig[3]), pct(adaptive_fig[3])) == (pct(jpeg_row[5]), pct(jpeg_row[8]))
   lines = []
   report.report(tmp_path / "a", plots=True, log=lines.append)
   out = "\n".join(lines)
