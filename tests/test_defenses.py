@@ -273,3 +273,22 @@ def test_the_detector_aware_attack_stays_under_the_threshold():
   # 100% success.
   assert caught_plain >= 0.15 and caught_aware <= 0.02, (caught_plain, caught_aware)
   assert float(jnp.mean(aware.success)) >= 0.9
+
+
+def test_adaptive_keys_are_checked_when_the_config_loads():
+  from advsweep.bench import config
+
+  base = {"name": "x", "models": ["mnist_softmax"], "defenses": ["none", "randomize"]}
+  for table, message in [({"eot_samples": 0}, "eot_samples takes a whole number >= 1"),
+                         ({"eot_samples": 2.5}, "eot_samples takes a whole number"),
+                         ({"bpda": "yes"}, "bpda takes true or false"),
+                         ({"evade_detector": 1}, "evade_detector takes true or false")]:
+    with pytest.raises(config.ConfigError, match=message):
+      config.resolve({**base, "attacks": {"fgsm": table}})
+  with pytest.raises(config.ConfigError, match="only the gradient-sign attacks"):
+    config.resolve({**base, "attacks": {"one_pixel": {"evade_detector": True}}})
+  with pytest.raises(config.ConfigError, match="one defense twice"):
+    config.resolve({**base, "defenses": ["randomize", "randomize:90"], "attacks": {"fgsm": {}}})
+  # The detector's fields stay out of a config's identity at their defaults.
+  plain = config.resolve({**base, "attacks": {"pgd": {}}}).cells()[0]
+  assert "detector" not in plain.config_json and "evade_detector" not in plain.config_json
