@@ -104,7 +104,7 @@ class Cell:
   @property
   def adaptive(self) -> bool:
     """The attack adapts to the model's defense (BPDA or EOT)."""
-    return self.bpda or self.eot_samples > 1
+    return is_adaptive(self.params)
 
   @property
   def config_json(self) -> str:
@@ -226,6 +226,11 @@ class RunConfig:
           seen[key] = normalised
           out.append(cell)
     return out
+
+
+def is_adaptive(params: dict[str, Any]) -> bool:
+  """A cell's parameters ask for an attack that adapts to a defense (BPDA or EOT)."""
+  return any(params.get(k, default) != default for k, default in ADAPTIVE_KEYS.items())
 
 
 def _defense_of(model: str) -> defenses_lib.Defense | None:

@@ -30,10 +30,17 @@ from advsweep.models import files
 FALSE_POSITIVE_RATE = 0.05  # the operating point the report and the adaptive attack use
 
 
+_score = jax.jit(common.neighbour_difference_score)
+
+
+def score(images: jax.Array) -> np.ndarray:
+  """[B] neighbour-difference scores of float images in [0, 1]."""
+  return np.asarray(_score(images), np.float32)
+
+
 def scores(images_u8: np.ndarray, batch: int = 1000) -> np.ndarray:
   """[N] neighbour-difference scores of uint8 images, in [0, 1] pixel units."""
-  score = jax.jit(common.neighbour_difference_score)
-  out = [np.asarray(score(jnp.asarray(images_u8[i:i + batch], jnp.float32) / 255.0))
+  out = [score(jnp.asarray(images_u8[i:i + batch], jnp.float32) / 255.0)
          for i in range(0, len(images_u8), batch)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

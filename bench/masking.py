@@ -30,7 +30,7 @@ import optax
 
 from advsweep.attacks import common
 from advsweep.attacks import spec as spec_lib
-from advsweep.bench import tables
+from advsweep.bench import detection, tables
 
 MASKED_SHARE = 0.5  # a cell whose mean zero-gradient share reaches this is flagged
 UNBOUNDED_EPS = 1.0  # an L-inf attack at this eps can reach every image: it must succeed
@@ -38,6 +38,14 @@ UNBOUNDED_EPS = 1.0  # an L-inf attack at this eps can reach every image: it mus
 
 def uses_gradients(spec: spec_lib.AttackSpec, config: Any) -> bool:
   return spec.unit(config) != spec_lib.FORWARD
+
+
+def runs_transfer(spec: spec_lib.AttackSpec, cell: Any, model: Any) -> bool:
+  """The unit also runs its attack on the undefended twin (`transfer_success`): gradient
+  attacks on a defended model, in plain cells (not adaptive, not detector-aware)."""
+  return (getattr(model, "undefended", None) is not None
+          and uses_gradients(spec, cell.config) and not cell.adaptive
+          and not cell.params.get("evade_detector"))
 
 
 def gradient_zero_share(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
@@ -83,17 +91,14 @@ def unit_checks(spec: spec_lib.AttackSpec, config: Any, cell: Any, model: Any,
     same = (_logits(model.apply_fn, attack_params, images)
             == _logits(model.apply_fn, eval_params, images))
     out["forward_repeatable"] = np.asarray(jnp.all(same, axis=-1))
-  undefended = getattr(model, "undefended", None)
-  if gradient and undefended is not None and not cell.adaptive and not cell.params.get(
-      "evade_detector"):
-    twin = spec.run(undefended.apply_fn, undefended.params, images, labels, keys, config,
-                    targets=targets)
+  if runs_transfer(spec, cell, model):
+    twin = spec.run(model.undefended.apply_fn, model.undefended.params, images, labels, keys,
+                    config, targets=targets)
     on_defended = common.finalize(model.apply_fn, eval_params, images, twin.adv_images,
                                   labels, twin.target, twin.queries)
     out["transfer_success"] = np.asarray(on_defended.success)
-  score = jax.jit(common.neighbour_difference_score)
-  out["nd_score_clean"] = np.asarray(score(images), np.float32)
-  out["nd_score_adv"] = np.asarray(score(adv_images), np.float32)
+  out["nd_score_clean"] = detection.score(images)
+  out["nd_score_adv"] = detection.score(adv_images)
   return out
 
 

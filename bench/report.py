@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep import attacks
+from advsweep.bench import config as config_lib
 from advsweep.bench import detection, masking, results, tables
 from advsweep.models import files
 
@@ -219,13 +220,12 @@ def possas_rows(table: dict[str, dict[str, CellSummary]],
   return rows
 
 
-ADAPTIVE_PARAMS = ("bpda", "eot_samples")
 DEFENSE_HEADER = ("model", "defense", "attack", "params", "n", "accuracy", "95% CI",
                   "adaptive", "adaptive accuracy", "95% CI", "transfer accuracy")
 
 
 def _plain_params(params: dict[str, Any]) -> str:
-  return json.dumps({k: v for k, v in params.items() if k not in ADAPTIVE_PARAMS},
+  return json.dumps({k: v for k, v in params.items() if k not in config_lib.ADAPTIVE_KEYS},
                     sort_keys=True)
 
 
@@ -239,6 +239,33 @@ def _accuracy(cols: dict[str, np.ndarray], mask: np.ndarray) -> tuple[str, str]:
   return tables.pct(k / n), f"{tables.pct(lo)}-{tables.pct(hi)}"
 
 
+def _cell_masks(cols: dict[str, np.ndarray], keep: np.ndarray
+                ) -> dict[tuple[str, str, str], np.ndarray]:
+  """The rows of each (model, attack, params) cell, among the rows in `keep`."""
+  masks: dict[tuple[str, str, str], np.ndarray] = {}
+  keys = zip(cols["model"], cols["attack"], cols["params"], strict=True)
+  for i, (key, kept) in enumerate(zip(keys, keep, strict=True)):
+    if kept:
+      masks.setdefault(key, np.zeros(len(keep), bool))[i] = True
+  return masks
+
+
+def defense_lines(table: pa.Table) -> tuple[list[str], list[str]]:
+  """The defenses table and the masking flags, as text and as Markdown lines (none where
+  the run has no defended model): for `report` and `reproduce`."""
+  rows, flag_lines = defense_section(table)
+  if not rows:
+    return [], []
+  title = ("Defenses: accuracy (clean-correct images still classified correctly) under the "
+           "plain and the adaptive attack")
+  flag_lines = flag_lines or ["no gradient-masking flag raised"]
+  text = ["", title, tables.format_text(DEFENSE_HEADER, rows), "",
+          "Gradient-masking checks", *flag_lines]
+  markdown = ["", f"## {title}", "", tables.format_markdown(DEFENSE_HEADER, rows), "",
+              "## Gradient-masking checks", "", *[f"- {f}" for f in flag_lines]]
+  return text, markdown
+
+
 def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
   """Accuracy under the plain and the adaptive attack side by side, per model, defense and
   attack configuration, with the transfer attack's; and the masking flags of every cell
@@ -246,18 +273,15 @@ def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
   cols = columns(table)
   if "defense" not in cols or all(d in (None, "none") for d in cols["defense"]):
     return [], []
-  for name in ("grad_zero_share", "transfer_success", "nd_score_clean", "nd_score_adv"):
+  for name in ("grad_zero_share", "transfer_success"):
     cols[name] = np.asarray(table.column(name).to_pylist(), object)
   cols["forward_repeatable"] = np.asarray(
       [v is not False for v in table.column("forward_repeatable").to_pylist()])
-  cells: dict[tuple[str, str, str], np.ndarray] = {}
-  for i, key in enumerate(zip(cols["model"], cols["attack"], cols["params"], strict=True)):
-    cells.setdefault(key, np.zeros(table.num_rows, bool))[i] = True
+  cells = _cell_masks(cols, np.ones(table.num_rows, bool))
   groups: dict[tuple[str, str, str], dict[bool, tuple[dict, np.ndarray]]] = defaultdict(dict)
   for (model, attack, params), mask in cells.items():
     p = json.loads(params)
-    adaptive = p.get("bpda", False) or p.get("eot_samples", 1) > 1
-    groups[(model, attack, _plain_params(p))][adaptive] = (p, mask)
+    groups[(model, attack, _plain_params(p))][config_lib.is_adaptive(p)] = (p, mask)
   rows, flag_lines = [], []
   for (model, attack, plain), pair in sorted(groups.items()):
     defense = str(cols["defense"][next(iter(pair.values()))[1]][0] or "none")
@@ -267,7 +291,7 @@ def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
     adaptive_name, a_acc, a_ci = "-", "-", "-"
     if adaptive_cell:
       p = adaptive_cell[0]
-      adaptive_name = " ".join(f"{k}={p[k]}" for k in ADAPTIVE_PARAMS if k in p)
+      adaptive_name = " ".join(f"{k}={p[k]}" for k in config_lib.ADAPTIVE_KEYS if k in p)
       a_acc, a_ci = _accuracy(cols, adaptive_cell[1])
     transfer = "-"
     if plain_cell:
@@ -300,10 +324,7 @@ def detection_section(table: pa.Table) -> tuple[list[detection.Detection],
       zero_copy_only=False), np.float64)
   cols["nd_score_adv"] = np.asarray(table.column("nd_score_adv").to_numpy(
       zero_copy_only=False), np.float64)
-  groups: dict[tuple[str, str, str], np.ndarray] = {}
-  for i, key in enumerate(zip(cols["model"], cols["attack"], cols["params"], strict=True)):
-    if not np.isnan(cols["nd_score_clean"][i]):
-      groups.setdefault(key, np.zeros(table.num_rows, bool))[i] = True
+  groups = _cell_masks(cols, ~np.isnan(cols["nd_score_clean"]))
   found = [d for key, mask in sorted(groups.items())
            if (d := detection.evaluate(cols, mask, key)) is not None]
   return found, groups, cols
@@ -376,15 +397,9 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
     prow = possas_rows(layout)
     text += ["", title, tables.format_text(POSSAS_HEADER, prow)]
     markdown += ["", f"## {title}", "", tables.format_markdown(POSSAS_HEADER, prow)]
-  defense_rows, flag_lines = defense_section(table)
-  if defense_rows:
-    title = ("Defenses: accuracy (clean-correct images still classified correctly) under the "
-             "plain and the adaptive attack")
-    text += ["", title, tables.format_text(DEFENSE_HEADER, defense_rows)]
-    markdown += ["", f"## {title}", "", tables.format_markdown(DEFENSE_HEADER, defense_rows)]
-    flag_lines = flag_lines or ["no gradient-masking flag raised"]
-    text += ["", "Gradient-masking checks", *flag_lines]
-    markdown += ["", "## Gradient-masking checks", "", *[f"- {f}" for f in flag_lines]]
+  defense_text, defense_markdown = defense_lines(table)
+  text += defense_text
+  markdown += defense_markdown
   found, groups, det_cols = detection_section(table)
   if found:
     title = ("Detection: neighbour-difference score (Papernot et al.), threshold at 5% false "

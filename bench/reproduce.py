@@ -143,13 +143,9 @@ def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
       text.append(tables.format_text(FIGURE_HEADER, rows))
       markdown += ["", tables.format_markdown(FIGURE_HEADER, rows)]
     if "defenses" in entry:
-      rows, flag_lines = report.defense_section(table)
-      title = "Plain and adaptive attacks side by side"
-      text += ["", title, tables.format_text(report.DEFENSE_HEADER, rows), "",
-               "Gradient-masking checks", *(flag_lines or ["no flag raised"])]
-      markdown += ["", f"## {title}", "", tables.format_markdown(report.DEFENSE_HEADER, rows),
-                   "", "## Gradient-masking checks", "",
-                   *[f"- {f}" for f in flag_lines or ["no flag raised"]]]
+      defense_text, defense_markdown = report.defense_lines(table)
+      text += defense_text
+      markdown += defense_markdown
     if paper == "papernot2016":
       header, rows = class_pair_matrix(table)
       title = "Class pairs: success rate / mean features changed on successes"

@@ -380,8 +380,7 @@ def estimate_seconds(units: list[Unit], models: dict[str, ModelData]) -> float:
     spec = attacks.REGISTRY[cell.attack]
     per_image = spec.forward_equivalents(cell.config, int(np.prod(shape)), data.num_classes)
     work = per_image * cell.eot_samples
-    if (isinstance(data.model, defenses.DefendedModel) and not cell.adaptive
-        and masking.uses_gradients(spec, cell.config)):
+    if masking.runs_transfer(spec, cell, data.model):
       work += per_image  # the transfer attack, on the twin (cheaper: no transform)
     total += work * len(unit.positions) / _forward_rate(data.model, shape)
   return total
