@@ -74,7 +74,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
   result = train.train_and_evaluate(
       args.model, seed=args.seed, data_dir=args.data_dir, out_dir=args.out_dir,
-      epochs=args.epochs, progress=not args.no_progress,
+      epochs=args.epochs, progress=not args.no_progress, restart=args.restart,
       command="advsweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
   meta = result.meta
   print(f"{args.model}: test accuracy {100 * meta['test_accuracy']:.2f}% on "
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out-dir", type=_out_folder, default=str(zoo.CHECKPOINT_DIR),
                  help="where to write <model>.msgpack and .json (default: the zoo)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--restart", action="store_true",
+                 help="discard the saved state of an interrupted run instead of resuming it")
   p.set_defaults(func=_cmd_train)
 
   from advsweep import attacks  # the registry names the attacks

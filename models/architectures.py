@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -25,6 +26,59 @@ def _scaled(channels: int, width: float) -> int:
 
 def _normalize(x: jnp.ndarray, mean: Sequence[float], std: Sequence[float]) -> jnp.ndarray:
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
+
+SOFTMAX, GAUSS = "softmax", "gauss"
+HEADS = (SOFTMAX, GAUSS)
+
+
+def gauss_logits(features: jnp.ndarray, centroids: jnp.ndarray) -> jnp.ndarray:
+  """The Gauss network's output in log space: `-||phi(x) - c_k||^2` per class [B, K].
+
+  Hess, Duivesteijn and Mocanu show that a softmax layer assigns a point to the cone of its
+  class, as k-means with centroids at equal distance from the origin would, whatever the
+  point's distance to the centroid. Their Centroid Based Tailoring replaces the softmax
+  output by a Gaussian kernel of the distance to learned class centroids,
+  `exp(-||phi(x) - c_k||^2)`. We return its logarithm, so argmax, the attacks' losses and a
+  softmax over classes (the soft k-means assignment) all work on it unchanged.
+
+  References: Hess, Duivesteijn, Mocanu, Softmax-based Classification is k-means
+  Clustering: Formal Proof, Consequences for Adversarial Attacks, and Improvement through
+  Centroid Based Tailoring, 2020.
+  """
+  squared = (jnp.sum(features ** 2, -1, keepdims=True) - 2 * features @ centroids.T
+             + jnp.sum(centroids ** 2, -1))
+  return -jnp.maximum(squared, 0.0)
+
+
+def gauss_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+  """Per-image binary cross-entropy of the Gauss confidences `exp(logits)` against one-hot
+  labels: it pulls the features onto their class's centroid and pushes them off the others
+  (Hess et al.'s Gauss network; `gauss_logits`)."""
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  log_p = logits                                   # log exp(-d^2)
+  log_not_p = jnp.log(-jnp.expm1(jnp.minimum(logits, -1e-6)))  # log(1 - exp(-d^2))
+  return -jnp.sum(onehot * log_p + (1 - onehot) * log_not_p, -1)
+
+
+class GaussHead(nn.Module):
+  """Class centroids in feature space; outputs `gauss_logits` (Hess et al.)."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+    centroids = self.param("centroids", nn.initializers.normal(1.0),
+                           (self.num_classes, features.shape[-1]), features.dtype)
+    return gauss_logits(features, centroids)
+
+
+def _classifier(head: str, num_classes: int, name: str) -> nn.Module:
+  if head == SOFTMAX:
+    return nn.Dense(num_classes, name=name)
+  if head == GAUSS:
+    return GaussHead(num_classes, name="gauss")
+  raise ValueError(f"unknown head {head!r}; valid choices: {', '.join(HEADS)}")
 
 
 class SoftmaxRegression(nn.Module):
@@ -56,6 +110,7 @@ class PapernotLeNet(nn.Module):
   num_classes: int = 10
   mean: Sequence[float] = MNIST_MEAN
   std: Sequence[float] = MNIST_STD
+  head: str = SOFTMAX  # or GAUSS: Hess et al.'s Gauss network (`GaussHead`) on fc2
 
   # (name, features, kernel, strides, padding) or a pool, as in `_conv_stack`.
   LAYERS = (("conv1", 32, 3, 1, "VALID"), ("conv2", 32, 3, 1, "VALID"), "pool:max2",
@@ -77,7 +132,7 @@ class PapernotLeNet(nn.Module):
     for i in range(2):
       x = nn.relu(nn.Dense(200, name=f"fc{i + 1}")(x))
       self.sow("intermediates", f"fc{i + 1}_act", x)
-    logits = nn.Dense(self.num_classes, name="fc3")(x)
+    logits = _classifier(self.head, self.num_classes, "fc3")(x)
     self.sow("intermediates", "logits", logits)
     return logits
 
@@ -229,10 +284,34 @@ class _ResidualBlock(nn.Module):
     return nn.relu(x + y)
 
 
+class NonLocalDenoise(nn.Module):
+  """Xie et al.'s feature denoising block: non-local means, a 1x1 convolution, a residual.
+
+  Each position's features become the average of every position's features weighted by the
+  softmax of their dot products (the "Gaussian" non-local means of the paper, without
+  embeddings), scaled by 1/sqrt(C); a 1x1 convolution, initialised to zero so the block
+  starts as the identity, maps the result back, and the input is added.
+
+  References: Xie, Wu, van der Maaten, Yuille, He, Feature Denoising for Improving
+  Adversarial Robustness, CVPR 2019, Sec. 4.
+  """
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, c = x.shape
+    flat = x.reshape(b, h * w, c)
+    affinity = jax.nn.softmax(jnp.einsum("bic,bjc->bij", flat, flat) / jnp.sqrt(c), -1)
+    denoised = jnp.einsum("bij,bjc->bic", affinity, flat).reshape(b, h, w, c)
+    return x + nn.Conv(c, (1, 1), use_bias=False, kernel_init=nn.initializers.zeros,
+                       name="conv")(denoised)
+
+
 class ResNet20(nn.Module):
   """ResNet-20 for CIFAR-10 (He et al., 2016): 3 stages of 3 basic blocks, 16/32/64 channels.
 
   Projection (1x1 conv) shortcuts where the shape changes. `width` scales the channels.
+  `denoise_after` lists the stages (1-3) followed by a `NonLocalDenoise` block (Xie et al.
+  put one after each of their ResNet's stages); `head` as in `PapernotLeNet`.
 
   References: He, Zhang, Ren, Sun, Deep Residual Learning for Image Recognition, CVPR 2016.
   """
@@ -242,6 +321,8 @@ class ResNet20(nn.Module):
   blocks_per_stage: int = 3
   mean: Sequence[float] = CIFAR10_MEAN
   std: Sequence[float] = CIFAR10_STD
+  denoise_after: Sequence[int] = ()
+  head: str = SOFTMAX
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -254,7 +335,10 @@ class ResNet20(nn.Module):
         name = f"stage{stage + 1}_block{block + 1}"
         x = _ResidualBlock(_scaled(channels, self.width), strides, name=name)(x, train)
         self.sow("intermediates", f"{name}_act", x)
+      if stage + 1 in self.denoise_after:
+        x = NonLocalDenoise(name=f"stage{stage + 1}_denoise")(x)
+        self.sow("intermediates", f"stage{stage + 1}_denoise_act", x)
     x = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, name="fc")(x)
+    logits = _classifier(self.head, self.num_classes, "fc")(x)
     self.sow("intermediates", "logits", logits)
     return logits

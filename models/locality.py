@@ -379,15 +379,19 @@ def _place(base: jax.Array, window: jax.Array, row: jax.Array, col: jax.Array) -
   return jnp.where(inside[..., None], placed, base)
 
 
-def _dense_head(names: Sequence[str]) -> Callable[[Any, jax.Array], jax.Array]:
-  """Flatten, then Dense layers (ReLU between them)."""
+def _dense_head(names: Sequence[str], gauss: bool = False
+                ) -> Callable[[Any, jax.Array], jax.Array]:
+  """Flatten, then Dense layers (ReLU between them); with `gauss`, ReLU after the last one
+  too and then the Gauss network's centroid layer (`architectures.gauss_logits`)."""
   def head(variables, x):
     x = x.reshape(x.shape[0], -1)
     for i, name in enumerate(names):
       p = variables["params"][name]
       x = x @ p["kernel"] + p["bias"]
-      if i + 1 < len(names):
+      if i + 1 < len(names) or gauss:
         x = jax.nn.relu(x)
+    if gauss:
+      x = arch.gauss_logits(x, variables["params"]["gauss"]["centroids"])
     return x
   return head
 
@@ -422,7 +426,8 @@ def splicer_for(module: Any) -> PixelSplicer | None:
   if kind is arch.PapernotLeNet:
     return PixelSplicer(tuple(module.mean), tuple(module.std),
                         layers_from_spec(arch.PapernotLeNet.LAYERS, batchnorm=False),
-                        _dense_head(("fc1", "fc2", "fc3")))
+                        _dense_head(("fc1", "fc2") if module.head == arch.GAUSS
+                                    else ("fc1", "fc2", "fc3"), gauss=module.head == arch.GAUSS))
   if kind in (arch.AllConvC, arch.NiN, arch.VGG16):
     head = _dense_head(("fc",)) if kind is arch.VGG16 else _conv_mean_head(
         "conv9" if kind is arch.AllConvC else "block3_mlp2")

@@ -1,7 +1,11 @@
 """Training of the zoo models with optax: deterministic from a seed, one jitted step.
 
 `train_and_evaluate(name, ...)` trains zoo entry `name` with its recipe, measures accuracy on
-the full test split and writes the checkpoint and its metadata atomically.
+the full test split and writes the checkpoint and its metadata atomically. A defense's recipe
+attacks each batch inside the jitted step with the gradient attacks' traceable core
+(`attacks.gradient.pgd_core`): adversarial training (Goodfellow et al. 2015; Madry et al.
+2018; Wong, Rice, Kolter 2020), logit pairing (Kannan, Kurakin, Goodfellow 2018). Each epoch
+is saved, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -9,18 +13,23 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from advsweep.models import checkpoints, datasets, evaluation, zoo
+from advsweep.attacks import gradient
+from advsweep.models import architectures, checkpoints, datasets, evaluation, zoo
+from advsweep.models.files import atomic_write_bytes
 
 
 @dataclasses.dataclass
@@ -64,18 +73,74 @@ def augment(key: jax.Array, images: jnp.ndarray, max_shift: int = 2) -> jnp.ndar
   return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
 
 
-def _make_train_step(module, tx, use_augment: bool):
+def training_attack(recipe: zoo.TrainRecipe) -> Any:
+  """The attack config of an adversarial recipe (`attacks.gradient`), None for plain
+  training: FGSM at eps (Goodfellow et al.), FGSM from a random start with step 1.25 eps
+  (Wong et al.'s default), or PGD with steps of 2.5 eps / steps (Madry et al.)."""
+  if recipe.adversary is None:
+    return None
+  eps = recipe.epsilon
+  if recipe.adversary == "fgsm":
+    return gradient.FGSMConfig(eps=eps)
+  if recipe.adversary == "fgsm_rs":
+    step = recipe.adv_step if recipe.adv_step is not None else 1.25 * eps
+    return gradient.PGDConfig(eps=eps, step_size=step, num_steps=1, random_start=True)
+  if recipe.adversary == "pgd":
+    step = recipe.adv_step if recipe.adv_step is not None else 2.5 * eps / recipe.adv_steps
+    return gradient.PGDConfig(eps=eps, step_size=step, num_steps=recipe.adv_steps)
+  raise ValueError(f"unknown adversary {recipe.adversary!r}; valid choices: fgsm, fgsm_rs, "
+                   "pgd")
+
+
+def _per_image_loss(recipe: zoo.TrainRecipe):
+  if recipe.loss == "cross_entropy":
+    return optax.softmax_cross_entropy_with_integer_labels
+  if recipe.loss == "gauss":
+    return architectures.gauss_loss
+  raise ValueError(f"unknown loss {recipe.loss!r}; valid choices: cross_entropy, gauss")
+
+
+def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
+  attack = training_attack(recipe)
+  per_image_loss = _per_image_loss(recipe)
+  needs_clean = attack is None or recipe.clean_weight > 0 or recipe.logit_pairing > 0
+
   @jax.jit
   def train_step(variables, opt_state, images_u8, labels, key):
+    aug_key, attack_key = jax.random.split(key)
     images = images_u8.astype(jnp.float32) / 255.0
-    if use_augment:
-      images = augment(key, images)
+    if recipe.augment:
+      images = augment(aug_key, images)
+
+    def forward(params, x):
+      return module.apply({**variables, "params": params}, x, train=True,
+                          mutable=["batch_stats"])
+
+    if attack is not None:
+      # The attack sees the network as the loss does (training-mode BatchNorm); the
+      # statistics it would update are dropped.
+      attack_fn = lambda params, x: forward(params, x)[0]  # noqa: E731
+      adv = gradient.pgd_core(attack_fn, variables["params"], images, labels, attack_key,
+                              attack).adv_images
+      adv = jax.lax.stop_gradient(adv)
+      batch = jnp.concatenate([images, adv]) if needs_clean else adv
+    else:
+      batch = images
 
     def loss_fn(params):
-      logits, updates = module.apply({**variables, "params": params}, images, train=True,
-                                     mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits, updates)
+      logits, updates = forward(params, batch)  # one batch: BatchNorm sees clean and adv
+      n = len(labels)
+      if attack is None:
+        loss = per_image_loss(logits, labels).mean()
+        return loss, (logits, updates)
+      clean_logits, adv_logits = (logits[:n], logits[n:]) if needs_clean else (None, logits)
+      loss = (1 - recipe.clean_weight) * per_image_loss(adv_logits, labels).mean()
+      if recipe.clean_weight > 0:
+        loss += recipe.clean_weight * per_image_loss(clean_logits, labels).mean()
+      if recipe.logit_pairing > 0:
+        pairing = jnp.sum((clean_logits - adv_logits) ** 2, -1).mean()
+        loss += recipe.logit_pairing * pairing
+      return loss, (clean_logits if needs_clean else adv_logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         variables["params"])
@@ -86,6 +151,82 @@ def _make_train_step(module, tx, use_augment: bool):
     return new_vars, opt_state, loss, correct
 
   return train_step
+
+
+GUARD_IMAGES = 512
+GUARD_DROP = 0.2   # a fall of PGD accuracy by more than this stops the run
+GUARD_CHECKS = 4   # checks per epoch: the collapse can come within an epoch
+
+
+def _make_guard(module, recipe: zoo.TrainRecipe):
+  """PGD-10 accuracy at the recipe's eps (step eps/4, random start), for the overfitting
+  guard: Wong et al. detect catastrophic overfitting by PGD accuracy on training data."""
+  config = gradient.PGDConfig(eps=recipe.epsilon, step_size=recipe.epsilon / 4, num_steps=10)
+  apply_fn = zoo.ApplyFn(module)
+
+  @jax.jit
+  def robust_correct(variables, images_u8, labels, key):
+    images = images_u8.astype(jnp.float32) / 255.0
+    result = gradient.pgd_core(apply_fn, variables, images, labels, key, config)
+    return jnp.sum(~result.success)
+
+  def accuracy(variables, images_u8, labels, key) -> float:
+    total = 0
+    for start in range(0, len(labels), 256):
+      total += int(robust_correct(variables, images_u8[start:start + 256],
+                                  labels[start:start + 256], jax.random.fold_in(key, start)))
+    return total / len(labels)
+
+  return accuracy
+
+
+RESUME_SUFFIX = ".resume.msgpack"
+
+
+def resume_path(out_dir: str | os.PathLike, name: str) -> Path:
+  """Where an unfinished training run of `name` keeps its last epoch (`train_and_evaluate`)."""
+  return Path(out_dir) / f"{name}{RESUME_SUFFIX}"
+
+
+def _fingerprint(name, recipe, seed, train_limit, test_limit) -> str:
+  """What a resumed run must share with the run that wrote the state."""
+  return json.dumps({"name": name, "recipe": dataclasses.asdict(recipe), "seed": seed,
+                     "train_limit": train_limit, "test_limit": test_limit}, sort_keys=True)
+
+
+def _save_state(path: Path, state: dict) -> None:
+  host = jax.tree.map(np.asarray, state)
+  atomic_write_bytes(path, flax.serialization.to_bytes(host))
+
+
+def _load_state(path: Path, target: dict, fingerprint: str) -> dict:
+  """The saved state of an interrupted run, or an error naming the way out."""
+  data = path.read_bytes()
+  try:
+    raw = flax.serialization.msgpack_restore(data)
+  except Exception as err:  # msgpack raises several unrelated types on bad input
+    raise checkpoints.CheckpointError(
+        f"{path}: not a training state ({err}); delete it or pass --restart") from err
+  if not isinstance(raw, dict) or raw.get("fingerprint") != fingerprint:
+    raise checkpoints.CheckpointError(
+        f"{path}: a training state of another recipe, seed or data size; pass --restart "
+        "to discard it, or run the command that wrote it")
+  return flax.serialization.from_bytes(target, data)
+
+
+def _estimate(train_step, state, batch_x, batch_y, key) -> float:
+  """Seconds per step: one compile and two timed steps on the first batch (discarded)."""
+  out = train_step(state["variables"], state["opt_state"], batch_x, batch_y, key)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(2):
+    jax.block_until_ready(train_step(state["variables"], state["opt_state"], batch_x,
+                                     batch_y, key))
+  return (time.perf_counter() - start) / 2
+
+
+def _minutes(seconds: float) -> str:
+  return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def train_and_evaluate(
@@ -99,18 +240,27 @@ def train_and_evaluate(
     test_limit: int | None = None,
     progress: bool = True,
     command: str | None = None,
+    restart: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
   """Trains zoo entry `name` with its recipe and writes `<out_dir>/<name>.msgpack|.json`.
 
+  With `out_dir`, every finished epoch is saved to `resume_path(out_dir, name)` (weights,
+  optimiser state, the guard's best epoch), atomically; a later call with the same
+  arguments resumes from it and ends with the weights an uninterrupted run would have, then
+  deletes it.
+
   Args:
     name: zoo name (see `models.zoo.ZOO`).
-    seed: seeds initialisation, shuffling and augmentation.
+    seed: seeds initialisation, shuffling, augmentation and the training attack.
     data_dir: local data folder (see `models.datasets.load`).
-    out_dir: where to write the checkpoint; None writes nothing.
+    out_dir: where to write the checkpoint; None writes nothing (and cannot resume).
     epochs: overrides the recipe's epoch count.
     train_limit, test_limit: use only the first N images (short runs and tests).
     progress: show a progress bar with loss and accuracy.
     command: the command line to record in the metadata.
+    restart: discard a saved state instead of resuming from it.
+    on_epoch_end: called with the epoch count after each epoch's state is saved.
   """
   spec = zoo.entry(name)
   recipe = spec.recipe if epochs is None else dataclasses.replace(spec.recipe, epochs=epochs)
@@ -126,17 +276,47 @@ def train_and_evaluate(
   module = spec.constructor()
   key = jax.random.key(seed)
   init_key, aug_key = jax.random.split(key)
+  guard_key = jax.random.fold_in(key, 2)
   variables = zoo.init_variables(module, spec.dataset, init_key)
   tx = make_optimizer(recipe, recipe.epochs * steps_per_epoch)
-  opt_state = tx.init(variables["params"])
-  train_step = _make_train_step(module, tx, recipe.augment)
+  train_step = _make_train_step(module, tx, recipe)
   rng = np.random.default_rng(seed)
+  guard = _make_guard(module, recipe) if recipe.overfit_guard else None
+  guard_idx = np.random.default_rng([seed, 1]).permutation(len(train_x))[:GUARD_IMAGES]
+  guard_steps = {max(1, round((i + 1) * steps_per_epoch / GUARD_CHECKS)): i
+                 for i in range(GUARD_CHECKS)}  # step count -> check within the epoch
 
-  losses = []
-  start = time.time()
-  for epoch in range(recipe.epochs):
+  fingerprint = _fingerprint(name, recipe, seed, train_limit, test_limit)
+  state = {"variables": variables, "opt_state": tx.init(variables["params"]),
+           "best": variables, "epoch": np.int64(0), "train_seconds": np.float64(0.0),
+           "losses": np.zeros(recipe.epochs),
+           "robust": np.full(recipe.epochs * GUARD_CHECKS, np.nan),
+           "fingerprint": fingerprint}
+  state_file = resume_path(out_dir, name) if out_dir is not None else None
+  if state_file is not None and state_file.is_file():
+    if restart:
+      state_file.unlink()
+    else:
+      state = _load_state(state_file, state, fingerprint)
+      print(f"{name}: resuming after epoch {int(state['epoch'])} of {recipe.epochs} "
+            f"({state_file})")
+  first = int(state["epoch"])
+  for _ in range(first):
+    rng.permutation(len(train_x))  # the shuffles of the finished epochs
+
+  seconds_per_step = _estimate(train_step, state, train_x[:batch], train_y[:batch], aug_key)
+  remaining = (recipe.epochs - first) * steps_per_epoch
+  if progress and remaining:
+    print(f"{name}: {recipe.epochs - first} epochs x {steps_per_epoch} steps of {batch} at "
+          f"{seconds_per_step:.3f} s per step: about {_minutes(remaining * seconds_per_step)}"
+          f" (measured on the first batch)", flush=True)
+
+  stopped_at = None
+  for epoch in range(first, recipe.epochs):
+    start = time.time()
     order = rng.permutation(len(train_x))
     total_loss, total_correct = 0.0, 0
+    variables, opt_state = state["variables"], state["opt_state"]
     bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}",
                disable=not progress, leave=True, mininterval=2.0)
     for step in bar:
@@ -149,9 +329,39 @@ def train_and_evaluate(
       if step % 10 == 0 or step == steps_per_epoch - 1:
         bar.set_postfix(loss=f"{total_loss / (step + 1):.4f}",
                         acc=f"{total_correct / ((step + 1) * batch):.4f}", refresh=False)
-    losses.append(total_loss / steps_per_epoch)
-  train_seconds = time.time() - start
+      if guard is not None and step + 1 in guard_steps:
+        check = epoch * GUARD_CHECKS + guard_steps[step + 1]
+        robust = np.array(state["robust"])
+        robust[check] = guard(variables, train_x[guard_idx], train_y[guard_idx],
+                              jax.random.fold_in(guard_key, check))
+        best_before = np.nanmax(robust[:check]) if check else -np.inf
+        state = {**state, "robust": robust,
+                 "best": variables if robust[check] >= best_before else state["best"]}
+        if progress:
+          bar.write(f"{name}: PGD-10 accuracy {robust[check]:.3f} on {len(guard_idx)} "
+                    "training images")
+        if robust[check] < best_before - GUARD_DROP:
+          stopped_at = (epoch + 1, (step + 1) / steps_per_epoch)
+          break
+    losses = np.array(state["losses"])
+    losses[epoch] = total_loss / steps_per_epoch
+    state = {**state, "variables": variables, "opt_state": opt_state,
+             "epoch": np.int64(epoch + 1), "losses": losses,
+             "train_seconds": np.float64(float(state["train_seconds"]) + time.time() - start)}
+    if stopped_at is not None:
+      robust = np.asarray(state["robust"])
+      print(f"{name}: PGD-10 accuracy on training images fell from "
+            f"{np.nanmax(robust[:check]):.3f} to {robust[check]:.3f} (catastrophic "
+            "overfitting): stopping, keeping the weights of the best check", flush=True)
+      break
+    if state_file is not None:
+      _save_state(state_file, state)
+    if on_epoch_end is not None:
+      on_epoch_end(epoch + 1)
 
+  variables = state["best"] if stopped_at is not None else state["variables"]
+  epochs_run = int(state["epoch"])
+  losses = [float(v) for v in np.asarray(state["losses"])[:epochs_run]]
   apply_fn = zoo.Model(name, module, variables, {}).apply_fn
   scores = evaluation.accuracy_summary(apply_fn, variables, test_x, test_y)
   n_params = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
@@ -161,6 +371,8 @@ def train_and_evaluate(
       "architecture": spec.architecture,
       "module": repr(module),
       "note": spec.note,
+      "defense": spec.defense,
+      "twin": spec.twin,
       "parameters": n_params,
       **scores,
       "train_examples": len(train_y),
@@ -168,11 +380,23 @@ def train_and_evaluate(
       "recipe": dataclasses.asdict(recipe),
       "seed": seed,
       "train_command": command or f"advsweep train {name} --seed {seed}",
-      "train_seconds": round(train_seconds, 1),
+      "train_seconds": round(float(state["train_seconds"]), 1),
       "device": jax.devices()[0].device_kind,
       "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "versions": {p: importlib.metadata.version(p) for p in ("jax", "flax", "optax")},
   }
+  if guard is not None:
+    robust = np.asarray(state["robust"])
+    done = robust[~np.isnan(robust)]
+    meta["overfit_guard"] = {
+        "pgd10_train_accuracy_per_check": [round(float(v), 4) for v in done],
+        "checks_per_epoch": GUARD_CHECKS, "images": len(guard_idx),
+        "stopped_at": None if stopped_at is None else
+        {"epoch": stopped_at[0], "fraction_of_epoch": round(stopped_at[1], 3)},
+        "kept": "final weights" if stopped_at is None else
+        f"check {int(np.argmax(done)) + 1}"}
   if out_dir is not None:
     meta = checkpoints.save(Path(out_dir) / f"{name}.msgpack", variables, meta)
+    if state_file is not None:
+      state_file.unlink(missing_ok=True)
   return TrainResult(meta=meta, losses=losses, variables=variables)

@@ -23,7 +23,29 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 
 @dataclasses.dataclass(frozen=True)
 class TrainRecipe:
-  """How the shipped checkpoint was trained (`advsweep train NAME` uses it)."""
+  """How the shipped checkpoint was trained (`advsweep train NAME` uses it).
+
+  The adversarial fields make a defense's recipe (`models.train`): each step attacks the
+  batch with `adversary` at `epsilon` and trains on the mixed loss of Goodfellow et al.,
+  `clean_weight * L(x) + (1 - clean_weight) * L(x_adv)`, plus Kannan et al.'s logit pairing
+  `logit_pairing * ||z(x) - z(x_adv)||^2` where that weight is positive.
+
+  Attributes:
+    adversary: None (plain training), "fgsm" (Goodfellow et al.), "fgsm_rs" (FGSM from a
+      uniform random start with step `adv_step`: Wong, Rice, Kolter 2020) or "pgd" (Madry
+      et al.: `adv_steps` steps of `adv_step` from a random start).
+    epsilon: the L-inf budget of the training attack, in [0, 1] pixel units.
+    adv_step: the attack's step (None: eps for FGSM, 1.25 eps for FGSM-RS, 2.5 eps / steps
+      for PGD, the papers' settings).
+    adv_steps: PGD's step count.
+    clean_weight: alpha of the mixed loss (0.5 Goodfellow et al.; 0: only adversarial).
+    logit_pairing: lambda of adversarial logit pairing (0: none).
+    loss: "cross_entropy", or "gauss" (the Gauss network's binary cross-entropy,
+      `architectures.gauss_loss`).
+    overfit_guard: after each epoch, measure PGD accuracy on a fixed batch of training
+      images; when it falls by more than 20 points from the best epoch, stop and keep the
+      best epoch's weights (Wong et al.'s guard against catastrophic overfitting).
+  """
 
   epochs: int
   batch_size: int
@@ -32,6 +54,14 @@ class TrainRecipe:
   weight_decay: float = 0.0
   augment: bool = False  # random horizontal flip and +-2 pixel translation
   warmup_fraction: float = 0.15
+  adversary: str | None = None
+  epsilon: float = 0.0
+  adv_step: float | None = None
+  adv_steps: int = 1
+  clean_weight: float = 0.5
+  logit_pairing: float = 0.0
+  loss: str = "cross_entropy"
+  overfit_guard: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +72,16 @@ class ZooEntry:
   constructor: Callable[[], nn.Module]
   recipe: TrainRecipe
   note: str = ""
+  defense: str = ""  # the recipe's defense, "" for an undefended model
+  twin: str = ""     # the undefended (or un-denoised) model it is measured beside
 
   @property
   def checkpoint(self) -> Path:
     return CHECKPOINT_DIR / f"{self.name}.msgpack"
 
 
-def _entry(name, dataset, architecture, constructor, recipe, note=""):
-  return name, ZooEntry(name, dataset, architecture, constructor, recipe, note)
+def _entry(name, dataset, architecture, constructor, recipe, note="", defense="", twin=""):
+  return name, ZooEntry(name, dataset, architecture, constructor, recipe, note, defense, twin)
 
 
 _MNIST_ADAM = TrainRecipe(epochs=6, batch_size=128, optimizer="adam", peak_lr=2e-3)
@@ -83,6 +115,48 @@ ZOO: dict[str, ZooEntry] = dict([
     _entry("cifar10_resnet20", "cifar10", "ResNet20", architectures.ResNet20,
            TrainRecipe(epochs=6, **_CIFAR_SGD),
            "ResNet-20 at full width (16/32/64 channels)"),
+    # Defenses (`models.train`): each beside the twin it is measured against.
+    _entry("mnist_lenet_fgsm", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
+           dataclasses.replace(_MNIST_ADAM, epochs=1, adversary="fgsm", epsilon=0.25,
+                               clean_weight=0.5),
+           "adversarial training with the mixed loss, alpha 0.5, FGSM at eps 0.25 "
+           "(Goodfellow et al. 2015, Sec. 6)", "adv_train:fgsm", "mnist_lenet"),
+    _entry("mnist_lenet_pgd", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
+           dataclasses.replace(_MNIST_ADAM, epochs=2, adversary="fgsm_rs",
+                               epsilon=0.3, clean_weight=0.0,
+                               overfit_guard=True),
+           "Madry et al.'s adversarial-only training at eps 0.3, its PGD-40 replaced by FGSM "
+           "from a random start (Wong et al. 2020) for CPU time, with their overfitting "
+           "guard", "adv_train:fgsm_rs", "mnist_lenet"),
+    _entry("mnist_lenet_alp", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
+           dataclasses.replace(_MNIST_ADAM, epochs=1, adversary="fgsm_rs",
+                               epsilon=0.3, clean_weight=0.5,
+                               logit_pairing=0.5, overfit_guard=True),
+           "adversarial logit pairing (Kannan et al. 2018), lambda 0.5, on the mixed loss; "
+           "FGSM from a random start at eps 0.3 in place of PGD", "alp", "mnist_lenet"),
+    _entry("mnist_lenet_gauss", "mnist", "PapernotLeNet",
+           functools.partial(architectures.PapernotLeNet, head=architectures.GAUSS),
+           dataclasses.replace(_MNIST_ADAM, epochs=2, loss="gauss"),
+           "Gauss network (Hess et al. 2020): class centroids in place of the softmax layer",
+           "gauss", "mnist_lenet"),
+    _entry("cifar10_resnet20_gauss", "cifar10", "ResNet20",
+           functools.partial(architectures.ResNet20, head=architectures.GAUSS),
+           TrainRecipe(epochs=3, loss="gauss", **_CIFAR_SGD),
+           "Gauss network (Hess et al. 2020) on ResNet-20", "gauss", "cifar10_resnet20"),
+    _entry("cifar10_resnet20_adv", "cifar10", "ResNet20", architectures.ResNet20,
+           TrainRecipe(epochs=2, adversary="fgsm_rs",
+                       epsilon=8 / 255, adv_step=10 / 255, clean_weight=0.0,
+                       overfit_guard=True, **_CIFAR_SGD),
+           "ResNet-20 adversarially trained at eps 8/255 by FGSM from a random start, step "
+           "10/255 (Wong et al. 2020), with their overfitting guard", "adv_train:fgsm_rs",
+           "cifar10_resnet20"),
+    _entry("cifar10_resnet20_denoise", "cifar10", "ResNet20",
+           functools.partial(architectures.ResNet20, denoise_after=(2, 3)),
+           TrainRecipe(epochs=2, adversary="fgsm_rs",
+                       epsilon=8 / 255, adv_step=10 / 255, clean_weight=0.0,
+                       overfit_guard=True, **_CIFAR_SGD),
+           "cifar10_resnet20_adv with non-local-means denoising blocks after stages 2 and 3 "
+           "(Xie et al. 2019)", "adv_train:fgsm_rs+denoise", "cifar10_resnet20_adv"),
 ])
 
 
