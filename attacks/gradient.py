@@ -88,7 +88,10 @@ class PGDConfig:
 
   Defaults are the paper's CIFAR-10 L-inf setting (eps 8/255, step 2/255, 7 steps).
   With `norm="l2"` steps follow the normalised gradient and project onto the L2 ball;
-  `detector_threshold` and `detector_weight` as in `BIMConfig`.
+  `detector_threshold` and `detector_weight` as in `BIMConfig`. `restarts` runs the attack
+  from that many random starts (the first is the one-restart attack's) and keeps, per image,
+  the first that succeeds; `queries` counts the restarts an image needed (Madry et al.'s
+  MNIST challenge: 50 restarts).
   """
 
   eps: float = 8 / 255
@@ -101,6 +104,8 @@ class PGDConfig:
   detector_threshold: float = struct.field(default=math.inf,
                                            metadata={common.OMIT_AT_DEFAULT: True})
   detector_weight: float = struct.field(default=1.0, metadata={common.OMIT_AT_DEFAULT: True})
+  restarts: int = struct.field(pytree_node=False, default=1,
+                               metadata={common.OMIT_AT_DEFAULT: True})
 
 
 def kurakin_num_steps(eps: float) -> int:
@@ -136,10 +141,14 @@ def _random_start(keys, images, eps, norm):
 
 
 def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random_start,
-           target_mode, away_from):
-  """Targets, the class whose loss each step follows (and its sign), and the start point."""
+           target_mode, away_from, restart=0):
+  """Targets, the class whose loss each step follows (and its sign), and the start point.
+
+  Restart r > 0 draws a new start point; the targets stay those of restart 0."""
   keys = jax.vmap(lambda k: jax.random.split(k, 2))(common.per_image_keys(keys, len(images)))
   target_keys, start_keys = keys[:, 0], keys[:, 1]
+  if restart:
+    start_keys = jax.vmap(lambda k: jax.random.fold_in(k, restart))(start_keys)
   clean_logits = apply_fn(params, images)
   targets = common.choose_targets(target_mode, target_keys, labels, clean_logits, targets)
   if target_mode != common.UNTARGETED:
@@ -213,6 +222,12 @@ def check_config(config: Any) -> None:
   num_steps = getattr(config, "num_steps", 1)
   if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
     raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+  restarts = getattr(config, "restarts", 1)
+  if not isinstance(restarts, int) or restarts < 1:
+    raise ValueError(f"restarts must be an integer >= 1; got {restarts!r}")
+  if restarts > 1 and not config.random_start:
+    raise ValueError("restarts > 1 needs random_start = true: without it every restart is "
+                     "the same attack")
   checks.check_choice("target mode", config.target, common.TARGET_MODES)
   checks.check_choice("away_from", config.away_from, AWAY_FROM)
   checks.check_choice("norm", getattr(config, "norm", LINF), (LINF, L2))
@@ -234,7 +249,8 @@ def pgd_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: j
   """
   del evaluator  # the gradient attacks evaluate the full model
   config = _as_pgd(config or PGDConfig())
-  start = functools.partial(_start, apply_fn, params, **_statics(config))
+  start = lambda r: functools.partial(_start, apply_fn, params, **_statics(config),  # noqa: E731
+                                      restart=r)
   step = functools.partial(_step, apply_fn, params, norm=config.norm)
 
   def repeat(step_once, adv):
@@ -248,7 +264,8 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
                ) -> common.AttackResult:
   """`pgd_core` on concrete arrays: the same start and step, the steps a host loop over one
   step jitted with the params closed over (see the module doc)."""
-  start = common.bind(_start, apply_fn, params, **_statics(config))
+  start = lambda r: common.bind(_start, apply_fn, params, **_statics(config),  # noqa: E731
+                                restart=r)
   step = common.bind(_step, apply_fn, params, norm=config.norm)
 
   def repeat(step_once, adv):
@@ -261,15 +278,37 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
 
 def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, start, step,
              repeat) -> common.AttackResult:
-  """The start, `repeat(step_once, adv)` of the projected step, and the re-check: the one
-  body of `pgd_core` (a `lax` loop) and `_host_loop` (a host loop over jitted steps)."""
+  """Per restart r, the start `start(r)`, `repeat(step_once, adv)` of the projected step and
+  the re-check; an image keeps its first successful restart. The one body of `pgd_core` (a
+  `lax` loop) and `_host_loop` (a host loop over jitted steps)."""
   eps = jnp.asarray(config.eps, images.dtype)
   step_size = jnp.asarray(config.step_size, images.dtype)
-  adv, targets, loss_class, sign = start(images, labels, key, targets, eps)
   detector = _detector(config, images.dtype)
-  adv = repeat(lambda a: step(images, a, loss_class, sign, eps, step_size, detector), adv)
   queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
-  return common.finalize(apply_fn, params, images, adv, labels, targets, queries)
+  result = None
+  for restart in range(config.restarts):
+    adv, run_targets, loss_class, sign = start(restart)(images, labels, key, targets, eps)
+    step_once = functools.partial(_step_from, step, images, loss_class, sign, eps, step_size,
+                                  detector)
+    run = common.finalize(apply_fn, params, images, repeat(step_once, adv), labels,
+                          run_targets, queries)
+    result = run if result is None else _first_success(result, run)
+  return result
+
+
+def _step_from(step, images, loss_class, sign, eps, step_size, detector, adv):
+  return step(images, adv, loss_class, sign, eps, step_size, detector)
+
+
+def _first_success(before: common.AttackResult, run: common.AttackResult
+                   ) -> common.AttackResult:
+  """Per image, the earlier restarts' result where it succeeded, else this restart's; an
+  image that had succeeded spends no queries on the restart."""
+  run = run.replace(queries=before.queries + run.queries)
+  keep = before.success
+  return jax.tree.map(
+      lambda old, new: jnp.where(keep.reshape(keep.shape + (1,) * (old.ndim - 1)), old, new),
+      before, run)
 
 
 def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,

@@ -38,29 +38,32 @@ def _cmd_models(args: argparse.Namespace) -> int:
         f"no checkpoint folder {folder}; pass --checkpoint-dir a folder holding "
         "<model>.msgpack and <model>.json files (`advsweep train NAME --out-dir DIR` writes "
         "them)")
-  header = ("model", "dataset", "architecture", "params", "test acc", "n test", "size",
-            "note")
+  header = ("model", "dataset", "architecture", "defense", "twin", "params", "test acc",
+            "n test", "size", "note")
   rows, failures = [], []
   for name, spec in zoo.ZOO.items():
     path = folder / spec.checkpoint.name
+    defense, twin = spec.defense or "none", spec.twin or "-"
     if not path.is_file():
-      rows.append((name, spec.dataset, spec.architecture, "-", "not trained", "-", "-",
-                   f"run `advsweep train {name}`"))
+      rows.append((name, spec.dataset, spec.architecture, defense, twin, "-", "not trained",
+                   "-", "-", f"run `advsweep train {name}`"))
       continue
     try:
       meta = zoo.load(name, folder).meta
     except checkpoints.CheckpointError as err:
       failures.append(str(err))
-      rows.append((name, spec.dataset, spec.architecture, "-", "CORRUPT", "-", "-",
-                   "fails verification (below)"))
+      rows.append((name, spec.dataset, spec.architecture, defense, twin, "-", "CORRUPT", "-",
+                   "-", "fails verification (below)"))
       continue
-    rows.append((name, spec.dataset, spec.architecture, f"{meta['parameters']:,}",
+    rows.append((name, spec.dataset, spec.architecture, defense, twin,
+                 f"{meta['parameters']:,}",
                  f"{100 * meta['test_accuracy']:.2f}%", f"{meta['test_examples']:,}",
                  f"{path.stat().st_size / 1e6:.2f} MB", spec.note))
   from advsweep.models import custom
 
   for name, entry_point in custom.entry_points().items():
-    rows.append((name, "-", "user (entry point)", "-", "-", "-", "-", entry_point.value))
+    rows.append((name, "-", "user (entry point)", "-", "-", "-", "-", "-", "-",
+                 entry_point.value))
   rows = [[str(c) for c in r] for r in rows]
   print(tables.format_markdown(header, rows) if args.markdown
         else tables.format_text(header, rows))
@@ -157,6 +160,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
   reproduce.reproduce(args.paper, quick=args.quick, out_root=args.out,
                       data_dir=args.data_dir, overrides=args.set,
                       progress=not args.no_progress)
+  return 0
+
+
+def _cmd_robustness(args: argparse.Namespace) -> int:
+  from advsweep.bench import robustness
+
+  robustness.run(quick=args.quick, out_root=args.out, data_dir=args.data_dir,
+                 overrides=args.set, progress=not args.no_progress)
   return 0
 
 
@@ -325,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.set_defaults(func=_cmd_reproduce)
+
+  p = sub.add_parser("robustness", help="every zoo model against FGSM, PGD with restarts, "
+                     "one-pixel and JSMA, beside its twin (bench/configs/robustness.toml)")
+  p.add_argument("--quick", action="store_true", help="the small CPU version (minutes)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. --set images.per_bin=20")
+  p.add_argument("--out", type=_out_folder, default="results", help="folder for the run folder")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.set_defaults(func=_cmd_robustness)
   return parser
 
 

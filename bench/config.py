@@ -63,8 +63,10 @@ BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
 # defended model (`models.defenses`): `bpda` (the identity's gradient through a transform
 # that rounds) and `eot_samples` (the gradient, or fitness, averaged over n draws of a
 # randomized defense); `evade_detector` (the gradient attacks keep the neighbour-difference
-# score under the detector's threshold at 5% false positives, `bench.detection`).
-DRIVER_KEYS = ("zip", "target_class", "bpda", "eot_samples", "evade_detector")
+# score under the detector's threshold at 5% false positives, `bench.detection`);
+# `dataset` (the values apply only to models of that dataset: a budget per dataset, zipped
+# with eps, e.g. 0.3 on MNIST and 8/255 on CIFAR-10 in one table).
+DRIVER_KEYS = ("zip", "target_class", "bpda", "eot_samples", "evade_detector", "dataset")
 # The driver keys whose effect depends on the defense, and what they are on other models.
 ADAPTIVE_KEYS = {"bpda": False, "eot_samples": 1}
 NO_DEFENSE = "none"
@@ -207,6 +209,8 @@ class RunConfig:
       for attack, table in self.raw["attacks"].items():
         for params in expand(table, f"attacks.{attack}"):
           _check_driver_keys(params, f"attacks.{attack}")
+          if "dataset" in params and params["dataset"] != self._dataset_of(model, attack):
+            continue
           params, normalised = _effective(params, defense)
           fields = {k: v for k, v in params.items() if k not in DRIVER_KEYS}
           config = attack_config(attack, fields)
@@ -228,6 +232,17 @@ class RunConfig:
     return out
 
 
+  def _dataset_of(self, model: str, attack: str) -> str:
+    """The dataset a model classifies, for the attack tables' `dataset` key."""
+    base = model.partition("+")[0]
+    if base in zoo.ZOO:
+      return zoo.entry(base).dataset
+    if self.raw["dataset"]:
+      return self.raw["dataset"]
+    raise ConfigError(f"attacks.{attack}.dataset: the dataset of model {base} is known only "
+                      "once it loads; set the config's `dataset` to use the key")
+
+
 def is_adaptive(params: dict[str, Any]) -> bool:
   """A cell's parameters ask for an attack that adapts to a defense (BPDA or EOT)."""
   return any(params.get(k, default) != default for k, default in ADAPTIVE_KEYS.items())
@@ -245,6 +260,9 @@ def _check_driver_keys(params: dict[str, Any], where: str) -> None:
   samples = params.get("eot_samples", 1)
   if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
     raise ConfigError(f"{where}.eot_samples takes a whole number >= 1; got {samples!r}")
+  if "dataset" in params and not isinstance(params["dataset"], str):
+    raise ConfigError(f"{where}.dataset takes a dataset name, e.g. \"mnist\"; got "
+                      f"{params['dataset']!r}")
 
 
 def _effective(params: dict[str, Any], defense: defenses_lib.Defense | None
@@ -535,7 +553,7 @@ def _check(raw: dict[str, Any], source: str) -> None:
   _integer(raw["images"]["per_bin"], "images.per_bin", 1)
   _integer(raw["images"]["pool"], "images.pool", 0)
   _check_bins(raw["bins"]["names"], raw["bins"]["thresholds"])
-  _check_attacks(raw["attacks"], raw["models"], source)
+  _check_attacks(raw["attacks"], raw["models"], source, raw["dataset"])
 
 
 def _check_bins(names: Any, thresholds: Any) -> None:
@@ -553,7 +571,7 @@ def _check_bins(names: Any, thresholds: Any) -> None:
                       f"(high first); got {thresholds}")
 
 
-def _check_attacks(tables: Any, models: list[str], source: str) -> None:
+def _check_attacks(tables: Any, models: list[str], source: str, dataset: str = "") -> None:
   if not isinstance(tables, dict) or not tables:
     raise ConfigError(f"{source}: attacks must be a table of [attacks.NAME] tables; valid "
                       f"names: {', '.join(attacks.REGISTRY)}")
@@ -567,6 +585,12 @@ def _check_attacks(tables: Any, models: list[str], source: str) -> None:
                         f"with one field per line; got {table!r}")
     for field in table:
       check_attack_field(attack, field)
+    wanted = table.get("dataset", [])
+    for name in wanted if isinstance(wanted, list) else [wanted]:
+      if name not in datasets.DATASETS and name != dataset:
+        valid = sorted((set(datasets.DATASETS) | {dataset}) - {""})
+        raise ConfigError(f"attacks.{attack}.dataset: unknown dataset {name!r}; valid "
+                          f"choices: {', '.join(valid)}")
     groups = table.get("zip", [])
     if not isinstance(groups, list) or not all(
         isinstance(g, str) or (isinstance(g, list) and all(isinstance(k, str) for k in g))

@@ -9,8 +9,9 @@ image:
   attacks only): a shattered gradient (JPEG's rounding without BPDA) is near 1;
 - `forward_repeatable`: two forward passes of the clean image under independent draws
   give the same logits (False for a randomized defense);
-- `transfer_success`: the same attack made on the undefended twin fools the defended model
-  (gradient attacks on a defended model, non-adaptive cells);
+- `transfer_success`: the same attack made on the twin fools the defended model (gradient
+  attacks on a defended model, non-adaptive cells; the twin is the model without its input
+  transform, or a trained defense's zoo `twin`);
 - `nd_score_clean`, `nd_score_adv`: the detection statistic (`bench.detection`).
 `flags` turns them into the report's warnings, one cell at a time, with the papers' rules:
 a randomized model attacked without EOT; a masked gradient; an unbounded attack (eps >= 1)
@@ -41,7 +42,7 @@ def uses_gradients(spec: spec_lib.AttackSpec, config: Any) -> bool:
 
 
 def runs_transfer(spec: spec_lib.AttackSpec, cell: Any, model: Any) -> bool:
-  """The unit also runs its attack on the undefended twin (`transfer_success`): gradient
+  """The unit also runs its attack on the model's twin (`transfer_success`): gradient
   attacks on a defended model, in plain cells (not adaptive, not detector-aware)."""
   return (getattr(model, "undefended", None) is not None
           and uses_gradients(spec, cell.config) and not cell.adaptive
@@ -150,7 +151,7 @@ def flags(cols: dict[str, np.ndarray], mask: np.ndarray, cell: dict[str, Any],
                "attacks failed: the attack does not find what exists")
   transfer = _rate(cols["transfer_success"][ok])
   if transfer[1] and _disjoint_above(transfer, won):
-    out.append(f"transfer from the undefended twin ({100 * transfer[0] / transfer[1]:.0f}%) "
+    out.append(f"transfer from the twin ({100 * transfer[0] / transfer[1]:.0f}%) "
                f"beats the white-box attack ({100 * won[0] / won[1]:.0f}%)")
   if eps is not None and cell["attack"] != "one_pixel":
     for peer, rows in peers:

@@ -19,6 +19,9 @@ from advsweep.bench import report, results, sweep, tables
 
 PUBLISHED = Path(__file__).parent / "published.toml"
 RATE_METRICS = ("success_rate", "top1_error", "top5_error", "accuracy")
+# Over every image of the cell, the way robustness is usually published (RobustBench, the
+# MNIST challenge): an image misclassified when clean counts as an error.
+ALL_IMAGE_METRICS = ("clean_accuracy", "robust_accuracy", "adv_error")
 MEAN_METRICS = ("mean_adv_conf", "mean_l0_fraction")  # over successful attacks
 
 
@@ -45,7 +48,14 @@ def _matches(params: dict[str, Any], wanted: dict[str, Any]) -> bool:
 
 def metric(cols: dict[str, np.ndarray], mask: np.ndarray, name: str
            ) -> tuple[float, int, tuple[float, float]]:
-  """(value, n, 95% interval) of a metric over the rows in `mask` (clean-correct only)."""
+  """(value, n, 95% interval) of a metric over the rows in `mask`: the clean-correct ones,
+  or all of them for `ALL_IMAGE_METRICS`."""
+  if name in ALL_IMAGE_METRICS:
+    robust = cols["clean_correct"] & (cols["adv_pred"] == cols["label"])
+    hits = {"clean_accuracy": cols["clean_correct"], "robust_accuracy": robust,
+            "adv_error": ~robust}[name][mask]
+    k, n = int(hits.sum()), len(hits)
+    return (k / n if n else math.nan), n, tables.wilson_interval(k, n)
   ok = mask & cols["clean_correct"]
   if name in RATE_METRICS:
     hits = {"success_rate": cols["success"],
@@ -64,7 +74,8 @@ def metric(cols: dict[str, np.ndarray], mask: np.ndarray, name: str
     mean = float(values.mean())
     half = tables.Z95 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
     return mean, n, (mean - half, mean + half)
-  raise ValueError(f"unknown metric {name!r}; valid: {', '.join(RATE_METRICS + MEAN_METRICS)}")
+  valid = RATE_METRICS + ALL_IMAGE_METRICS + MEAN_METRICS
+  raise ValueError(f"unknown metric {name!r}; valid: {', '.join(valid)}")
 
 
 FIGURE_HEADER = ("figure", "model", "paper", "ours", "n", "95% interval", "paper source")

@@ -306,7 +306,7 @@ def train_and_evaluate(
 
   seconds_per_step = _estimate(train_step, state, train_x[:batch], train_y[:batch], aug_key)
   remaining = (recipe.epochs - first) * steps_per_epoch
-  if progress and remaining:
+  if remaining:
     print(f"{name}: {recipe.epochs - first} epochs x {steps_per_epoch} steps of {batch} at "
           f"{seconds_per_step:.3f} s per step: about {_minutes(remaining * seconds_per_step)}"
           f" (measured on the first batch)", flush=True)
@@ -337,9 +337,8 @@ def train_and_evaluate(
         best_before = np.nanmax(robust[:check]) if check else -np.inf
         state = {**state, "robust": robust,
                  "best": variables if robust[check] >= best_before else state["best"]}
-        if progress:
-          bar.write(f"{name}: PGD-10 accuracy {robust[check]:.3f} on {len(guard_idx)} "
-                    "training images")
+        tqdm.write(f"{name}: PGD-10 accuracy {robust[check]:.3f} on {len(guard_idx)} "
+                   "training images")
         if robust[check] < best_before - GUARD_DROP:
           stopped_at = (epoch + 1, (step + 1) / steps_per_epoch)
           break

@@ -206,6 +206,16 @@ class Model:
     return self.function if self.function is not None else ApplyFn(self.module)
 
   @functools.cached_property
+  def undefended(self) -> Model | None:
+    """The twin a trained defense is measured beside (`meta["twin"]`), loaded from the
+    shipped zoo: the source of the transfer attacks (`bench.masking`). None for a model
+    without a twin, or whose twin is not trained."""
+    twin = self.meta.get("twin")
+    if not twin or twin not in ZOO or twin not in available():
+      return None
+    return load(twin)
+
+  @functools.cached_property
   def pixel_evaluator(self) -> locality.PixelSplicer | None:
     """The exact pixel-local evaluator of this architecture (`models.locality`), or None
     where it has none (every user's model, so far): pass it to the one-pixel attack as

@@ -1,0 +1,211 @@
+"""`advsweep robustness`: one table of every zoo model against the strongest attacks we have.
+
+A defense is only as good as the strongest attack tried on it. The table gives, per model,
+the clean accuracy and the accuracy under FGSM, under PGD with restarts, under the
+black-box one-pixel attack (k = 1, 3) and under JSMA, each over every image drawn (an image
+misclassified when clean counts as an error, as RobustBench and the MNIST challenge count)
+with n and a 95% Wilson interval; and, for a defended model, under PGD made on its twin and
+evaluated on it (a transfer attack). The defended model sits beside its twin. A model is
+flagged where a transfer or a black-box attack beats the white-box PGD with their
+intervals apart: a white-box attack that loses to one that knows less has not found what
+exists (Athalye, Carlini, Wagner 2018, Sec. 3.1; Carlini et al. 2019, "On evaluating
+adversarial robustness").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from advsweep.bench import config as config_lib
+from advsweep.bench import report, results, sweep, tables
+from advsweep.models import zoo
+
+CONFIG = "robustness"
+HEADER = ("model", "defense", "twin", "n", "clean", "FGSM", "PGD", "1-pixel k=1",
+          "1-pixel k=3", "JSMA", "PGD from twin")
+# Column -> (attack, params the cell must have).
+COLUMNS = {"FGSM": ("fgsm", {}), "PGD": ("pgd", {}),
+           "1-pixel k=1": ("one_pixel", {"num_pixels": 1}),
+           "1-pixel k=3": ("one_pixel", {"num_pixels": 3}), "JSMA": ("jsma", {})}
+
+
+def _rate(hits: np.ndarray) -> tuple[int, int]:
+  return int(hits.sum()), len(hits)
+
+
+def _share(rate: tuple[int, int]) -> str:
+  return tables.pct(rate[0] / rate[1])
+
+
+def _cell_text(k: int, n: int) -> str:
+  if not n:
+    return "-"
+  lo, hi = tables.wilson_interval(k, n)
+  return f"{tables.pct(k / n)} ({tables.pct(lo)}-{tables.pct(hi)})"
+
+
+def _apart_below(a: tuple[int, int], b: tuple[int, int]) -> bool:
+  """Rate a is below rate b with their 95% Wilson intervals apart."""
+  (ka, na), (kb, nb) = a, b
+  if not na or not nb:
+    return False
+  return tables.wilson_interval(ka, na)[1] < tables.wilson_interval(kb, nb)[0]
+
+
+def _order(models: list[str]) -> list[str]:
+  """Each undefended model, followed by the models measured beside it (twins of twins
+  too), in zoo order."""
+  known = [m for m in zoo.ZOO if m in models] + [m for m in models if m not in zoo.ZOO]
+  children: dict[str, list[str]] = {}
+  roots = []
+  for m in known:
+    twin = zoo.ZOO[m].twin if m in zoo.ZOO else ""
+    (children.setdefault(twin, []) if twin in known else roots).append(m)
+  out: list[str] = []
+
+  def visit(m: str) -> None:
+    out.append(m)
+    for child in children.get(m, []):
+      visit(child)
+
+  for root in roots:
+    visit(root)
+  return out
+
+
+def robustness_rows(table: pa.Table) -> tuple[list[list[str]], list[str]]:
+  """The robustness table's rows and its flags, from a run's rows."""
+  rows, flags, _ = _measure(table)
+  return rows, flags
+
+
+def twin_lines(table: pa.Table) -> list[str]:
+  """Each defended model against its twin, column by column: which keeps more images
+  correct, where the 95% intervals are apart (the claims of Hess et al.: the Gauss network
+  is less susceptible to one-pixel attacks; of Xie et al.: denoising blocks add PGD
+  robustness to adversarial training)."""
+  _, _, rates = _measure(table)
+  out = []
+  for model, own in rates.items():
+    twin = zoo.ZOO[model].twin if model in zoo.ZOO else ""
+    if twin not in rates:
+      continue
+    parts = []
+    for column in ("clean", *COLUMNS):
+      a, b = own.get(column, (0, 0)), rates[twin].get(column, (0, 0))
+      if not a[1] or not b[1]:
+        continue
+      verdict = ("higher" if _apart_below(b, a) else "lower" if _apart_below(a, b)
+                 else "no difference at 95%")
+      parts.append(f"{column} {_share(a)} vs {_share(b)} ({verdict})")
+    out.append(f"{model} vs {twin}: " + "; ".join(parts))
+  return out
+
+
+def _measure(table: pa.Table
+             ) -> tuple[list[list[str]], list[str], dict[str, dict[str, tuple[int, int]]]]:
+  cols = report.columns(table)
+  cols["transfer_success"] = np.asarray(table.column("transfer_success").to_pylist(), object)
+  params = np.array([json.loads(p) for p in cols["params"]], dtype=object)
+  plain = np.array([not config_lib.is_adaptive(p) and not p.get("evade_detector")
+                    for p in params], bool)
+  robust = cols["clean_correct"] & (cols["adv_pred"] == cols["label"])
+  rows, flags, by_model = [], [], {}
+  for model in _order(list(dict.fromkeys(cols["model"].tolist()))):
+    in_model = (cols["model"] == model) & plain
+    entry = zoo.ZOO.get(model)
+    first = np.flatnonzero(in_model)
+    if not len(first):
+      continue
+    images = cols["config_hash"] == cols["config_hash"][first[0]]
+    clean = _rate(cols["clean_correct"][in_model & images])
+    row = [model, (entry.defense if entry else "") or "none", (entry.twin if entry else "")
+           or "-", str(clean[1]), _cell_text(*clean)]
+    rates: dict[str, tuple[int, int]] = {"clean": clean}
+    by_model[model] = rates
+    for column, (attack, wanted) in COLUMNS.items():
+      mask = in_model & (cols["attack"] == attack) & np.array(
+          [all(p.get(k) == v for k, v in wanted.items()) for p in params], bool)
+      hashes = list(dict.fromkeys(cols["config_hash"][mask].tolist()))
+      if len(hashes) > 1:  # several configurations: the strongest (lowest accuracy) counts
+        per = [_rate(robust[mask & (cols["config_hash"] == h)]) for h in hashes]
+        rates[column] = min(per, key=lambda r: r[0] / r[1] if r[1] else math.inf)
+      else:
+        rates[column] = _rate(robust[mask])
+      row.append(_cell_text(*rates[column]))
+    pgd = in_model & (cols["attack"] == "pgd")
+    transferred = [v for v in cols["transfer_success"][pgd] if v is not None]
+    if transferred:
+      fooled = np.asarray([v is True for v in cols["transfer_success"][pgd]], bool)
+      rates["transfer"] = _rate(cols["clean_correct"][pgd] & ~fooled)
+      row.append(_cell_text(*rates["transfer"]))
+    else:
+      row.append("-")
+    rows.append(row)
+    white_box = rates["PGD"]
+    if _apart_below(rates["FGSM"], white_box):
+      flags.append(f"FLAG {model}: one FGSM step ({_share(rates['FGSM'])}) leaves fewer "
+                   f"images correct than PGD ({_share(white_box)}): PGD's steps or budget "
+                   "are too small, or the gradient is masked")
+    for name in ("transfer", "1-pixel k=1", "1-pixel k=3"):
+      if name in rates and _apart_below(rates[name], white_box):
+        what = "PGD made on the twin" if name == "transfer" else f"the black-box {name}"
+        flags.append(f"FLAG {model}: {what} ({_share(rates[name])}) leaves fewer images "
+                     f"correct than white-box PGD ({_share(white_box)}): a sign of gradient "
+                     "masking; the PGD figure overstates the model")
+  return rows, flags, by_model
+
+
+def _pgd_setting(table: pa.Table) -> str:
+  cols = report.columns(table)
+  settings = sorted({report.params_text(p) for p, a in zip(cols["params"], cols["attack"],
+                                                          strict=True) if a == "pgd"})
+  return "; ".join(settings) or "not run"
+
+
+def lines(table: pa.Table, title: str) -> tuple[list[str], list[str]]:
+  """The table and flags as text and as Markdown lines."""
+  rows, flags = robustness_rows(table)
+  flags = flags or ["no model flagged: no transfer, black-box or one-step attack beat "
+                    "white-box PGD"]
+  note = ("Accuracy over every image drawn (misclassified clean images count as errors), "
+          "95% Wilson interval in parentheses. An image is robust to PGD only if every "
+          f"restart fails. PGD: {_pgd_setting(table)}.")
+  twins = twin_lines(table)
+  text = [title, tables.format_text(HEADER, rows), note, "", *flags]
+  markdown = [f"## {title}", "", tables.format_markdown(HEADER, rows), "", note, "",
+              *[f"- {f}" for f in flags]]
+  if twins:
+    text += ["", "Beside the twin (accuracy, defended vs twin):", *twins]
+    markdown += ["", "### Beside the twin (accuracy, defended vs twin)", "",
+                 *[f"- {t}" for t in twins]]
+  return text, markdown
+
+
+def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | None = None,
+        overrides: list[str] | None = None, progress: bool = True, log=print) -> str:
+  """Runs (or resumes) the robustness sweep on the trained zoo models and prints the table;
+  writes it to `<out_root>/robustness[-quick].md` and returns the Markdown."""
+  config = config_lib.load(CONFIG, overrides, quick=quick)
+  missing = [m for m in config.raw["models"] if m in zoo.ZOO and m not in zoo.available()]
+  if missing:
+    log(f"robustness: not trained, left out: {', '.join(missing)} (`advsweep train NAME`)")
+    kept = [m for m in config.raw["models"] if m not in missing]
+    config = config_lib.load(CONFIG, [*(overrides or []), f"models={json.dumps(kept)}"],
+                             quick=quick)
+  out_dir = Path(out_root) / config.name
+  sweep.run(config, out_dir, data_dir=data_dir, progress=progress, log=log)
+  table = results.read_run(out_dir)
+  title = (f"Robustness ({config.name}{', quick' if quick else ''}: {table.num_rows} rows in "
+           f"{out_dir})")
+  text, markdown = lines(table, title)
+  log("\n".join(text))
+  body = "\n".join(markdown) + "\n"
+  tables.write_text(Path(out_root) / f"robustness{'-quick' if quick else ''}.md", body)
+  return body
+
