@@ -195,8 +195,9 @@ def _fingerprint(name, recipe, seed, train_limit, test_limit) -> str:
 
 
 def _save_state(path: Path, state: dict) -> None:
-  host = jax.tree.map(np.asarray, state)
-  atomic_write_bytes(path, flax.serialization.to_bytes(host))
+  host = jax.tree.map(np.asarray, {k: v for k, v in state.items() if k != "fingerprint"})
+  atomic_write_bytes(path, flax.serialization.to_bytes(
+      {**host, "fingerprint": state["fingerprint"]}))
 
 
 def _load_state(path: Path, target: dict, fingerprint: str) -> dict:
@@ -242,6 +243,8 @@ def train_and_evaluate(
     command: str | None = None,
     restart: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
+    batch_size: int | None = None,
+    guard_images: int = GUARD_IMAGES,
 ) -> TrainResult:
   """Trains zoo entry `name` with its recipe and writes `<out_dir>/<name>.msgpack|.json`.
 
@@ -261,9 +264,13 @@ def train_and_evaluate(
     command: the command line to record in the metadata.
     restart: discard a saved state instead of resuming from it.
     on_epoch_end: called with the epoch count after each epoch's state is saved.
+    batch_size: overrides the recipe's batch size (short runs and tests).
+    guard_images: training images the overfitting guard attacks at each check.
   """
   spec = zoo.entry(name)
   recipe = spec.recipe if epochs is None else dataclasses.replace(spec.recipe, epochs=epochs)
+  if batch_size is not None:
+    recipe = dataclasses.replace(recipe, batch_size=batch_size)
   train_x, train_y = datasets.load(spec.dataset, "train", data_dir)
   test_x, test_y = datasets.load(spec.dataset, "test", data_dir)
   train_x, train_y = train_x[:train_limit], train_y[:train_limit]
@@ -282,9 +289,10 @@ def train_and_evaluate(
   train_step = _make_train_step(module, tx, recipe)
   rng = np.random.default_rng(seed)
   guard = _make_guard(module, recipe) if recipe.overfit_guard else None
-  guard_idx = np.random.default_rng([seed, 1]).permutation(len(train_x))[:GUARD_IMAGES]
-  guard_steps = {max(1, round((i + 1) * steps_per_epoch / GUARD_CHECKS)): i
-                 for i in range(GUARD_CHECKS)}  # step count -> check within the epoch
+  guard_idx = np.random.default_rng([seed, 1]).permutation(len(train_x))[:guard_images]
+  guard_at = sorted({max(1, round((i + 1) * steps_per_epoch / GUARD_CHECKS))
+                     for i in range(GUARD_CHECKS)})
+  guard_steps = {step: i for i, step in enumerate(guard_at)}  # steps done -> check
 
   fingerprint = _fingerprint(name, recipe, seed, train_limit, test_limit)
   state = {"variables": variables, "opt_state": tx.init(variables["params"]),

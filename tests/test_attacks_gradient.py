@@ -198,3 +198,40 @@ def test_non_finite_outputs_are_reported_not_counted():
                         jax.random.key(0))
   assert not result.finite.any()
   assert not result.success.any()
+
+
+def test_pgd_restarts_keep_the_first_success_and_count_queries():
+  apply_fn, params = small_cnn()
+  images = random_images(24, 8, 8, 3)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  key = jax.random.key(3)
+  one = attacks.PGDConfig(eps=0.03, step_size=0.01, num_steps=3)
+  four = attacks.PGDConfig(eps=0.03, step_size=0.01, num_steps=3, restarts=4)
+  single = attacks.pgd(apply_fn, params, images, labels, key, one)
+  many = attacks.pgd(apply_fn, params, images, labels, key, four)
+  s1, s4 = np.asarray(single.success), np.asarray(many.success)
+  assert 0 < s1.sum() < len(s1)  # a budget where restarts can matter
+  assert np.all(s4 >= s1) and s4.sum() > s1.sum()
+  # Restart 0 is the one-restart attack: images it fooled keep its adversarial image.
+  np.testing.assert_array_equal(np.asarray(many.adv_images)[s1], np.asarray(single.adv_images)[s1])
+  # Queries: 4 per restart (clean forward + 3 steps), for the restarts an image needed.
+  queries = np.asarray(many.queries)
+  assert np.all(queries[s1] == 4) and np.all(queries[~s4] == 16)
+  assert set(np.unique(queries[s4 & ~s1])) <= {8, 12, 16}
+  # The traced core (as in a training step) gives the same result as the host loop.
+  core = jax.jit(lambda p, x, y: gradient.pgd_core(apply_fn, p, x, y, key, four))(
+      params, images, labels)
+  np.testing.assert_allclose(np.asarray(core.adv_images), np.asarray(many.adv_images),
+                             atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(core.queries), queries)
+
+
+def test_restarts_need_a_random_start():
+  apply_fn, params = small_cnn()
+  images = random_images(2, 8, 8, 3)
+  with pytest.raises(ValueError, match="random_start"):
+    attacks.pgd(apply_fn, params, images, jnp.zeros(2, jnp.int32), jax.random.key(0),
+                attacks.PGDConfig(restarts=3, random_start=False))
+  with pytest.raises(ValueError, match="restarts must be an integer"):
+    attacks.pgd(apply_fn, params, images, jnp.zeros(2, jnp.int32), jax.random.key(0),
+                attacks.PGDConfig(restarts=0))

@@ -1,0 +1,176 @@
+"""Trained defenses: the Gauss network, the denoising block, adversarial training's step,
+resuming an interrupted run, the overfitting guard, and the config's dataset key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advsweep.bench import config
+from advsweep.models import architectures, checkpoints, train, zoo
+from tests.conftest import requires_data
+
+
+def test_gauss_logits_are_negative_squared_distances():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(5, 7)).astype(np.float32)
+  centroids = rng.normal(size=(3, 7)).astype(np.float32)
+  expected = -((features[:, None, :] - centroids[None]) ** 2).sum(-1)
+  np.testing.assert_allclose(architectures.gauss_logits(features, centroids), expected,
+                             rtol=1e-5, atol=1e-5)
+  logits = jnp.asarray(expected)
+  labels = jnp.asarray([0, 1, 2, 0, 1])
+  p = np.exp(expected)
+  onehot = np.eye(3)[np.asarray(labels)]
+  bce = -(onehot * np.log(p) + (1 - onehot) * np.log1p(-p)).sum(-1)
+  np.testing.assert_allclose(architectures.gauss_loss(logits, labels), bce, rtol=1e-4)
+
+
+def _random_model(module, dataset):
+  variables = zoo.init_variables(module, dataset, jax.random.key(0))
+  return zoo.Model("test", module, variables, {})
+
+
+def test_gauss_lenet_pixel_evaluator_equals_the_full_forward_pass():
+  model = _random_model(architectures.PapernotLeNet(head=architectures.GAUSS), "mnist")
+  splicer = model.pixel_evaluator
+  images = jax.random.uniform(jax.random.key(1), (6, 28, 28, 1))
+  rows = jnp.asarray([[0], [27], [0], [27], [13], [5]])
+  cols = jnp.asarray([[0], [27], [27], [0], [14], [20]])
+  colours = jax.random.uniform(jax.random.key(2), (6, 1, 1))
+  perturbed = images.at[jnp.arange(6)[:, None], rows, cols].set(colours)
+  expected = model.apply_fn(model.params, perturbed)
+  for split in sorted({0, 2, len(splicer.layers)}):  # pixel space, a middle, the last conv
+    plan = splicer.plan_for(model.params, (28, 28, 1), 1, split)
+    state = splicer.clean_state(model.params, images, plan)
+    got = splicer.logits(model.params, state, jnp.arange(6), rows, cols, colours, plan)
+    np.testing.assert_allclose(got, expected, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(expected).max()))
+
+
+def test_denoising_blocks_start_as_the_identity():
+  """Zero-initialised 1x1 convolutions: a denoised ResNet-20 given its twin's weights
+  computes the twin's logits; once the convolution is non-zero the block changes them."""
+  plain = _random_model(architectures.ResNet20(), "cifar10")
+  denoised_module = architectures.ResNet20(denoise_after=(2, 3))
+  fresh = zoo.init_variables(denoised_module, "cifar10", jax.random.key(5))
+  variables = {"params": {**plain.params["params"],
+                          **{k: v for k, v in fresh["params"].items() if "denoise" in k}},
+               "batch_stats": plain.params["batch_stats"]}
+  images = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3))
+  expected = plain.apply_fn(plain.params, images)
+  got = denoised_module.apply(variables, images, train=False)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  kernel = variables["params"]["stage3_denoise"]["conv"]["kernel"]
+  variables["params"]["stage3_denoise"]["conv"]["kernel"] = jnp.full_like(kernel, 0.05)
+  assert not np.allclose(denoised_module.apply(variables, images, train=False), expected,
+                         atol=1e-3)
+
+
+def test_training_attacks_follow_the_papers():
+  recipe = zoo.entry("mnist_lenet_pgd").recipe
+  attack = train.training_attack(recipe)
+  assert (attack.eps, attack.step_size, attack.num_steps, attack.random_start) == (
+      0.3, pytest.approx(0.375), 1, True)  # Wong et al.: step 1.25 eps from a random start
+  fgsm = train.training_attack(zoo.entry("mnist_lenet_fgsm").recipe)
+  assert fgsm.eps == 0.25 and zoo.entry("mnist_lenet_fgsm").recipe.clean_weight == 0.5
+  pgd = train.training_attack(dataclasses.replace(recipe, adversary="pgd", adv_steps=40,
+                                                  adv_step=None))
+  assert pgd.num_steps == 40 and pgd.step_size == pytest.approx(2.5 * 0.3 / 40)
+  assert train.training_attack(zoo.entry("mnist_lenet").recipe) is None
+  for name, entry in zoo.ZOO.items():
+    assert bool(entry.defense) == bool(entry.twin), name
+    assert not entry.twin or entry.twin in zoo.ZOO, name
+
+
+def _tiny(name, data_dir, tmp_path, **kwargs):
+  """Two epochs of two steps of 16 images (the guard attacks 16 training images)."""
+  return train.train_and_evaluate(name, seed=3, data_dir=data_dir, out_dir=tmp_path,
+                                  epochs=2, train_limit=32, test_limit=32, progress=False,
+                                  batch_size=16, guard_images=16, **kwargs)
+
+
+@requires_data
+def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path, capsys):
+  """ALP (adversarial examples, logit pairing, the guard): killed after epoch 1, resumed,
+  it ends with the weights and the history of a run that was never interrupted."""
+  whole = _tiny("mnist_lenet_alp", data_dir, tmp_path / "whole")
+  assert "s per step" in capsys.readouterr().out  # the time estimate comes first
+
+  class Killed(Exception):
+    pass
+
+  def kill(epoch):
+    if epoch == 1:
+      raise Killed
+
+  with pytest.raises(Killed):
+    _tiny("mnist_lenet_alp", data_dir, tmp_path / "resumed", on_epoch_end=kill)
+  state = train.resume_path(tmp_path / "resumed", "mnist_lenet_alp")
+  assert state.is_file() and not (tmp_path / "resumed" / "mnist_lenet_alp.json").exists()
+  # Another seed is another run: its state is refused, not silently continued.
+  with pytest.raises(checkpoints.CheckpointError, match="--restart"):
+    train.train_and_evaluate("mnist_lenet_alp", seed=4, data_dir=data_dir,
+                             out_dir=tmp_path / "resumed", epochs=2, train_limit=32,
+                             test_limit=32, progress=False, batch_size=16, guard_images=16)
+  resumed = _tiny("mnist_lenet_alp", data_dir, tmp_path / "resumed")
+  assert "resuming after epoch 1 of 2" in capsys.readouterr().out
+  assert not state.exists()
+  assert resumed.losses == whole.losses
+  assert resumed.meta["overfit_guard"] == whole.meta["overfit_guard"]
+  for a, b in zip(jax.tree.leaves(whole.variables), jax.tree.leaves(resumed.variables),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed.meta["sha256"] == whole.meta["sha256"]
+  assert whole.meta["defense"] == "alp" and whole.meta["twin"] == "mnist_lenet"
+
+
+@requires_data
+def test_a_corrupt_training_state_is_refused(data_dir, tmp_path):
+  state = train.resume_path(tmp_path, "mnist_lenet_gauss")
+  state.write_bytes(b"not msgpack at all")
+  with pytest.raises(checkpoints.CheckpointError, match="not a training state"):
+    _tiny("mnist_lenet_gauss", data_dir, tmp_path)
+  result = _tiny("mnist_lenet_gauss", data_dir, tmp_path, restart=True)  # --restart
+  assert len(result.losses) == 2 and not state.exists()
+
+
+@requires_data
+def test_the_guard_stops_a_collapse_and_keeps_the_best_weights(data_dir, tmp_path,
+                                                               monkeypatch):
+  """Catastrophic overfitting (Wong et al.): PGD accuracy on training images collapses; the
+  run stops there and keeps the weights of the best check."""
+  seen, accuracies = [], iter([0.6, 0.7, 0.1, 0.9])
+
+  def fake_guard(module, recipe):
+    def accuracy(variables, images, labels, key):
+      seen.append(jax.tree.map(np.asarray, variables))
+      return next(accuracies)
+    return accuracy
+
+  monkeypatch.setattr(train, "_make_guard", fake_guard)
+  result = train.train_and_evaluate("mnist_lenet_pgd", seed=0, data_dir=data_dir,
+                                    out_dir=tmp_path, epochs=2, train_limit=32,
+                                    test_limit=16, progress=False, batch_size=8)
+  guard = result.meta["overfit_guard"]
+  assert guard["pgd10_train_accuracy_per_check"] == [0.6, 0.7, 0.1]
+  assert guard["stopped_at"] == {"epoch": 1, "fraction_of_epoch": 0.75}
+  assert guard["kept"] == "check 2"
+  for a, b in zip(jax.tree.leaves(seen[1]), jax.tree.leaves(result.variables), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_attack_tables_apply_per_dataset():
+  cfg = config.load("robustness", quick=True)
+  eps = {(c.model, c.attack): c.params.get("eps") for c in cfg.cells()
+         if c.attack in ("fgsm", "pgd")}
+  assert eps[("mnist_lenet_pgd", "pgd")] == 0.3
+  assert eps[("fashion_mnist_lenet", "fgsm")] == 0.1
+  assert eps[("cifar10_resnet20_adv", "pgd")] == pytest.approx(8 / 255)
+  assert sum(1 for (m, a) in eps if m == "cifar10_vgg") == 2  # one FGSM, one PGD cell
+  with pytest.raises(config.ConfigError, match="unknown dataset 'mnsit'"):
+    config.load("robustness", ["attacks.fgsm.dataset=['mnsit', 'fashion_mnist', 'cifar10']"])
