@@ -32,15 +32,21 @@ SOFTMAX, GAUSS = "softmax", "gauss"
 HEADS = (SOFTMAX, GAUSS)
 
 
-def gauss_logits(features: jnp.ndarray, centroids: jnp.ndarray) -> jnp.ndarray:
-  """The Gauss network's output in log space: `-||phi(x) - c_k||^2` per class [B, K].
+def gauss_logits(features: jnp.ndarray, centroids: jnp.ndarray,
+                 log_gamma: jnp.ndarray | float = 0.0) -> jnp.ndarray:
+  """The Gauss network's output in log space: `-gamma ||phi(x) - c_k||^2` per class [B, K].
 
   Hess, Duivesteijn and Mocanu show that a softmax layer assigns a point to the cone of its
   class, as k-means with centroids at equal distance from the origin would, whatever the
   point's distance to the centroid. Their Centroid Based Tailoring replaces the softmax
   output by a Gaussian kernel of the distance to learned class centroids,
   `exp(-||phi(x) - c_k||^2)`. We return its logarithm, so argmax, the attacks' losses and a
-  softmax over classes (the soft k-means assignment) all work on it unchanged.
+  softmax over classes (the soft k-means assignment) all work on it unchanged. `gamma`
+  (given as its log) is the kernel's inverse bandwidth; `GaussHead` learns it, starting at
+  1 / feature dimension so that initial distances are of order one (at gamma = 1 the
+  confidences of a fresh network are all near zero and its BCE has no gradient that tells
+  the classes apart: a ResNet-20 stayed at chance for 60 steps where the softmax reached
+  28%).
 
   References: Hess, Duivesteijn, Mocanu, Softmax-based Classification is k-means
   Clustering: Formal Proof, Consequences for Adversarial Attacks, and Improvement through
@@ -48,7 +54,7 @@ def gauss_logits(features: jnp.ndarray, centroids: jnp.ndarray) -> jnp.ndarray:
   """
   squared = (jnp.sum(features ** 2, -1, keepdims=True) - 2 * features @ centroids.T
              + jnp.sum(centroids ** 2, -1))
-  return -jnp.maximum(squared, 0.0)
+  return -jnp.exp(log_gamma) * jnp.maximum(squared, 0.0)
 
 
 def gauss_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
@@ -62,15 +68,19 @@ def gauss_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
 
 
 class GaussHead(nn.Module):
-  """Class centroids in feature space; outputs `gauss_logits` (Hess et al.)."""
+  """Class centroids in feature space and the kernel's log inverse bandwidth; outputs
+  `gauss_logits` (Hess et al.)."""
 
   num_classes: int
 
   @nn.compact
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+    dim = features.shape[-1]
     centroids = self.param("centroids", nn.initializers.normal(1.0),
-                           (self.num_classes, features.shape[-1]), features.dtype)
-    return gauss_logits(features, centroids)
+                           (self.num_classes, dim), features.dtype)
+    log_gamma = self.param("log_gamma", nn.initializers.constant(-jnp.log(dim)), (),
+                           features.dtype)
+    return gauss_logits(features, centroids, log_gamma)
 
 
 def _classifier(head: str, num_classes: int, name: str) -> nn.Module:

@@ -391,7 +391,8 @@ def _dense_head(names: Sequence[str], gauss: bool = False
       if i + 1 < len(names) or gauss:
         x = jax.nn.relu(x)
     if gauss:
-      x = arch.gauss_logits(x, variables["params"]["gauss"]["centroids"])
+      head = variables["params"]["gauss"]
+      x = arch.gauss_logits(x, head["centroids"], head["log_gamma"])
     return x
   return head
 
