@@ -25,7 +25,7 @@ if _STARTING and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
   signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 from advsweep.bench import tables  # noqa: E402
-from advsweep.models import checkpoints, zoo  # noqa: E402
+from advsweep.models import checkpoints, interrupts, zoo  # noqa: E402
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -364,10 +364,14 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   args = build_parser().parse_args(argv)
-  if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if signal.getsignal(signal.SIGINT) in (_interrupted_while_starting,
+                                          signal.default_int_handler):
+    interrupts.install()
   try:
-    return args.func(args)
+    status = args.func(args)
+    if interrupts.requested():  # raised where it was dropped, and the command ended
+      raise KeyboardInterrupt
+    return status
   except KeyboardInterrupt:
     if os.environ.get("ADVSWEEP_TRACEBACK"):
       raise

@@ -26,6 +26,7 @@ from advsweep.bench import report, results, sweep, tables
 from advsweep.models import zoo
 
 CONFIG = "robustness"
+OVERFIT_GAP = 0.5  # FGSM minus PGD accuracy of an adversarially trained model that flags it
 HEADER = ("model", "defense", "twin", "n", "clean", "FGSM", "PGD", "1-pixel k=1",
           "1-pixel k=3", "JSMA", "PGD from twin")
 # Column -> (attack, params the cell must have).
@@ -152,6 +153,14 @@ def _measure(table: pa.Table
       flags.append(f"FLAG {model}: one FGSM step ({_share(rates['FGSM'])}) leaves fewer "
                    f"images correct than PGD ({_share(white_box)}): PGD's steps or budget "
                    "are too small, or the gradient is masked")
+    trained_on_attack = entry is not None and entry.recipe.adversary is not None
+    fgsm, pgd_rate = rates["FGSM"], white_box
+    if (trained_on_attack and fgsm[1] and pgd_rate[1]
+        and fgsm[0] / fgsm[1] - pgd_rate[0] / pgd_rate[1] >= OVERFIT_GAP):
+      flags.append(f"FLAG {model}: trained on {entry.recipe.adversary}, it keeps "
+                   f"{_share(fgsm)} under FGSM but {_share(white_box)} under PGD: robust to "
+                   "the one-step attack it was trained on only (catastrophic overfitting, "
+                   "Wong et al. 2020)")
     for name in ("transfer", "1-pixel k=1", "1-pixel k=3"):
       if name in rates and _apart_below(rates[name], white_box):
         what = "PGD made on the twin" if name == "transfer" else f"the black-box {name}"

@@ -39,7 +39,7 @@ from advsweep.bench import claims as claims_lib
 from advsweep.bench import config as config_lib
 from advsweep.bench import detection, masking, results, selection, timing
 from advsweep.bench.config import Cell, ConfigError, RunConfig
-from advsweep.models import custom, datasets, defenses, files, zoo
+from advsweep.models import custom, datasets, defenses, files, interrupts, zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,6 +535,7 @@ def _run_units(config: RunConfig, run_id: str, todo: list[Unit],
   successes = attempts = ran = elsewhere = 0
   try:
     for unit in todo:
+      interrupts.check()
       if stop_after_units is not None and ran >= stop_after_units:
         break
       if not claims.take(unit.filename):

@@ -28,7 +28,7 @@ import optax
 from tqdm.auto import tqdm
 
 from advsweep.attacks import gradient
-from advsweep.models import architectures, checkpoints, datasets, evaluation, zoo
+from advsweep.models import architectures, checkpoints, datasets, evaluation, interrupts, zoo
 from advsweep.models.files import atomic_write_bytes
 
 
@@ -80,8 +80,8 @@ def training_attack(recipe: zoo.TrainRecipe) -> Any:
   if recipe.adversary is None:
     return None
   eps = recipe.epsilon
-  if recipe.adversary == "fgsm":
-    return gradient.FGSMConfig(eps=eps)
+  if recipe.adversary == "fgsm":  # FGSM as the PGD setting it is: one step of eps
+    return gradient.PGDConfig(eps=eps, step_size=eps, num_steps=1, random_start=False)
   if recipe.adversary == "fgsm_rs":
     step = recipe.adv_step if recipe.adv_step is not None else 1.25 * eps
     return gradient.PGDConfig(eps=eps, step_size=step, num_steps=1, random_start=True)
@@ -106,7 +106,7 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
   needs_clean = attack is None or recipe.clean_weight > 0 or recipe.logit_pairing > 0
 
   @jax.jit
-  def train_step(variables, opt_state, images_u8, labels, key):
+  def train_step(variables, opt_state, images_u8, labels, key, eps_scale=1.0):
     aug_key, attack_key = jax.random.split(key)
     images = images_u8.astype(jnp.float32) / 255.0
     if recipe.augment:
@@ -120,8 +120,10 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
       # The attack sees the network as the loss does (training-mode BatchNorm); the
       # statistics it would update are dropped.
       attack_fn = lambda params, x: forward(params, x)[0]  # noqa: E731
+      scaled = attack.replace(eps=attack.eps * eps_scale,
+                              step_size=attack.step_size * eps_scale)
       adv = gradient.pgd_core(attack_fn, variables["params"], images, labels, attack_key,
-                              attack).adv_images
+                              scaled).adv_images
       adv = jax.lax.stop_gradient(adv)
       batch = jnp.concatenate([images, adv]) if needs_clean else adv
     else:
@@ -151,6 +153,12 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
     return new_vars, opt_state, loss, correct
 
   return train_step
+
+
+def _eps_scale(recipe: zoo.TrainRecipe, step: int, total: int) -> float:
+  """The share of `epsilon` the training attack uses at `step` (`TrainRecipe.epsilon_ramp`)."""
+  ramp = recipe.epsilon_ramp * total
+  return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
 
 
 GUARD_IMAGES = 512
@@ -328,10 +336,13 @@ def train_and_evaluate(
     bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}",
                disable=not progress, leave=True, mininterval=2.0)
     for step in bar:
+      interrupts.check()
       idx = order[step * batch:(step + 1) * batch]
-      step_key = jax.random.fold_in(aug_key, epoch * steps_per_epoch + step)
+      global_step = epoch * steps_per_epoch + step
+      step_key = jax.random.fold_in(aug_key, global_step)
       variables, opt_state, loss, correct = train_step(
-          variables, opt_state, train_x[idx], train_y[idx], step_key)
+          variables, opt_state, train_x[idx], train_y[idx], step_key,
+          _eps_scale(recipe, global_step, recipe.epochs * steps_per_epoch))
       total_loss += float(loss)
       total_correct += int(correct)
       if step % 10 == 0 or step == steps_per_epoch - 1:

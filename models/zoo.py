@@ -62,6 +62,7 @@ class TrainRecipe:
   logit_pairing: float = 0.0
   loss: str = "cross_entropy"
   overfit_guard: bool = False
+  epsilon_ramp: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,15 +124,16 @@ ZOO: dict[str, ZooEntry] = dict([
            "(Goodfellow et al. 2015, Sec. 6)", "adv_train:fgsm", "mnist_lenet"),
     _entry("mnist_lenet_pgd", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
            dataclasses.replace(_MNIST_ADAM, epochs=2, adversary="fgsm_rs",
-                               epsilon=0.3, clean_weight=0.0,
-                               overfit_guard=True),
+                               epsilon=0.3, clean_weight=0.0, overfit_guard=True,
+                               epsilon_ramp=0.5),
            "Madry et al.'s adversarial-only training at eps 0.3, its PGD-40 replaced by FGSM "
-           "from a random start (Wong et al. 2020) for CPU time, with their overfitting "
-           "guard", "adv_train:fgsm_rs", "mnist_lenet"),
+           "from a random start (Wong et al. 2020) for CPU time, eps growing over the first "
+           "half of training, with Wong et al.'s overfitting guard", "adv_train:fgsm_rs",
+           "mnist_lenet"),
     _entry("mnist_lenet_alp", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
            dataclasses.replace(_MNIST_ADAM, epochs=1, adversary="fgsm_rs",
                                epsilon=0.3, clean_weight=0.5,
-                               logit_pairing=0.5, overfit_guard=True),
+                               logit_pairing=0.5, overfit_guard=True, epsilon_ramp=0.5),
            "adversarial logit pairing (Kannan et al. 2018), lambda 0.5, on the mixed loss; "
            "FGSM from a random start at eps 0.3 in place of PGD", "alp", "mnist_lenet"),
     _entry("mnist_lenet_gauss", "mnist", "PapernotLeNet",

@@ -77,7 +77,9 @@ def test_training_attacks_follow_the_papers():
   assert (attack.eps, attack.step_size, attack.num_steps, attack.random_start) == (
       0.3, pytest.approx(0.375), 1, True)  # Wong et al.: step 1.25 eps from a random start
   fgsm = train.training_attack(zoo.entry("mnist_lenet_fgsm").recipe)
-  assert fgsm.eps == 0.25 and zoo.entry("mnist_lenet_fgsm").recipe.clean_weight == 0.5
+  assert (fgsm.eps, fgsm.step_size, fgsm.num_steps, fgsm.random_start) == (0.25, 0.25, 1,
+                                                                           False)
+  assert zoo.entry("mnist_lenet_fgsm").recipe.clean_weight == 0.5  # Goodfellow's alpha
   pgd = train.training_attack(dataclasses.replace(recipe, adversary="pgd", adv_steps=40,
                                                   adv_step=None))
   assert pgd.num_steps == 40 and pgd.step_size == pytest.approx(2.5 * 0.3 / 40)
@@ -85,6 +87,14 @@ def test_training_attacks_follow_the_papers():
   for name, entry in zoo.ZOO.items():
     assert bool(entry.defense) == bool(entry.twin), name
     assert not entry.twin or entry.twin in zoo.ZOO, name
+
+
+def test_the_eps_ramp_grows_linearly_then_holds():
+  recipe = dataclasses.replace(zoo.entry("mnist_lenet_pgd").recipe, epsilon_ramp=0.5)
+  scales = [train._eps_scale(recipe, step, 10) for step in range(10)]
+  np.testing.assert_allclose(scales, [0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1, 1, 1])
+  plain = dataclasses.replace(recipe, epsilon_ramp=0.0)
+  assert {train._eps_scale(plain, step, 10) for step in range(10)} == {1.0}
 
 
 def _tiny(name, data_dir, tmp_path, **kwargs):
