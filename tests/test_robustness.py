@@ -1,0 +1,104 @@
+"""The robustness table: accuracy over every image, the strongest configuration, the twin's
+row first, the transfer column and the masking flags (on synthetic rows with known counts),
+and a real run of `advsweep robustness` on two zoo models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from advsweep.bench import reproduce, results, robustness, tables
+from advsweep.models import zoo
+from tests.conftest import requires_data
+
+
+def _rows(model, attack, params, n, robust, clean=None, transfer=None):
+  """n images; the first `robust` stay correct, the first `clean` (default n) are
+  clean-correct; transfer: how many the twin's examples fool (None: not run)."""
+  clean = n if clean is None else clean
+  label = np.zeros(n, np.int64)
+  adv_pred = np.where(np.arange(n) < robust, 0, 1)
+  fooled = None if transfer is None else [bool(i < transfer) for i in range(n)]
+  return {"model": [model] * n, "attack": [attack] * n, "params": [json.dumps(params)] * n,
+          "config_hash": [f"{attack}{json.dumps(params)}"] * n,
+          "clean_correct": list(np.arange(n) < clean), "label": list(label),
+          "adv_pred": list(adv_pred), "transfer_success": fooled or [None] * n}
+
+
+def _table(*parts):
+  cols = {k: sum((p[k] for p in parts), []) for k in parts[0]}
+  return pa.table(cols)
+
+
+def _cells(model, fgsm, pgd, transfer=None, clean=None):
+  return [_rows(model, "fgsm", {"eps": 0.3}, 50, fgsm, clean),
+          _rows(model, "pgd", {"eps": 0.3}, 50, pgd, clean, transfer)]
+
+
+def test_table_counts_every_image_and_flags_masking():
+  table = _table(
+      # A defended model listed first: the table still puts its twin's row before it.
+      *_cells("mnist_lenet_pgd", fgsm=45, pgd=30, transfer=40),  # transfer: 10 correct
+      *_cells("mnist_lenet", fgsm=20, pgd=0, clean=48),
+      _rows("mnist_lenet", "pgd", {"eps": 0.3, "restarts": 5}, 50, 0, 48),
+      # Two JSMA configurations: the stronger one counts.
+      _rows("mnist_lenet", "jsma", {"gamma": 0.1}, 50, 30, 48),
+      _rows("mnist_lenet", "jsma", {"gamma": 0.2}, 50, 12, 48))
+  rows, flags = robustness.robustness_rows(table)
+  assert [r[0] for r in rows] == ["mnist_lenet", "mnist_lenet_pgd"]
+  twin, defended = (dict(zip(robustness.HEADER, r, strict=True)) for r in rows)
+  lo, hi = tables.wilson_interval(48, 50)
+  assert twin["clean"] == f"96.0% ({tables.pct(lo)}-{tables.pct(hi)})"
+  assert twin["JSMA"].startswith("24.0%") and twin["PGD from twin"] == "-"
+  assert defended["twin"] == "mnist_lenet" and defended["defense"] == "adv_train:fgsm_rs"
+  assert defended["PGD"].startswith("60.0%") and defended["FGSM"].startswith("90.0%")
+  assert defended["PGD from twin"].startswith("20.0%")  # 40 of 50 fooled by the transfer
+  assert any("PGD made on the twin (20.0%)" in f and "mnist_lenet_pgd" in f for f in flags)
+  assert not any("catastrophic" in f for f in flags)  # FGSM 90% vs PGD 60%: a 30-point gap
+  rows, flags = robustness.robustness_rows(_table(*_cells("mnist_lenet_pgd", 48, 5)))
+  assert any("catastrophic overfitting" in f for f in flags)
+  rows, flags = robustness.robustness_rows(_table(*_cells("mnist_lenet", 5, 40)))
+  assert any("one FGSM step" in f for f in flags)  # FGSM beating PGD: PGD is too weak
+  twins = robustness.twin_lines(_table(*_cells("mnist_lenet_pgd", 45, 30),
+                                       *_cells("mnist_lenet", 20, 0)))
+  assert twins == [next(t for t in twins if t.startswith("mnist_lenet_pgd vs mnist_lenet"))]
+  assert "PGD 60.0% vs 0.0% (higher)" in twins[0]
+  assert "clean 100.0% vs 100.0% (no difference at 95%)" in twins[0]
+
+
+def test_all_image_metrics_count_clean_errors():
+  table = _table(_rows("mnist_lenet", "pgd", {"eps": 0.3}, 40, 20, clean=30))
+  cols = {k: np.asarray(v) for k, v in table.to_pydict().items()}
+  cols["success"] = cols["adv_pred"] != cols["label"]
+  cols["adv_top5_correct"] = np.ones(40, bool)
+  mask = np.ones(40, bool)
+  assert reproduce.metric(cols, mask, "clean_accuracy")[:2] == (0.75, 40)
+  assert reproduce.metric(cols, mask, "robust_accuracy")[:2] == (0.5, 40)
+  assert reproduce.metric(cols, mask, "adv_error")[:2] == (0.5, 40)
+  assert reproduce.metric(cols, mask, "accuracy")[:2] == (pytest.approx(20 / 30), 30)
+
+
+@requires_data
+def test_robustness_command_runs_on_a_defended_model_and_its_twin(data_dir, tmp_path):
+  if "mnist_lenet_fgsm" not in zoo.available():
+    pytest.skip("mnist_lenet_fgsm is not trained: advsweep train mnist_lenet_fgsm")
+  markdown = robustness.run(
+      quick=True, out_root=tmp_path, data_dir=str(data_dir), progress=False, log=lambda _: None,
+      overrides=['models=["mnist_lenet", "mnist_lenet_fgsm"]', "images.per_bin=4",
+                 "attacks.pgd.num_steps=3", "attacks.jsma.gamma=0.03",
+                 "attacks.one_pixel.population_size=8", "attacks.one_pixel.num_generations=2"])
+  table = results.read_run(tmp_path / "robustness-quick")
+  rows, _ = robustness.robustness_rows(table)
+  assert [r[0] for r in rows] == ["mnist_lenet", "mnist_lenet_fgsm"]
+  assert all(r[3] == "4" for r in rows)
+  assert rows[1][-1] != "-" and rows[0][-1] == "-"  # the transfer attack ran on the defense
+  # The PGD column is the rows' count of images still correct.
+  cols = {k: np.asarray(v) for k, v in table.to_pydict().items()}
+  pgd = (cols["model"] == "mnist_lenet_fgsm") & (cols["attack"] == "pgd")
+  kept = int((cols["clean_correct"][pgd] & (cols["adv_pred"][pgd] == cols["label"][pgd])).sum())
+  assert rows[1][robustness.HEADER.index("PGD")].startswith(tables.pct(kept / 4))
+  assert (tmp_path / "robustness-quick.md").read_text() == markdown
+  assert "restarts=2" in markdown
