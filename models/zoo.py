@@ -135,7 +135,8 @@ ZOO: dict[str, ZooEntry] = dict([
                                epsilon=0.3, clean_weight=0.5,
                                logit_pairing=0.5, overfit_guard=True, epsilon_ramp=0.5),
            "adversarial logit pairing (Kannan et al. 2018), lambda 0.5, on the mixed loss; "
-           "FGSM from a random start at eps 0.3 in place of PGD", "alp", "mnist_lenet"),
+           "FGSM from a random start at eps 0.3 (ramped over the first half) in place of PGD",
+           "alp", "mnist_lenet"),
     _entry("mnist_lenet_gauss", "mnist", "PapernotLeNet",
            functools.partial(architectures.PapernotLeNet, head=architectures.GAUSS),
            dataclasses.replace(_MNIST_ADAM, epochs=2, loss="gauss"),
