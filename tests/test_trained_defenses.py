@@ -98,10 +98,10 @@ def test_the_eps_ramp_grows_linearly_then_holds():
 
 
 def _tiny(name, data_dir, tmp_path, **kwargs):
-  """Two epochs of two steps of 16 images (the guard attacks 16 training images)."""
+  """Two epochs of two steps of 8 images (the guard attacks 8 training images)."""
   return train.train_and_evaluate(name, seed=3, data_dir=data_dir, out_dir=tmp_path,
-                                  epochs=2, train_limit=32, test_limit=32, progress=False,
-                                  batch_size=16, guard_images=16, **kwargs)
+                                  epochs=2, train_limit=16, test_limit=16, progress=False,
+                                  batch_size=8, guard_images=8, **kwargs)
 
 
 @requires_data
@@ -125,8 +125,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path, caps
   # Another seed is another run: its state is refused, not silently continued.
   with pytest.raises(checkpoints.CheckpointError, match="--restart"):
     train.train_and_evaluate("mnist_lenet_alp", seed=4, data_dir=data_dir,
-                             out_dir=tmp_path / "resumed", epochs=2, train_limit=32,
-                             test_limit=32, progress=False, batch_size=16, guard_images=16)
+                             out_dir=tmp_path / "resumed", epochs=2, train_limit=16,
+                             test_limit=16, progress=False, batch_size=8, guard_images=8)
   resumed = _tiny("mnist_lenet_alp", data_dir, tmp_path / "resumed")
   assert "resuming after epoch 1 of 2" in capsys.readouterr().out
   assert not state.exists()
