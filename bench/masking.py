@@ -109,7 +109,7 @@ def _rate(values: np.ndarray) -> tuple[int, int]:
   return int(values.sum()), len(values)
 
 
-def _disjoint_above(a: tuple[int, int], b: tuple[int, int]) -> bool:
+def disjoint_above(a: tuple[int, int], b: tuple[int, int]) -> bool:
   """Rate a is above rate b with their 95% Wilson intervals apart."""
   (ka, na), (kb, nb) = a, b
   if not na or not nb:
@@ -150,7 +150,7 @@ def flags(cols: dict[str, np.ndarray], mask: np.ndarray, cell: dict[str, Any],
     out.append(f"eps {eps:g} can reach any image, yet {won[1] - won[0]} of {won[1]} "
                "attacks failed: the attack does not find what exists")
   transfer = _rate(cols["transfer_success"][ok])
-  if transfer[1] and _disjoint_above(transfer, won):
+  if transfer[1] and disjoint_above(transfer, won):
     out.append(f"transfer from the twin ({100 * transfer[0] / transfer[1]:.0f}%) "
                f"beats the white-box attack ({100 * won[0] / won[1]:.0f}%)")
   if eps is not None and cell["attack"] != "one_pixel":
@@ -161,14 +161,14 @@ def flags(cols: dict[str, np.ndarray], mask: np.ndarray, cell: dict[str, Any],
         continue  # the one-pixel changes are outside this budget
       peer_ok = rows & cols["clean_correct"]
       peer_won = (int((peer_ok & cols["success"]).sum()), int(peer_ok.sum()))
-      if _disjoint_above(peer_won, won):
+      if disjoint_above(peer_won, won):
         out.append(f"the black-box one-pixel attack ({100 * peer_won[0] / peer_won[1]:.0f}%)"
                    f" beats this white-box attack ({100 * won[0] / won[1]:.0f}%) within a "
                    "budget that contains it")
   if adaptive_twin is not None:
     twin_ok = adaptive_twin & cols["clean_correct"]
     twin_won = (int((twin_ok & cols["success"]).sum()), int(twin_ok.sum()))
-    if _disjoint_above(twin_won, won):
+    if disjoint_above(twin_won, won):
       out.append(f"the adaptive attack ({100 * twin_won[0] / twin_won[1]:.0f}%) beats this "
                  f"one ({100 * won[0] / won[1]:.0f}%): its accuracy overstates the defense")
   return out

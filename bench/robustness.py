@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep.bench import config as config_lib
-from advsweep.bench import report, results, sweep, tables
+from advsweep.bench import masking, report, results, sweep, tables
 from advsweep.models import zoo
 
 CONFIG = "robustness"
@@ -48,14 +48,6 @@ def _cell_text(k: int, n: int) -> str:
     return "-"
   lo, hi = tables.wilson_interval(k, n)
   return f"{tables.pct(k / n)} ({tables.pct(lo)}-{tables.pct(hi)})"
-
-
-def _apart_below(a: tuple[int, int], b: tuple[int, int]) -> bool:
-  """Rate a is below rate b with their 95% Wilson intervals apart."""
-  (ka, na), (kb, nb) = a, b
-  if not na or not nb:
-    return False
-  return tables.wilson_interval(ka, na)[1] < tables.wilson_interval(kb, nb)[0]
 
 
 def _order(models: list[str]) -> list[str]:
@@ -90,7 +82,10 @@ def twin_lines(table: pa.Table) -> list[str]:
   correct, where the 95% intervals are apart (the claims of Hess et al.: the Gauss network
   is less susceptible to one-pixel attacks; of Xie et al.: denoising blocks add PGD
   robustness to adversarial training)."""
-  _, _, rates = _measure(table)
+  return _twin_lines(_measure(table)[2])
+
+
+def _twin_lines(rates: dict[str, dict[str, tuple[int, int]]]) -> list[str]:
   out = []
   for model, own in rates.items():
     twin = zoo.ZOO[model].twin if model in zoo.ZOO else ""
@@ -101,8 +96,8 @@ def twin_lines(table: pa.Table) -> list[str]:
       a, b = own.get(column, (0, 0)), rates[twin].get(column, (0, 0))
       if not a[1] or not b[1]:
         continue
-      verdict = ("higher" if _apart_below(b, a) else "lower" if _apart_below(a, b)
-                 else "no difference at 95%")
+      above, below = masking.disjoint_above(a, b), masking.disjoint_above(b, a)
+      verdict = "higher" if above else "lower" if below else "no difference at 95%"
       parts.append(f"{column} {_share(a)} vs {_share(b)} ({verdict})")
     out.append(f"{model} vs {twin}: " + "; ".join(parts))
   return out
@@ -149,7 +144,7 @@ def _measure(table: pa.Table
       row.append("-")
     rows.append(row)
     white_box = rates["PGD"]
-    if _apart_below(rates["FGSM"], white_box):
+    if masking.disjoint_above(white_box, rates["FGSM"]):
       flags.append(f"FLAG {model}: one FGSM step ({_share(rates['FGSM'])}) leaves fewer "
                    f"images correct than PGD ({_share(white_box)}): PGD's steps or budget "
                    "are too small, or the gradient is masked")
@@ -162,7 +157,7 @@ def _measure(table: pa.Table
                    "the one-step attack it was trained on only (catastrophic overfitting, "
                    "Wong et al. 2020)")
     for name in ("transfer", "1-pixel k=1", "1-pixel k=3"):
-      if name in rates and _apart_below(rates[name], white_box):
+      if name in rates and masking.disjoint_above(white_box, rates[name]):
         what = "PGD made on the twin" if name == "transfer" else f"the black-box {name}"
         flags.append(f"FLAG {model}: {what} ({_share(rates[name])}) leaves fewer images "
                      f"correct than white-box PGD ({_share(white_box)}): a sign of gradient "
@@ -179,13 +174,13 @@ def _pgd_setting(table: pa.Table) -> str:
 
 def lines(table: pa.Table, title: str) -> tuple[list[str], list[str]]:
   """The table and flags as text and as Markdown lines."""
-  rows, flags = robustness_rows(table)
+  rows, flags, rates = _measure(table)
   flags = flags or ["no model flagged: no transfer, black-box or one-step attack beat "
                     "white-box PGD"]
   note = ("Accuracy over every image drawn (misclassified clean images count as errors), "
           "95% Wilson interval in parentheses. An image is robust to PGD only if every "
           f"restart fails. PGD: {_pgd_setting(table)}.")
-  twins = twin_lines(table)
+  twins = _twin_lines(rates)
   text = [title, tables.format_text(HEADER, rows), note, "", *flags]
   markdown = [f"## {title}", "", tables.format_markdown(HEADER, rows), "", note, "",
               *[f"- {f}" for f in flags]]
