@@ -430,4 +430,4 @@ SPEC = spec.AttackSpec(
     check_config=check_config, within_budget=_within_gamma,
     forward_equivalents=_forward_equivalents, unit=_unit,
     unit_batch=lambda config, num_images: min(config.num_slots, num_images),
-    budget_field="gamma", quick={"gamma": 0.05})
+    budget_field="gamma", quick={"gamma": 0.05}, sparse=True)

@@ -476,4 +476,4 @@ SPEC = spec.AttackSpec(
     prepare=prepare_one_pixel, check_config=check_config, within_budget=_within_pixels,
     forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD,
     unit_batch=_unit_batch, budget_field="num_pixels", quick={"num_generations": 10},
-    fixed_work={"stop_on_flip": False, "stop_true_prob": 0.0})
+    fixed_work={"stop_on_flip": False, "stop_true_prob": 0.0}, sparse=True)

@@ -51,6 +51,8 @@ class AttackSpec:
     quick: field values of a smoke-sized run (`advsweep perf --quick`).
     fixed_work: field values that give every image the same work (no early stop), for
       timing cost against size.
+    sparse: the attack changes a few features, so a run's rows list them
+      (`bench.perturbations`: the one-pixel attack, JSMA).
   """
 
   name: str
@@ -67,6 +69,7 @@ class AttackSpec:
   budget_field: str | None = None
   quick: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   fixed_work: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  sparse: bool = False
 
   def config(self, **fields: Any) -> Any:
     """The paper's config with `fields` replaced, checked (`check_config`)."""

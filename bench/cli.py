@@ -122,7 +122,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
   process = jax.process_index()  # `main` joined a multi-process job, where there is one
   for name in args.attacks or []:
     config.check_attack_name(name)
-  cfg = config.load(args.config, list(args.set), quick=args.quick)
+  overrides = list(args.set) + (["save_images=true"] if args.save_images else [])
+  cfg = config.load(args.config, overrides, quick=args.quick)
   if args.attacks:
     raw = dict(cfg.raw, attacks={k: v for k, v in cfg.raw["attacks"].items()
                                  if k in args.attacks})
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-resume", action="store_true",
                  help="refuse to continue a folder that already has units of this run")
   p.add_argument("--no-report", action="store_true", help="do not print the summary")
+  p.add_argument("--save-images", action="store_true",
+                 help="also write each unit's adversarial images to RUN/images/*.npz")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.add_argument("--checkpoint-dir", default=None,

@@ -54,6 +54,7 @@ TOP_LEVEL = {
     "bins": {},
     "attacks": None,
     "defenses": ["none"],  # input transformations each model is also run behind (jpeg:75 ...)
+    "save_images": False,  # also write each unit's adversarial images (bench.perturbations)
     "quick": {},
 }
 IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images (0: all)
@@ -171,6 +172,10 @@ class RunConfig:
     return self.raw["split"]
 
   @property
+  def save_images(self) -> bool:
+    return bool(self.raw["save_images"])
+
+  @property
   def batch_size(self) -> int:
     return int(self.raw["batch_size"])
 
@@ -191,7 +196,8 @@ class RunConfig:
     return [float(t) for t in self.raw["bins"]["thresholds"]]
 
   def to_json(self) -> str:
-    body = {k: v for k, v in self.raw.items() if k != "quick"}
+    # What is saved beside the rows (save_images) does not change them.
+    body = {k: v for k, v in self.raw.items() if k not in ("quick", "save_images")}
     if body.get("defenses") == [NO_DEFENSE]:  # the default: runs made before it keep
       del body["defenses"]                    # their hash
     return json.dumps(body, sort_keys=True)
@@ -514,6 +520,8 @@ def _check(raw: dict[str, Any], source: str) -> None:
   for key in ("description", "dataset", "split"):
     if not isinstance(raw[key], str):
       raise ConfigError(f"{key} must be a string; got {raw[key]!r}")
+  if not isinstance(raw["save_images"], bool):
+    raise ConfigError(f"{source}: save_images takes true or false; got {raw['save_images']!r}")
   _strings(raw["models"], "models", '["mnist_lenet"]')
   _strings(raw["defenses"], "defenses", '["none", "jpeg:75"]')
   canonical = []

@@ -67,14 +67,22 @@ SCHEMA = pa.schema([
     # Papernot et al.'s detection statistic (`attacks.common.neighbour_difference_score`).
     ("nd_score_clean", pa.float32()),
     ("nd_score_adv", pa.float32()),
+    # Sparse attacks' changes (`bench.perturbations`): indices into the image flattened in
+    # (height, width, channel) order, the clean and the adversarial values; null for attacks
+    # that change every feature (FGSM, PGD).
+    ("changed_index", pa.list_(pa.int32())),
+    ("changed_from", pa.list_(pa.float32())),
+    ("changed_to", pa.list_(pa.float32())),
 ])
 # Columns added after the first release, in order: parts written before a column existed
 # are read with it null (their evaluation, their defense, ... is not recorded).
 _ADDED = ("evaluation", "defense", "grad_zero_share", "forward_repeatable",
-          "transfer_success", "nd_score_clean", "nd_score_adv")
+          "transfer_success", "nd_score_clean", "nd_score_adv", "changed_index",
+          "changed_from", "changed_to")
 # Columns that record when and where a row was made, not what it says.
 PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
 ROW_KEY = ("model", "config_hash", "example_idx")
+ANALYSIS_DIR = "analysis"  # `advsweep analyze` writes under RUN/analysis/: not rows of the run
 
 
 class ResultsError(ValueError):
@@ -145,7 +153,9 @@ def read_run(folder: str | os.PathLike) -> pa.Table:
   if not folder.is_dir():
     raise ResultsError(f"no results folder {folder}")
   paths = sorted(folder.rglob("*.parquet"))
-  paths = [p for p in paths if not p.name.startswith(".")]  # in-flight temporary files
+  # In-flight temporary files, and the analyses' own tables (`RUN/analysis/`).
+  paths = [p for p in paths if not p.name.startswith(".")
+           and ANALYSIS_DIR not in p.relative_to(folder).parts]
   if not paths:
     raise ResultsError(f"{folder} holds no results (*.parquet); run `advsweep run` first")
   table = pa.concat_tables([read_part(p) for p in paths])

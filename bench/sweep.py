@@ -37,7 +37,7 @@ from advsweep import attacks
 from advsweep.attacks import checks
 from advsweep.bench import claims as claims_lib
 from advsweep.bench import config as config_lib
-from advsweep.bench import detection, masking, results, selection, timing
+from advsweep.bench import detection, masking, perturbations, results, selection, timing
 from advsweep.bench.config import Cell, ConfigError, RunConfig
 from advsweep.models import custom, datasets, defenses, files, interrupts, zoo
 
@@ -156,8 +156,9 @@ class Runner:
       self._params[name] = jax.device_put(model.params, self.replicated)
     return self._params[name]
 
-  def run_unit(self, unit: Unit, data: ModelData) -> dict[str, Any]:
-    """Attacks the unit's images and returns its rows (columns of equal length)."""
+  def run_unit(self, unit: Unit, data: ModelData) -> tuple[dict[str, Any], np.ndarray]:
+    """Attacks the unit's images; returns its rows (columns of equal length) and its
+    adversarial images [N, H, W, C]."""
     cell, sel, model = unit.cell, data.selection, data.model
     n = len(unit.positions)
     pad = (-n) % len(self.devices)
@@ -233,7 +234,13 @@ class Runner:
         "defense": [meta.get("defense") or config_lib.NO_DEFENSE] * n,
         **{k: v[:n] for k, v in checked.items()},
     })
-    return rows
+    if spec.sparse:
+      clean = np.asarray(images)[:n]
+      rows["changed_index"], rows["changed_from"], rows["changed_to"] = (
+          perturbations.sparse_changes(clean, r.adv_images))
+    else:
+      rows.update({k: [None] * n for k in ("changed_index", "changed_from", "changed_to")})
+    return rows, r.adv_images
 
 
 def open_folder(out_dir: Path, config: RunConfig) -> str:
@@ -269,10 +276,11 @@ def write_run_meta(out_dir: Path, config: RunConfig, run_id: str) -> None:
                           + "\n")
 
 
-def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int
-                 ) -> str | None:
+def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int,
+                 save_images: bool = False) -> str | None:
   """Why the unit must run: None when its part is readable, belongs to this run and holds
-  exactly the unit's images; a reason when it is missing or unreadable or short.
+  exactly the unit's images (and, with `save_images`, its image file exists); a reason when
+  it is missing or unreadable or short.
 
   Raises:
     ResultsError: the part belongs to another run (another config or seed): mixing the two
@@ -302,6 +310,8 @@ def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int
   expected = sorted(data.selection.example_idx[unit.positions].tolist())
   if set(cols["model"]) != {unit.cell.model} or sorted(cols["example_idx"]) != expected:
     return f"holds {table.num_rows} rows, not the unit's {len(expected)} images"
+  if save_images and not perturbations.images_path(path.parent.parent, path.name).exists():
+    return "its adversarial images are not saved yet (save_images)"
   return None
 
 
@@ -447,7 +457,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   todo = []
   for unit in mine:
     problem = unit_problem(parts / unit.filename, unit, models[unit.cell.model], run_id,
-                           config.seed)
+                           config.seed, config.save_images)
     if problem is not None:
       if problem != "missing":
         log(f"{parts / unit.filename}: {problem}; running the unit again")
@@ -544,11 +554,17 @@ def _run_units(config: RunConfig, run_id: str, todo: list[Unit],
         continue
       with claims.holding(unit.filename):
         data = models[unit.cell.model]
-        if unit_problem(parts / unit.filename, unit, data, run_id, config.seed) is None:
+        if unit_problem(parts / unit.filename, unit, data, run_id, config.seed,
+                        config.save_images) is None:
           bar.update(len(unit.positions))  # another process finished it meanwhile
           continue
         bar.set_description(f"{config.name} {unit.cell.model} {unit.cell.attack}")
-        rows = runner.run_unit(unit, data)
+        rows, adv_images = runner.run_unit(unit, data)
+        if config.save_images:  # before the part: a written part implies its images
+          perturbations.write_images(
+              perturbations.images_path(out_dir, unit.filename),
+              example_idx=rows["example_idx"], adv_images=adv_images,
+              config_hash=unit.cell.config_hash, model=unit.cell.model)
         results.write_part(parts / unit.filename, rows)
       ran += 1
       keep = np.asarray(rows["clean_correct"])
