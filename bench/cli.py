@@ -172,6 +172,18 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+  from advsweep.bench import analyses
+
+  output = analyses.run(args.kind, args.run_dir, data_dir=args.data_dir, attack=args.attack,
+                        quick=args.quick)
+  print(output.text())
+  written = [p.name for p in output.figures]
+  print(f"wrote {analyses.common.analysis_dir(args.run_dir)}/: {args.kind}.parquet, "
+        f"{args.kind}.md" + "".join(f", {name}" for name in written))
+  return 0
+
+
 class _Parser(argparse.ArgumentParser):
   """argparse with one-line errors: the problem and where to read more, no usage dump."""
 
@@ -349,6 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.set_defaults(func=_cmd_robustness)
+
+  from advsweep.bench.analyses import ANALYSES
+
+  p = sub.add_parser("analyze", help="a paper's analysis of a run: parquet, PNGs and its "
+                     "headline table under RUN_DIR/analysis/")
+  p.add_argument("kind", choices=list(ANALYSES), metavar="KIND",
+                 help="one of: " + ", ".join(ANALYSES))
+  p.add_argument("run_dir", help="a run folder, e.g. results/su2019")
+  p.add_argument("--attack", default="one_pixel",
+                 help="the attack whose rows are analysed (default one_pixel)")
+  p.add_argument("--quick", action="store_true", help="fewer images and a smaller grid")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.set_defaults(func=_cmd_analyze)
   return parser
 
 

@@ -1,0 +1,26 @@
+"""The papers' analyses of a run (`advsweep analyze KIND RUN_DIR`): each reads the run's rows
+(or runs what it needs), writes its parquet, figures and headline table under
+`RUN/analysis/`, and returns them (`common.Output`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from advsweep.bench.analyses import chromatic, class_pairs, common, confidence_maps, locality
+
+ANALYSES: dict[str, Callable[..., common.Output]] = {
+    class_pairs.KIND: class_pairs.analyze,
+    chromatic.KIND: chromatic.analyze,
+    confidence_maps.KIND: confidence_maps.analyze,
+    locality.KIND: locality.analyze,
+}
+
+
+def run(kind: str, run_dir: str | Path, **options: object) -> common.Output:
+  """Runs analysis `kind` on `run_dir` and writes its outputs there."""
+  if kind not in ANALYSES:
+    raise ValueError(f"unknown analysis {kind!r}; valid choices: {', '.join(ANALYSES)}")
+  output = ANALYSES[kind](run_dir, **options)
+  common.write(output, run_dir)
+  return output

@@ -1,0 +1,194 @@
+"""What every analysis shares: reading a run's rows, loading its models and images, the
+statistics the papers' claims are tested with, and writing the outputs atomically.
+
+An analysis writes under `RUN/analysis/`: `KIND.parquet` (its own rows), `KIND-*.png`
+(figures) and `KIND.md` (the headline table), and prints the headline table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from advsweep.bench import report, results, tables
+from advsweep.models import files
+
+Z95 = tables.Z95
+
+
+@dataclasses.dataclass
+class Output:
+  """An analysis' results: its rows, figures, headline table and notes."""
+
+  kind: str
+  rows: pa.Table
+  header: list[str]
+  headline: list[list[str]]
+  figures: list[Path] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def text(self) -> str:
+    lines = [f"{self.kind}:", tables.format_text(self.header, self.headline)]
+    return "\n".join(lines + self.notes)
+
+  def markdown(self) -> str:
+    return "\n".join([f"# {self.kind}", "", tables.format_markdown(self.header, self.headline),
+                      "", *self.notes, "", *(f"![{p.stem}]({p.name})" for p in self.figures),
+                      ""])
+
+
+def analysis_dir(run_dir: str | Path) -> Path:
+  return Path(run_dir) / results.ANALYSIS_DIR
+
+
+def write(output: Output, run_dir: str | Path) -> Path:
+  """Writes the rows and the Markdown headline beside the figures; returns the folder."""
+  out = analysis_dir(run_dir)
+  sink = pa.BufferOutputStream()
+  pq.write_table(output.rows, sink)
+  files.atomic_write_bytes(out / f"{output.kind}.parquet", sink.getvalue().to_pybytes())
+  files.atomic_write_text(out / f"{output.kind}.md", output.markdown())
+  return out
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+  """A matplotlib figure to PNG, atomically; closes it."""
+  import matplotlib.pyplot as plt
+
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  files.atomic_write_bytes(path, buffer.getvalue())
+  return path
+
+
+def pyplot() -> Any:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table, dict]:
+  """The run's rows (of `attack` only, if given) and their columns as numpy arrays.
+
+  Raises:
+    ResultsError: no run there, or no rows of `attack`, naming the command that makes them.
+  """
+  table = results.read_run(run_dir)
+  if attack is not None:
+    keep = np.asarray(table.column("attack").to_numpy(zero_copy_only=False) == attack)
+    table = table.filter(pa.array(keep))
+    if table.num_rows == 0:
+      raise results.ResultsError(
+          f"{run_dir} has no {attack} rows; run a config with an [attacks.{attack}] table "
+          "first (e.g. `advsweep reproduce su2019 --quick`)")
+  return table, report.columns(table)
+
+
+def config_field(config_json: str, field: str, default: Any = None) -> Any:
+  return json.loads(config_json).get(field, default)
+
+
+def load_model(name: str) -> Any:
+  """A run's model by the name in its rows (a zoo model or a user model the run named)."""
+  from advsweep.bench import sweep
+
+  return sweep._model(name, None)
+
+
+def load_images(dataset: str, split: str, data_dir: str | None) -> np.ndarray:
+  """[N, H, W, C] uint8 images of a run's dataset split."""
+  from advsweep.bench import sweep
+
+  return sweep._dataset(dataset, split, data_dir)[0]
+
+
+def clean_images(cols: dict, rows: np.ndarray, data_dir: str | None) -> np.ndarray:
+  """The float32 clean images of rows `rows` (all from one dataset split)."""
+  datasets_ = set(cols["dataset"][rows].tolist())
+  splits = set(cols["split"][rows].tolist())
+  if len(datasets_) != 1 or len(splits) != 1:
+    raise ValueError(f"rows of several datasets or splits ({datasets_}, {splits}): analyse "
+                     "one model at a time")
+  images = load_images(datasets_.pop(), splits.pop(), data_dir)
+  return images[cols["example_idx"][rows]].astype(np.float32) / 255.0
+
+
+def mean_interval(x: np.ndarray) -> tuple[float, float, float]:
+  """Mean and its 95% normal interval (nan where fewer than two values)."""
+  x = np.asarray(x, np.float64)
+  if len(x) == 0:
+    return math.nan, math.nan, math.nan
+  mean = float(x.mean())
+  if len(x) < 2:
+    return mean, math.nan, math.nan
+  half = Z95 * float(x.std(ddof=1)) / math.sqrt(len(x))
+  return mean, mean - half, mean + half
+
+
+def rank_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """Mann-Whitney U test of `a` against `b`: (P(a > b) + P(a = b) / 2, two-sided p).
+
+  The normal approximation with the tie correction (adequate from about 8 values a side;
+  nan where a side is empty). The first value is the common-language effect size: 0.5 is
+  no difference, 1 means every `a` exceeds every `b`.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  n1, n2 = len(a), len(b)
+  if n1 == 0 or n2 == 0:
+    return math.nan, math.nan
+  both = np.concatenate([a, b])
+  order = np.argsort(both, kind="stable")
+  ranks = np.empty(len(both))
+  sorted_ = both[order]
+  # Average ranks over ties.
+  starts = np.flatnonzero(np.r_[True, sorted_[1:] != sorted_[:-1]])
+  ends = np.r_[starts[1:], len(both)]
+  for s, e in zip(starts, ends, strict=True):
+    ranks[order[s:e]] = (s + e + 1) / 2
+  u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
+  effect = u / (n1 * n2)
+  counts = ends - starts
+  n = n1 + n2
+  variance = n1 * n2 / 12 * ((n + 1) - np.sum(counts ** 3 - counts) / (n * (n - 1)))
+  if variance <= 0:
+    return effect, 1.0
+  z = (u - n1 * n2 / 2) / math.sqrt(variance)
+  return effect, math.erfc(abs(z) / math.sqrt(2))
+
+
+def fmt_interval(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+  if math.isnan(mean):
+    return "-"
+  if math.isnan(lo):
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def fmt_rate(successes: int, n: int) -> str:
+  if n == 0:
+    return "-"
+  lo, hi = tables.wilson_interval(successes, n)
+  return f"{tables.pct(successes / n)} ({tables.pct(lo)}-{tables.pct(hi)})"
+
+
+def fmt_p(p: float) -> str:
+  return "-" if math.isnan(p) else (f"{p:.2g}" if p >= 1e-4 else "<1e-4")
+
+
+def table_from_columns(columns: dict[str, Sequence[Any]],
+                       schema: pa.Schema | None = None) -> pa.Table:
+  return pa.Table.from_pydict({k: list(v) if not isinstance(v, np.ndarray) else v
+                               for k, v in columns.items()}, schema=schema)
