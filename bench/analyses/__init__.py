@@ -7,13 +7,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from advsweep.bench.analyses import chromatic, class_pairs, common, confidence_maps, locality
+from advsweep.bench.analyses import (
+  chromatic,
+  class_pairs,
+  common,
+  confidence_maps,
+  locality,
+  noise,
+  propagation,
+)
 
 ANALYSES: dict[str, Callable[..., common.Output]] = {
     class_pairs.KIND: class_pairs.analyze,
     chromatic.KIND: chromatic.analyze,
     confidence_maps.KIND: confidence_maps.analyze,
     locality.KIND: locality.analyze,
+    propagation.KIND: propagation.analyze,
+    noise.KIND: noise.analyze,
 }
 
 
