@@ -1,0 +1,158 @@
+"""The papers' analyses (`advsweep analyze`) on a small one-pixel run of cifar10_allconv:
+each analysis's numbers against an independent computation or an invariant of the paper's
+definition, and its files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import scipy.stats
+
+from advsweep.bench import analyses, cli, config, perturbations, results, sweep
+from advsweep.bench.analyses import (
+    chromatic,
+    class_pairs,
+    common,
+    locality,
+    noise,
+    probe,
+    propagation,
+)
+from advsweep.models import zoo
+from tests.conftest import requires_data
+
+RAW = {
+    "name": "pixels", "models": ["cifar10_allconv"], "seed": 0, "batch_size": 8,
+    "images": {"per_bin": 8}, "bins": {"names": ["all"], "thresholds": []},
+    "attacks": {"one_pixel": {"population_size": 40, "num_generations": 6}},
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+  out = tmp_path_factory.mktemp("analyses") / "run"
+  sweep.run(config.resolve(RAW), out, data_dir=str(data_dir), progress=False, estimate=False,
+            log=lambda *_: None)
+  return out
+
+
+@pytest.fixture(scope="module")
+def rows(run_dir):
+  table, cols = common.read_rows(run_dir, "one_pixel")
+  assert 0 < (cols["success"] & cols["clean_correct"]).sum() < cols["clean_correct"].sum()
+  return table, cols
+
+
+def test_rank_test_matches_scipy():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(0.3, 1, 40), np.round(rng.normal(0, 1, 30), 1)  # ties in b
+  effect, p = common.rank_test(a, b)
+  ref = scipy.stats.mannwhitneyu(a, b, use_continuity=False, method="asymptotic")
+  assert effect == pytest.approx(ref.statistic / (40 * 30))
+  assert p == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_ring_is_the_chebyshev_ring_clipped_to_the_image():
+  assert len(locality.ring(10, 10, 1, 32, 32)) == 8
+  assert len(locality.ring(10, 10, 3, 32, 32)) == 24
+  corner = locality.ring(0, 0, 2, 32, 32)
+  assert len(corner) == 5 and np.all(np.maximum(*np.abs(corner).T) == 2)
+
+
+@requires_data
+def test_probe_equals_the_full_forward_pass(rows, data_dir):
+  _, cols = rows
+  model = zoo.load("cifar10_allconv")
+  images = common.clean_images(cols, np.arange(3), str(data_dir))
+  tester = probe.PixelProbe(model, images, chunk=64)
+  assert tester.evaluation == "pixel_local"
+  rng = np.random.default_rng(1)
+  ids, rr, cc = rng.integers(0, 3, 50), rng.integers(0, 32, 50), rng.integers(0, 32, 50)
+  rr[:2], cc[:2] = (0, 31), (31, 0)  # corners
+  colours = rng.random((50, 3), dtype=np.float32)
+  changed = images[ids].copy()
+  changed[np.arange(50), rr, cc] = colours
+  full = np.asarray(model.apply_fn(model.params, changed))
+  np.testing.assert_allclose(tester.probs(ids, rr, cc, colours),
+                             np.exp(full) / np.exp(full).sum(-1, keepdims=True), atol=2e-5)
+
+
+@requires_data
+def test_class_pairs_rows_sum_to_the_sources_successes(run_dir, rows):
+  _, cols = rows
+  (m,) = class_pairs.matrices(cols)
+  assert m["mode"] == "reached"
+  keep = cols["clean_correct"]
+  for s in range(10):
+    at = keep & (cols["label"] == s)
+    assert m["hits"][s].sum() == (at & cols["success"]).sum()
+    assert np.all(m["attempts"][s][np.arange(10) != s] == at.sum())
+    for t in range(10):
+      assert m["hits"][s, t] == (at & cols["success"] & (cols["adv_pred"] == t)).sum()
+
+
+@requires_data
+def test_chromatic_pixels_are_the_rows_changes(run_dir, rows, data_dir):
+  table, cols = rows
+  px = chromatic.pixel_changes(table, cols)
+  clean = common.clean_images(cols, px["row"], str(data_dir))
+  for n, (i, y, x) in enumerate(zip(px["row"], px["y"], px["x"], strict=True)):
+    adv = perturbations.apply_changes(clean[n], table["changed_index"][int(i)].as_py(),
+                                      table["changed_to"][int(i)].as_py())
+    np.testing.assert_array_equal(px["delta"][n], adv[y, x] - clean[n][y, x])
+    assert np.count_nonzero(adv != clean[n]) == np.count_nonzero(px["delta"][n])
+  assert len(px["row"]) == (cols["l0"][cols["clean_correct"]] == 1).sum()
+
+
+@requires_data
+def test_propagation_stays_inside_the_receptive_field(rows, data_dir):
+  table, cols = rows
+  i = int(np.flatnonzero(cols["success"] & cols["clean_correct"])[0])
+  model = zoo.load("cifar10_allconv")
+  clean = common.clean_images(cols, np.asarray([i]), str(data_dir))
+  adv = perturbations.apply_changes(clean[0], table["changed_index"][i].as_py(),
+                                    table["changed_to"][i].as_py())[None]
+  maps = propagation.layer_maps(model, clean, adv)
+  assert [name for name, _, _ in maps[:3]] == ["input", "conv1_act", "conv2_act"]
+  (y, x), = perturbations.changed_pixels(table["changed_index"][i].as_py(), (32, 32, 3))
+  for depth in (0, 1, 2):  # two 3x3 stride-1 convolutions: the change reaches 1 and 2 pixels
+    changed = np.argwhere(maps[depth][1][0] > 0)
+    assert len(changed) and np.abs(changed - [y, x]).max() <= depth
+
+
+@requires_data
+def test_poisson_noise_is_unbiased_with_the_counts_variance():
+  images = np.full((1, 64, 64, 1), 0.4, np.float32)
+  import jax
+
+  noisy = noise.poisson_noise(jax.random.key(0), images, 50.0)
+  assert noisy.mean() == pytest.approx(0.4, abs=0.01)
+  assert noisy.var() == pytest.approx(0.4 / 50, rel=0.1)
+  np.testing.assert_array_equal(noise.poisson_noise(jax.random.key(0), images, 50.0), noisy)
+
+
+@requires_data
+@pytest.mark.parametrize("kind", list(analyses.ANALYSES))
+def test_each_analysis_writes_its_table_figures_and_headline(run_dir, rows, kind, capsys,
+                                                             data_dir):
+  assert cli.main(["analyze", kind, str(run_dir), "--quick", "--data-dir", str(data_dir)]) == 0
+  printed = capsys.readouterr().out
+  assert printed.startswith(f"{kind}:") and "cifar10_allconv" in printed
+  folder = run_dir / results.ANALYSIS_DIR
+  assert pq.read_table(folder / f"{kind}.parquet").num_rows > 0
+  assert (folder / f"{kind}.md").read_text().startswith(f"# {kind}")
+  pngs = list(folder.glob(f"{kind}*.png"))
+  assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+  assert results.read_run(run_dir).num_rows == 8  # the analyses' parquet is not a part
+
+
+@requires_data
+def test_a_run_without_the_attack_is_refused(tmp_path, data_dir):
+  raw = {**RAW, "attacks": {"fgsm": {"eps": 0.01}}, "images": {"per_bin": 2}}
+  sweep.run(config.resolve(raw), tmp_path / "r", data_dir=str(data_dir), progress=False,
+            estimate=False, log=lambda *_: None)
+  with pytest.raises(results.ResultsError, match="no one_pixel rows"):
+    analyses.run("locality", tmp_path / "r")
+  with pytest.raises(ValueError, match="unknown analysis"):
+    analyses.run("nope", tmp_path / "r")
