@@ -194,7 +194,8 @@ def lines(table: pa.Table, title: str) -> tuple[list[str], list[str]]:
 def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | None = None,
         overrides: list[str] | None = None, progress: bool = True, log=print) -> str:
   """Runs (or resumes) the robustness sweep on the trained zoo models and prints the table;
-  writes it to `<out_root>/robustness[-quick].md` and returns the Markdown."""
+  writes it to `<out_root>/<run name>.md` (robustness.md, robustness-quick.md) and returns
+  the Markdown."""
   config = config_lib.load(CONFIG, overrides, quick=quick)
   missing = [m for m in config.raw["models"] if m in zoo.ZOO and m not in zoo.available()]
   if missing:
@@ -210,6 +211,6 @@ def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | N
   text, markdown = lines(table, title)
   log("\n".join(text))
   body = "\n".join(markdown) + "\n"
-  tables.write_text(Path(out_root) / f"robustness{'-quick' if quick else ''}.md", body)
+  tables.write_text(Path(out_root) / f"{config.name}.md", body)
   return body
 

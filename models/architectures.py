@@ -8,7 +8,8 @@ analyses can read all layers with `mutable=["intermediates"]` (see `models.zoo.M
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,6 +66,22 @@ def gauss_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
   log_p = logits                                   # log exp(-d^2)
   log_not_p = jnp.log(-jnp.expm1(jnp.minimum(logits, -1e-6)))  # log(1 - exp(-d^2))
   return -jnp.sum(onehot * log_p + (1 - onehot) * log_not_p, -1)
+
+
+def penultimate(intermediates: Mapping[str, Any]) -> jnp.ndarray:
+  """[B, D] the latent features: the last sown layer before the logits, averaged over
+  positions where it is a feature map (what a global-pooling head sees).
+
+  Args:
+    intermediates: the `intermediates` collection of an `apply(..., mutable=[...])`, or the
+      flat dict of `zoo.Model.intermediates`; layers in the order they were sown.
+  """
+  names = [k for k in intermediates if k != "logits"]
+  if not names:
+    raise ValueError("the model sows no layer before its logits: it has no latent space")
+  act = intermediates[names[-1]]
+  act = act[0] if isinstance(act, tuple) else act
+  return act.mean((1, 2)) if act.ndim == 4 else act.reshape(act.shape[0], -1)
 
 
 class GaussHead(nn.Module):

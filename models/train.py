@@ -4,7 +4,8 @@
 the full test split and writes the checkpoint and its metadata atomically. A defense's recipe
 attacks each batch inside the jitted step with the gradient attacks' traceable core
 (`attacks.gradient.pgd_core`): adversarial training (Goodfellow et al. 2015; Madry et al.
-2018; Wong, Rice, Kolter 2020), logit pairing (Kannan, Kurakin, Goodfellow 2018). Each epoch
+2018; Wong, Rice, Kolter 2020), logit pairing (Kannan, Kurakin, Goodfellow 2018). Domain
+adaptation (Ciprijanovic et al.) adds an MMD loss toward Poisson-noised images. Each epoch
 is saved, so a killed run resumes where it stopped.
 """
 
@@ -28,7 +29,16 @@ import optax
 from tqdm.auto import tqdm
 
 from advsweep.attacks import gradient
-from advsweep.models import architectures, checkpoints, datasets, evaluation, interrupts, zoo
+from advsweep.models import (
+    architectures,
+    checkpoints,
+    datasets,
+    domain,
+    evaluation,
+    interrupts,
+    transforms,
+    zoo,
+)
 from advsweep.models.files import atomic_write_bytes
 
 
@@ -104,6 +114,13 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
   attack = training_attack(recipe)
   per_image_loss = _per_image_loss(recipe)
   needs_clean = attack is None or recipe.clean_weight > 0 or recipe.logit_pairing > 0
+  if recipe.domain_weight > 0:
+    if attack is not None:
+      raise ValueError("a recipe takes adversarial training or domain adaptation, not both")
+    if recipe.domain_exposure <= 0:
+      raise ValueError("domain_weight needs domain_exposure > 0 (the noisy domain's Poisson "
+                       "exposure)")
+    return _make_domain_step(module, tx, recipe, per_image_loss)
 
   @jax.jit
   def train_step(variables, opt_state, images_u8, labels, key, eps_scale=1.0):
@@ -143,6 +160,47 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
         pairing = jnp.sum((clean_logits - adv_logits) ** 2, -1).mean()
         loss += recipe.logit_pairing * pairing
       return loss, (clean_logits if needs_clean else adv_logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables["params"])
+    step_updates, opt_state = tx.update(grads, opt_state, variables["params"])
+    new_vars = {**variables, **updates,
+                "params": optax.apply_updates(variables["params"], step_updates)}
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return new_vars, opt_state, loss, correct
+
+  return train_step
+
+
+def _make_domain_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
+  """Cross-entropy on the clean batch plus `domain_weight` times the MMD between its latent
+  features and those of other training images with Poisson noise (`models.domain`). The
+  noisy pass runs in training mode but its BatchNorm statistics are dropped, so the running
+  statistics stay the clean domain's, like the undefended twin's."""
+
+  @jax.jit
+  def train_step(variables, opt_state, images_u8, labels, key, eps_scale=1.0):
+    del eps_scale
+    aug_key, noise_key = jax.random.split(key)
+    images = images_u8.astype(jnp.float32) / 255.0
+    if recipe.augment:
+      images = augment(aug_key, images)
+    # The noisy domain: the batch's other half of images (not the same ones), unlabelled.
+    noisy = transforms.poisson_noise(noise_key, jnp.roll(images, len(images) // 2, axis=0),
+                                     recipe.domain_exposure)
+
+    def forward(params, x):
+      logits, state = module.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats", "intermediates"])
+      latent = architectures.penultimate(state["intermediates"])
+      return logits, latent, {k: v for k, v in state.items() if k != "intermediates"}
+
+    def loss_fn(params):
+      logits, clean_latent, updates = forward(params, images)
+      _, noisy_latent, _ = forward(params, noisy)
+      loss = per_image_loss(logits, labels).mean()
+      loss += recipe.domain_weight * domain.mmd(clean_latent, noisy_latent)
+      return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         variables["params"])
@@ -198,7 +256,7 @@ def resume_path(out_dir: str | os.PathLike, name: str) -> Path:
 
 def _fingerprint(name, recipe, seed, train_limit, test_limit) -> str:
   """What a resumed run must share with the run that wrote the state."""
-  return json.dumps({"name": name, "recipe": dataclasses.asdict(recipe), "seed": seed,
+  return json.dumps({"name": name, "recipe": zoo.recipe_dict(recipe), "seed": seed,
                      "train_limit": train_limit, "test_limit": test_limit}, sort_keys=True)
 
 
@@ -395,7 +453,7 @@ def train_and_evaluate(
       **scores,
       "train_examples": len(train_y),
       "train_loss_per_epoch": losses,
-      "recipe": dataclasses.asdict(recipe),
+      "recipe": zoo.recipe_dict(recipe),
       "seed": seed,
       "train_command": command or f"advsweep train {name} --seed {seed}",
       "train_seconds": round(float(state["train_seconds"]), 1),

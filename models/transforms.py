@@ -221,3 +221,12 @@ def draw_keys(key: jax.Array, images: jax.Array) -> jax.Array:
                    axis=1, dtype=jnp.uint32)
   return jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(key, a), b))(
       first, second)
+
+
+def poisson_noise(key: jax.Array, images: jax.Array, exposure: float) -> jax.Array:
+  """Observational noise (Ciprijanovic et al., DeepAdversaries): `images` in [0, 1] read as
+  photon counts at `exposure` counts for a white pixel, `Poisson(exposure * x) / exposure`,
+  clipped to [0, 1]. Smaller exposures are noisier; the noise is unbiased with variance
+  x / exposure."""
+  counts = jax.random.poisson(key, exposure * jnp.asarray(images, jnp.float32))
+  return jnp.clip(counts / exposure, 0.0, 1.0).astype(jnp.float32)

@@ -45,6 +45,10 @@ class TrainRecipe:
     overfit_guard: after each epoch, measure PGD accuracy on a fixed batch of training
       images; when it falls by more than 20 points from the best epoch, stop and keep the
       best epoch's weights (Wong et al.'s guard against catastrophic overfitting).
+    domain_weight: weight of the domain-adaptation loss (Ciprijanovic et al.): the maximum
+      mean discrepancy between the penultimate features of the clean batch and of
+      Poisson-noised training images (`models.domain`); 0: none.
+    domain_exposure: the noisy domain's Poisson exposure (`transforms.poisson_noise`).
   """
 
   epochs: int
@@ -63,6 +67,22 @@ class TrainRecipe:
   loss: str = "cross_entropy"
   overfit_guard: bool = False
   epsilon_ramp: float = 0.0
+  domain_weight: float = 0.0
+  domain_exposure: float = 0.0
+
+
+# Recipe fields added after models shipped: left out of a recipe's JSON at their default, so
+# the metadata and the resume states of earlier recipes keep their fingerprints.
+RECIPE_OMIT_AT_DEFAULT = ("domain_weight", "domain_exposure")
+
+
+def recipe_dict(recipe: TrainRecipe) -> dict[str, Any]:
+  """The recipe as JSON-ready fields (the metadata's `recipe`, the resume fingerprint)."""
+  out = dataclasses.asdict(recipe)
+  for field in dataclasses.fields(recipe):
+    if field.name in RECIPE_OMIT_AT_DEFAULT and out[field.name] == field.default:
+      del out[field.name]
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +180,11 @@ ZOO: dict[str, ZooEntry] = dict([
                        overfit_guard=True, **_CIFAR_SGD),
            "cifar10_resnet20_adv with non-local-means denoising blocks after stages 2 and 3 "
            "(Xie et al. 2019)", "adv_train:fgsm_rs+denoise", "cifar10_resnet20_adv"),
+    _entry("cifar10_resnet20_da", "cifar10", "ResNet20", architectures.ResNet20,
+           TrainRecipe(epochs=6, domain_weight=1.0, domain_exposure=30.0, **_CIFAR_SGD),
+           "cifar10_resnet20's recipe plus domain adaptation (Ciprijanovic et al.): MMD between "
+           "the latent features of clean and Poisson-noised (exposure 30) images",
+           "domain_adaptation:poisson30", "cifar10_resnet20"),
 ])
 
 

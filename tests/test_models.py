@@ -29,11 +29,13 @@ ACCURACY_FLOORS = {
     "cifar10_resnet20_gauss": 0.70,
     "cifar10_resnet20_adv": 0.50,
     "cifar10_resnet20_denoise": 0.50,
+    "cifar10_resnet20_da": 0.75,
 }
 SHIPPED = zoo.available()
-# Zoo entries whose training has not finished on the development CPU (issue 14): listed so
-# that shipping one fails this test until it is removed from here.
-NOT_YET_SHIPPED = {"cifar10_resnet20_adv", "cifar10_resnet20_denoise", "cifar10_resnet20_gauss"}
+# Zoo entries whose training has not finished on the development CPU (issues 14 and 16):
+# listed so that shipping one fails this test until it is removed from here.
+NOT_YET_SHIPPED = {"cifar10_resnet20_adv", "cifar10_resnet20_denoise", "cifar10_resnet20_gauss",
+                   "cifar10_resnet20_da"}
 
 
 def test_every_zoo_entry_has_a_floor():

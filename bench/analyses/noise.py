@@ -24,6 +24,7 @@ import numpy as np
 
 from advsweep.bench import perturbations
 from advsweep.bench.analyses import common
+from advsweep.models import architectures, transforms
 
 KIND = "noise"
 EXPOSURES = (1000.0, 300.0, 100.0, 30.0, 10.0)
@@ -32,9 +33,8 @@ BATCH = 256
 
 
 def poisson_noise(key: jax.Array, images: np.ndarray, exposure: float) -> np.ndarray:
-  """`images` in [0, 1] as photon counts at `exposure` counts per white pixel, re-scaled."""
-  counts = jax.random.poisson(key, exposure * jnp.asarray(images, jnp.float32))
-  return np.asarray(jnp.clip(counts / exposure, 0.0, 1.0), np.float32)
+  """`transforms.poisson_noise` on host arrays."""
+  return np.asarray(transforms.poisson_noise(key, images, exposure))
 
 
 def latent(model, images: np.ndarray) -> np.ndarray:
@@ -42,12 +42,7 @@ def latent(model, images: np.ndarray) -> np.ndarray:
   out = []
   for start in range(0, len(images), BATCH):
     _, layers = model.intermediates(model.params, jnp.asarray(images[start:start + BATCH]))
-    names = [k for k in layers if k != "logits"]
-    if not names:
-      raise ValueError(f"{model.name} sows no layer before its logits: it has no latent "
-                       "space to measure")
-    act = np.asarray(layers[names[-1]])
-    out.append(act.mean((1, 2)) if act.ndim == 4 else act.reshape(len(act), -1))
+    out.append(np.asarray(architectures.penultimate(layers)))
   return np.concatenate(out)
 
 
