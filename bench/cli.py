@@ -173,13 +173,18 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-  from advsweep.bench import analyses
+  from advsweep.bench import analyses, config, sweep
 
-  output = analyses.run(args.kind, args.run_dir, data_dir=args.data_dir, attack=args.attack,
+  run_dir = args.run_dir
+  if run_dir is None:  # the analyses' own one-pixel run, made (or resumed) first
+    cfg = config.load(analyses.DEFAULT_CONFIG, quick=args.quick)
+    run_dir = Path(args.out) / cfg.name
+    sweep.run(cfg, run_dir, data_dir=args.data_dir, progress=not args.no_progress)
+  output = analyses.run(args.kind, run_dir, data_dir=args.data_dir, attack=args.attack,
                         quick=args.quick)
   print(output.text())
   written = [p.name for p in output.figures]
-  print(f"wrote {analyses.common.analysis_dir(args.run_dir)}/: {args.kind}.parquet, "
+  print(f"wrote {analyses.common.analysis_dir(run_dir)}/: {args.kind}.parquet, "
         f"{args.kind}.md" + "".join(f", {name}" for name in written))
   return 0
 
@@ -368,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "headline table under RUN_DIR/analysis/")
   p.add_argument("kind", choices=list(ANALYSES), metavar="KIND",
                  help="one of: " + ", ".join(ANALYSES))
-  p.add_argument("run_dir", help="a run folder, e.g. results/su2019")
+  p.add_argument("run_dir", nargs="?", default=None,
+                 help="a run folder, e.g. results/su2019 (default: run or resume "
+                 "bench/configs/onepixel_analysis.toml, its [quick] table with --quick)")
+  p.add_argument("--out", type=_out_folder, default="results",
+                 help="where the default run's folder goes (default results)")
+  p.add_argument("--no-progress", action="store_true")
   p.add_argument("--attack", default="one_pixel",
                  help="the attack whose rows are analysed (default one_pixel)")
   p.add_argument("--quick", action="store_true", help="fewer images and a smaller grid")

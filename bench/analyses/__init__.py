@@ -17,6 +17,8 @@ from advsweep.bench.analyses import (
   propagation,
 )
 
+DEFAULT_CONFIG = "onepixel_analysis"  # the run `advsweep analyze KIND` makes without a folder
+
 ANALYSES: dict[str, Callable[..., common.Output]] = {
     class_pairs.KIND: class_pairs.analyze,
     chromatic.KIND: chromatic.analyze,
