@@ -156,3 +156,11 @@ def test_a_run_without_the_attack_is_refused(tmp_path, data_dir):
     analyses.run("locality", tmp_path / "r")
   with pytest.raises(ValueError, match="unknown analysis"):
     analyses.run("nope", tmp_path / "r")
+
+
+def test_the_default_run_config_resolves_full_and_quick():
+  full = config.load(analyses.DEFAULT_CONFIG)
+  quick = config.load(analyses.DEFAULT_CONFIG, quick=True)
+  assert "cifar10_resnet20" in full.models and quick.models == ["cifar10_allconv"]
+  assert {c.attack for c in full.cells()} == {"one_pixel"}
+  assert all(c.config.num_pixels == 1 for c in full.cells())

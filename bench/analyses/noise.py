@@ -69,6 +69,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     headline.append([model_name, what if math.isnan(exposure) else f"{what}, exposure "
                      f"{exposure:g}", text, str(n)])
 
+  measured: dict[str, dict] = {}
   for m, model_name in enumerate(dict.fromkeys(cols["model"].tolist())):
     at = np.flatnonzero(cols["model"] == model_name)
     at = at[np.unique(cols["example_idx"][at], return_index=True)[1]]  # one row per image
@@ -83,6 +84,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       noisy = poisson_noise(jax.random.fold_in(jax.random.fold_in(key, m), e), clean, exposure)
       noisy_at[exposure] = noisy
       right = _predict(model, noisy) == labels
+      measured.setdefault(model_name, {"model": model})[exposure] = right
       add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(at),
           common.fmt_rate(int(right.sum()), len(at)))
     z_clean = latent(model, clean)
@@ -103,6 +105,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       won = cols["success"][attacked]
       groups["latent distance, one-pixel successes"] = d[won]
       groups["latent distance, one-pixel failures"] = d[~won]
+      measured[model_name]["adversarial"] = d[won]
       adv_latent = {"won": z_adv[won]}
     for what, values in groups.items():
       mean, lo, hi = common.mean_interval(values)
@@ -114,6 +117,20 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                                     out["what"][i] == "accuracy"],
             float(correct.mean()), z_clean, labels, latent(model, noisy_at[mid]), mid,
             adv_latent.get("won"), figures[-1])
+  for model_name, got in measured.items():
+    twin = got["model"].meta.get("twin") or ""
+    if not str(got["model"].meta.get("defense", "")).startswith("domain") or twin not in measured:
+      continue
+    for exposure in exposures:  # the same images, the same noise draws: a paired difference
+      diff = got[exposure].astype(float) - measured[twin][exposure].astype(float)
+      mean, lo, hi = common.mean_interval(diff)
+      add(model_name, f"accuracy minus {twin}'s", exposure, mean, lo, hi, len(diff),
+          f"{100 * mean:+.1f} points ({100 * lo:+.1f} to {100 * hi:+.1f})")
+    ours, theirs = got.get("adversarial"), measured[twin].get("adversarial")
+    if ours is not None and theirs is not None and len(ours) and len(theirs):
+      ratio = float(ours.mean() / theirs.mean())
+      add(model_name, f"latent distance to one-pixel successes / {twin}'s", math.nan, ratio,
+          math.nan, math.nan, len(ours), f"{ratio:.2f}x ({len(ours)} vs {len(theirs)} images)")
   notes = ["Latent distances are divided by the mean norm of the clean latents. Ciprijanovic "
            "et al. (galaxy images): noise makes a model trained on low-noise data unable to "
            "classify; one-pixel errors flip the class easily; with domain adaptation +23% "
