@@ -17,12 +17,12 @@ import pyarrow as pa
 
 from advsweep.bench import perturbations, report
 from advsweep.bench.analyses import common
-from advsweep.models import datasets
 
 KIND = "chromatic"
 
 
-def pixel_changes(table: pa.Table, cols: dict) -> dict[str, np.ndarray]:
+def pixel_changes(table: pa.Table, cols: dict, data_dir: str | None = None
+                  ) -> dict[str, np.ndarray]:
   """One entry per changed pixel of each clean-correct row: the row, position, colour change.
 
   The pixels are read from the rows' `changed_index` and `changed_to`; channels a candidate
@@ -37,11 +37,7 @@ def pixel_changes(table: pa.Table, cols: dict) -> dict[str, np.ndarray]:
     if index[i] is None:
       missing += 1
       continue
-    info = datasets.DATASETS.get(cols["dataset"][i])
-    if info is None:
-      raise ValueError(f"{cols['dataset'][i]}: the image shape is unknown; the chromatic "
-                       "analysis reads zoo datasets' rows")
-    h, w, c = info.shape
+    h, w, c = common.image_shape(cols["dataset"][i], cols["split"][i], data_dir)
     y, x, ch = perturbations.feature_coordinates(index[i], (h, w, c))
     delta = np.asarray(new[i], np.float32) - np.asarray(old[i], np.float32)
     pixel = y * w + x
@@ -62,13 +58,13 @@ def pixel_changes(table: pa.Table, cols: dict) -> dict[str, np.ndarray]:
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
-  px = pixel_changes(table, cols)
+  px = pixel_changes(table, cols, data_dir)
   if len(px["row"]) == 0:
     raise ValueError(f"{run_dir}: no clean-correct {attack} rows with changed pixels")
   success = cols["success"][px["row"]]
   distance = np.linalg.norm(px["delta"], axis=-1)
-  shapes = {m: datasets.DATASETS[d].shape for m, d in zip(cols["model"], cols["dataset"],
-                                                          strict=True)}
+  shapes = {m: common.image_shape(d, split, data_dir) for m, d, split in
+            dict.fromkeys(zip(cols["model"], cols["dataset"], cols["split"], strict=True))}
   model = cols["model"][px["row"]]
   hw = np.asarray([shapes[m][:2] for m in model], np.float64)
   centre = np.hypot(px["y"] - (hw[:, 0] - 1) / 2, px["x"] - (hw[:, 1] - 1) / 2)

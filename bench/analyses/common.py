@@ -115,6 +115,15 @@ def load_images(dataset: str, split: str, data_dir: str | None) -> np.ndarray:
   return sweep._dataset(dataset, split, data_dir)[0]
 
 
+def image_shape(dataset: str, split: str, data_dir: str | None) -> tuple[int, int, int]:
+  """(H, W, C) of a run's dataset: from the zoo's table, else from its first image."""
+  from advsweep.models import datasets
+
+  if dataset in datasets.DATASETS:
+    return datasets.DATASETS[dataset].shape
+  return tuple(int(d) for d in load_images(dataset, split, data_dir).shape[1:])
+
+
 def clean_images(cols: dict, rows: np.ndarray, data_dir: str | None) -> np.ndarray:
   """The float32 clean images of rows `rows` (all from one dataset split)."""
   datasets_ = set(cols["dataset"][rows].tolist())
