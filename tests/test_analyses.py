@@ -15,7 +15,6 @@ from advsweep.bench.analyses import (
     class_pairs,
     common,
     locality,
-    noise,
     probe,
     propagation,
 )
@@ -119,17 +118,6 @@ def test_propagation_stays_inside_the_receptive_field(rows, data_dir):
   for depth in (0, 1, 2):  # two 3x3 stride-1 convolutions: the change reaches 1 and 2 pixels
     changed = np.argwhere(maps[depth][1][0] > 0)
     assert len(changed) and np.abs(changed - [y, x]).max() <= depth
-
-
-@requires_data
-def test_poisson_noise_is_unbiased_with_the_counts_variance():
-  images = np.full((1, 64, 64, 1), 0.4, np.float32)
-  import jax
-
-  noisy = noise.poisson_noise(jax.random.key(0), images, 50.0)
-  assert noisy.mean() == pytest.approx(0.4, abs=0.01)
-  assert noisy.var() == pytest.approx(0.4 / 50, rel=0.1)
-  np.testing.assert_array_equal(noise.poisson_noise(jax.random.key(0), images, 50.0), noisy)
 
 
 @requires_data

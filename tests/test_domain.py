@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,9 +44,22 @@ def test_poisson_noise_is_unbiased_with_variance_x_over_exposure():
       np.asarray(transforms.poisson_noise(jax.random.key(0), images, 50.0)), noisy)
 
 
+class _TinyBatchNormNet(nn.Module):
+  """A convolution, BatchNorm and a dense head, sowing its layers like the zoo's modules."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    self.sow("intermediates", "conv_act", x)
+    logits = nn.Dense(10)(x.mean((1, 2)))
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
 def test_the_domain_step_adds_the_mmd_and_keeps_the_clean_batch_statistics():
-  module = architectures.ResNet20(width=0.25)
-  variables = zoo.init_variables(module, "cifar10", jax.random.key(0))
+  module = _TinyBatchNormNet()
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   recipe = dataclasses.replace(zoo.entry("cifar10_resnet20_da").recipe, augment=False)
   tx = optax.sgd(0.0)  # no update: the step's loss and statistics are read as they are
   step = train._make_train_step(module, tx, recipe)
