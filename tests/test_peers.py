@@ -42,5 +42,31 @@ def test_peer_rows_agree_with_ours_where_the_attack_is_deterministic():
   assert 0 < by["one_pixel", "ART"]["evals_per_image"] <= 800 + 2
   assert by["one_pixel", "ART"]["note"] in ("at most 0 pixel(s) changed",
                                             "at most 1 pixel(s) changed")
+  for r in rows:  # the share of a peer's time inside the model and gradient calls
+    if r["library"] == "ART":
+      assert 0 < r["model_share"] <= 1.05, r
+    else:
+      assert r["model_share"] is None, r
   table = peers.format_table(rows)
   assert peers.JSMA_NOTE in table and "Foolbox" in table
+
+
+@requires_data
+def test_arts_jitted_gradients_are_the_models_and_are_counted():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  model = zoo.load("mnist_lenet")
+  forward = peers.CountingForward(model.apply_fn, model.params)
+  classifier = peers._art_jax_classifier(forward, (28, 28, 1), 10)
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (3, 28, 28, 1)))
+  jac = np.asarray(jax.vmap(jax.jacrev(lambda xi: model.apply_fn(model.params, xi[None])[0]))(x))
+  np.testing.assert_allclose(classifier.class_gradient(x), jac, atol=1e-5)
+  np.testing.assert_allclose(classifier.class_gradient(x, label=[1, 4, 7])[:, 0],
+                             jac[np.arange(3), [1, 4, 7]], atol=1e-5)
+  y = np.eye(10, dtype=np.float32)[[0, 1, 2]]
+  loss = lambda v: jnp.mean(optax.softmax_cross_entropy(model.apply_fn(model.params, v), y))  # noqa: E731
+  np.testing.assert_allclose(classifier.loss_gradient(x, y), jax.grad(loss)(x), atol=1e-6)
+  assert forward.images == 9 and forward.seconds > 0
