@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,10 +94,6 @@ def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table,
           f"{run_dir} has no {attack} rows; run a config with an [attacks.{attack}] table "
           "first (e.g. `advsweep reproduce su2019 --quick`)")
   return table, report.columns(table)
-
-
-def config_field(config_json: str, field: str, default: Any = None) -> Any:
-  return json.loads(config_json).get(field, default)
 
 
 def load_model(name: str) -> Any:
@@ -197,7 +192,7 @@ def fmt_p(p: float) -> str:
   return "-" if math.isnan(p) else (f"{p:.2g}" if p >= 1e-4 else "<1e-4")
 
 
-def table_from_columns(columns: dict[str, Sequence[Any]],
-                       schema: pa.Schema | None = None) -> pa.Table:
+def table_from_columns(columns: dict[str, Sequence[Any]]) -> pa.Table:
+  """An analysis' rows (equal-length columns: lists or numpy arrays) as an arrow table."""
   return pa.Table.from_pydict({k: list(v) if not isinstance(v, np.ndarray) else v
-                               for k, v in columns.items()}, schema=schema)
+                               for k, v in columns.items()})
