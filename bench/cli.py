@@ -180,13 +180,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     cfg = config.load(analyses.DEFAULT_CONFIG, quick=args.quick)
     run_dir = Path(args.out) / cfg.name
     sweep.run(cfg, run_dir, data_dir=args.data_dir, progress=not args.no_progress)
-  output = analyses.run(args.kind, run_dir, data_dir=args.data_dir, attack=args.attack,
-                        quick=args.quick)
-  print(output.text())
-  written = [p.name for p in output.figures]
-  print(f"wrote {analyses.common.analysis_dir(run_dir)}/: {args.kind}.parquet, "
-        f"{args.kind}.md" + "".join(f", {name}" for name in written))
+  kinds = list(analyses.ANALYSES) if args.kind == ALL_ANALYSES else [args.kind]
+  for kind in kinds:
+    output = analyses.run(kind, run_dir, data_dir=args.data_dir, attack=args.attack,
+                          quick=args.quick)
+    print(output.text())
+    written = [p.name for p in output.figures]
+    print(f"wrote {analyses.common.analysis_dir(run_dir)}/: {kind}.parquet, {kind}.md"
+          + "".join(f", {name}" for name in written) + "\n")
   return 0
+
+
+ALL_ANALYSES = "all"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -371,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("analyze", help="a paper's analysis of a run: parquet, PNGs and its "
                      "headline table under RUN_DIR/analysis/")
-  p.add_argument("kind", choices=list(ANALYSES), metavar="KIND",
-                 help="one of: " + ", ".join(ANALYSES))
+  p.add_argument("kind", choices=[*ANALYSES, ALL_ANALYSES], metavar="KIND",
+                 help="one of: " + ", ".join(ANALYSES) + f", or {ALL_ANALYSES}")
   p.add_argument("run_dir", nargs="?", default=None,
                  help="a run folder, e.g. results/su2019 (default: run or resume "
                  "bench/configs/onepixel_analysis.toml, its [quick] table with --quick)")
