@@ -5,7 +5,8 @@ attack carried to each other class.
 Read from a run's rows. In targeted runs (a fixed or random target per row) a cell is the
 success rate of the attempts from source s toward t. In untargeted and "at least one target"
 runs a row holds only the class the attack reached (`adv_pred` of a success), so a cell is the
-share of source-s images carried to t; a row sums to the source's success rate.
+share of source-s images carried to t; a row sums to the source's success rate. Su et al.'s
+per-target matrix is a targeted sweep: `target = "explicit"`, `target_class = [0, ..., 9]`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from advsweep.bench.analyses import common
 from advsweep.models import datasets
 
 KIND = "class_pairs"
-TARGETED_MODES = ("untargeted", "at_least_one_target")  # the modes that are not targeted
+# Target modes whose rows hold the class the attack reached rather than one it aimed at.
+REACHED_MODES = ("untargeted", "at_least_one_target")
 
 
 def _mode(config_json: str) -> str:
   target = json.loads(config_json).get("target", "untargeted")
-  return "reached" if target in TARGETED_MODES else "targeted"
+  return "reached" if target in REACHED_MODES else "targeted"
 
 
 def matrices(cols: dict) -> list[dict]:
