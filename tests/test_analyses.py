@@ -152,3 +152,20 @@ def test_the_default_run_config_resolves_full_and_quick():
   assert "cifar10_resnet20" in full.models and quick.models == ["cifar10_allconv"]
   assert {c.attack for c in full.cells()} == {"one_pixel"}
   assert all(c.config.num_pixels == 1 for c in full.cells())
+
+
+def test_class_pairs_of_a_targeted_sweep_are_success_rates_per_target():
+  n = 6
+  cols = {"clean_correct": np.array([True] * 5 + [False]), "model": np.array(["m"] * n),
+          "config_hash": np.array(["h"] * n), "dataset": np.array(["mnist"] * n),
+          "config_json": np.array(['{"target": "explicit"}'] * n),
+          "params": np.array(["{}"] * n), "label": np.array([0, 0, 0, 1, 1, 1]),
+          "target": np.array([1, 1, 2, 0, 2, 0]), "adv_pred": np.array([1, 3, 2, 0, 1, 0]),
+          "success": np.array([True, False, True, True, False, True])}
+  (m,) = class_pairs.matrices(cols)
+  assert m["mode"] == "targeted"
+  assert (m["hits"][0, 1], m["attempts"][0, 1]) == (1, 2)
+  assert (m["hits"][0, 2], m["attempts"][0, 2]) == (1, 1)
+  assert (m["hits"][1, 0], m["attempts"][1, 0]) == (1, 1)  # the misclassified row left out
+  assert (m["hits"][1, 2], m["attempts"][1, 2]) == (0, 1)
+  assert m["attempts"].sum() == 5
