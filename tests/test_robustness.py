@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from advsweep.bench import reproduce, results, robustness, tables
+from advsweep.bench import report, reproduce, results, robustness, tables
 from advsweep.models import zoo
 from tests.conftest import requires_data
 
@@ -96,7 +96,7 @@ def test_robustness_command_runs_on_a_defended_model_and_its_twin(data_dir, tmp_
   assert all(r[3] == "4" for r in rows)
   assert rows[1][-1] != "-" and rows[0][-1] == "-"  # the transfer attack ran on the defense
   # The PGD column is the rows' count of images still correct.
-  cols = {k: np.asarray(v) for k, v in table.to_pydict().items()}
+  cols = report.columns(table)
   pgd = (cols["model"] == "mnist_lenet_fgsm") & (cols["attack"] == "pgd")
   kept = int((cols["clean_correct"][pgd] & (cols["adv_pred"][pgd] == cols["label"][pgd])).sum())
   assert rows[1][robustness.HEADER.index("PGD")].startswith(tables.pct(kept / 4))
