@@ -68,7 +68,7 @@ def _figure(m: dict, path) -> None:
   ax.set_yticks(range(len(names)), names, fontsize=7)
   ax.set_xlabel("target class" if m["mode"] == "targeted" else "class reached")
   ax.set_ylabel("source class")
-  ax.set_title(f"{m['model']}: one-pixel {m['params']}", fontsize=8)
+  ax.set_title(f"{m['model']}: one-pixel {report.params_text(m['params'])}", fontsize=8)
   fig.colorbar(image, ax=ax, label="% of attacked images")
   common.save_figure(fig, path)
 
