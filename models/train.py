@@ -161,15 +161,21 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
         loss += recipe.logit_pairing * pairing
       return loss, (clean_logits if needs_clean else adv_logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables["params"])
-    step_updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    new_vars = {**variables, **updates,
-                "params": optax.apply_updates(variables["params"], step_updates)}
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return new_vars, opt_state, loss, correct
+    return _descend(loss_fn, tx, variables, opt_state, labels)
 
   return train_step
+
+
+def _descend(loss_fn, tx, variables, opt_state, labels):
+  """One optimiser step on `loss_fn(params) -> (loss, (logits, state updates))`: the new
+  variables and optimiser state, the loss and the batch's correct count (traced)."""
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      variables["params"])
+  step_updates, opt_state = tx.update(grads, opt_state, variables["params"])
+  new_vars = {**variables, **updates,
+              "params": optax.apply_updates(variables["params"], step_updates)}
+  correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+  return new_vars, opt_state, loss, correct
 
 
 def _make_domain_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
@@ -202,13 +208,7 @@ def _make_domain_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
       loss += recipe.domain_weight * domain.mmd(clean_latent, noisy_latent)
       return loss, (logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables["params"])
-    step_updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    new_vars = {**variables, **updates,
-                "params": optax.apply_updates(variables["params"], step_updates)}
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return new_vars, opt_state, loss, correct
+    return _descend(loss_fn, tx, variables, opt_state, labels)
 
   return train_step
 

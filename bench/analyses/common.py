@@ -96,6 +96,24 @@ def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table,
   return table, report.columns(table)
 
 
+@dataclasses.dataclass
+class Changes:
+  """The sparse attacks' stored changes of a run's rows (`bench.perturbations`), per row:
+  flat feature indices and new values (None where a row has none), and which rows have them."""
+
+  index: list
+  new: list
+
+  @property
+  def stored(self) -> np.ndarray:
+    return np.asarray([i is not None for i in self.index], bool)
+
+
+def read_changes(table: pa.Table) -> Changes:
+  return Changes(table.column("changed_index").to_pylist(),
+                 table.column("changed_to").to_pylist())
+
+
 def load_model(name: str) -> Any:
   """A run's model by the name in its rows (a zoo model or a user model the run named)."""
   from advsweep.bench import sweep

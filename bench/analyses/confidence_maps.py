@@ -47,7 +47,7 @@ def pick_images(cols: dict, model: str, count: int) -> list[tuple[int, bool, int
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             quick: bool = False, **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
-  changed = table.column("changed_index").to_pylist()
+  changed = common.read_changes(table).index
   out = {k: [] for k in ("model", "example_idx", "y", "x", "min_true_prob", "flips",
                          "best_colour")}
   headline, figures, maps = [], [], []

@@ -34,12 +34,12 @@ def ring(y: int, x: int, d: int, h: int, w: int) -> np.ndarray:
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             quick: bool = False, seed: int = 0, **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
-  index = table.column("changed_index").to_pylist()
-  new = table.column("changed_to").to_pylist()
+  changes = common.read_changes(table)
+  index, new = changes.index, changes.new
   distances = QUICK_DISTANCES if quick else DISTANCES
   rng = np.random.default_rng(seed)
   keep = cols["clean_correct"] & cols["success"] & (cols["l0"] == 1)
-  keep &= np.asarray([i is not None for i in index])
+  keep &= changes.stored
   out = {k: [] for k in ("model", "config_hash", "example_idx", "distance", "trials", "hits")}
   header = ["model", "attack", "images", *[f"d={d}" for d in range(1, distances + 1)],
             "random"]

@@ -54,8 +54,8 @@ def _predict(model, images: np.ndarray) -> np.ndarray:
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             quick: bool = False, seed: int = 0, **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
-  index = table.column("changed_index").to_pylist()
-  new = table.column("changed_to").to_pylist()
+  changes = common.read_changes(table)
+  index, new = changes.index, changes.new
   exposures = QUICK_EXPOSURES if quick else EXPOSURES
   key = jax.random.key(seed)
   out = {k: [] for k in ("model", "what", "exposure", "value", "low", "high", "n")}
@@ -79,29 +79,31 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     correct = _predict(model, clean) == labels
     add(model_name, "accuracy, clean", math.nan, correct.mean(), math.nan, math.nan,
         len(at), common.fmt_rate(int(correct.sum()), len(at)))
-    noisy_at = {}
+    noisy_at, accuracies = {}, []
     for e, exposure in enumerate(exposures):
       noisy = poisson_noise(jax.random.fold_in(jax.random.fold_in(key, m), e), clean, exposure)
       noisy_at[exposure] = noisy
       right = _predict(model, noisy) == labels
+      accuracies.append(float(right.mean()))
       measured.setdefault(model_name, {"model": model})[exposure] = right
       add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(at),
           common.fmt_rate(int(right.sum()), len(at)))
     z_clean = latent(model, clean)
     scale = float(np.linalg.norm(z_clean, axis=-1).mean())
     mid = exposures[len(exposures) // 2]
+    z_noisy = latent(model, noisy_at[mid])
     groups = {f"latent distance, Poisson (exposure {mid:g})":
-              np.linalg.norm(latent(model, noisy_at[mid]) - z_clean, axis=-1) / scale}
+              np.linalg.norm(z_noisy - z_clean, axis=-1) / scale}
     attacked = np.flatnonzero((cols["model"] == model_name) & cols["clean_correct"]
-                              & np.asarray([i is not None for i in index]))
+                              & changes.stored)
     adv_latent = {}
     if len(attacked):
       where = {int(e): n for n, e in enumerate(cols["example_idx"][at])}
-      base = clean[[where[int(e)] for e in cols["example_idx"][attacked]]]
-      adv = np.stack([perturbations.apply_changes(x, index[r], new[r])
-                      for x, r in zip(base, attacked, strict=True)])
+      positions = [where[int(e)] for e in cols["example_idx"][attacked]]
+      adv = np.stack([perturbations.apply_changes(clean[p], index[r], new[r])
+                      for p, r in zip(positions, attacked, strict=True)])
       z_adv = latent(model, adv)
-      d = np.linalg.norm(z_adv - latent(model, base), axis=-1) / scale
+      d = np.linalg.norm(z_adv - z_clean[positions], axis=-1) / scale
       won = cols["success"][attacked]
       groups["latent distance, one-pixel successes"] = d[won]
       groups["latent distance, one-pixel failures"] = d[~won]
@@ -112,11 +114,8 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       add(model_name, what, math.nan, mean, lo, hi, len(values),
           common.fmt_interval(mean, lo, hi))
     figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
-    _figure(model_name, exposures, [out["value"][i] for i in range(len(out["value"]))
-                                    if out["model"][i] == model_name and
-                                    out["what"][i] == "accuracy"],
-            float(correct.mean()), z_clean, labels, latent(model, noisy_at[mid]), mid,
-            adv_latent.get("won"), figures[-1])
+    _figure(model_name, exposures, accuracies, float(correct.mean()), z_clean, labels,
+            z_noisy, mid, adv_latent.get("won"), figures[-1])
   for model_name, got in measured.items():
     twin = got["model"].meta.get("twin") or ""
     if not str(got["model"].meta.get("defense", "")).startswith("domain") or twin not in measured:

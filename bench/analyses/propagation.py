@@ -44,9 +44,9 @@ def layer_maps(model, clean: np.ndarray, adv: np.ndarray
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             quick: bool = False, **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
-  index = table.column("changed_index").to_pylist()
-  new = table.column("changed_to").to_pylist()
-  keep = cols["clean_correct"] & cols["success"] & np.asarray([i is not None for i in index])
+  changes = common.read_changes(table)
+  index, new = changes.index, changes.new
+  keep = cols["clean_correct"] & cols["success"] & changes.stored
   out = {k: [] for k in ("model", "example_idx", "layer", "depth", "changed_share",
                          "max_relative_difference")}
   header = ["model", "layer", "depth", "images", "positions changed", "max |diff| / clean max"]
