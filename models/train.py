@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -21,7 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.core
 import flax.serialization
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,6 +169,13 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
   return train_step
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_train_step(module, recipe: zoo.TrainRecipe, total_steps: int):
+  """`_make_train_step` with `make_optimizer(recipe, total_steps)`, built once per process
+  for equal arguments, so a resumed or repeated run reuses the compiled step."""
+  return _make_train_step(module, make_optimizer(recipe, total_steps), recipe)
+
+
 def _descend(loss_fn, tx, variables, opt_state, labels):
   """One optimiser step on `loss_fn(params) -> (loss, (logits, state updates))`: the new
   variables and optimiser state, the loss and the batch's correct count (traced)."""
@@ -224,6 +234,7 @@ GUARD_DROP = 0.2   # a fall of PGD accuracy by more than this stops the run
 GUARD_CHECKS = 4   # checks per epoch: the collapse can come within an epoch
 
 
+@functools.lru_cache(maxsize=8)
 def _make_guard(module, recipe: zoo.TrainRecipe):
   """PGD-10 accuracy at the recipe's eps (step eps/4, random start), for the overfitting
   guard: Wong et al. detect catastrophic overfitting by PGD accuracy on training data."""
@@ -244,6 +255,39 @@ def _make_guard(module, recipe: zoo.TrainRecipe):
     return total / len(labels)
 
   return accuracy
+
+
+def warm_start(variables: Any, source: str,
+               checkpoint_dir: str | os.PathLike | None = None) -> tuple[Any, dict]:
+  """`variables` with every array zoo model `source`'s checkpoint shares with them.
+
+  An array is shared where its path and shape match (a denoised ResNet-20 shares all of the
+  plain ResNet-20's; a Gauss head shares its trunk). The rest keep their initialisation.
+  The checkpoint is read from `checkpoint_dir` where it is there, else from the zoo's.
+
+  Returns:
+    The merged variables, and a record for the metadata: the source, its checkpoint's
+    sha256 and the paths left at their initialisation.
+  """
+  folder = checkpoint_dir
+  if folder is None or not (Path(folder) / zoo.entry(source).checkpoint.name).is_file():
+    folder = None
+  try:
+    trained = zoo.load(source, folder)
+  except checkpoints.CheckpointError as err:
+    raise checkpoints.CheckpointError(
+        f"this recipe starts from {source!r}'s weights, which cannot be loaded ({err}); "
+        f"run `advsweep train {source}` first") from err
+  from_source = flax.traverse_util.flatten_dict(flax.core.unfreeze(trained.params), sep="/")
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+  fresh = [k for k, v in flat.items()
+           if k not in from_source or np.shape(from_source[k]) != np.shape(v)]
+  if len(fresh) == len(flat):
+    raise ValueError(f"zoo model {source!r} shares no weights with this module; a recipe's "
+                     "init_from must name a model of the same architecture")
+  merged = {k: v if k in fresh else jnp.asarray(from_source[k]) for k, v in flat.items()}
+  record = {"from": source, "sha256": trained.meta["sha256"], "fresh": sorted(fresh)}
+  return flax.traverse_util.unflatten_dict(merged, sep="/"), record
 
 
 RESUME_SUFFIX = ".resume.msgpack"
@@ -351,8 +395,11 @@ def train_and_evaluate(
   init_key, aug_key = jax.random.split(key)
   guard_key = jax.random.fold_in(key, 2)
   variables = zoo.init_variables(module, spec.dataset, init_key)
+  warm = None
+  if recipe.init_from:
+    variables, warm = warm_start(variables, recipe.init_from, out_dir)
   tx = make_optimizer(recipe, recipe.epochs * steps_per_epoch)
-  train_step = _make_train_step(module, tx, recipe)
+  train_step = _compiled_train_step(module, recipe, recipe.epochs * steps_per_epoch)
   rng = np.random.default_rng(seed)
   guard = _make_guard(module, recipe) if recipe.overfit_guard else None
   guard_idx = np.random.default_rng([seed, 1]).permutation(len(train_x))[:guard_images]
@@ -461,6 +508,8 @@ def train_and_evaluate(
       "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "versions": {p: importlib.metadata.version(p) for p in ("jax", "flax", "optax")},
   }
+  if warm is not None:
+    meta["init_from"] = warm
   if guard is not None:
     robust = np.asarray(state["robust"])
     done = robust[~np.isnan(robust)]

@@ -12,9 +12,19 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from advsweep.models import datasets  # noqa: E402
+
+# Many tests compile the same programs (a train step rebuilt by each run, one attack on one
+# model in several files): XLA's persistent cache compiles each once. One folder per xdist
+# worker, since the cache writes its entries without a lock.
+jax.config.update("jax_compilation_cache_dir", str(
+    Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"
+    / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _data_dir() -> Path | None:

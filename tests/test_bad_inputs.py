@@ -177,7 +177,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
   proc = subprocess.Popen(
       [sys.executable, "-m", "advsweep.bench.cli", "run", "ci", "--out", str(tmp_path / "r"),
        "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-      cwd=tmp_path)
+      cwd=tmp_path,
+      # A shell's background job inherits SIGINT ignored, and Python keeps it so; this test
+      # is of Ctrl-C at a terminal, whatever started pytest.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   for line in proc.stdout:  # interrupt once the sweep has begun its units
     if "to run on" in line:
       break

@@ -34,7 +34,7 @@ ACCURACY_FLOORS = {
 SHIPPED = zoo.available()
 # Zoo entries whose training has not finished on the development CPU (issues 14 and 16):
 # listed so that shipping one fails this test until it is removed from here.
-NOT_YET_SHIPPED = {"cifar10_resnet20_adv", "cifar10_resnet20_denoise", "cifar10_resnet20_gauss",
+NOT_YET_SHIPPED = {"cifar10_resnet20_denoise",
                    "cifar10_resnet20_da"}
 
 

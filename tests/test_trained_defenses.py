@@ -71,6 +71,33 @@ def test_denoising_blocks_start_as_the_identity():
                          atol=1e-3)
 
 
+def test_warm_start_copies_the_shared_weights_and_keeps_the_rest():
+  """A denoised ResNet-20 started from the shipped cifar10_resnet20 computes its logits
+  (the blocks start as the identity); only the blocks keep their initialisation."""
+  source = zoo.load("cifar10_resnet20")
+  module = architectures.ResNet20(denoise_after=(2, 3))
+  fresh = zoo.init_variables(module, "cifar10", jax.random.key(1))
+  merged, record = train.warm_start(fresh, "cifar10_resnet20")
+  assert record["from"] == "cifar10_resnet20" and record["sha256"] == source.meta["sha256"]
+  assert record["fresh"] == ["params/stage2_denoise/conv/kernel",
+                             "params/stage3_denoise/conv/kernel"]
+  images = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3))
+  np.testing.assert_allclose(module.apply(merged, images, train=False),
+                             source.apply_fn(source.params, images), rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(merged["params"]["stage2_denoise"]["conv"]["kernel"],
+                                fresh["params"]["stage2_denoise"]["conv"]["kernel"])
+  np.testing.assert_array_equal(merged["params"]["stem"]["conv"]["kernel"],
+                                source.params["params"]["stem"]["conv"]["kernel"])
+  with pytest.raises(ValueError, match="shares no weights"):
+    train.warm_start(fresh, "mnist_softmax")
+  if "cifar10_resnet20_da" not in zoo.available():
+    with pytest.raises(checkpoints.CheckpointError, match="advsweep train cifar10_resnet20_da"):
+      train.warm_start(fresh, "cifar10_resnet20_da")
+  assert zoo.entry("cifar10_resnet20_adv").recipe.init_from == "cifar10_resnet20"
+  assert zoo.entry("cifar10_resnet20_denoise").recipe == zoo.entry(
+      "cifar10_resnet20_adv").recipe  # the blocks are the only difference
+
+
 def test_training_attacks_follow_the_papers():
   recipe = zoo.entry("mnist_lenet_pgd").recipe
   attack = train.training_attack(recipe)
