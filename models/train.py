@@ -291,6 +291,7 @@ def warm_start(variables: Any, source: str,
 
 
 RESUME_SUFFIX = ".resume.msgpack"
+CHECKPOINT_SECONDS = 600.0  # a mid-epoch save at most this often
 
 
 def resume_path(out_dir: str | os.PathLike, name: str) -> Path:
@@ -353,13 +354,16 @@ def train_and_evaluate(
     command: str | None = None,
     restart: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
+    on_checkpoint: Callable[[int, int], None] | None = None,
     batch_size: int | None = None,
     guard_images: int = GUARD_IMAGES,
 ) -> TrainResult:
   """Trains zoo entry `name` with its recipe and writes `<out_dir>/<name>.msgpack|.json`.
 
-  With `out_dir`, every finished epoch is saved to `resume_path(out_dir, name)` (weights,
-  optimiser state, the guard's best epoch), atomically; a later call with the same
+  With `out_dir`, every finished epoch, and within an epoch every `checkpoint_seconds`, is
+  saved to `resume_path(out_dir, name)` (weights, optimiser state, the guard's checks, the
+  epoch's running loss), atomically; a later call with the same
   arguments resumes from it and ends with the weights an uninterrupted run would have, then
   deletes it.
 
@@ -374,6 +378,10 @@ def train_and_evaluate(
     command: the command line to record in the metadata.
     restart: discard a saved state instead of resuming from it.
     on_epoch_end: called with the epoch count after each epoch's state is saved.
+    checkpoint_seconds: within an epoch, the state is also saved after the first step that
+      ends this long after the last save (a CIFAR-10 adversarial epoch takes 40 minutes
+      here); a resumed run continues from that step.
+    on_checkpoint: called with (epoch, steps done in it) after each such save.
     batch_size: overrides the recipe's batch size (short runs and tests).
     guard_images: training images the overfitting guard attacks at each check.
   """
@@ -410,6 +418,7 @@ def train_and_evaluate(
   fingerprint = _fingerprint(name, recipe, seed, train_limit, test_limit)
   state = {"variables": variables, "opt_state": tx.init(variables["params"]),
            "best": variables, "epoch": np.int64(0), "train_seconds": np.float64(0.0),
+           "step": np.int64(0), "epoch_loss": np.float64(0.0), "epoch_correct": np.int64(0),
            "losses": np.zeros(recipe.epochs),
            "robust": np.full(recipe.epochs * GUARD_CHECKS, np.nan),
            "fingerprint": fingerprint}
@@ -419,27 +428,33 @@ def train_and_evaluate(
       state_file.unlink()
     else:
       state = _load_state(state_file, state, fingerprint)
-      print(f"{name}: resuming after epoch {int(state['epoch'])} of {recipe.epochs} "
-            f"({state_file})")
+      where = (f"after epoch {int(state['epoch'])} of {recipe.epochs}" if not state["step"]
+               else f"in epoch {int(state['epoch']) + 1} of {recipe.epochs} after step "
+               f"{int(state['step'])} of {steps_per_epoch}")
+      print(f"{name}: resuming {where} ({state_file})")
   first = int(state["epoch"])
+  first_step = int(state["step"])
   for _ in range(first):
     rng.permutation(len(train_x))  # the shuffles of the finished epochs
 
   seconds_per_step = _estimate(train_step, state, train_x[:batch], train_y[:batch], aug_key)
-  remaining = (recipe.epochs - first) * steps_per_epoch
+  remaining = (recipe.epochs - first) * steps_per_epoch - first_step
   if remaining:
-    print(f"{name}: {recipe.epochs - first} epochs x {steps_per_epoch} steps of {batch} at "
+    print(f"{name}: {remaining} steps of {batch} ({steps_per_epoch} an epoch) at "
           f"{seconds_per_step:.3f} s per step: about {_minutes(remaining * seconds_per_step)}"
           f" (measured on the first batch)", flush=True)
 
   stopped_at = None
   for epoch in range(first, recipe.epochs):
-    start = time.time()
+    start = last_save = time.time()
     order = rng.permutation(len(train_x))
-    total_loss, total_correct = 0.0, 0
+    skip = first_step if epoch == first else 0  # the steps a mid-epoch save holds
+    total_loss = float(state["epoch_loss"]) if skip else 0.0
+    total_correct = int(state["epoch_correct"]) if skip else 0
     variables, opt_state = state["variables"], state["opt_state"]
-    bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}",
-               disable=not progress, leave=True, mininterval=2.0)
+    bar = tqdm(range(skip, steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}",
+               initial=skip, total=steps_per_epoch, disable=not progress, leave=True,
+               mininterval=2.0)
     for step in bar:
       interrupts.check()
       idx = order[step * batch:(step + 1) * batch]
@@ -466,10 +481,22 @@ def train_and_evaluate(
         if robust[check] < best_before - GUARD_DROP:
           stopped_at = (epoch + 1, (step + 1) / steps_per_epoch)
           break
+      if (state_file is not None and step + 1 < steps_per_epoch
+          and time.time() - last_save >= checkpoint_seconds):
+        now = time.time()
+        state = {**state, "variables": variables, "opt_state": opt_state,
+                 "step": np.int64(step + 1), "epoch_loss": np.float64(total_loss),
+                 "epoch_correct": np.int64(total_correct),
+                 "train_seconds": np.float64(float(state["train_seconds"]) + now - start)}
+        _save_state(state_file, state)
+        start = last_save = now
+        if on_checkpoint is not None:
+          on_checkpoint(epoch, step + 1)
     losses = np.array(state["losses"])
     losses[epoch] = total_loss / steps_per_epoch
     state = {**state, "variables": variables, "opt_state": opt_state,
-             "epoch": np.int64(epoch + 1), "losses": losses,
+             "epoch": np.int64(epoch + 1), "losses": losses, "step": np.int64(0),
+             "epoch_loss": np.float64(0.0), "epoch_correct": np.int64(0),
              "train_seconds": np.float64(float(state["train_seconds"]) + time.time() - start)}
     if stopped_at is not None:
       robust = np.asarray(state["robust"])

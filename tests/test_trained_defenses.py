@@ -133,8 +133,9 @@ def _tiny(name, data_dir, tmp_path, **kwargs):
 
 @requires_data
 def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path, capsys):
-  """ALP (adversarial examples, logit pairing, the guard): killed after epoch 1, resumed,
-  it ends with the weights and the history of a run that was never interrupted."""
+  """ALP (adversarial examples, logit pairing, the guard): killed after epoch 1, or within
+  epoch 1 after a mid-epoch save, resumed, it ends with the weights and the history of a run
+  that was never interrupted."""
   whole = _tiny("mnist_lenet_alp", data_dir, tmp_path / "whole")
   assert "s per step" in capsys.readouterr().out  # the time estimate comes first
 
@@ -164,6 +165,21 @@ def test_an_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path, caps
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert resumed.meta["sha256"] == whole.meta["sha256"]
   assert whole.meta["defense"] == "alp" and whole.meta["twin"] == "mnist_lenet"
+
+  # Killed within an epoch, after its mid-epoch save (step 1 of 2): the same again.
+  def kill_mid_epoch(epoch, steps):
+    if (epoch, steps) == (0, 1):
+      raise Killed
+
+  with pytest.raises(Killed):
+    _tiny("mnist_lenet_alp", data_dir, tmp_path / "mid", checkpoint_seconds=0.0,
+          on_checkpoint=kill_mid_epoch)
+  capsys.readouterr()
+  mid = _tiny("mnist_lenet_alp", data_dir, tmp_path / "mid")
+  assert "resuming in epoch 1 of 2 after step 1 of 2" in capsys.readouterr().out
+  assert mid.losses == whole.losses
+  assert mid.meta["overfit_guard"] == whole.meta["overfit_guard"]
+  assert mid.meta["sha256"] == whole.meta["sha256"]
 
 
 @requires_data
