@@ -323,7 +323,12 @@ def _load_state(path: Path, target: dict, fingerprint: str) -> dict:
     raise checkpoints.CheckpointError(
         f"{path}: a training state of another recipe, seed or data size; pass --restart "
         "to discard it, or run the command that wrote it")
-  return flax.serialization.from_bytes(target, data)
+  try:
+    return flax.serialization.from_bytes(target, data)
+  except (ValueError, KeyError) as err:
+    raise checkpoints.CheckpointError(
+        f"{path}: a training state of another layout ({err}), written by an earlier "
+        "advsweep; pass --restart to discard it") from err
 
 
 def _estimate(train_step, state, batch_x, batch_y, key) -> float:

@@ -192,6 +192,15 @@ def test_a_corrupt_training_state_is_refused(data_dir, tmp_path):
   assert len(result.losses) == 2 and not state.exists()
 
 
+def test_a_training_state_of_an_earlier_layout_is_refused(tmp_path):
+  import flax.serialization
+  path = tmp_path / "old.resume.msgpack"
+  path.write_bytes(flax.serialization.to_bytes({"epoch": np.int64(1), "fingerprint": "f"}))
+  target = {"epoch": np.int64(0), "step": np.int64(0), "fingerprint": "f"}
+  with pytest.raises(checkpoints.CheckpointError, match="another layout.*--restart"):
+    train._load_state(path, target, "f")
+
+
 @requires_data
 def test_the_guard_stops_a_collapse_and_keeps_the_best_weights(data_dir, tmp_path,
                                                                monkeypatch):
