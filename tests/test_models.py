@@ -34,8 +34,7 @@ ACCURACY_FLOORS = {
 SHIPPED = zoo.available()
 # Zoo entries whose training has not finished on the development CPU (issues 14 and 16):
 # listed so that shipping one fails this test until it is removed from here.
-NOT_YET_SHIPPED = {"cifar10_resnet20_denoise",
-                   "cifar10_resnet20_da"}
+NOT_YET_SHIPPED = {"cifar10_resnet20_da"}
 
 
 def test_every_zoo_entry_has_a_floor():
