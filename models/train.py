@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax.core
 import flax.serialization
 import flax.traverse_util
 import jax
@@ -171,9 +170,11 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
 
 @functools.lru_cache(maxsize=8)
 def _compiled_train_step(module, recipe: zoo.TrainRecipe, total_steps: int):
-  """`_make_train_step` with `make_optimizer(recipe, total_steps)`, built once per process
-  for equal arguments, so a resumed or repeated run reuses the compiled step."""
-  return _make_train_step(module, make_optimizer(recipe, total_steps), recipe)
+  """The optimiser `make_optimizer(recipe, total_steps)` and its `_make_train_step`, built
+  once per process for equal arguments, so a resumed or repeated run reuses the compiled
+  step."""
+  tx = make_optimizer(recipe, total_steps)
+  return tx, _make_train_step(module, tx, recipe)
 
 
 def _descend(loss_fn, tx, variables, opt_state, labels):
@@ -269,19 +270,19 @@ def warm_start(variables: Any, source: str,
     The merged variables, and a record for the metadata: the source, its checkpoint's
     sha256 and the paths left at their initialisation.
   """
-  folder = checkpoint_dir
-  if folder is None or not (Path(folder) / zoo.entry(source).checkpoint.name).is_file():
-    folder = None
+  here = checkpoint_dir is not None and (
+      Path(checkpoint_dir) / zoo.entry(source).checkpoint.name).is_file()
+  folder = checkpoint_dir if here else None
   try:
     trained = zoo.load(source, folder)
   except checkpoints.CheckpointError as err:
     raise checkpoints.CheckpointError(
         f"this recipe starts from {source!r}'s weights, which cannot be loaded ({err}); "
         f"run `advsweep train {source}` first") from err
-  from_source = flax.traverse_util.flatten_dict(flax.core.unfreeze(trained.params), sep="/")
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
-  fresh = [k for k, v in flat.items()
-           if k not in from_source or np.shape(from_source[k]) != np.shape(v)]
+  from_source = flax.traverse_util.flatten_dict(trained.params, sep="/")
+  flat = flax.traverse_util.flatten_dict(variables, sep="/")
+  fresh = {k for k, v in flat.items()
+           if k not in from_source or np.shape(from_source[k]) != np.shape(v)}
   if len(fresh) == len(flat):
     raise ValueError(f"zoo model {source!r} shares no weights with this module; a recipe's "
                      "init_from must name a model of the same architecture")
@@ -329,6 +330,17 @@ def _load_state(path: Path, target: dict, fingerprint: str) -> dict:
     raise checkpoints.CheckpointError(
         f"{path}: a training state of another layout ({err}), written by an earlier "
         "advsweep; pass --restart to discard it") from err
+
+
+# A state's position within its epoch: steps done and their summed loss and correct count.
+_EPOCH_START = {"step": np.int64(0), "epoch_loss": np.float64(0.0),
+                "epoch_correct": np.int64(0)}
+
+
+def _advance(state: dict, variables, opt_state, seconds: float, **fields) -> dict:
+  """`state` after `seconds` more of training that reached `variables` and `opt_state`."""
+  return {**state, "variables": variables, "opt_state": opt_state, **fields,
+          "train_seconds": np.float64(float(state["train_seconds"]) + seconds)}
 
 
 def _estimate(train_step, state, batch_x, batch_y, key) -> float:
@@ -411,8 +423,7 @@ def train_and_evaluate(
   warm = None
   if recipe.init_from:
     variables, warm = warm_start(variables, recipe.init_from, out_dir)
-  tx = make_optimizer(recipe, recipe.epochs * steps_per_epoch)
-  train_step = _compiled_train_step(module, recipe, recipe.epochs * steps_per_epoch)
+  tx, train_step = _compiled_train_step(module, recipe, recipe.epochs * steps_per_epoch)
   rng = np.random.default_rng(seed)
   guard = _make_guard(module, recipe) if recipe.overfit_guard else None
   guard_idx = np.random.default_rng([seed, 1]).permutation(len(train_x))[:guard_images]
@@ -423,7 +434,7 @@ def train_and_evaluate(
   fingerprint = _fingerprint(name, recipe, seed, train_limit, test_limit)
   state = {"variables": variables, "opt_state": tx.init(variables["params"]),
            "best": variables, "epoch": np.int64(0), "train_seconds": np.float64(0.0),
-           "step": np.int64(0), "epoch_loss": np.float64(0.0), "epoch_correct": np.int64(0),
+           **_EPOCH_START,
            "losses": np.zeros(recipe.epochs),
            "robust": np.full(recipe.epochs * GUARD_CHECKS, np.nan),
            "fingerprint": fingerprint}
@@ -486,23 +497,20 @@ def train_and_evaluate(
         if robust[check] < best_before - GUARD_DROP:
           stopped_at = (epoch + 1, (step + 1) / steps_per_epoch)
           break
+      now = time.time()
       if (state_file is not None and step + 1 < steps_per_epoch
-          and time.time() - last_save >= checkpoint_seconds):
-        now = time.time()
-        state = {**state, "variables": variables, "opt_state": opt_state,
-                 "step": np.int64(step + 1), "epoch_loss": np.float64(total_loss),
-                 "epoch_correct": np.int64(total_correct),
-                 "train_seconds": np.float64(float(state["train_seconds"]) + now - start)}
+          and now - last_save >= checkpoint_seconds):
+        state = _advance(state, variables, opt_state, now - start, step=np.int64(step + 1),
+                         epoch_loss=np.float64(total_loss),
+                         epoch_correct=np.int64(total_correct))
         _save_state(state_file, state)
         start = last_save = now
         if on_checkpoint is not None:
           on_checkpoint(epoch, step + 1)
     losses = np.array(state["losses"])
     losses[epoch] = total_loss / steps_per_epoch
-    state = {**state, "variables": variables, "opt_state": opt_state,
-             "epoch": np.int64(epoch + 1), "losses": losses, "step": np.int64(0),
-             "epoch_loss": np.float64(0.0), "epoch_correct": np.int64(0),
-             "train_seconds": np.float64(float(state["train_seconds"]) + time.time() - start)}
+    state = _advance(state, variables, opt_state, time.time() - start,
+                     epoch=np.int64(epoch + 1), losses=losses, **_EPOCH_START)
     if stopped_at is not None:
       robust = np.asarray(state["robust"])
       print(f"{name}: PGD-10 accuracy on training images fell from "
