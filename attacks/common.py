@@ -56,6 +56,10 @@ class AttackResult:
     adv_top5_correct: [B] the label is among the top 5 classes on `adv_images`.
     target: [B] target class, or -1 for untargeted attacks.
     queries: [B] model evaluations spent on the image (a forward+backward pass counts one).
+    evaluated: [B] rows the model really computed for the image, the re-check included: the
+      one-pixel attack's padding of a chunked model call is shared by the images in it, so
+      `evaluated - queries` is work that searched nothing (equal to `queries` for attacks
+      that pad nothing).
     l0: [B] pixels (spatial positions) changed.
     l0_fraction: [B] fraction of input features (H*W*C values) changed.
     l2: [B] L2 norm of the perturbation.
@@ -78,6 +82,7 @@ class AttackResult:
   l2: jax.Array
   linf: jax.Array
   finite: jax.Array
+  evaluated: jax.Array
   evaluation: str = struct.field(pytree_node=False, default=FULL_EVALUATION)
 
 
@@ -180,7 +185,8 @@ def best_over_targets(result: AttackResult, batch: int, reps: int) -> AttackResu
       lambda x: jnp.take_along_axis(x, pick.reshape((batch, 1) + (1,) * (x.ndim - 2)),
                                     axis=1)[:, 0],
       grouped)
-  return chosen.replace(queries=jnp.sum(grouped.queries, axis=1))
+  return chosen.replace(queries=jnp.sum(grouped.queries, axis=1),
+                        evaluated=jnp.sum(grouped.evaluated, axis=1))
 
 
 def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, *, close_params: bool = True,
@@ -237,14 +243,19 @@ _BOUND_SIZE = 64  # (attack core, model, static settings) combinations kept comp
 
 def finalize(apply_fn: ApplyFn, params: Any, images: jax.Array, adv_images: jax.Array,
              labels: jax.Array, targets: jax.Array, queries: jax.Array,
-             evaluation: str = FULL_EVALUATION) -> AttackResult:
+             evaluation: str = FULL_EVALUATION, evaluated: jax.Array | None = None
+             ) -> AttackResult:
   """Re-checks the adversarial images with the model and measures the perturbation (jitted
-  with the params closed over, see `bind`; inline under a trace)."""
-  result = bind(_finalize, apply_fn, params)(images, adv_images, labels, targets, queries)
+  with the params closed over, see `bind`; inline under a trace). `evaluated` defaults to
+  `queries`."""
+  evaluated = queries if evaluated is None else evaluated
+  result = bind(_finalize, apply_fn, params)(images, adv_images, labels, targets, queries,
+                                             evaluated)
   return result.replace(evaluation=evaluation)
 
 
-def _finalize(apply_fn, params, images, adv_images, labels, targets, queries) -> AttackResult:
+def _finalize(apply_fn, params, images, adv_images, labels, targets, queries, evaluated
+              ) -> AttackResult:
   # A model that returns NaN can make the attack's image NaN; its pixels fall back to the
   # clean image, so `adv_images` stays finite and in [0, 1] (and `finite` reports it).
   adv_images = jnp.where(jnp.isfinite(adv_images), adv_images, images)
@@ -273,4 +284,5 @@ def _finalize(apply_fn, params, images, adv_images, labels, targets, queries) ->
       l2=jnp.linalg.norm(delta, axis=-1),
       linf=jnp.max(jnp.abs(delta), -1),
       finite=finite,
+      evaluated=jnp.asarray(evaluated, jnp.float32),
   )

@@ -168,7 +168,9 @@ def _ours(model, name, attack, images, labels, config, warm_config=None, library
   result, seconds, _ = timing.timed(prepared)
   success = np.asarray(result.success)
   changed = float(np.mean(np.asarray(result.l0_fraction)[success])) if success.any() else None
-  row = _row(library, attack, name, seconds, int(np.sum(np.asarray(result.queries))),
+  # The rows our model computed (padding and the re-check included), as the peers' are
+  # counted at their model.
+  row = _row(library, attack, name, seconds, float(np.sum(np.asarray(result.evaluated))),
              len(images), success, changed if features else None)
   return row, result
 

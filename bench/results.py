@@ -73,12 +73,15 @@ SCHEMA = pa.schema([
     ("changed_index", pa.list_(pa.int32())),
     ("changed_from", pa.list_(pa.float32())),
     ("changed_to", pa.list_(pa.float32())),
+    # Rows the model really computed per image, padding of chunked calls and every restart
+    # included (`AttackResult.evaluated`); `evaluated - queries` searched nothing.
+    ("evaluated", pa.float64()),
 ])
 # Columns added after the first release, in order: parts written before a column existed
 # are read with it null (their evaluation, their defense, ... is not recorded).
 _ADDED = ("evaluation", "defense", "grad_zero_share", "forward_repeatable",
           "transfer_success", "nd_score_clean", "nd_score_adv", "changed_index",
-          "changed_from", "changed_to")
+          "changed_from", "changed_to", "evaluated")
 # Columns that record when and where a row was made, not what it says.
 PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
 ROW_KEY = ("model", "config_hash", "example_idx")

@@ -185,7 +185,8 @@ class Runner:
     if defended and model.randomized:  # success as the defense's own draws decide it
       result = attacks.common.finalize(model.apply_fn, self.params(data), images,
                                        result.adv_images, labels, result.target,
-                                       result.queries, result.evaluation)
+                                       result.queries, result.evaluation,
+                                       result.evaluated)
     result = jax.block_until_ready(result)
     wall = time.perf_counter() - start
     checked = masking.unit_checks(spec, config, cell, model, apply_fn, params,
@@ -229,7 +230,8 @@ class Runner:
         "adv_top5_correct": r.adv_top5_correct, "success": r.success, "l0": r.l0,
         "l0_fraction": r.l0_fraction, "l2": r.l2, "linf": r.linf,
         # EOT spends `eot_samples` model evaluations on every query.
-        "queries": r.queries.astype(np.int64) * cell.eot_samples, "valid": valid,
+        "queries": r.queries.astype(np.int64) * cell.eot_samples,
+        "evaluated": r.evaluated.astype(np.float64) * cell.eot_samples, "valid": valid,
         "evaluation": [r.evaluation] * n,
         "defense": [meta.get("defense") or config_lib.NO_DEFENSE] * n,
         **{k: v[:n] for k, v in checked.items()},
@@ -502,11 +504,8 @@ def _log_selection(config: RunConfig, models: dict[str, ModelData], log
         + f"; {int((~data.selection.clean_correct).sum())} misclassified (kept, excluded "
         "from success rates)")
     if data.model.pixel_evaluator is None:
-      why = ("its defense transforms the whole image" if isinstance(
-          data.model, defenses.DefendedModel) else "no pixel-local evaluator for this "
-          "architecture")
-      log(f"{name}: {why}: attacks that use one run the full forward pass instead (the rows "
-          "say evaluation = full)")
+      log(f"{name}: its defense transforms the whole image: attacks that evaluate pixels "
+          "locally run the full forward pass instead (the rows say evaluation = full)")
   return available
 
 

@@ -100,7 +100,11 @@ def test_batch_equals_per_image_loop_whatever_the_slots():
   batched = attacks.one_pixel(apply_fn, params, images, labels, keys, config)
   wide = attacks.one_pixel(apply_fn, params, images, labels, keys,
                            config.replace(num_slots=5, chunk_size=7))
-  chex.assert_trees_all_close(batched, wide, atol=1e-6)
+  # One population per call: the model computes the searched candidates and the re-check.
+  np.testing.assert_array_equal(batched.evaluated, batched.queries + 1)
+  # Calls of 7 rows split populations of 20 into 3 calls, padding 1 row each (shared).
+  assert np.all(np.asarray(wide.evaluated) > np.asarray(wide.queries) + 1)
+  chex.assert_trees_all_close(batched, wide.replace(evaluated=batched.evaluated), atol=1e-6)
   for i in range(5):
     single = attacks.one_pixel(apply_fn, params, images[i:i + 1], labels[i:i + 1],
                                keys[i:i + 1], config)
@@ -164,3 +168,30 @@ def test_jit_and_no_jit_agree():
   with jax.disable_jit():
     eager = attacks.one_pixel(apply_fn, params, images, labels, jax.random.key(0), config)
   chex.assert_trees_all_close(jitted, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 40, 7])
+def test_evaluated_counts_the_rows_the_model_computed(chunk_size):
+  """`evaluated` sums to the rows counted at the model itself, padding included; with one
+  population per call (chunk_size 0) it is the searched candidates plus the re-check."""
+  apply_fn, params = small_cnn(seed=7)
+  rows_seen = []
+
+  def counted(p, x):
+    jax.debug.callback(lambda n: rows_seen.append(int(n)), x.shape[0])
+    return apply_fn(p, x)
+
+  images = random_images(6, 8, 8, 3, seed=7)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  config = attacks.OnePixelConfig(population_size=20, num_generations=5, num_slots=4,
+                                  chunk_size=chunk_size)
+  result = attacks.one_pixel(counted, params, images, labels, jax.random.key(3), config)
+  jax.block_until_ready(result)
+  evaluated, queries = np.asarray(result.evaluated), np.asarray(result.queries)
+  # The model also saw the input check's probe, outside the attack: count the attack's calls.
+  search_rows = sum(n for n in rows_seen if n != len(images) and n != 1)
+  np.testing.assert_allclose(evaluated.sum() - len(images), search_rows, rtol=1e-6)
+  if chunk_size == 0:
+    np.testing.assert_array_equal(evaluated, queries + 1)
+  else:
+    assert evaluated.sum() - len(images) >= queries.sum()
