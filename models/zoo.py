@@ -256,10 +256,11 @@ class Model:
 
   @functools.cached_property
   def pixel_evaluator(self) -> locality.PixelSplicer | None:
-    """The exact pixel-local evaluator of this architecture (`models.locality`), or None
-    where it has none (every user's model, so far): pass it to the one-pixel attack as
-    `evaluator=`."""
-    return None if self.module is None else locality.splicer_for(self.module)
+    """The exact pixel-local evaluator of this model, derived from its computation
+    (`models.locality`; a zoo model's or a user's): pass it to the one-pixel attack as
+    `evaluator=`. Where no early layer is local (a dense first layer) its plan is the full
+    forward pass, and the attack's rows say `evaluation = full`."""
+    return locality.PixelSplicer(self.apply_fn)
 
   def intermediates(self, params: Any, images: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
