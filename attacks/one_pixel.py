@@ -76,8 +76,8 @@ class OnePixelConfig:
       at any size, a larger value packs whole populations into each call (`chunk_rows`);
       the last call of a generation is then padded where fewer slots are active, and
       `AttackResult.evaluated` counts that padding.
-    splice: evaluate candidates pixel-locally when the attack is given an `evaluator` (the
-      zoo's sequential CNNs have one, see `models.locality`) and k = 1: the early layers
+    splice: evaluate candidates pixel-locally when the attack is given an `evaluator` (a
+      model's `pixel_evaluator`, see `models.locality`) and k = 1: the early layers
       are computed only on the windows the changed pixel reaches. Exact up to float
       rounding; False always runs the full forward pass. It does not change results, so
       it is not part of a sweep cell's identity (`common.SAME_RESULTS`).

@@ -3,7 +3,7 @@ pixel position, the lowest true-class probability that changing that pixel alone
 a grid of colours, drawn as a heat map beside the image.
 
 Exhaustive: H x W x (levels^C) candidates per image (32 x 32 x 27 on CIFAR-10 by default),
-which the pixel-local evaluation of the zoo's sequential CNNs makes cheap. The images are
+which pixel-local evaluation (any convolutional model) makes cheap. The images are
 taken from a one-pixel run (some it fooled, some it did not), and the map is set beside what
 differential evolution found: a position where the grid flips the class shows how much of the
 image is vulnerable, and whether DE's failures are the search's or the model's.

@@ -2,8 +2,9 @@
 locality analysis try thousands of (position, colour) pairs per image.
 
 It evaluates candidates the way the one-pixel attack does (`attacks.one_pixel.
-candidate_logits`): pixel-locally where the model has an exact evaluator (the zoo's
-sequential CNNs), else by the full forward pass, in fixed-size chunks so one compile serves.
+candidate_logits`): pixel-locally where the model's evaluator finds local layers (any
+convolutional model), else by the full forward pass, in fixed-size chunks so one compile
+serves.
 """
 
 from __future__ import annotations
