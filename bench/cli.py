@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("perf", help="attack throughput against the model's raw throughput")
   p.add_argument("--models", nargs="+", default=None,
-                 help="zoo models (default: mnist_lenet and a shipped CIFAR-10 model)")
+                 help="zoo models or users' (package.module:function; e.g. "
+                 "advsweep.bench.user_models:cifar10_allconv); default: mnist_lenet and a "
+                 "shipped CIFAR-10 model")
   p.add_argument("--attacks", nargs="+", default=None, choices=list(attacks.REGISTRY))
   p.add_argument("-n", "--num-images", type=_count, default=None,
                  help="images per attack (default 32; --peers: 256 for FGSM/BIM/PGD, 100 for "

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from advsweep import attacks
 from advsweep.attacks import spec as attack_spec
 from advsweep.bench import tables, timing
-from advsweep.models import datasets, files, zoo
+from advsweep.models import custom, datasets, files, zoo
 
 
 def _unit_fn(apply_fn: Callable, params: Any, unit: str) -> Callable:
@@ -182,6 +182,16 @@ def write_parquet(rows: list[dict[str, Any]], folder: str | os.PathLike,
   return path
 
 
+def load_model(reference: str) -> zoo.Model:
+  """A zoo model, or a user's (`package.module:function`, as a config names one), which must
+  name the dataset it classifies."""
+  model = custom.resolve(reference)
+  if not model.meta.get("dataset"):
+    raise SystemExit(f"advsweep perf: model {reference!r} names no dataset; build it with "
+                     "advsweep.models.custom.model(..., dataset=...)")
+  return model
+
+
 def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | None = None,
          num_images: int | None = None, quick: bool = False,
          out: str | os.PathLike = "results/perf", data_dir: str | None = None) -> int:
@@ -194,7 +204,7 @@ def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | N
     return 2
   rows, num_images = [], num_images or 32
   for model_name in model_names:
-    model = zoo.load(model_name)
+    model = load_model(model_name)
     images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
     images = jnp.asarray(images_u8[:num_images], jnp.float32) / 255.0
     labels = labels[:num_images]
