@@ -50,6 +50,7 @@ class CellSummary:
   mean_l0_fraction: float  # over successful attacks (Papernot's "features modified")
   mean_linf: float
   mean_queries: float
+  mean_evaluated: float  # rows the model computed: the gap to mean_queries searched nothing
   s_per_image: float
   invalid: int
 
@@ -78,6 +79,13 @@ def _mean(x: np.ndarray) -> float:
   return float(np.mean(x)) if len(x) else math.nan
 
 
+def _mean_recorded(x: np.ndarray) -> float:
+  """The mean over rows that record a value (parts written before a column existed hold
+  null, read as NaN); NaN where none does."""
+  x = np.asarray(x, np.float64)
+  return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+
+
 def summarise(cols: dict[str, np.ndarray], mask: np.ndarray, key: tuple) -> CellSummary:
   model, attack, params, config_hash, conf_bin = key
   ok = mask & cols["clean_correct"]
@@ -92,6 +100,7 @@ def summarise(cols: dict[str, np.ndarray], mask: np.ndarray, key: tuple) -> Cell
       mean_l0_fraction=_mean(cols["l0_fraction"][won]),
       mean_linf=_mean(cols["linf"][ok]),
       mean_queries=_mean(cols["queries"][ok]),
+      mean_evaluated=_mean_recorded(cols["evaluated"][ok]),
       s_per_image=_mean(cols["wall_s"][mask]),
       invalid=int((mask & ~cols["valid"]).sum()))
 
@@ -143,7 +152,8 @@ def _short(v: Any) -> str:
 
 
 SUMMARY_HEADER = ("model", "attack", "params", "bin", "n", "success", "95% CI", "top-1 err",
-                  "top-5 err", "adv conf", "l0", "l0 frac", "linf", "queries", "s/img",
+                  "top-5 err", "adv conf", "l0", "l0 frac", "linf", "queries", "evaluated",
+                  "s/img",
                   "invalid")
 
 
@@ -156,7 +166,8 @@ def summary_rows(cells: list[CellSummary]) -> list[list[str]]:
                  tables.pct(c.top1_error), tables.pct(c.top5_error),
                  tables.pct(c.mean_adv_conf), tables.num(c.mean_l0, 1),
                  tables.pct(c.mean_l0_fraction, 2), tables.num(c.mean_linf, 3),
-                 tables.num(c.mean_queries, 0), tables.num(c.s_per_image, 4), str(c.invalid)])
+                 tables.num(c.mean_queries, 0), tables.num(c.mean_evaluated, 0),
+                 tables.num(c.s_per_image, 4), str(c.invalid)])
   return rows
 
 
@@ -164,11 +175,11 @@ def summary_csv(cells: list[CellSummary]) -> str:
   header = ["model", "attack", "params", "config_hash", "conf_bin", "images", "n",
             "successes", "success_rate", "ci_low", "ci_high", "top1_error", "top5_error",
             "mean_adv_conf", "mean_l0", "mean_l0_fraction", "mean_linf", "mean_queries",
-            "s_per_image", "invalid"]
+            "mean_evaluated", "s_per_image", "invalid"]
   rows = [[c.model, c.attack, c.params, c.config_hash, c.conf_bin, c.images, c.n,
            c.successes, c.success_rate, *c.interval, c.top1_error, c.top5_error,
            c.mean_adv_conf, c.mean_l0, c.mean_l0_fraction, c.mean_linf, c.mean_queries,
-           c.s_per_image, c.invalid] for c in cells]
+           c.mean_evaluated, c.s_per_image, c.invalid] for c in cells]
   return tables.csv_text(header, rows)
 
 
