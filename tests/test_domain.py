@@ -80,7 +80,9 @@ def test_the_domain_step_adds_the_mmd_and_keeps_the_clean_batch_statistics():
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean() + (
       domain.mmd(architectures.penultimate(clean_state["intermediates"]),
                  architectures.penultimate(noisy_state["intermediates"])))
-  assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+  # float32, the step's loss inside one jitted value_and_grad and the reference eager: the
+  # sums run in another order (rel 1.2e-5 apart on one development machine).
+  assert float(loss) == pytest.approx(float(expected), rel=1e-4)
   for a, b in zip(jax.tree.leaves(new_vars["batch_stats"]),
                   jax.tree.leaves(clean_state["batch_stats"]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -38,7 +38,7 @@ def test_peer_rows_agree_with_ours_where_the_attack_is_deterministic():
   assert jsma_f["speedup"] == pytest.approx(by["jsma", "ART"]["s_per_image"]
                                             / jsma_f["s_per_image"])
   # One-pixel: 2 generations of ~400 (ART's early stop may end sooner).
-  assert by["one_pixel", "advsweep"]["evals_per_image"] == 800
+  assert by["one_pixel", "advsweep"]["evals_per_image"] == 800 + 1  # and the re-check
   assert 0 < by["one_pixel", "ART"]["evals_per_image"] <= 800 + 2
   assert by["one_pixel", "ART"]["note"] in ("at most 0 pixel(s) changed",
                                             "at most 1 pixel(s) changed")
