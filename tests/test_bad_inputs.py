@@ -169,11 +169,10 @@ def test_missing_data_is_one_line_from_attack_and_run(capsys, cwd, monkeypatch):
                       "--no-progress"], "not found", "Fix:")
 
 
+@requires_data  # the sweep it interrupts reads MNIST
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
   """SIGINT while a sweep runs: exit 130, one line, and only whole parts on disk."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  if DATA_DIR is not None:
-    env[datasets.DATA_DIR_ENV] = str(DATA_DIR)
+  env = dict(os.environ, PYTHONUNBUFFERED="1", **{datasets.DATA_DIR_ENV: str(DATA_DIR)})
   proc = subprocess.Popen(
       [sys.executable, "-m", "advsweep.bench.cli", "run", "ci", "--out", str(tmp_path / "r"),
        "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
