@@ -141,13 +141,6 @@ def _art_jax_classifier(forward: CountingForward, input_shape, num_classes):
       clip_values=(0.0, 1.0))
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float, int, float]:
-  """`timing.timed`, and the total seconds of its calls: a peer's share of time inside the
-  model is its in-model seconds over that total (the median of the calls is not their mean)."""
-  out, times = timing.calls(fn, 2.0, 7)
-  return out, float(np.median(times)), len(times), float(np.sum(times))
-
-
 def _row(library, attack, model, seconds, evaluations, images, success, features=None,
          note="", model_share=None):
   """One library's figures; `model_share`: the share of a peer's time inside the model and
@@ -201,7 +194,7 @@ def one_pixel_rows(model, name, images, labels, settings: Settings) -> list[dict
   # verbose: ART's own per-image progress bar, since this phase takes minutes.
   attack = PixelAttack(classifier, th=1, es=1, max_iter=settings.pixel_generations,
                        verbose=True)
-  adv, seconds, runs, total = _timed(lambda: attack.generate(x, y))
+  adv, seconds, runs, total = timing.timed_with_total(lambda: attack.generate(x, y))
   evaluations, share = forward.images / runs, forward.seconds / total
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
   changed = int(np.max(np.sum(np.any(np.abs(adv - x) > 1e-6, -1), (1, 2))))
@@ -256,7 +249,8 @@ def gradient_rows(model, name, images, labels, settings: Settings) -> list[dict]
     art_attack = art_attacks[attack]
     art_attack.generate(x, y)
     forward.reset()
-    adv, seconds, runs, total = _timed(lambda art_attack=art_attack: art_attack.generate(x, y))
+    adv, seconds, runs, total = timing.timed_with_total(
+        lambda art_attack=art_attack: art_attack.generate(x, y))
     evaluations = forward.images / runs
     success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) != y
     rows.append(_row("ART", attack, name, seconds, evaluations, batch, success,
@@ -286,7 +280,7 @@ def jsma_rows(model, name, images, labels, settings: Settings) -> list[dict]:
   # size compiles the jitted class gradient once (the timed run then compiles nothing).
   attack.generate(x, onehot)
   forward.reset()
-  adv, seconds, runs, total = _timed(lambda: attack.generate(x, onehot))
+  adv, seconds, runs, total = timing.timed_with_total(lambda: attack.generate(x, onehot))
   evaluations, share = forward.images / runs, forward.seconds / total
   success = np.argmax(np.asarray(forward.fn(jnp.asarray(adv))), -1) == targets
   changed = np.mean(np.abs(adv - x).reshape(len(x), -1) > 1e-6, -1)

@@ -30,8 +30,16 @@ def timed(fn: Callable[[], Any], min_seconds: float = 2.0, max_runs: int = 7
   Calls repeat until `min_seconds` have passed (at most `max_runs`): one call for the long
   attacks, several for the ones that take milliseconds, whose single timings are noisy.
   """
+  out, median, runs, _ = timed_with_total(fn, min_seconds, max_runs)
+  return out, median, runs
+
+
+def timed_with_total(fn: Callable[[], Any], min_seconds: float = 2.0, max_runs: int = 7
+                     ) -> tuple[Any, float, int, float]:
+  """`timed`, and the total seconds of the calls (a share of time spent inside some part
+  of `fn` divides by it: the median of the calls is not their mean)."""
   out, times = calls(fn, min_seconds, max_runs)
-  return out, float(np.median(times)), len(times)
+  return out, float(np.median(times)), len(times), float(np.sum(times))
 
 
 def throughput(call: Callable[[], Any], batch: int, min_seconds: float = 1.0) -> float:

@@ -369,7 +369,10 @@ class Plan:
   gathers: dict[tuple[int, float], tuple[tuple[int, int], tuple[int, int]]] = (
       dataclasses.field(default_factory=dict, repr=False))
   macs: int = 0
-  full_macs: int = 0
+
+  @property
+  def full_macs(self) -> int:
+    return self.analysis.full_macs
 
 
 def _margins(axes: tuple[Axis, Axis]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -384,9 +387,9 @@ def plan_at(analysis: Analysis, split: int) -> Plan | None:
   """The plan of `split`, or None where an equation before it cannot run on windows (or its
   Toeplitz matrices exceed `MAX_TOEPLITZ_BYTES`)."""
   program, steps = analysis.program, analysis.steps
-  full = analysis.full_macs + COPY_COST * int(np.prod(program.shapes[program.image][1:]))
-  if split == 0:
-    return Plan(0, analysis, macs=full, full_macs=analysis.full_macs)
+  if split == 0:  # the full pass, on images with the pixel set
+    image_copy = COPY_COST * int(np.prod(program.shapes[program.image][1:]))
+    return Plan(0, analysis, macs=analysis.full_macs + image_copy)
   before = [i for i in range(split) if steps[i] is not None]
   if any(steps[i].kind == "global" for i in before):
     return None
@@ -423,7 +426,7 @@ def plan_at(analysis: Analysis, split: int) -> Plan | None:
   cost = sum(steps[i].window_cost for i in before)
   cost += sum(COPY_COST * int(np.prod(program.shapes[v][1:])) for v in live)
   cost += sum(s.full_cost for s in steps[split:] if s is not None)
-  return Plan(split, analysis, live, gathers, int(cost), analysis.full_macs)
+  return Plan(split, analysis, live, gathers, int(cost))
 
 
 # -- the evaluator -----------------------------------------------------------------------------
@@ -437,7 +440,7 @@ class PixelSplicer:
   def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array]):
     self.apply_fn = apply_fn
     self._analyses: dict[Any, Analysis] = {}
-    self._plans: dict[Any, Plan] = {}
+    self._plans: dict[Any, dict[int, Plan]] = {}
 
   @staticmethod
   def _key(params: Any, image_shape: Sequence[int]) -> Any:
@@ -452,41 +455,43 @@ class PixelSplicer:
       self._analyses[key] = analyse(trace(self.apply_fn, params, image_shape), image_shape)
     return self._analyses[key]
 
+  def _plans_of(self, params: Any, image_shape: Sequence[int]) -> dict[int, Plan]:
+    """The plan of every split that can run, by split, built once per shape: 0, then each
+    point after an equation that reads the image, up to the first that cannot run on
+    windows (or whose Toeplitz matrices would exceed `MAX_TOEPLITZ_BYTES`)."""
+    key = self._key(params, image_shape)
+    if key not in self._plans:
+      analysis = self.analysis(params, image_shape)
+      plans = {0: plan_at(analysis, 0)}
+      for i, step in enumerate(analysis.steps):
+        if step is None:
+          continue
+        plan = None if step.kind == "global" else plan_at(analysis, i + 1)
+        if plan is None:
+          break
+        plans[i + 1] = plan
+      self._plans[key] = plans
+    return self._plans[key]
+
   def splits(self, params: Any, image_shape: Sequence[int]) -> list[int]:
-    """Every split that can run: 0, then each point after an equation that reads the image,
-    up to the first that cannot run on windows (or whose Toeplitz matrices would exceed
-    `MAX_TOEPLITZ_BYTES`)."""
-    analysis = self.analysis(params, image_shape)
-    out = [0]
-    for i, step in enumerate(analysis.steps):
-      if step is None:
-        continue
-      if step.kind == "global" or plan_at(analysis, i + 1) is None:
-        break
-      out.append(i + 1)
-    return out
+    """Every split that can run (see `_plans_of`), in order."""
+    return list(self._plans_of(params, image_shape))
 
   def plan_for(self, params: Any, image_shape: Sequence[int], num_pixels: int,
                split: int | None = None) -> Plan:
     """The split with the lowest cost per candidate (or the given `split`); only one-pixel
     candidates are split (k > 1 runs the full forward pass: split 0)."""
-    analysis = self.analysis(params, image_shape)
+    plans = self._plans_of(params, image_shape)
     if num_pixels != 1:
-      split = 0
-    key = (self._key(params, image_shape), split)
-    if key not in self._plans:
-      if split is None:
-        plans = [plan_at(analysis, s) for s in self.splits(params, image_shape)]
-        self._plans[key] = min((p for p in plans if p is not None), key=lambda p: p.macs)
-      else:
-        plan = plan_at(analysis, split)
-        if plan is None:
-          raise ValueError(
-              f"split {split} cannot run on windows, or its Toeplitz matrices would exceed "
-              f"{MAX_TOEPLITZ_BYTES >> 20} MiB; pick one of "
-              f"{self.splits(params, image_shape)} (the earlier ones are smaller)")
-        self._plans[key] = plan
-    return self._plans[key]
+      return plans[0]
+    if split is None:
+      return min(plans.values(), key=lambda p: p.macs)
+    if split not in plans:
+      raise ValueError(
+          f"split {split} cannot run on windows, or its Toeplitz matrices would exceed "
+          f"{MAX_TOEPLITZ_BYTES >> 20} MiB; pick one of {list(plans)} (the earlier ones are "
+          "smaller)")
+    return plans[split]
 
   def clean_state(self, params: Any, images: jax.Array, plan: Plan) -> dict[str, Any]:
     """Per image, the clean maps that windows are read from (padded) and those the live
