@@ -40,3 +40,13 @@ def cifar10_allconv():
 def cifar10_resnet20():
   """The zoo's `cifar10_resnet20` as a user's function."""
   return _as_user("cifar10_resnet20")
+
+
+def cifar10_user_cnn():
+  """A CIFAR-10 CNN outside the zoo with its own trained weights (`bench.user_cnn`)."""
+  from advsweep.bench import user_cnn
+
+  params, meta = user_cnn.load()
+  return custom.model("cifar10_user_cnn", user_cnn.apply_fn, params, dataset="cifar10",
+                      num_classes=10, architecture="UserCNN",
+                      test_accuracy=meta["test_accuracy"])

@@ -147,6 +147,8 @@ def test_the_default_run_config_resolves_full_and_quick():
   full = config.load(analyses.DEFAULT_CONFIG)
   quick = config.load(analyses.DEFAULT_CONFIG, quick=True)
   assert "cifar10_resnet20" in full.models and quick.models == ["cifar10_allconv"]
+  # The noise analysis pairs the domain-adapted model with its twin on the same images.
+  assert {"cifar10_resnet20_da", "cifar10_resnet20"} <= set(full.models)
   assert {c.attack for c in full.cells()} == {"one_pixel"}
   assert all(c.config.num_pixels == 1 for c in full.cells())
 
