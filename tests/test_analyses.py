@@ -4,6 +4,7 @@ definition, and its files."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ from advsweep.bench.analyses import (
     class_pairs,
     common,
     locality,
+    noise,
     probe,
     propagation,
 )
@@ -168,3 +170,18 @@ def test_class_pairs_of_a_targeted_sweep_are_success_rates_per_target():
   assert (m["hits"][1, 0], m["attempts"][1, 0]) == (1, 1)  # the misclassified row left out
   assert (m["hits"][1, 2], m["attempts"][1, 2]) == (0, 1)
   assert m["attempts"].sum() == 5
+
+
+@requires_data
+def test_noise_accuracy_draws_depend_on_the_key_alone(data_dir):
+  images, labels = noise.noise_sample("cifar10", "test", str(data_dir), 64, seed=0)
+  again, _ = noise.noise_sample("cifar10", "test", str(data_dir), 64, seed=0)
+  np.testing.assert_array_equal(images, again)
+  model = zoo.load("cifar10_allconv")
+  key = jax.random.key(0)
+  clean, noisy = noise.accuracy_under_noise(model, images, labels, (1e6, 3.0), key)
+  _, repeat = noise.accuracy_under_noise(model, images, labels, (1e6, 3.0), key)
+  for e in noisy:  # another model compared on these draws sees the same noisy images
+    np.testing.assert_array_equal(noisy[e], repeat[e])
+  assert (noisy[1e6] == clean).mean() >= 0.95  # noise far below a grey level
+  assert noisy[3.0].mean() < clean.mean() - 0.2

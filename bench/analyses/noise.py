@@ -2,7 +2,10 @@
 Robustness of Deep Learning Models for Galaxy Morphology Classification").
 
 - Accuracy against Poisson noise: the image read as photon counts at an exposure of E counts
-  for a white pixel, `x' = Poisson(E x) / E` clipped to [0, 1]; smaller E is noisier.
+  for a white pixel, `x' = Poisson(E x) / E` clipped to [0, 1]; smaller E is noisier. On a
+  seeded draw of `NOISE_IMAGES` images of the run's split (not only the attacked ones: it
+  needs no attack, and intervals of a few dozen images say little), with the same noise draws
+  for every model, so a domain-adapted model and its twin are compared image by image.
 - Latent distance: in the penultimate layer (the last sown layer before the logits, averaged
   over positions where it is a feature map: what a global-pooling head sees), the Euclidean
   distance between a clean image and its perturbed copy, for one-pixel successes, one-pixel
@@ -29,6 +32,8 @@ from advsweep.models import architectures, transforms
 KIND = "noise"
 EXPOSURES = (1000.0, 300.0, 100.0, 30.0, 10.0)
 QUICK_EXPOSURES = (100.0, 10.0)
+NOISE_IMAGES = 2000
+QUICK_NOISE_IMAGES = 200
 BATCH = 256
 
 
@@ -44,6 +49,27 @@ def latent(model, images: np.ndarray) -> np.ndarray:
     _, layers = model.intermediates(model.params, jnp.asarray(images[start:start + BATCH]))
     out.append(np.asarray(architectures.penultimate(layers)))
   return np.concatenate(out)
+
+
+def noise_sample(dataset: str, split: str, data_dir: str | None, count: int, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """`count` float32 images of a dataset split and their labels, drawn by `seed`."""
+  from advsweep.bench import sweep
+
+  images, labels = sweep._dataset(dataset, split, data_dir)
+  at = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
+  return images[at].astype(np.float32) / 255.0, np.asarray(labels)[at]
+
+
+def accuracy_under_noise(model, images: np.ndarray, labels: np.ndarray,
+                         exposures: tuple[float, ...], key: jax.Array
+                         ) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+  """Per image, whether `model` is right on the clean images and at each exposure. The draws
+  depend on `key` and the exposure's position alone: every model sees the same noisy images."""
+  clean = _predict(model, images) == labels
+  noisy = {e: _predict(model, poisson_noise(jax.random.fold_in(key, i), images, e)) == labels
+           for i, e in enumerate(exposures)}
+  return clean, noisy
 
 
 def _predict(model, images: np.ndarray) -> np.ndarray:
@@ -70,28 +96,33 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                      f"{exposure:g}", text, str(n)])
 
   measured: dict[str, dict] = {}
-  for m, model_name in enumerate(dict.fromkeys(cols["model"].tolist())):
+  samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+  count = QUICK_NOISE_IMAGES if quick else NOISE_IMAGES
+  sample_key, run_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+  for model_name in dict.fromkeys(cols["model"].tolist()):
     at = np.flatnonzero(cols["model"] == model_name)
     at = at[np.unique(cols["example_idx"][at], return_index=True)[1]]  # one row per image
     model = common.load_model(model_name)
     clean = common.clean_images(cols, at, data_dir)
     labels = cols["label"][at]
-    correct = _predict(model, clean) == labels
+    split_of = (str(cols["dataset"][at[0]]), str(cols["split"][at[0]]))
+    if split_of not in samples:
+      samples[split_of] = noise_sample(*split_of, data_dir, count, seed)
+    sample, sample_labels = samples[split_of]
+    correct, right_at = accuracy_under_noise(model, sample, sample_labels, exposures,
+                                             sample_key)
+    measured[model_name] = {"model": model, **right_at}
     add(model_name, "accuracy, clean", math.nan, correct.mean(), math.nan, math.nan,
-        len(at), common.fmt_rate(int(correct.sum()), len(at)))
-    noisy_at, accuracies = {}, []
-    for e, exposure in enumerate(exposures):
-      noisy = poisson_noise(jax.random.fold_in(jax.random.fold_in(key, m), e), clean, exposure)
-      noisy_at[exposure] = noisy
-      right = _predict(model, noisy) == labels
-      accuracies.append(float(right.mean()))
-      measured.setdefault(model_name, {"model": model})[exposure] = right
-      add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(at),
-          common.fmt_rate(int(right.sum()), len(at)))
+        len(sample), common.fmt_rate(int(correct.sum()), len(sample)))
+    accuracies = [float(right_at[e].mean()) for e in exposures]
+    for exposure in exposures:
+      right = right_at[exposure]
+      add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(sample),
+          common.fmt_rate(int(right.sum()), len(sample)))
     z_clean = latent(model, clean)
     scale = float(np.linalg.norm(z_clean, axis=-1).mean())
     mid = exposures[len(exposures) // 2]
-    z_noisy = latent(model, noisy_at[mid])
+    z_noisy = latent(model, poisson_noise(run_key, clean, mid))
     groups = {f"latent distance, Poisson (exposure {mid:g})":
               np.linalg.norm(z_noisy - z_clean, axis=-1) / scale}
     attacked = np.flatnonzero((cols["model"] == model_name) & cols["clean_correct"]
@@ -120,7 +151,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     twin = got["model"].meta.get("twin") or ""
     if not str(got["model"].meta.get("defense", "")).startswith("domain") or twin not in measured:
       continue
-    for exposure in exposures:  # the same images, the same noise draws: a paired difference
+    for exposure in exposures:  # the same images and noise draws: a paired difference
       diff = got[exposure].astype(float) - measured[twin][exposure].astype(float)
       mean, lo, hi = common.mean_interval(diff)
       add(model_name, f"accuracy minus {twin}'s", exposure, mean, lo, hi, len(diff),
