@@ -4,6 +4,8 @@ definition, and its files."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pyarrow.parquet as pq
@@ -170,6 +172,24 @@ def test_class_pairs_of_a_targeted_sweep_are_success_rates_per_target():
   assert (m["hits"][1, 0], m["attempts"][1, 0]) == (1, 1)  # the misclassified row left out
   assert (m["hits"][1, 2], m["attempts"][1, 2]) == (0, 1)
   assert m["attempts"].sum() == 5
+
+
+def test_class_pairs_of_a_sweep_over_target_classes_is_one_matrix():
+  # `target_class = [1, 2]` makes two cells with their own hashes: still one matrix.
+  base = {"attack": "one_pixel", "target": "explicit", "num_pixels": 1}
+  cfg = [json.dumps({**base, "target_class": t}, sort_keys=True) for t in (1, 1, 2, 2)]
+  cols = {"clean_correct": np.array([True] * 4), "model": np.array(["m"] * 4),
+          "config_hash": np.array(["h1", "h1", "h2", "h2"]),
+          "dataset": np.array(["mnist"] * 4), "config_json": np.array(cfg),
+          "params": np.array([json.dumps({"target": "explicit", "target_class": t})
+                              for t in (1, 1, 2, 2)]),
+          "label": np.array([0, 3, 0, 3]), "target": np.array([1, 1, 2, 2]),
+          "adv_pred": np.array([1, 3, 0, 2]), "success": np.array([True, False, False, True])}
+  (m,) = class_pairs.matrices(cols)
+  assert m["config_hash"] == "h1+h2" and "target_class" not in m["params"]
+  assert (m["hits"][0, 1], m["attempts"][0, 1], m["hits"][3, 2], m["attempts"][3, 2]) == (
+      1, 1, 1, 1)
+  assert (m["hits"][0, 2], m["hits"][3, 1], m["attempts"].sum()) == (0, 0, 4)
 
 
 @requires_data

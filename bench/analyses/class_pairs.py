@@ -29,16 +29,26 @@ def _mode(config_json: str) -> str:
   return "reached" if target in REACHED_MODES else "targeted"
 
 
+def _without_target_class(text: str) -> str:
+  """A config's or params' JSON without `target_class`: a sweep over target classes is one
+  matrix (each class its own cell, its own `config_hash`)."""
+  fields = json.loads(text) if text else {}
+  return json.dumps({k: v for k, v in fields.items() if k != "target_class"}, sort_keys=True)
+
+
 def matrices(cols: dict) -> list[dict]:
-  """Per (model, attack configuration): the counts and the attempts of every class pair."""
+  """Per (model, attack configuration up to the target class): the counts and the attempts
+  of every class pair."""
   out = []
   keep = cols["clean_correct"]
+  group = np.array([_without_target_class(c) for c in cols["config_json"]], dtype=object)
   for model in dict.fromkeys(cols["model"][keep].tolist()):
-    for config_hash in dict.fromkeys(cols["config_hash"][keep & (cols["model"] == model)]
-                                     .tolist()):
-      rows = keep & (cols["model"] == model) & (cols["config_hash"] == config_hash)
+    for config in dict.fromkeys(group[keep & (cols["model"] == model)].tolist()):
+      rows = keep & (cols["model"] == model) & (group == config)
       first = np.flatnonzero(rows)[0]
       mode = _mode(cols["config_json"][first])
+      hashes = sorted(set(cols["config_hash"][rows].tolist()))
+      config_hash = hashes[0] if len(hashes) == 1 else "+".join(hashes)
       info = datasets.DATASETS.get(cols["dataset"][first])
       k = info.num_classes if info else int(max(cols["label"].max(), cols["adv_pred"].max())) + 1
       hits, attempts = np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
@@ -52,7 +62,8 @@ def matrices(cols: dict) -> list[dict]:
         np.add.at(hits, (label[success], cols["adv_pred"][rows][success]), 1)
       np.fill_diagonal(attempts, 0)
       out.append({"model": model, "config_hash": config_hash, "mode": mode,
-                  "params": cols["params"][first], "hits": hits, "attempts": attempts,
+                  "params": _without_target_class(cols["params"][first]), "hits": hits,
+                  "attempts": attempts,
                   "class_names": info.class_names if info else tuple(map(str, range(k)))})
   return out
 
