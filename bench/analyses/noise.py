@@ -96,6 +96,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                      f"{exposure:g}", text, str(n)])
 
   measured: dict[str, dict] = {}
+  curves: dict[str, list[float]] = {}
   samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
   count = QUICK_NOISE_IMAGES if quick else NOISE_IMAGES
   sample_key, run_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
@@ -115,6 +116,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     add(model_name, "accuracy, clean", math.nan, correct.mean(), math.nan, math.nan,
         len(sample), common.fmt_rate(int(correct.sum()), len(sample)))
     accuracies = [float(right_at[e].mean()) for e in exposures]
+    curves[model_name] = [float(correct.mean()), *accuracies]
     for exposure in exposures:
       right = right_at[exposure]
       add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(sample),
@@ -147,6 +149,9 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
     _figure(model_name, exposures, accuracies, float(correct.mean()), z_clean, labels,
             z_noisy, mid, adv_latent.get("won"), figures[-1])
+  figures.insert(0, common.analysis_dir(run_dir) / f"{KIND}.png")
+  _curves_figure(curves, exposures, {m: str(got["model"].meta.get("twin") or "")
+                                     for m, got in measured.items()}, figures[0])
   for model_name, got in measured.items():
     twin = got["model"].meta.get("twin") or ""
     if not str(got["model"].meta.get("defense", "")).startswith("domain") or twin not in measured:
@@ -176,15 +181,38 @@ def pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean, vt[:2].T
 
 
+def _accuracy_axes(ax, exposures, points, **style) -> None:
+  """One accuracy curve: clean at the left (drawn at exposure 1e4), then falling exposure."""
+  ax.plot([1e4, *exposures], [100 * a for a in points], marker="o", **style)
+  ax.set_xscale("log")
+  if not ax.xaxis_inverted():
+    ax.invert_xaxis()
+  ax.set_xlabel("exposure (photon counts per white pixel; leftmost: clean)")
+  ax.set_ylabel("accuracy (%)")
+
+
+def _curves_figure(curves: dict[str, list[float]], exposures, twins: dict[str, str],
+                   path) -> None:
+  """Every model's accuracy against exposure on one axis (the same images and noise draws);
+  a model with a twin is drawn dashed in its twin's colour."""
+  plt = common.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+  colours = {}
+  for name in sorted(curves, key=lambda m: twins.get(m, "") in curves):
+    twin = twins.get(name, "")
+    style = ({"color": colours[twin], "linestyle": "--"} if twin in colours else {})
+    _accuracy_axes(ax, exposures, curves[name], label=name, **style)
+    colours[name] = ax.lines[-1].get_color()
+  ax.legend(fontsize=7)
+  ax.set_title("Poisson noise: accuracy on the same images and draws", fontsize=9)
+  common.save_figure(fig, path)
+
+
 def _figure(model_name, exposures, accuracies, clean_acc, z_clean, labels, z_noisy, mid,
             z_adv, path) -> None:
   plt = common.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-  left.plot([1e4, *exposures], [100 * clean_acc, *(100 * a for a in accuracies)], marker="o")
-  left.set_xscale("log")
-  left.invert_xaxis()
-  left.set_xlabel("exposure (photon counts per white pixel; leftmost: clean)")
-  left.set_ylabel("accuracy (%)")
+  _accuracy_axes(left, exposures, [clean_acc, *accuracies])
   left.set_title(f"{model_name}: Poisson noise", fontsize=9)
   mean, axes = pca_2d(z_clean)
   p = (z_clean - mean) @ axes
