@@ -47,8 +47,7 @@ def matrices(cols: dict) -> list[dict]:
       rows = keep & (cols["model"] == model) & (group == config)
       first = np.flatnonzero(rows)[0]
       mode = _mode(cols["config_json"][first])
-      hashes = sorted(set(cols["config_hash"][rows].tolist()))
-      config_hash = hashes[0] if len(hashes) == 1 else "+".join(hashes)
+      config_hash = "+".join(sorted(set(cols["config_hash"][rows].tolist())))
       info = datasets.DATASETS.get(cols["dataset"][first])
       k = info.num_classes if info else int(max(cols["label"].max(), cols["adv_pred"].max())) + 1
       hits, attempts = np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)

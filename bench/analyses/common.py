@@ -121,11 +121,17 @@ def load_model(name: str) -> Any:
   return sweep._model(name, None)
 
 
-def load_images(dataset: str, split: str, data_dir: str | None) -> np.ndarray:
-  """[N, H, W, C] uint8 images of a run's dataset split."""
+def load_split(dataset: str, split: str, data_dir: str | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """([N, H, W, C] uint8 images, [N] labels) of a run's dataset split, read-only."""
   from advsweep.bench import sweep
 
-  return sweep._dataset(dataset, split, data_dir)[0]
+  return sweep._dataset(dataset, split, data_dir)
+
+
+def load_images(dataset: str, split: str, data_dir: str | None) -> np.ndarray:
+  """[N, H, W, C] uint8 images of a run's dataset split."""
+  return load_split(dataset, split, data_dir)[0]
 
 
 def image_shape(dataset: str, split: str, data_dir: str | None) -> tuple[int, int, int]:

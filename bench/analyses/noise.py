@@ -54,9 +54,7 @@ def latent(model, images: np.ndarray) -> np.ndarray:
 def noise_sample(dataset: str, split: str, data_dir: str | None, count: int, seed: int
                  ) -> tuple[np.ndarray, np.ndarray]:
   """`count` float32 images of a dataset split and their labels, drawn by `seed`."""
-  from advsweep.bench import sweep
-
-  images, labels = sweep._dataset(dataset, split, data_dir)
+  images, labels = common.load_split(dataset, split, data_dir)
   at = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
   return images[at].astype(np.float32) / 255.0, np.asarray(labels)[at]
 
@@ -115,8 +113,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     measured[model_name] = {"model": model, **right_at}
     add(model_name, "accuracy, clean", math.nan, correct.mean(), math.nan, math.nan,
         len(sample), common.fmt_rate(int(correct.sum()), len(sample)))
-    accuracies = [float(right_at[e].mean()) for e in exposures]
-    curves[model_name] = [float(correct.mean()), *accuracies]
+    curves[model_name] = [float(correct.mean()), *(float(right_at[e].mean()) for e in exposures)]
     for exposure in exposures:
       right = right_at[exposure]
       add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(sample),
@@ -147,8 +144,8 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       add(model_name, what, math.nan, mean, lo, hi, len(values),
           common.fmt_interval(mean, lo, hi))
     figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
-    _figure(model_name, exposures, accuracies, float(correct.mean()), z_clean, labels,
-            z_noisy, mid, adv_latent.get("won"), figures[-1])
+    _figure(model_name, exposures, curves[model_name], z_clean, labels, z_noisy, mid,
+            adv_latent.get("won"), figures[-1])
   figures.insert(0, common.analysis_dir(run_dir) / f"{KIND}.png")
   _curves_figure(curves, exposures, {m: str(got["model"].meta.get("twin") or "")
                                      for m, got in measured.items()}, figures[0])
@@ -208,11 +205,10 @@ def _curves_figure(curves: dict[str, list[float]], exposures, twins: dict[str, s
   common.save_figure(fig, path)
 
 
-def _figure(model_name, exposures, accuracies, clean_acc, z_clean, labels, z_noisy, mid,
-            z_adv, path) -> None:
+def _figure(model_name, exposures, curve, z_clean, labels, z_noisy, mid, z_adv, path) -> None:
   plt = common.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-  _accuracy_axes(left, exposures, [clean_acc, *accuracies])
+  _accuracy_axes(left, exposures, curve)
   left.set_title(f"{model_name}: Poisson noise", fontsize=9)
   mean, axes = pca_2d(z_clean)
   p = (z_clean - mean) @ axes
