@@ -258,6 +258,11 @@ def _make_guard(module, recipe: zoo.TrainRecipe):
   return accuracy
 
 
+def _last_best(robust: np.ndarray) -> int:
+  """The index of the guard's best check, the last of equal ones (as the loop keeps them)."""
+  return int(len(robust) - 1 - np.argmax(robust[::-1]))
+
+
 def warm_start(variables: Any, source: str,
                checkpoint_dir: str | os.PathLike | None = None) -> tuple[Any, dict]:
   """`variables` with every array zoo model `source`'s checkpoint shares with them.
@@ -522,7 +527,9 @@ def train_and_evaluate(
     if on_epoch_end is not None:
       on_epoch_end(epoch + 1)
 
-  variables = state["best"] if stopped_at is not None else state["variables"]
+  # With the guard on, the shipped weights are always those of its best check (the last of
+  # equal ones), not the final ones: robustness can fall without a collapse.
+  variables = state["best"] if guard is not None else state["variables"]
   epochs_run = int(state["epoch"])
   losses = [float(v) for v in np.asarray(state["losses"])[:epochs_run]]
   apply_fn = zoo.Model(name, module, variables, {}).apply_fn
@@ -558,8 +565,8 @@ def train_and_evaluate(
         "checks_per_epoch": GUARD_CHECKS, "images": len(guard_idx),
         "stopped_at": None if stopped_at is None else
         {"epoch": stopped_at[0], "fraction_of_epoch": round(stopped_at[1], 3)},
-        "kept": "final weights" if stopped_at is None else
-        f"check {int(np.argmax(done)) + 1}"}
+        "kept": f"check {_last_best(done) + 1} of {len(done)}",
+        "kept_pgd10_train_accuracy": round(float(done[_last_best(done)]), 4)}
   if out_dir is not None:
     meta = checkpoints.save(Path(out_dir) / f"{name}.msgpack", variables, meta)
     if state_file is not None:

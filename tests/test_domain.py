@@ -99,13 +99,23 @@ def test_domain_recipes_are_checked():
     train._make_train_step(module, tx, dataclasses.replace(recipe, domain_exposure=0.0))
 
 
+# Zoo entries whose recipe changed and whose retrained checkpoint has not shipped yet (the
+# defended zoo of issue 36): their shipped metadata still holds the old recipe. Shipping the
+# retrained model fails the test below until its name leaves this set.
+RETRAINING = {"mnist_lenet_pgd", "mnist_lenet_alp", "mnist_lenet_gauss",
+              "cifar10_resnet20_gauss"}
+
+
 @pytest.mark.parametrize("name", zoo.available())
 def test_shipped_recipes_keep_their_fingerprint(name):
   """Recipe fields added later are left out at their default: a recipe without domain
   adaptation serialises as before (its metadata, and the fingerprint of a resume state
-  written before the fields existed)."""
+  written before the fields existed). A shipped model was trained by its entry's recipe."""
   meta = zoo.load(name).meta["recipe"]
   now = zoo.recipe_dict(zoo.entry(name).recipe)
+  if name in RETRAINING:
+    assert {k: now.get(k) for k in meta} != meta, f"{name} is retrained: leave RETRAINING"
+    return
   assert {k: now[k] for k in meta} == meta  # older metadata lacks later fields
   # A field added later appears only in the recipes that set it, and in their metadata.
   assert not set(zoo.RECIPE_OMIT_AT_DEFAULT) & (set(now) - set(meta))

@@ -102,7 +102,11 @@ def test_training_attacks_follow_the_papers():
   recipe = zoo.entry("mnist_lenet_pgd").recipe
   attack = train.training_attack(recipe)
   assert (attack.eps, attack.step_size, attack.num_steps, attack.random_start) == (
-      0.3, pytest.approx(0.375), 1, True)  # Wong et al.: step 1.25 eps from a random start
+      0.3, 0.1, 7, True)  # Madry et al.'s PGD from a random start, 7 steps of 0.1
+  assert zoo.entry("mnist_lenet_alp").recipe == dataclasses.replace(
+      recipe, clean_weight=0.5, logit_pairing=0.5)  # Mosbach et al.'s 50% AT + ALP
+  rs = train.training_attack(dataclasses.replace(recipe, adversary="fgsm_rs", adv_step=None))
+  assert (rs.step_size, rs.num_steps) == (pytest.approx(0.375), 1)  # Wong et al.'s 1.25 eps
   fgsm = train.training_attack(zoo.entry("mnist_lenet_fgsm").recipe)
   assert (fgsm.eps, fgsm.step_size, fgsm.num_steps, fgsm.random_start) == (0.25, 0.25, 1,
                                                                            False)
@@ -114,6 +118,14 @@ def test_training_attacks_follow_the_papers():
   for name, entry in zoo.ZOO.items():
     assert bool(entry.defense) == bool(entry.twin), name
     assert not entry.twin or entry.twin in zoo.ZOO, name
+
+
+@pytest.mark.parametrize("name", [n for n, e in zoo.ZOO.items() if e.defense == "gauss"])
+def test_gauss_networks_train_on_their_twins_schedule(name):
+  """Hess et al.'s claim is about the output layer: the Gauss network and its twin differ in
+  nothing else (epochs, optimiser, augmentation), so the twin comparison isolates it."""
+  entry = zoo.entry(name)
+  assert entry.recipe == dataclasses.replace(zoo.entry(entry.twin).recipe, loss="gauss")
 
 
 def test_the_eps_ramp_grows_linearly_then_holds():
@@ -221,7 +233,7 @@ def test_the_guard_stops_a_collapse_and_keeps_the_best_weights(data_dir, tmp_pat
   guard = result.meta["overfit_guard"]
   assert guard["pgd10_train_accuracy_per_check"] == [0.6, 0.7, 0.1]
   assert guard["stopped_at"] == {"epoch": 1, "fraction_of_epoch": 0.75}
-  assert guard["kept"] == "check 2"
+  assert guard["kept"] == "check 2 of 3"
   for a, b in zip(jax.tree.leaves(seen[1]), jax.tree.leaves(result.variables), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
 
