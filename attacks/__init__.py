@@ -4,13 +4,24 @@
            evaluator=None) -> AttackResult
 
 `config=None` is the paper's setting. Each attack has a pure core with the same signature
-(`pgd_core`, `bim_core`, `fgsm_core`, `jsma_core`, `one_pixel_core`) that runs under
+(`pgd_core`, `bim_core`, `fgsm_core`, `jsma_core`, `one_pixel_core`, `apgd_core`,
+`apgd_t_core`) that runs under
 `jax.jit`, `jax.vmap` and inside a jitted training step; the public functions call it when
 their inputs are traced and a faster host-side schedule otherwise. `REGISTRY` maps each name
 to its `AttackSpec`: everything the driver and the benchmarks need to know about it.
 """
 
 from advsweep.attacks import spec
+from advsweep.attacks.autopgd import (
+  APGD,
+  APGD_T,
+  APGDConfig,
+  APGDTConfig,
+  apgd,
+  apgd_core,
+  apgd_t,
+  apgd_t_core,
+)
 from advsweep.attacks.common import (
   EXPLICIT,
   FULL_EVALUATION,
@@ -64,8 +75,11 @@ register(FGSM)
 register(BIM)
 register(PGD)
 register(JSMA)
+register(APGD)
+register(APGD_T)
 
 __all__ = [
+    "APGD", "APGD_T", "APGDConfig", "APGDTConfig", "apgd", "apgd_core", "apgd_t", "apgd_t_core",
     "AT_LEAST_ONE_TARGET", "BIM", "EXPLICIT", "FGSM", "FULL_EVALUATION", "JSMA", "LEAST_LIKELY",
     "OMIT_AT_DEFAULT", "ONE_PIXEL", "PGD", "PIXEL_LOCAL_EVALUATION", "RANDOM", "REGISTRY",
     "SAME_RESULTS",

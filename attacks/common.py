@@ -189,6 +189,30 @@ def best_over_targets(result: AttackResult, batch: int, reps: int) -> AttackResu
                         evaluated=jnp.sum(grouped.evaluated, axis=1))
 
 
+def first_success(before: AttackResult, run: AttackResult) -> AttackResult:
+  """Per image, `before` where it succeeded, else `run` (a later restart or target class);
+  an image that had succeeded spends no queries on `run` (though a batch still runs it:
+  `evaluated` counts every run)."""
+  evaluated = before.evaluated + run.evaluated
+  run = run.replace(queries=before.queries + run.queries)
+  keep = before.success
+  return jax.tree.map(
+      lambda old, new: jnp.where(keep.reshape(keep.shape + (1,) * (old.ndim - 1)), old, new),
+      before, run).replace(evaluated=evaluated)
+
+
+def ranked_targets(clean_logits: jax.Array, num_targets: int) -> jax.Array:
+  """[B, num_targets] the classes ranked 2nd, 3rd, ... by the clean logits: the target
+  classes of AutoAttack's targeted attacks (APGD-T, FAB-T: the top 9 other classes), most
+  likely first. Ties fall to the lower class index."""
+  num_classes = clean_logits.shape[-1]
+  if not 1 <= num_targets <= num_classes - 1:
+    raise ValueError(f"num_target_classes must lie in [1, {num_classes - 1}] for a model of "
+                     f"{num_classes} classes; got {num_targets}")
+  order = jnp.argsort(-clean_logits, axis=-1, stable=True)
+  return order[:, 1:num_targets + 1].astype(jnp.int32)
+
+
 def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, *, close_params: bool = True,
          **static: Any) -> Callable[..., Any]:
   """`fn(apply_fn, params, *args, **static)` jitted as a function of `args`, with the model

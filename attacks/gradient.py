@@ -292,25 +292,12 @@ def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, 
                                   detector)
     run = common.finalize(apply_fn, params, images, repeat(step_once, adv), labels,
                           run_targets, queries)
-    result = run if result is None else _first_success(result, run)
+    result = run if result is None else common.first_success(result, run)
   return result
 
 
 def _step_from(step, images, loss_class, sign, eps, step_size, detector, adv):
   return step(images, adv, loss_class, sign, eps, step_size, detector)
-
-
-def _first_success(before: common.AttackResult, run: common.AttackResult
-                   ) -> common.AttackResult:
-  """Per image, the earlier restarts' result where it succeeded, else this restart's; an
-  image that had succeeded spends no queries on the restart (though the batch still runs
-  it: `evaluated` counts every restart)."""
-  evaluated = before.evaluated + run.evaluated
-  run = run.replace(queries=before.queries + run.queries)
-  keep = before.success
-  return jax.tree.map(
-      lambda old, new: jnp.where(keep.reshape(keep.shape + (1,) * (old.ndim - 1)), old, new),
-      before, run).replace(evaluated=evaluated)
 
 
 def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
