@@ -5,7 +5,7 @@
 
 `config=None` is the paper's setting. Each attack has a pure core with the same signature
 (`pgd_core`, `bim_core`, `fgsm_core`, `jsma_core`, `one_pixel_core`, `apgd_core`,
-`apgd_t_core`) that runs under
+`apgd_t_core`, `fab_core`) that runs under
 `jax.jit`, `jax.vmap` and inside a jitted training step; the public functions call it when
 their inputs are traced and a faster host-side schedule otherwise. `REGISTRY` maps each name
 to its `AttackSpec`: everything the driver and the benchmarks need to know about it.
@@ -36,6 +36,8 @@ from advsweep.attacks.common import (
   PreparedCall,
   every_other_class,
 )
+from advsweep.attacks.fast_boundary import SPEC as FAB_T
+from advsweep.attacks.fast_boundary import FABConfig, fab, fab_core
 from advsweep.attacks.gradient import (
   BIM,
   FGSM,
@@ -77,9 +79,11 @@ register(PGD)
 register(JSMA)
 register(APGD)
 register(APGD_T)
+register(FAB_T)
 
 __all__ = [
     "APGD", "APGD_T", "APGDConfig", "APGDTConfig", "apgd", "apgd_core", "apgd_t", "apgd_t_core",
+    "FAB_T", "FABConfig", "fab", "fab_core",
     "AT_LEAST_ONE_TARGET", "BIM", "EXPLICIT", "FGSM", "FULL_EVALUATION", "JSMA", "LEAST_LIKELY",
     "OMIT_AT_DEFAULT", "ONE_PIXEL", "PGD", "PIXEL_LOCAL_EVALUATION", "RANDOM", "REGISTRY",
     "SAME_RESULTS",

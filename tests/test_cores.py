@@ -19,6 +19,9 @@ SMALL = {
     "bim": attacks.BIMConfig(eps=0.05, step_size=0.01, num_steps=3),
     "pgd": attacks.PGDConfig(eps=0.05, step_size=0.01, num_steps=3),
     "jsma": attacks.JSMAConfig(gamma=0.1, num_slots=2),
+    "apgd": attacks.APGDConfig(eps=0.05, num_steps=3),
+    "apgd_t": attacks.APGDTConfig(eps=0.05, num_steps=3, num_target_classes=2),
+    "fab_t": attacks.FABConfig(eps=0.05, num_steps=3, num_target_classes=2),
 }
 NAMES = list(SMALL)
 
@@ -28,6 +31,14 @@ def _setup(n=5):
   images = random_images(n, 8, 8, 3, seed=1)
   labels = jnp.argmax(apply_fn(params, images), -1).astype(jnp.int32)
   return apply_fn, params, images, labels, jax.random.split(jax.random.key(2), n)
+
+
+def _same_rows(a, b):
+  """Equal results; `evaluated` (work the model really did) may differ where a host
+  schedule skips the images an earlier run fooled, but never falls below `queries`."""
+  for r in (a, b):
+    assert np.all(np.asarray(r.evaluated) >= np.asarray(r.queries))
+  chex.assert_trees_all_close(a.replace(evaluated=b.evaluated), b, atol=1e-5)
 
 
 def test_every_registered_attack_is_covered():
@@ -42,8 +53,8 @@ def test_core_under_jit_equals_the_public_attack(name):
   core = jax.jit(lambda x: spec.core(apply_fn, params, x, labels, keys, SMALL[name]))(images)
   # The public attack traces too, as a user would write it, and then runs the core.
   public = jax.jit(lambda x: spec.run(apply_fn, params, x, labels, keys, SMALL[name]))(images)
-  chex.assert_trees_all_close(core, eager, atol=1e-5)
-  chex.assert_trees_all_close(public, eager, atol=1e-5)
+  _same_rows(core, eager)
+  _same_rows(public, eager)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -59,7 +70,7 @@ def test_core_under_vmap_over_images_and_keys(name):
 
   vmapped = jax.vmap(one)(images, labels, keys)
   batched = spec.run(apply_fn, params, images, labels, keys, SMALL[name])
-  chex.assert_trees_all_close(vmapped, batched, atol=1e-5)
+  _same_rows(vmapped, batched)
 
 
 @pytest.mark.parametrize("name", NAMES)
