@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep.bench import config as config_lib
-from advsweep.bench import report, results, sweep, tables
+from advsweep.bench import report, results, stats, sweep, tables
 
 PUBLISHED = Path(__file__).parent / "published.toml"
 RATE_METRICS = ("success_rate", "top1_error", "top5_error", "accuracy")
@@ -71,9 +71,8 @@ def metric(cols: dict[str, np.ndarray], mask: np.ndarray, name: str
     n = len(values)
     if n == 0:
       return math.nan, 0, (math.nan, math.nan)
-    mean = float(values.mean())
-    half = tables.Z95 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
-    return mean, n, (mean - half, mean + half)
+    mean, low, high = stats.t_interval(values)
+    return mean, n, (low, high)
   valid = RATE_METRICS + ALL_IMAGE_METRICS + MEAN_METRICS
   raise ValueError(f"unknown metric {name!r}; valid: {', '.join(valid)}")
 

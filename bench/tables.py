@@ -8,20 +8,11 @@ import math
 import os
 from collections.abc import Sequence
 
+from advsweep.bench import stats
 from advsweep.models import files
 
-Z95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-  """Wilson score interval of a binomial proportion (95% by default); (nan, nan) if n = 0."""
-  if n == 0:
-    return math.nan, math.nan
-  p = successes / n
-  denom = 1 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return max(0.0, centre - half), min(1.0, centre + half)
+# The 95% Wilson score interval of a binomial proportion: scipy's, through `bench.stats`.
+wilson_interval = stats.wilson_interval
 
 
 def pct(x: float, digits: int = 1) -> str:
