@@ -5,7 +5,7 @@
 
 `config=None` is the paper's setting. Each attack has a pure core with the same signature
 (`pgd_core`, `bim_core`, `fgsm_core`, `jsma_core`, `one_pixel_core`, `apgd_core`,
-`apgd_t_core`, `fab_core`) that runs under
+`apgd_t_core`, `fab_core`, `square_core`) that runs under
 `jax.jit`, `jax.vmap` and inside a jitted training step; the public functions call it when
 their inputs are traced and a faster host-side schedule otherwise. `REGISTRY` maps each name
 to its `AttackSpec`: everything the driver and the benchmarks need to know about it.
@@ -62,6 +62,8 @@ from advsweep.attacks.one_pixel import (
 )
 from advsweep.attacks.one_pixel import SPEC as ONE_PIXEL
 from advsweep.attacks.spec import AttackSpec
+from advsweep.attacks.square_search import SPEC as SQUARE
+from advsweep.attacks.square_search import SquareConfig, square, square_core
 
 REGISTRY: dict[str, AttackSpec] = {}
 
@@ -80,10 +82,11 @@ register(JSMA)
 register(APGD)
 register(APGD_T)
 register(FAB_T)
+register(SQUARE)
 
 __all__ = [
     "APGD", "APGD_T", "APGDConfig", "APGDTConfig", "apgd", "apgd_core", "apgd_t", "apgd_t_core",
-    "FAB_T", "FABConfig", "fab", "fab_core",
+    "FAB_T", "FABConfig", "fab", "fab_core", "SQUARE", "SquareConfig", "square", "square_core",
     "AT_LEAST_ONE_TARGET", "BIM", "EXPLICIT", "FGSM", "FULL_EVALUATION", "JSMA", "LEAST_LIKELY",
     "OMIT_AT_DEFAULT", "ONE_PIXEL", "PGD", "PIXEL_LOCAL_EVALUATION", "RANDOM", "REGISTRY",
     "SAME_RESULTS",

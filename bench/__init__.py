@@ -1,1 +1,24 @@
-"""advsweep benchmark driver and the `advsweep` command line."""
+"""advsweep benchmark driver and the `advsweep` command line.
+
+`evaluate` is the standard evaluation of a user's own model (`bench.standard.evaluate`):
+AutoAttack's protocol in JAX, per image, with its checks:
+
+    from advsweep.bench import evaluate
+    result = evaluate(apply_fn, params, images, labels, norm="linf", eps=8 / 255)
+    print(result.headline())
+
+It is imported on first use, so `import advsweep.bench` (the command line) stays light.
+"""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+  if name == "evaluate":
+    from advsweep.bench.standard import evaluate
+
+    return evaluate
+  raise AttributeError(f"module 'advsweep.bench' has no attribute {name!r}")
+
+
+__all__ = ["evaluate"]

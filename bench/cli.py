@@ -164,7 +164,28 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
   return 0
 
 
+# `advsweep robustness --standard`: every zoo model, the undefended beside their defenses.
+STANDARD_MODELS = ("mnist_lenet", "mnist_lenet_fgsm", "mnist_lenet_pgd", "mnist_lenet_alp",
+                   "mnist_lenet_gauss", "mnist_softmax", "fashion_mnist_lenet",
+                   "cifar10_resnet20", "cifar10_resnet20_adv", "cifar10_resnet20_denoise",
+                   "cifar10_resnet20_gauss", "cifar10_resnet20_da", "cifar10_allconv",
+                   "cifar10_nin", "cifar10_vgg")
+
+
 def _cmd_robustness(args: argparse.Namespace) -> int:
+  if args.standard:
+    from advsweep.bench import standard_runs
+
+    models = args.models or [m for m in STANDARD_MODELS if m in zoo.available()]
+    standard_runs.run_zoo(models, num_images=args.num_images or (20 if args.quick else 1000),
+                          norm=args.norm, quick=args.quick, out_root=args.out,
+                          data_dir=args.data_dir, seed=args.seed,
+                          batch_size=args.batch_size, progress=not args.no_progress)
+    return 0
+  standard_only = [flag for flag, value in (("--models", args.models), ("--norm", args.norm
+                   != "linf"), ("--num-images", args.num_images)) if value]
+  if standard_only:
+    raise ValueError(f"{', '.join(standard_only)} only apply with --standard")
   from advsweep.bench import robustness
 
   robustness.run(quick=args.quick, out_root=args.out, data_dir=args.data_dir,
@@ -372,6 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", type=_out_folder, default="results", help="folder for the run folder")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.add_argument("--standard", action="store_true",
+                 help="AutoAttack's standard evaluation (APGD-CE, APGD-T, FAB-T, Square; "
+                 "robust = correct under every attack) on the first N test images")
+  p.add_argument("--models", nargs="+", metavar="MODEL",
+                 help="with --standard: zoo models or MODEL+DEFENSE (default: every trained "
+                 "zoo model)")
+  p.add_argument("--norm", choices=["linf", "l2"], default="linf",
+                 help="with --standard: the threat model (L2: CIFAR-10 at 0.5)")
+  p.add_argument("--num-images", type=_count, default=None,
+                 help="with --standard: first N test images (default 1000, --quick 20)")
+  p.add_argument("--seed", type=_seed, default=0)
+  p.add_argument("--batch-size", type=_count, default=500)
   p.set_defaults(func=_cmd_robustness)
 
   from advsweep.bench.analyses import ANALYSES

@@ -22,6 +22,7 @@ SMALL = {
     "apgd": attacks.APGDConfig(eps=0.05, num_steps=3),
     "apgd_t": attacks.APGDTConfig(eps=0.05, num_steps=3, num_target_classes=2),
     "fab_t": attacks.FABConfig(eps=0.05, num_steps=3, num_target_classes=2),
+    "square": attacks.SquareConfig(eps=0.05, num_queries=20),
 }
 NAMES = list(SMALL)
 

@@ -1,0 +1,159 @@
+"""The standard evaluation: the protocol's bookkeeping (cascade, worst case, keys), its checks
+and its refusals, on tiny models."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advsweep.bench import evaluate, standard, validity
+from tests.attack_models import linear_model, random_images, small_cnn
+
+
+def _model():
+  apply_fn, params = small_cnn(height=8, width=8, channels=1, num_classes=10, seed=3)
+  images = np.asarray(random_images(24, 8, 8, 1, seed=5))
+  labels = np.asarray(apply_fn(params, jnp.asarray(images))).argmax(-1)
+  labels[::6] = (labels[::6] + 1) % 10  # a few clean errors
+  return apply_fn, params, images, labels
+
+
+def test_the_worst_case_is_correct_and_fooled_by_no_attack():
+  apply_fn, params, images, labels = _model()
+  result = evaluate(apply_fn, params, images, labels, eps=0.03, quick=True, progress=False,
+                    batch_size=16)
+  fooled = np.zeros(len(labels), bool)
+  left = result.clean_correct.copy()
+  for name, outcome in result.outcomes.items():
+    assert not (outcome.ran & ~left).any(), f"{name} ran on an image already fooled"
+    assert (outcome.ran == left).all(), f"{name} skipped a robust image"
+    assert not (outcome.success & ~outcome.ran).any()
+    np.testing.assert_array_equal(outcome.queries[~outcome.ran], 0)
+    fooled |= outcome.success
+    left &= ~outcome.success
+  np.testing.assert_array_equal(result.robust, result.clean_correct & ~fooled)
+  after = list(result.robust_after().values())
+  assert after == sorted(after, reverse=True)
+  assert after[-1] == pytest.approx(result.robust.mean())
+  assert list(result.outcomes) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+  assert result.headline().startswith(f"robust accuracy {100 * result.robust.mean():.1f}%")
+  assert 0 < result.clean_correct.sum() < len(labels)
+
+
+def test_the_cascade_changes_the_work_not_the_outcome():
+  """Every image's keys fold in its index, so running each attack on every clean-correct
+  image fools the same images in the end, and a subset gets the whole's outcomes."""
+  apply_fn, params, images, labels = _model()
+  kwargs = dict(eps=0.03, quick=True, progress=False, batch_size=16)
+  cascade = evaluate(apply_fn, params, images, labels, **kwargs)
+  every = evaluate(apply_fn, params, images, labels, cascade=False, **kwargs)
+  np.testing.assert_array_equal(cascade.robust, every.robust)
+  assert sum(o.ran.sum() for o in every.outcomes.values()) >= sum(
+      o.ran.sum() for o in cascade.outcomes.values())
+  part = np.arange(5, 17)
+  subset = evaluate(apply_fn, params, images[part], labels[part], indices=part, **kwargs)
+  np.testing.assert_array_equal(subset.robust, cascade.robust[part])
+  again = evaluate(apply_fn, params, images, labels, **kwargs)
+  np.testing.assert_array_equal(again.robust, cascade.robust)
+
+
+def test_a_linear_model_is_robust_exactly_beyond_its_margin():
+  """Two classes, interior pixels: an image is fooled within eps iff its margin over
+  ||w_0 - w_1||_1 is below eps. The standard evaluation finds exactly those."""
+  apply_fn, params = linear_model(num_classes=2, seed=7)
+  w = np.asarray(params["w"])
+  images = np.asarray(jnp.clip(random_images(20, seed=8) * 0.2 + 0.4, 0, 1))
+  logits = np.asarray(apply_fn(params, jnp.asarray(images)))
+  labels = logits.argmax(-1)
+  distance = np.abs(logits[:, 0] - logits[:, 1]) / np.abs(w[:, 0] - w[:, 1]).sum()
+  eps = float(np.median(distance))
+  far = np.abs(distance - eps) > 0.01 * eps
+  # Two classes: no targets for APGD-T or FAB-T beyond the one other class.
+  result = evaluate(apply_fn, params, images, labels, eps=eps, quick=True, progress=False)
+  np.testing.assert_array_equal(result.robust[far], (distance >= eps)[far])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(norm="l1"), "unknown norm 'l1'"),
+    (dict(eps=-0.1), "eps must be >= 0"),
+    (dict(version="fast"), "unknown version 'fast'"),
+    (dict(version="rand"), "attack_apply_fn"),
+])
+def test_bad_settings_are_refused_with_the_fix(bad, message):
+  apply_fn, params, images, labels = _model()
+  with pytest.raises(ValueError, match=message):
+    evaluate(apply_fn, params, images[:4], labels[:4], progress=False, **bad)
+
+
+def test_a_model_without_gradients_is_refused_in_one_line():
+  apply_fn, params, images, labels = _model()
+
+  def quantised(params, x):
+    return apply_fn(params, jnp.round(x * 4) / 4)  # zero gradient almost everywhere
+
+  flag = validity.zero_gradients(quantised, params, images, labels)
+  assert flag is not None and flag.name == "zero_gradients"
+  assert "BPDA" in str(flag) and "docs/flags.md#zero-gradients" in str(flag)
+
+  import jax
+
+  def opaque(params, x):
+    return jax.pure_callback(lambda v: np.asarray(apply_fn(params, v)),
+                             jax.ShapeDtypeStruct((x.shape[0], 10), jnp.float32), x)
+
+  with pytest.raises(ValueError, match="cannot be differentiated.*attack_apply_fn"):
+    evaluate(opaque, params, images[:4], labels[:4], progress=False)
+
+
+def test_flags_fire_on_what_they_name():
+  apply_fn, params = linear_model(num_classes=10)
+  images = np.asarray(random_images(8))
+  logits = np.asarray(apply_fn(params, jnp.asarray(images)))
+  assert validity.saturated_softmax(logits) is None
+  assert validity.saturated_softmax(1000 * logits).name == "saturated_softmax"
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  assert validity.softmax_output(probs).name == "softmax_output"
+  assert validity.softmax_output(logits) is None
+  counter = itertools.count()
+
+  def noisy(params, x):
+    return apply_fn(params, x) + next(counter)
+
+  assert validity.randomized_forward(noisy, params, images).name == "randomized_forward"
+  assert validity.randomized_forward(apply_fn, params, images) is None
+
+
+def _evaluation(successes: dict[str, list[bool]]) -> standard.Evaluation:
+  n = len(next(iter(successes.values())))
+  outcomes = {k: standard.AttackOutcome(ran=np.ones(n, bool), success=np.asarray(v, bool),
+                                        adv_pred=np.zeros(n), queries=np.ones(n),
+                                        linf=np.zeros(n), l2=np.zeros(n))
+              for k, v in successes.items()}
+  ok = np.ones(n, bool)
+  return standard.Evaluation("linf", 0.1, "standard", np.zeros(n), np.zeros(n), ok,
+                             ok & ~np.any([o.success for o in outcomes.values()], 0),
+                             outcomes, [], 0.0)
+
+
+def test_square_and_dlr_flags_read_the_outcomes():
+  quiet = _evaluation({"APGD-CE": [1, 0, 0, 0], "APGD-T": [0, 0, 0, 0],
+                       "FAB-T": [0, 0, 0, 0], "Square": [1, 0, 0, 0]})
+  assert validity.after_attacks(quiet) == []
+  masked = _evaluation({"APGD-CE": [1, 0, 0, 0], "APGD-T": [0, 1, 0, 0],
+                        "FAB-T": [0, 0, 0, 0], "Square": [0, 0, 1, 0]})
+  names = [f.name for f in validity.after_attacks(masked)]
+  assert names == ["square_beats_white_box", "dlr_beats_ce"]
+
+
+def test_an_attack_leaving_its_budget_stops_the_evaluation():
+  from advsweep import attacks
+  apply_fn, params = linear_model()
+  images = random_images(2)
+  result = attacks.apgd(apply_fn, params, images, jnp.array([0, 1]), 0,
+                        attacks.APGDConfig(eps=0.05, num_steps=2))
+  config = attacks.APGDConfig(eps=0.01)  # a budget the result does not respect
+  with pytest.raises(RuntimeError, match="outside its budget"):
+    validity.check_budget("APGD-CE", attacks.APGD, config, result, np.asarray(images))
