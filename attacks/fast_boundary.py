@@ -26,7 +26,8 @@ linearisation, and the result is untargeted (`target` is -1 for every image).
 
 `fab_core` is pure (targets in a `lax.scan`, iterations in a `lax.fori_loop`): it runs
 under `jax.jit`, `jax.vmap` and inside a jitted training step. The public `fab` checks the
-inputs and runs the core jitted with the model's params closed over (`common.bind`).
+inputs and, on concrete arrays, runs the same iterations as a host loop over one jitted
+step, each target class only on the images still robust (the same result per image).
 
 References: Croce, Hein, Minimally Distorted Adversarial Examples with a Fast Adaptive
 Boundary Attack, ICML 2020; Croce, Hein, Reliable Evaluation of Adversarial Robustness with
@@ -259,6 +260,73 @@ def fab_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: j
   return result
 
 
+def _start_state(images, keys, eps, restart, *, norm):
+  """The state a restart starts from (the image, or for later restarts a random point)."""
+  start = images
+  if restart:
+    restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, restart))(keys)
+    start = _random_start(restart_keys, images, eps, norm)
+  return FABState(start, images, jnp.full(images.shape[:1], jnp.inf, images.dtype))
+
+
+def _host_step(apply_fn, params, images, labels, target, config, state):
+  return _fab_step(apply_fn, params, images, labels, target, config, state)
+
+
+def _host_outcome(apply_fn, params, images, labels, eps, state):
+  """A restart's point (the closest adversarial point within eps, else the image) and
+  whether the model misclassifies it."""
+  within = (state.best_dist <= eps).reshape((-1,) + (1,) * (images.ndim - 1))
+  adv = jnp.where(within, state.best, images)
+  return adv, jnp.argmax(apply_fn(params, adv), -1) != labels
+
+
+def _bucket(count: int) -> int:
+  """The batch a host loop runs `count` images in: the next power of two (at least 8)."""
+  return max(8, 1 << (count - 1).bit_length())
+
+
+def _host(apply_fn, params, images, labels, keys, config: FABConfig) -> common.AttackResult:
+  """`fab_core` on concrete arrays, with the same result per image: each iteration one
+  call of a step jitted with the params closed over (XLA's CPU backend runs a rolled loop of
+  backward passes several times slower), and each target class only on the images no
+  earlier one has fooled (padded to a few batch sizes)."""
+  batch = images.shape[0]
+  logits = common.bind(_logits, apply_fn, params)(images)
+  ranked = np.asarray(common.ranked_targets(logits, config.num_target_classes))
+  fooled = np.array(jnp.argmax(logits, -1) != labels)
+  adv = np.asarray(images).copy()
+  queries = np.ones(batch, np.int64)
+  eps = jnp.asarray(config.eps, images.dtype)
+  step = common.bind(_host_step, apply_fn, params)
+  outcome = common.bind(_host_outcome, apply_fn, params)
+  start = jax.jit(_start_state, static_argnames=("restart", "norm"))
+  for index in range(config.num_target_classes):
+    for restart in range(config.restarts):
+      todo = np.flatnonzero(~fooled)
+      if not len(todo):
+        break
+      rows = np.resize(todo, _bucket(len(todo)))
+      x, y = images[rows], labels[rows]
+      target = jnp.asarray(ranked[rows, index])
+      target_keys = jax.vmap(lambda k: jax.random.fold_in(k, index))(keys[rows])  # noqa: B023
+      state = start(x, target_keys, eps, restart=restart, norm=config.norm)
+      for _ in range(config.num_steps):
+        state = step(x, y, target, config, state)
+      run_adv, run_fooled = (np.asarray(v)[:len(todo)] for v in outcome(x, y, eps, state))
+      queries[todo] += config.num_steps
+      adv[todo] = np.where(run_fooled.reshape((-1,) + (1,) * (adv.ndim - 1)), run_adv,
+                           adv[todo])
+      fooled[todo] = run_fooled
+  untargeted = jnp.full((batch,), common.NO_TARGET, jnp.int32)
+  return common.finalize(apply_fn, params, images, jnp.asarray(adv), labels, untargeted,
+                         jnp.asarray(queries, jnp.int32))
+
+
+def _logits(apply_fn, params, images):
+  return apply_fn(params, images)
+
+
 def _refuse_targets(targets: Any) -> None:
   if targets is not None:
     raise ValueError("FAB-T picks its own target classes (the top num_target_classes other "
@@ -299,9 +367,15 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
     return common.PreparedCall(functools.partial(fab_core, apply_fn, params, images, labels,
                                                  key, config))
   keys = common.per_image_keys(key, images.shape[0])
-  core = common.bind(fab_core, apply_fn, params)
-  return common.PreparedCall(functools.partial(core, images, labels, keys, config),
-                             functools.partial(core.lower, images, labels, keys, config))
+  step = common.bind(_host_step, apply_fn, params)
+
+  def lower():
+    state = _start_state(images, keys, jnp.asarray(config.eps, images.dtype), 0,
+                         norm=config.norm)
+    return step.lower(images, labels, labels, config, state)
+
+  return common.PreparedCall(
+      functools.partial(_host, apply_fn, params, images, labels, keys, config), lower)
 
 
 def fab(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,

@@ -54,13 +54,19 @@ BUDGETS = {("mnist", LINF): 0.3, ("fashion_mnist", LINF): 0.1, ("cifar10", LINF)
 EOT_DRAWS = 20  # AutoAttack's rand version
 
 
+# What an attack of the protocol is, for the checks (`bench.validity`).
+CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED = "ce", "dlr", "boundary", "score"
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One attack of the protocol: its column name, registry name and config."""
+  """One attack of the protocol: its column name, registry name, config and kind (one of
+  "ce", "dlr", "boundary": gradient attacks by their loss; "score": no gradient)."""
 
   name: str
   attack: str
   config: Any
+  kind: str
 
 
 def protocol(norm: str = LINF, eps: float = 8 / 255, version: str = STANDARD,
@@ -78,20 +84,23 @@ def protocol(norm: str = LINF, eps: float = 8 / 255, version: str = STANDARD,
   targets = min(3 if quick else 9, num_classes - 1)
   steps = 10 if quick else 100
   if version == RAND:
-    return [Step("APGD-CE", "apgd", attacks.APGDConfig(eps=eps, norm=norm, num_steps=steps)),
+    return [Step("APGD-CE", "apgd", attacks.APGDConfig(eps=eps, norm=norm, num_steps=steps),
+                 CE_LOSS),
             Step("APGD-DLR", "apgd", attacks.APGDConfig(eps=eps, norm=norm, num_steps=steps,
-                                                        loss="dlr"))]
+                                                        loss="dlr"), DLR_LOSS)]
   apgd_t = [Step("APGD-T", "apgd_t", attacks.APGDTConfig(
-      eps=eps, norm=norm, num_steps=steps, num_target_classes=targets))]
+      eps=eps, norm=norm, num_steps=steps, num_target_classes=targets), DLR_LOSS)]
   if num_classes < 4:  # the targeted DLR loss reads the 4th logit (AutoAttack warns alike)
     apgd_t = []
   return [
-      Step("APGD-CE", "apgd", attacks.APGDConfig(eps=eps, norm=norm, num_steps=steps)),
+      Step("APGD-CE", "apgd", attacks.APGDConfig(eps=eps, norm=norm, num_steps=steps),
+           CE_LOSS),
       *apgd_t,
       Step("FAB-T", "fab_t", attacks.FABConfig(eps=eps, norm=norm, num_steps=steps,
-                                               num_target_classes=targets)),
-      Step("Square", "square", attacks.REGISTRY["square"].config_cls(
-          eps=eps, norm=norm, num_queries=200 if quick else 5000)),
+                                               num_target_classes=targets), BOUNDARY),
+      Step("Square", "square", attacks.SquareConfig(eps=eps, norm=norm,
+                                                    num_queries=200 if quick else 5000),
+           SCORE_BASED),
   ]
 
 
@@ -128,6 +137,7 @@ class Evaluation:
     clean_correct: [N] clean_pred == labels.
     robust: [N] correct and not fooled by any attack of the protocol: the headline.
     outcomes: per attack (protocol order), its `AttackOutcome`.
+    kinds: per attack, its `Step.kind` (what the checks read).
     flags: the checks' findings (`bench.validity`), empty when none fired.
     seconds: wall time of the whole evaluation.
   """
@@ -140,6 +150,7 @@ class Evaluation:
   clean_correct: np.ndarray
   robust: np.ndarray
   outcomes: dict[str, AttackOutcome]
+  kinds: dict[str, str]
   flags: list[validity.Flag]
   seconds: float
 
@@ -279,7 +290,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
   bar.close()
   evaluation = Evaluation(norm=norm, eps=float(eps), version=version, labels=labels,
                           clean_pred=clean_pred, clean_correct=clean_correct, robust=robust,
-                          outcomes=outcomes, flags=flags,
+                          outcomes=outcomes, kinds={s.name: s.kind for s in steps},
+                          flags=flags,
                           seconds=time.perf_counter() - start)
   evaluation.flags.extend(validity.after_attacks(evaluation))
   return evaluation

@@ -102,16 +102,12 @@ def zero_gradients(apply_fn: Any, params: Any, images: np.ndarray, labels: np.nd
 
 
 def square_beats_white_box(evaluation: Any) -> Flag | None:
-  """Square, which uses no gradient, fools images every gradient attack left robust: the
-  gradients mislead (masking), so the white-box figures overstate the model."""
-  outcomes = evaluation.outcomes
-  if "Square" not in outcomes:
-    return None
-  white = np.zeros_like(evaluation.clean_correct)
-  for name, outcome in outcomes.items():
-    if name != "Square":
-      white |= outcome.success
-  only = outcomes["Square"].success & ~white
+  """A score-based attack (Square), which uses no gradient, fools images every gradient
+  attack left robust: the gradients mislead (masking), so the white-box figures overstate
+  the model."""
+  score = _union(evaluation, lambda kind: kind == "score")
+  white = _union(evaluation, lambda kind: kind != "score")
+  only = score & ~white
   if not only.any():
     return None
   return Flag("square_beats_white_box", f"Square fooled {int(only.sum())} image(s) that "
@@ -121,19 +117,24 @@ def square_beats_white_box(evaluation: Any) -> Flag | None:
 def dlr_beats_ce(evaluation: Any) -> Flag | None:
   """The DLR attacks (APGD-T, APGD-DLR) fool many images APGD-CE left: the cross-entropy
   loss misleads on this model (saturation, rescaled logits)."""
-  outcomes = evaluation.outcomes
-  if "APGD-CE" not in outcomes:
+  if "ce" not in evaluation.kinds.values():
     return None
-  ce = outcomes["APGD-CE"].success
-  dlr = np.zeros_like(ce)
-  for name in ("APGD-T", "APGD-DLR"):
-    if name in outcomes:
-      dlr |= outcomes[name].success
+  ce = _union(evaluation, lambda kind: kind == "ce")
+  dlr = _union(evaluation, lambda kind: kind == "dlr")
   share = float((dlr & ~ce).mean()) if len(ce) else 0.0
   if share < DLR_GAP:
     return None
   return Flag("dlr_beats_ce", f"the DLR attacks fooled {100 * share:.1f}% of the images "
               "that APGD-CE left robust: cross-entropy misleads on this model")
+
+
+def _union(evaluation: Any, wanted) -> np.ndarray:
+  """Images fooled by any attack whose kind is `wanted`."""
+  out = np.zeros(evaluation.clean_correct.shape, bool)
+  for name, outcome in evaluation.outcomes.items():
+    if wanted(evaluation.kinds[name]):
+      out |= outcome.success
+  return out
 
 
 def before_attacks(apply_fn: Any, params: Any, images: np.ndarray, labels: np.ndarray,

@@ -239,6 +239,9 @@ def test_the_core_composes_with_jit_and_vmap():
   keys = jax.random.split(jax.random.key(2), 4)
   eager = fab(apply_fn, params, images, labels, keys, CNN)
   public = jax.jit(lambda x: fab(apply_fn, params, x, labels, keys, CNN))(images)
+  # The host loop skips images an earlier target fooled: less work (`evaluated`), same rows.
+  assert np.all(np.asarray(eager.evaluated) <= np.asarray(public.evaluated))
+  eager = eager.replace(evaluated=public.evaluated)
   chex.assert_trees_all_close(public, eager, atol=1e-5)
 
   def one(image, label, key):

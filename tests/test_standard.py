@@ -133,9 +133,10 @@ def _evaluation(successes: dict[str, list[bool]]) -> standard.Evaluation:
                                         linf=np.zeros(n), l2=np.zeros(n))
               for k, v in successes.items()}
   ok = np.ones(n, bool)
+  kinds = {"APGD-CE": "ce", "APGD-T": "dlr", "FAB-T": "boundary", "Square": "score"}
   return standard.Evaluation("linf", 0.1, "standard", np.zeros(n), np.zeros(n), ok,
                              ok & ~np.any([o.success for o in outcomes.values()], 0),
-                             outcomes, [], 0.0)
+                             outcomes, kinds, [], 0.0)
 
 
 def test_square_and_dlr_flags_read_the_outcomes():

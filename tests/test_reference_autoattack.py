@@ -1,0 +1,136 @@
+"""bench/reference_autoattack.py: the torch models equal the JAX ones (logits and input
+gradients), and a tiny torchattacks AutoAttack run checks its own output. Skipped without the
+optional extra (pip install -e ".[reference]")."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchattacks")
+
+from advsweep.bench import reference_autoattack as ref  # noqa: E402
+from advsweep.models import datasets, zoo  # noqa: E402
+from tests import attack_models  # noqa: E402
+from tests.conftest import requires_data  # noqa: E402
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def _logits_and_class0_gradient(net: torch.nn.Module, x: np.ndarray):
+  xt = _nchw(x).requires_grad_()
+  logits = net(xt)
+  logits[:, 0].sum().backward()
+  return logits.detach().numpy(), xt.grad.numpy().transpose(0, 2, 3, 1)
+
+
+def _jax_logits_and_class0_gradient(apply_fn, params, x: np.ndarray):
+  x = jnp.asarray(x, jnp.float32)
+  grad = jax.grad(lambda x: apply_fn(params, x)[:, 0].sum())(x)
+  return np.asarray(apply_fn(params, x)), np.asarray(grad)
+
+
+@pytest.fixture(scope="module")
+def lenet():
+  return zoo.load("mnist_lenet")
+
+
+@requires_data
+def test_native_lenet_equals_the_jax_model(lenet, data_dir):
+  x, _ = datasets.load("mnist", "test", data_dir)
+  x = x[:16].astype(np.float32) / 255
+  net = ref.torch_model(lenet)
+  assert net.kind == ref.NATIVE and isinstance(net, ref.TorchLeNet)
+  logits, grad = _logits_and_class0_gradient(net, x)
+  want_logits, want_grad = _jax_logits_and_class0_gradient(lenet.apply_fn, lenet.params, x)
+  np.testing.assert_allclose(logits, want_logits, atol=1e-4)
+  np.testing.assert_allclose(grad, want_grad, atol=1e-4)
+  assert (net.calls, net.images, net.gradient_calls) == (1, 16, 1)
+
+
+def test_bridge_equals_jax_on_a_small_cnn():
+  apply_fn, params = attack_models.small_cnn()
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (5, 8, 8, 3)))  # padded to 8 inside
+  net = ref.torch_model(apply_fn, params)
+  assert net.kind == ref.BRIDGE
+  logits, grad = _logits_and_class0_gradient(net, x)
+  want_logits, want_grad = _jax_logits_and_class0_gradient(apply_fn, params, x)
+  assert logits.shape == (5, 5) and grad.shape == x.shape
+  np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+  with torch.no_grad():  # no gradient asked: the plain forward
+    np.testing.assert_allclose(net(_nchw(x[:3])).numpy(), want_logits[:3], atol=1e-5)
+  assert (net.calls, net.images, net.gradient_calls) == (2, 8, 1)
+  assert net.bridge.compile_seconds > 0
+
+
+def test_torch_model_kinds(lenet):
+  apply_fn, params = attack_models.small_cnn()
+  assert ref.torch_model(lenet, kind="bridge").kind == ref.BRIDGE
+  with pytest.raises(ValueError, match="native"):
+    ref.torch_model(apply_fn, params, kind="native")
+  with pytest.raises(ValueError, match="params"):
+    ref.torch_model(apply_fn)
+  with pytest.raises(ValueError, match="kind"):
+    ref.torch_model(lenet, kind="onnx")
+  assert ref.torch_model(zoo.load("mnist_lenet_gauss")).kind == ref.BRIDGE  # Gauss head
+  assert ref._bucket(1) == 8 and ref._bucket(9) == 16 and ref._bucket(16) == 16
+
+
+def test_croce_hein_settings(lenet):
+  net = ref.torch_model(lenet)
+  assert ref._settings(ref.autoattack(net, 0.3)) == {
+      "apgd_steps": 10, "apgdt_steps": 10, "fab_steps": 10, "square_queries": 5000,
+      "square_rescale_schedule": True}
+  assert ref._settings(ref.autoattack(net, 0.3, croce_hein=True)) == {
+      "apgd_steps": 100, "apgdt_steps": 100, "fab_steps": 100, "square_queries": 5000,
+      "square_rescale_schedule": False}
+
+
+def test_perturbation_size():
+  x = np.zeros((2, 2, 2, 1), np.float32)
+  adv = x.copy()
+  adv[0, 0, 0, 0], adv[1, :, :, 0] = 0.3, 0.1
+  np.testing.assert_allclose(ref.perturbation_size(adv, x, "linf"), [0.3, 0.1], rtol=1e-6)
+  np.testing.assert_allclose(ref.perturbation_size(adv, x, "l2"), [0.3, 0.2], rtol=1e-6)
+
+
+@requires_data
+def test_tiny_run_checks_its_output_and_writes_rows(lenet, data_dir, tmp_path, capsys):
+  """AutoAttack standard on 4 MNIST images of the undefended LeNet (APGD-CE fools them all, so
+  the later attacks stop early), native and through the bridge."""
+  result = ref.run(lenet, num_images=4, data_dir=data_dir, batch_size=4)
+  assert result["kind"] == ref.NATIVE and result["eps"] == 0.3 and result["norm"] == "linf"
+  assert result["torch"] == torch.__version__ and result["torchattacks"] == "3.5.1"
+  for key in ("index", "label", "clean_correct", "robust", "within_eps", "perturbation"):
+    assert result[key].shape == (4,), key
+  assert result["clean_correct"].all() and not result["robust"].any()
+  assert result["within_eps"].all() and result["violations"] == 0
+  assert (result["perturbation"] <= 0.3 + ref.EPS_TOLERANCE).all()
+  assert result["torch_jax_disagreements"] == 0
+  assert result["model_calls"] > 0 and result["gradient_calls"] > 0 and result["seconds"] > 0
+  # robust is the JAX model's verdict on the returned images
+  adv_pred = np.asarray(jnp.argmax(lenet.apply_fn(lenet.params, result["adversarial"]), -1))
+  np.testing.assert_array_equal(result["robust"], adv_pred == result["label"])
+
+  bridged = ref.run(lenet, num_images=4, data_dir=data_dir, batch_size=4, kind="bridge")
+  assert bridged["kind"] == ref.BRIDGE and bridged["violations"] == 0
+  np.testing.assert_array_equal(bridged["robust"], result["robust"])
+
+  import pyarrow.parquet as pq
+
+  path = ref.write_rows(result, tmp_path / "rows" / "ref.parquet")
+  table = pq.read_table(path)
+  assert table.column_names == ["model", "index", "label", "clean_correct", "robust",
+                                "within_eps"]
+  assert table.column("robust").to_pylist() == [False] * 4
+  meta = json.loads(table.schema.metadata[b"advsweep.reference_autoattack"])
+  assert meta["kind"] == ref.NATIVE and meta["num_images"] == 4 and meta["apgd_steps"] == 10
+  assert [p.name for p in path.parent.iterdir()] == ["ref.parquet"]  # no temporary left
