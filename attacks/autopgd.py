@@ -139,6 +139,7 @@ class APGDState(NamedTuple):
   best_loss: jax.Array  # [B] f_max
   fooled_at: jax.Array  # [B,H,W,C] the last misclassified point visited
   fooled: jax.Array  # [B] some visited point was misclassified
+  spent: jax.Array  # [B] forward-backward passes spent: the start and each iteration
   step: jax.Array  # [B] eta, the step size
   increases: jax.Array  # [B] steps since the last checkpoint that raised the loss
   checked_loss: jax.Array  # [B] f_max at the last checkpoint
@@ -209,7 +210,7 @@ def _init(apply_fn, params, images, labels, targets, keys, eps, *, loss, norm) -
   batch = images.shape[0]
   return APGDState(
       adv=adv, previous=adv, grad=grad, loss=value, best=adv, best_grad=grad,
-      best_loss=value, fooled_at=adv, fooled=fooled,
+      best_loss=value, fooled_at=adv, fooled=fooled, spent=jnp.ones((batch,), jnp.int32),
       step=jnp.full((batch,), 2.0, images.dtype) * eps,
       increases=jnp.zeros((batch,), jnp.int32), checked_loss=value,
       halved_last=jnp.ones((batch,), bool))
@@ -218,7 +219,8 @@ def _init(apply_fn, params, images, labels, targets, keys, eps, *, loss, norm) -
 def _iteration(apply_fn, params, images, labels, targets, eps, rho, momentum,
                s: APGDState, i, at_check, window, *, loss, norm) -> APGDState:
   """Iteration `i` of Algorithm 1: a momentum step, and at a checkpoint (`at_check`, after
-  `window` iterations since the last) the step-size rule."""
+  `window` iterations since the last) the step-size rule. An image already fooled keeps its
+  state: its outcome is decided, so a host loop may drop it (`_host`) with the same result."""
   shape = (-1,) + (1,) * (images.ndim - 1)
   mask = lambda m: m.reshape(shape)  # noqa: E731
   z = _project(images, s.adv + mask(s.step) * _direction(s.grad, norm), eps, norm)
@@ -234,15 +236,18 @@ def _iteration(apply_fn, params, images, labels, targets, eps, rho, momentum,
   # the last checkpoint and no better loss since) halves the step and restarts from x_max.
   halve = at_check & ((increases <= rho * window)
                       | (~s.halved_last & (s.checked_loss >= best_loss)))
-  return APGDState(
+  moved = APGDState(
       adv=jnp.where(mask(halve), best, new), previous=s.adv,
       grad=jnp.where(mask(halve), best_grad, grad), loss=value, best=best,
       best_grad=best_grad, best_loss=best_loss,
       fooled_at=jnp.where(mask(fooled), new, s.fooled_at), fooled=s.fooled | fooled,
-      step=jnp.where(halve, s.step / 2, s.step),
+      spent=s.spent + 1, step=jnp.where(halve, s.step / 2, s.step),
       increases=jnp.where(at_check, 0, increases),
       checked_loss=jnp.where(at_check, best_loss, s.checked_loss),
       halved_last=jnp.where(at_check, halve, s.halved_last))
+  return jax.tree.map(
+      lambda old, now: jnp.where(s.fooled.reshape((-1,) + (1,) * (now.ndim - 1)), old, now),
+      s, moved)
 
 
 def _schedule(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,8 +277,9 @@ def iterate(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
 
 
 def _outcome(state: APGDState) -> jax.Array:
-  """The run's point per image: the last misclassified point visited, else the point of
-  highest loss (AutoAttack's result)."""
+  """The run's point per image: the misclassified point found (the first: the iterations
+  stop there, where AutoAttack's go on and return the last), else the point of highest
+  loss."""
   shape = (-1,) + (1,) * (state.adv.ndim - 1)
   return jnp.where(state.fooled.reshape(shape), state.fooled_at, state.best)
 
@@ -318,8 +324,7 @@ def _core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.
     state = iterate(apply_fn, params, images, labels, ranked[:, max(run.rank, 0)],
                     _run_keys(keys, run), eps, config.rho, config.momentum,
                     num_steps=config.num_steps, loss=run.loss, norm=config.norm)
-    queries = jnp.full(labels.shape, config.num_steps + 1 + (targeted and result is None),
-                       jnp.int32)
+    queries = state.spent + int(targeted and result is None)
     out = common.finalize(apply_fn, params, images, _outcome(state), labels, no_target,
                           queries)
     result = out if result is None else common.first_success(result, out)
@@ -332,8 +337,8 @@ def apgd_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
   """APGD's pure core (see the module doc): `restarts` runs of `num_steps` iterations, an
   image keeping the first restart that fools the model; traceable end to end.
 
-  `queries` counts the forward and backward passes: one at the start and one per iteration,
-  for each restart the image needed.
+  `queries` counts the forward and backward passes: one at the start and one per iteration
+  until the image is fooled, for each restart it needed.
   """
   del targets, evaluator  # untargeted; the full model
   return _core(apply_fn, params, images, labels, key,
@@ -346,8 +351,8 @@ def apgd_t_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
                 ) -> common.AttackResult:
   """APGD-T's pure core: for each of the top `num_target_classes` other classes of the
   clean logits, `restarts` APGD runs of the targeted DLR loss; an image keeps the first
-  run that fools it. `queries`: the clean forward pass, and `num_steps + 1` for each run
-  the image needed."""
+  run that fools it. `queries`: the clean forward pass, and the passes of each run the
+  image needed (as `apgd_core`)."""
   del targets, evaluator
   return _core(apply_fn, params, images, labels, key,
                config if config is not None else APGDTConfig())
@@ -359,22 +364,22 @@ def _bucket(count: int) -> int:
   return max(8, 1 << (count - 1).bit_length())
 
 
+COMPACT_EVERY = 4  # iterations between a host loop's checks for images to drop
+
+
 def _host(apply_fn, params, images, labels, key, config) -> common.AttackResult:
-  """`_core` on concrete arrays, the same runs and the same result per image: each run's
+  """`_core` on concrete arrays, the same result per image with less work: each run's
   iterations a host loop over one iteration jitted with the model's params closed over
   (XLA's CPU backend runs a rolled loop of convolution backward passes several times
-  slower), and each run only on the images no earlier run has fooled (padded to a few batch
-  sizes)."""
+  slower); each run only on the images no earlier run has fooled, and within a run the
+  images fooled so far dropped every few iterations (batches padded to a few sizes)."""
   batch = images.shape[0]
   keys = common.per_image_keys(key, batch)
-  eps = jnp.asarray(config.eps, images.dtype)
-  rho = jnp.asarray(config.rho, images.dtype)
-  momentum = jnp.asarray(config.momentum, images.dtype)
+  scalars = [jnp.asarray(v, images.dtype) for v in (config.eps, config.rho, config.momentum)]
   targeted = isinstance(config, APGDTConfig)
-  ranked = (common.ranked_targets(common.bind(_logits, apply_fn, params)(images),
-                                  config.num_target_classes)
-            if targeted else labels[:, None])
-  at_check, window = _schedule(config.num_steps)
+  ranked = np.asarray(common.ranked_targets(common.bind(_logits, apply_fn, params)(images),
+                                            config.num_target_classes)
+                      if targeted else labels[:, None])
   adv = np.asarray(images).copy()
   fooled = np.zeros(batch, bool)
   queries = np.full(batch, int(targeted), np.int64)
@@ -382,22 +387,51 @@ def _host(apply_fn, params, images, labels, key, config) -> common.AttackResult:
     todo = np.flatnonzero(~fooled)
     if not len(todo):
       break
-    rows = np.resize(todo, _bucket(len(todo)))  # padded by repeating images
-    init = common.bind(_init, apply_fn, params, loss=run.loss, norm=config.norm)
-    step = common.bind(_iteration, apply_fn, params, loss=run.loss, norm=config.norm)
-    x, y, t = images[rows], labels[rows], ranked[rows, max(run.rank, 0)]
-    state = init(x, y, t, _run_keys(keys[rows], run), eps)
-    for i in range(config.num_steps):
-      state = step(x, y, t, eps, rho, momentum, state, i, bool(at_check[i]),
-                   float(window[i]))
-    out = np.asarray(_outcome(state))[:len(todo)]
-    run_fooled = np.asarray(state.fooled)[:len(todo)]
-    queries[todo] += config.num_steps + 1
-    adv[todo] = out
+    point, run_fooled, spent = _host_run(apply_fn, params, images, labels, keys, ranked,
+                                         todo, run, scalars, config)
+    queries[todo] += spent
+    adv[todo] = point
     fooled[todo] = run_fooled
   no_target = jnp.full(labels.shape, common.NO_TARGET, jnp.int32)
   return common.finalize(apply_fn, params, images, jnp.asarray(adv), labels, no_target,
                          jnp.asarray(queries, jnp.int32))
+
+
+def _host_run(apply_fn, params, images, labels, keys, ranked, todo, run: _Run, scalars,
+              config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One run on images `todo`: their points, whether fooled, and the passes spent."""
+  at_check, window = _schedule(config.num_steps)
+  init = common.bind(_init, apply_fn, params, loss=run.loss, norm=config.norm)
+  step = common.bind(_iteration, apply_fn, params, loss=run.loss, norm=config.norm)
+  point = np.asarray(images)[todo].copy()
+  run_fooled = np.zeros(len(todo), bool)
+  spent = np.zeros(len(todo), np.int64)
+  active = np.arange(len(todo))  # positions in `todo` still attacked
+  rows = np.resize(todo, _bucket(len(todo)))  # padded by repeating images
+  x, y, t = images[rows], labels[rows], ranked[rows, max(run.rank, 0)]
+  state = init(x, y, t, _run_keys(keys[rows], run), scalars[0])
+
+  def record(state, positions):
+    point[active[positions]] = np.asarray(_outcome(state))[positions]
+    run_fooled[active[positions]] = np.asarray(state.fooled)[positions]
+    spent[active[positions]] = np.asarray(state.spent)[positions]
+
+  for i in range(config.num_steps):
+    state = step(x, y, t, *scalars, state, i, bool(at_check[i]), float(window[i]))
+    if (i + 1) % COMPACT_EVERY or i + 1 == config.num_steps:
+      continue
+    done = np.asarray(state.fooled)[:len(active)]
+    keep = np.flatnonzero(~done)
+    if _bucket(max(len(keep), 1)) >= len(x) and len(keep):
+      continue  # the batch would not shrink
+    record(state, np.flatnonzero(done))
+    if not len(keep):
+      return point, run_fooled, spent
+    select = np.resize(keep, _bucket(len(keep)))
+    state = jax.tree.map(lambda a: a[select], state)  # noqa: B023
+    x, y, t, active = x[select], y[select], t[select], active[keep]
+  record(state, np.arange(len(active)))
+  return point, run_fooled, spent
 
 
 def _logits(apply_fn, params, images):

@@ -47,27 +47,32 @@ def test_dlr_losses_by_hand():
 def _reference_apgd(apply_fn, params, image, label, start, eps, num_steps, rho=0.75):
   """Algorithm 1 for one image, step by step in numpy (cross-entropy, L-inf), from `start`:
   written from the paper, with AutoAttack's conventions (no momentum on the first step; the
-  first checkpoint's condition 2 off). Returns the best point, its loss and the step."""
+  first checkpoint's condition 2 off), stopping once the image is misclassified. Returns
+  the best point, its loss and the step."""
   def loss_grad(x):
     def ce(z):
       logits = apply_fn(params, z[None])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([label]))[0]
-    value, grad = jax.value_and_grad(ce)(jnp.asarray(x))
-    return float(value), np.asarray(grad)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([label]))[0]
+      return loss, logits
+    (value, logits), grad = jax.value_and_grad(ce, has_aux=True)(jnp.asarray(x))
+    fooled = int(np.argmax(np.asarray(logits)[0])) != label
+    return float(value), np.asarray(grad), fooled
 
   def project(x):
     return np.clip(np.clip(x, image - eps, image + eps), 0, 1)
 
   checks = set(apgd.checkpoints(num_steps))
   x, prev = start.copy(), start.copy()
-  f, g = loss_grad(x)
+  f, g, fooled = loss_grad(x)
   best, best_f, best_g = x.copy(), f, g
   step, increases, checked_f, halved_last, last_check = 2 * eps, 0, f, True, 0
   for i in range(num_steps):
+    if fooled:
+      break
     z = project(x + step * np.sign(g))
     a = 0.75 if i else 1.0
     new = project(x + a * (z - x) + (1 - a) * (x - prev))
-    new_f, new_g = loss_grad(new)
+    new_f, new_g, fooled = loss_grad(new)
     increases += new_f > f
     prev, x, f, g = x, new, new_f, new_g
     if new_f > best_f:
@@ -107,7 +112,8 @@ def test_a_flat_loss_halves_the_step_at_every_checkpoint():
   def flat(params, images):
     return jnp.zeros((images.shape[0], 3)) + params
   images = random_images(2)
-  state = apgd.iterate(flat, jnp.zeros(3), images, jnp.array([0, 1]), jnp.array([0, 1]),
+  # Label 0: the flat model's argmax, so the image is never fooled and never frozen.
+  state = apgd.iterate(flat, jnp.zeros(3), images, jnp.array([0, 0]), jnp.array([0, 0]),
                        jax.random.split(jax.random.key(0), 2), jnp.float32(0.1), 0.75, 0.75,
                        num_steps=100, loss=apgd.CE, norm=apgd.LINF)
   np.testing.assert_allclose(state.step, 0.2 / 2 ** 8, rtol=1e-6)
@@ -164,16 +170,25 @@ def test_core_and_host_loop_agree_and_images_are_independent():
   np.testing.assert_allclose(mapped.adv_images[:, 0], batch.adv_images, atol=1e-6)
 
 
-def test_queries_count_the_runs_each_image_needed():
+def test_queries_count_the_passes_each_image_needed():
+  """A robust image pays the clean pass and every run in full; a fooled one stops at the
+  iteration that fooled it, so it never pays more; the host loop (which drops fooled images
+  every few iterations) counts what the core counts."""
   apply_fn, params = small_cnn(height=6, width=6, channels=1, num_classes=5)
-  images = random_images(8)
-  labels = jnp.asarray(np.arange(8) % 5, jnp.int32)
-  config = attacks.APGDTConfig(eps=0.08, num_steps=5, num_target_classes=4)
-  result = attacks.apgd_t(apply_fn, params, images, labels, jax.random.key(0), config)
-  runs = (np.asarray(result.queries) - 1) / 6
-  assert set(runs.tolist()) <= {1.0, 2.0, 3.0, 4.0}
-  assert np.all(runs[~np.asarray(result.success)] == 4)  # a robust image tried every target
+  images = random_images(12)
+  labels = jnp.asarray(np.arange(12) % 5, jnp.int32)
+  keys = jax.random.split(jax.random.key(0), 12)
+  config = attacks.APGDTConfig(eps=0.06, num_steps=12, num_target_classes=4)
+  result = attacks.apgd_t(apply_fn, params, images, labels, keys, config)
+  queries, success = np.asarray(result.queries), np.asarray(result.success)
+  assert success.any() and not success.all()
+  np.testing.assert_array_equal(queries[~success], 1 + 4 * 13)
+  assert np.all(queries[success] < 1 + 4 * 13)
   assert np.all(np.asarray(result.target) == -1)  # any misclassification counts
+  core = jax.jit(attacks.apgd_t_core, static_argnums=0)(apply_fn, params, images, labels,
+                                                        keys, config)
+  np.testing.assert_array_equal(core.queries, queries)
+  np.testing.assert_allclose(core.adv_images, result.adv_images, atol=1e-6)
 
 
 def test_apgd_beats_fixed_step_pgd_where_pgd_stalls():
