@@ -158,3 +158,25 @@ def test_an_attack_leaving_its_budget_stops_the_evaluation():
   config = attacks.APGDConfig(eps=0.01)  # a budget the result does not respect
   with pytest.raises(RuntimeError, match="outside its budget"):
     validity.check_budget("APGD-CE", attacks.APGD, config, result, np.asarray(images))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "mnist_lenet", "--norm", "l1"], "invalid choice: 'l1'"),
+    (["--models", "mnist_lenett"], "unknown model 'mnist_lenett'"),
+    (["--models", "mnist_lenet", "--num-images", "0"], "a whole number >= 1"),
+    (["--models", "fashion_mnist_lenet", "--norm", "l2"], "no standard l2 budget"),
+    (["--norm", "l2"], "only apply with --standard"),
+])
+def test_the_command_refuses_bad_input_in_one_line_and_writes_nothing(argv, message, tmp_path,
+                                                                     capsys):
+  from advsweep.bench import cli
+
+  try:
+    code = cli.main(["robustness", *(["--standard"] if argv != ["--norm", "l2"] else []),
+                     *argv, "--out", str(tmp_path / "out")])
+  except SystemExit as exit_:  # argparse's own refusals
+    code = exit_.code
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert message in err[-1] and len([line for line in err if "error" in line]) == 1
+  assert not list((tmp_path / "out").rglob("*.parquet"))
