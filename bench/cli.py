@@ -169,7 +169,7 @@ STANDARD_MODELS = ("mnist_lenet", "mnist_lenet_fgsm", "mnist_lenet_pgd", "mnist_
                    "mnist_lenet_gauss", "mnist_softmax", "fashion_mnist_lenet",
                    "cifar10_resnet20", "cifar10_resnet20_adv", "cifar10_resnet20_denoise",
                    "cifar10_resnet20_gauss", "cifar10_resnet20_da", "cifar10_allconv",
-                   "cifar10_nin", "cifar10_vgg")
+                   "cifar10_nin", "cifar10_vgg", "cifar10_wide_resnet20_adv")
 
 
 def _cmd_robustness(args: argparse.Namespace) -> int:

@@ -100,8 +100,27 @@ def training_attack(recipe: zoo.TrainRecipe) -> Any:
   if recipe.adversary == "pgd":
     step = recipe.adv_step if recipe.adv_step is not None else 2.5 * eps / recipe.adv_steps
     return gradient.PGDConfig(eps=eps, step_size=step, num_steps=recipe.adv_steps)
+  if recipe.adversary == "n_fgsm":  # the PGD fields carry N-FGSM's eps and step
+    step = recipe.adv_step if recipe.adv_step is not None else eps
+    return gradient.PGDConfig(eps=eps, step_size=step, num_steps=1)
   raise ValueError(f"unknown adversary {recipe.adversary!r}; valid choices: fgsm, fgsm_rs, "
-                   "pgd")
+                   "pgd, n_fgsm")
+
+
+def n_fgsm(apply_fn: Any, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array,
+           eps: jax.Array, step: jax.Array, noise: float) -> jax.Array:
+  """N-FGSM's training example (de Jorge et al. 2022, "Make some noise"): uniform noise of
+  half-width `noise * eps`, one signed gradient step of `step`, no projection back onto the
+  eps ball (only onto [0, 1]): the larger noise and the missing clip are what keep
+  single-step training from overfitting catastrophically at 8/255."""
+  start = images + jax.random.uniform(key, images.shape, images.dtype, -noise * eps,
+                                      noise * eps)
+
+  def loss(x):
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x),
+                                                                   labels))
+
+  return jnp.clip(start + step * jnp.sign(jax.grad(loss)(start)), 0.0, 1.0)
 
 
 def _per_image_loss(recipe: zoo.TrainRecipe):
@@ -141,8 +160,12 @@ def _make_train_step(module, tx, recipe: zoo.TrainRecipe):
       attack_fn = lambda params, x: forward(params, x)[0]  # noqa: E731
       scaled = attack.replace(eps=attack.eps * eps_scale,
                               step_size=attack.step_size * eps_scale)
-      adv = gradient.pgd_core(attack_fn, variables["params"], images, labels, attack_key,
-                              scaled).adv_images
+      if recipe.adversary == "n_fgsm":
+        adv = n_fgsm(attack_fn, variables["params"], images, labels, attack_key, scaled.eps,
+                     scaled.step_size, recipe.adv_noise)
+      else:
+        adv = gradient.pgd_core(attack_fn, variables["params"], images, labels, attack_key,
+                                scaled).adv_images
       adv = jax.lax.stop_gradient(adv)
       batch = jnp.concatenate([images, adv]) if needs_clean else adv
     else:

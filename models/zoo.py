@@ -32,12 +32,15 @@ class TrainRecipe:
 
   Attributes:
     adversary: None (plain training), "fgsm" (Goodfellow et al.), "fgsm_rs" (FGSM from a
-      uniform random start with step `adv_step`: Wong, Rice, Kolter 2020) or "pgd" (Madry
-      et al.: `adv_steps` steps of `adv_step` from a random start).
+      uniform random start with step `adv_step`: Wong, Rice, Kolter 2020), "pgd" (Madry
+      et al.: `adv_steps` steps of `adv_step` from a random start) or "n_fgsm" (de Jorge et
+      al. 2022: noise of half-width `adv_noise * epsilon`, one step of `adv_step`, no
+      projection onto the eps ball; `models.train.n_fgsm`).
     epsilon: the L-inf budget of the training attack, in [0, 1] pixel units.
     adv_step: the attack's step (None: eps for FGSM, 1.25 eps for FGSM-RS, 2.5 eps / steps
       for PGD, the papers' settings).
     adv_steps: PGD's step count.
+    adv_noise: N-FGSM's noise half-width in units of epsilon (de Jorge et al.: 2).
     clean_weight: alpha of the mixed loss (0.5 Goodfellow et al.; 0: only adversarial).
     logit_pairing: lambda of adversarial logit pairing (0: none).
     loss: "cross_entropy", or "gauss" (the Gauss network's binary cross-entropy,
@@ -78,11 +81,12 @@ class TrainRecipe:
   domain_weight: float = 0.0
   domain_exposure: float = 0.0
   init_from: str = ""
+  adv_noise: float = 0.0
 
 
 # Recipe fields added after models shipped: left out of a recipe's JSON at their default, so
 # the metadata and the resume states of earlier recipes keep their fingerprints.
-RECIPE_OMIT_AT_DEFAULT = ("domain_weight", "domain_exposure", "init_from")
+RECIPE_OMIT_AT_DEFAULT = ("domain_weight", "domain_exposure", "init_from", "adv_noise")
 
 
 def recipe_dict(recipe: TrainRecipe) -> dict[str, Any]:
@@ -123,12 +127,13 @@ _MNIST_PGD = TrainRecipe(
 _CIFAR_SGD = dict(batch_size=256, optimizer="sgd", peak_lr=0.2, weight_decay=5e-4,
                   augment=True)
 
-# Adversarial training from scratch at 2 epochs reached 25% clean accuracy on this CPU:
-# the CIFAR-10 defenses fine-tune the trained undefended ResNet-20 instead.
-_CIFAR_ADV_FINE_TUNE = TrainRecipe(
-    epochs=1, adversary="fgsm_rs", epsilon=8 / 255, adv_step=10 / 255, clean_weight=0.0,
-    overfit_guard=True, epsilon_ramp=0.25, init_from="cifar10_resnet20",
-    **{**_CIFAR_SGD, "peak_lr": 0.05})
+# CIFAR-10 defenses, de Jorge et al.'s N-FGSM (noise 2 eps, step eps, no clip to the eps
+# ball) from scratch for 30 epochs with their cyclic schedule: single-step training that does
+# not overfit catastrophically at 8/255, so a CPU can train it (two passes an image).
+_CIFAR_NFGSM = TrainRecipe(
+    epochs=30, adversary="n_fgsm", epsilon=8 / 255, adv_step=8 / 255, adv_noise=2.0,
+    clean_weight=0.0, overfit_guard=True, warmup_fraction=0.5,
+    **{**_CIFAR_SGD, "batch_size": 128})
 
 ZOO: dict[str, ZooEntry] = dict([
     _entry("mnist_lenet", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
@@ -185,15 +190,22 @@ ZOO: dict[str, ZooEntry] = dict([
            "Gauss network (Hess et al. 2020) on ResNet-20, on its twin's schedule", "gauss",
            "cifar10_resnet20"),
     _entry("cifar10_resnet20_adv", "cifar10", "ResNet20", architectures.ResNet20,
-           _CIFAR_ADV_FINE_TUNE,
-           "cifar10_resnet20 fine-tuned adversarially at eps 8/255 (ramped over the first "
-           "quarter) by FGSM from a random start, step 10/255 (Wong et al. 2020), with their "
-           "overfitting guard", "adv_train:fgsm_rs", "cifar10_resnet20"),
+           _CIFAR_NFGSM,
+           "adversarial training at eps 8/255 by N-FGSM (de Jorge et al. 2022: noise 16/255, "
+           "step 8/255, no clip to the eps ball), 30 epochs from scratch, cyclic learning "
+           "rate, with the overfitting guard", "adv_train:n_fgsm", "cifar10_resnet20"),
     _entry("cifar10_resnet20_denoise", "cifar10", "ResNet20",
-           functools.partial(architectures.ResNet20, denoise_after=(2, 3)),
-           _CIFAR_ADV_FINE_TUNE,
+           functools.partial(architectures.ResNet20, denoise_after=(2, 3)), _CIFAR_NFGSM,
            "cifar10_resnet20_adv with non-local-means denoising blocks after stages 2 and 3 "
-           "(Xie et al. 2019)", "adv_train:fgsm_rs+denoise", "cifar10_resnet20_adv"),
+           "(Xie et al. 2019), the same recipe and seed", "adv_train:n_fgsm+denoise",
+           "cifar10_resnet20_adv"),
+    # The GPU recipe: the same training at four times the width (4.3M parameters), which
+    # this CPU cannot train in a sitting (`advsweep train cifar10_wide_resnet20_adv`).
+    _entry("cifar10_wide_resnet20_adv", "cifar10", "ResNet20",
+           functools.partial(architectures.ResNet20, width=4.0),
+           dataclasses.replace(_CIFAR_NFGSM, batch_size=512),
+           "cifar10_resnet20_adv at 4x width (64/128/256 channels) for an accelerator",
+           "adv_train:n_fgsm", "cifar10_resnet20"),
     _entry("cifar10_resnet20_da", "cifar10", "ResNet20", architectures.ResNet20,
            TrainRecipe(epochs=6, domain_weight=1.0, domain_exposure=30.0, **_CIFAR_SGD),
            "cifar10_resnet20's recipe plus domain adaptation (Ciprijanovic et al.): MMD between "

@@ -93,9 +93,31 @@ def test_warm_start_copies_the_shared_weights_and_keeps_the_rest():
   if "cifar10_resnet20_da" not in zoo.available():
     with pytest.raises(checkpoints.CheckpointError, match="advsweep train cifar10_resnet20_da"):
       train.warm_start(fresh, "cifar10_resnet20_da")
-  assert zoo.entry("cifar10_resnet20_adv").recipe.init_from == "cifar10_resnet20"
   assert zoo.entry("cifar10_resnet20_denoise").recipe == zoo.entry(
       "cifar10_resnet20_adv").recipe  # the blocks are the only difference
+
+
+def test_n_fgsm_adds_noise_and_one_unprojected_step():
+  """de Jorge et al.: x + U(-k eps, k eps) + eps sign(grad), clipped to [0, 1] only: on a
+  linear model the step's sign is the closed form's, and the perturbation reaches past eps
+  (up to (k + 1) eps) where the noise pushes it."""
+  from tests.attack_models import linear_model, random_images
+
+  apply_fn, params = linear_model(num_classes=3)
+  images = random_images(64) * 0.5 + 0.25
+  labels = jnp.zeros(64, jnp.int32)
+  eps = 0.02
+  adv = train.n_fgsm(apply_fn, params, images, labels, jax.random.key(0), eps, eps, 2.0)
+  delta = np.asarray(adv - images)
+  assert np.abs(delta).max() <= 3 * eps + 1e-6
+  assert np.abs(delta).max() > eps  # no projection onto the eps ball
+  noise = np.asarray(jax.random.uniform(jax.random.key(0), images.shape, minval=-2 * eps,
+                                        maxval=2 * eps))
+  step = delta - noise
+  np.testing.assert_allclose(np.abs(step), eps, atol=1e-5)  # one step of eps a feature
+  recipe = zoo.entry("cifar10_resnet20_adv").recipe
+  assert (recipe.adversary, recipe.adv_noise, recipe.epochs) == ("n_fgsm", 2.0, 30)
+  assert train.training_attack(recipe).step_size == pytest.approx(8 / 255)
 
 
 def test_training_attacks_follow_the_papers():
