@@ -358,12 +358,6 @@ def apgd_t_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
                config if config is not None else APGDTConfig())
 
 
-def _bucket(count: int) -> int:
-  """The batch a host loop runs `count` images in: the next power of two (at least 8), so
-  shrinking batches reuse a few compiled programs."""
-  return max(8, 1 << (count - 1).bit_length())
-
-
 COMPACT_EVERY = 4  # iterations between a host loop's checks for images to drop
 
 
@@ -407,7 +401,7 @@ def _host_run(apply_fn, params, images, labels, keys, ranked, todo, run: _Run, s
   run_fooled = np.zeros(len(todo), bool)
   spent = np.zeros(len(todo), np.int64)
   active = np.arange(len(todo))  # positions in `todo` still attacked
-  rows = np.resize(todo, _bucket(len(todo)))  # padded by repeating images
+  rows = np.resize(todo, common.bucket(len(todo)))  # padded by repeating images
   x, y, t = images[rows], labels[rows], ranked[rows, max(run.rank, 0)]
   state = init(x, y, t, _run_keys(keys[rows], run), scalars[0])
 
@@ -422,12 +416,12 @@ def _host_run(apply_fn, params, images, labels, keys, ranked, todo, run: _Run, s
       continue
     done = np.asarray(state.fooled)[:len(active)]
     keep = np.flatnonzero(~done)
-    if _bucket(max(len(keep), 1)) >= len(x) and len(keep):
+    if common.bucket(max(len(keep), 1)) >= len(x) and len(keep):
       continue  # the batch would not shrink
     record(state, np.flatnonzero(done))
     if not len(keep):
       return point, run_fooled, spent
-    select = np.resize(keep, _bucket(len(keep)))
+    select = np.resize(keep, common.bucket(len(keep)))
     state = jax.tree.map(lambda a: a[select], state)  # noqa: B023
     x, y, t, active = x[select], y[select], t[select], active[keep]
   record(state, np.arange(len(active)))
@@ -531,13 +525,6 @@ def apgd_t(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax
                  evaluator=evaluator, default=APGDTConfig)()
 
 
-def _within_eps(config: Any, result: Any, num_features: int) -> np.ndarray:
-  del num_features
-  if config.norm == LINF:
-    return np.asarray(result.linf) <= float(config.eps) + 1e-5
-  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
-
-
 def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> float:
   del num_features
   runs = config.restarts
@@ -549,12 +536,12 @@ def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> fl
 APGD = spec.AttackSpec(
     name="apgd", run=apgd, core=apgd_core, config_cls=APGDConfig,
     prepare=functools.partial(prepare, default=APGDConfig), check_config=check_config,
-    within_budget=_within_eps, forward_equivalents=_forward_equivalents,
+    within_budget=common.within_eps, forward_equivalents=_forward_equivalents,
     unit=lambda config: spec.FORWARD_BACKWARD, budget_field="eps", quick={"num_steps": 10})
 APGD_T = spec.AttackSpec(
     name="apgd_t", run=apgd_t, core=apgd_t_core, config_cls=APGDTConfig,
     prepare=functools.partial(prepare, default=APGDTConfig), check_config=check_config,
-    within_budget=_within_eps, forward_equivalents=_forward_equivalents,
+    within_budget=common.within_eps, forward_equivalents=_forward_equivalents,
     unit=lambda config: spec.FORWARD_BACKWARD, setup_queries=1, budget_field="eps",
     quick={"num_steps": 10, "num_target_classes": 3})
 

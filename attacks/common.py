@@ -38,6 +38,8 @@ SAME_RESULTS = "same_results"
 # configuration's identity while it holds its default (the earlier results are its default).
 OMIT_AT_DEFAULT = "omit_at_default"
 NO_TARGET = -1
+# Threat models: the perturbation's L-inf or L2 norm is at most eps.
+LINF, L2 = "linf", "l2"
 # AttackResult.evaluation: the plain forward pass, or exact pixel-local evaluation.
 FULL_EVALUATION = "full"
 PIXEL_LOCAL_EVALUATION = "pixel_local"
@@ -211,6 +213,23 @@ def ranked_targets(clean_logits: jax.Array, num_targets: int) -> jax.Array:
                      f"{num_classes} classes; got {num_targets}")
   order = jnp.argsort(-clean_logits, axis=-1, stable=True)
   return order[:, 1:num_targets + 1].astype(jnp.int32)
+
+
+def within_eps(config: Any, result: Any, num_features: int) -> Any:
+  """[B] the perturbation respects `config.eps` in `config.norm` (L-inf by default), with
+  float32's slack: the `within_budget` of every eps-bounded attack's spec (numpy)."""
+  import numpy as np
+
+  del num_features
+  if getattr(config, "norm", LINF) == LINF:
+    return np.asarray(result.linf) <= float(config.eps) + 1e-5
+  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
+
+
+def bucket(count: int) -> int:
+  """The batch a host loop runs `count` images in: the next power of two (at least 8), so
+  a batch that shrinks as images are decided reuses a few compiled programs."""
+  return max(8, 1 << (max(count, 1) - 1).bit_length())
 
 
 def bind(fn: Callable[..., Any], apply_fn: ApplyFn, params: Any, *, close_params: bool = True,

@@ -281,11 +281,6 @@ def _host_outcome(apply_fn, params, images, labels, eps, state):
   return adv, jnp.argmax(apply_fn(params, adv), -1) != labels
 
 
-def _bucket(count: int) -> int:
-  """The batch a host loop runs `count` images in: the next power of two (at least 8)."""
-  return max(8, 1 << (count - 1).bit_length())
-
-
 def _host(apply_fn, params, images, labels, keys, config: FABConfig) -> common.AttackResult:
   """`fab_core` on concrete arrays, with the same result per image: each iteration one
   call of a step jitted with the params closed over (XLA's CPU backend runs a rolled loop of
@@ -306,7 +301,7 @@ def _host(apply_fn, params, images, labels, keys, config: FABConfig) -> common.A
       todo = np.flatnonzero(~fooled)
       if not len(todo):
         break
-      rows = np.resize(todo, _bucket(len(todo)))
+      rows = np.resize(todo, common.bucket(len(todo)))
       x, y = images[rows], labels[rows]
       target = jnp.asarray(ranked[rows, index])
       target_keys = jax.vmap(lambda k: jax.random.fold_in(k, index))(keys[rows])  # noqa: B023
@@ -409,13 +404,6 @@ def fab(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Ar
                  evaluator=evaluator)()
 
 
-def _within_eps(config: FABConfig, result: Any, num_features: int) -> np.ndarray:
-  del num_features
-  if config.norm == LINF:
-    return np.asarray(result.linf) <= float(config.eps) + 1e-5
-  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
-
-
 def _forward_equivalents(config: FABConfig, num_features: int, num_classes: int) -> float:
   """Clean forward and its re-check; per target and restart, the iterations (forward and
   backward, then the check's forward: 4 each) and the re-check."""
@@ -425,6 +413,6 @@ def _forward_equivalents(config: FABConfig, num_features: int, num_classes: int)
 
 SPEC = spec.AttackSpec(
     name="fab_t", run=fab, core=fab_core, config_cls=FABConfig, prepare=prepare,
-    check_config=check_config, within_budget=_within_eps,
+    check_config=check_config, within_budget=common.within_eps,
     forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD_BACKWARD,
     setup_queries=1, budget_field="eps", quick={"num_steps": 10, "num_target_classes": 2})

@@ -28,13 +28,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
 from advsweep.attacks import checks, common, spec
 
-LINF, L2 = "linf", "l2"
+LINF, L2 = common.LINF, common.L2
 AWAY_FROM = ("label", "prediction")
 
 
@@ -392,13 +391,6 @@ def pgd(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Ar
                  evaluator=evaluator)
 
 
-def _within_eps(config: Any, result: Any, num_features: int) -> np.ndarray:
-  del num_features
-  if getattr(config, "norm", LINF) == LINF:
-    return np.asarray(result.linf) <= float(config.eps) + 1e-5
-  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
-
-
 def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> float:
   del num_features, num_classes
   return 3.0 * _as_pgd(config).num_steps + 2  # a step: forward + backward; start, re-check
@@ -409,7 +401,7 @@ def _spec(name: str, run: Any, core: Any, config_cls: type, quick: dict[str, Any
   return spec.AttackSpec(
       name=name, run=run, core=core, config_cls=config_cls,
       prepare=functools.partial(prepare, default=config_cls),
-      check_config=check_config, within_budget=_within_eps,
+      check_config=check_config, within_budget=common.within_eps,
       forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD_BACKWARD,
       setup_queries=1, budget_field="eps", quick=quick)
 

@@ -416,16 +416,9 @@ def square(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax
                         evaluator=evaluator)()
 
 
-def _within_eps(config: SquareConfig, result: Any, num_features: int) -> np.ndarray:
-  del num_features
-  if config.norm == LINF:
-    return np.asarray(result.linf) <= float(config.eps) + 1e-5
-  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
-
-
 SPEC = spec.AttackSpec(
     name="square", run=square, core=square_core, config_cls=SquareConfig,
-    prepare=prepare_square, check_config=check_config, within_budget=_within_eps,
+    prepare=prepare_square, check_config=check_config, within_budget=common.within_eps,
     forward_equivalents=lambda config, num_features, num_classes: float(
         config.num_queries + 1),
     unit=lambda config: spec.FORWARD, budget_field="eps", quick={"num_queries": 50})
