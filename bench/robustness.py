@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep.bench import config as config_lib
-from advsweep.bench import masking, report, results, sweep, tables
+from advsweep.bench import masking, report, results, stats, sweep, tables
 from advsweep.models import zoo
 
 CONFIG = "robustness"
@@ -73,45 +73,54 @@ def _order(models: list[str]) -> list[str]:
 
 def robustness_rows(table: pa.Table) -> tuple[list[list[str]], list[str]]:
   """The robustness table's rows and its flags, from a run's rows."""
-  rows, flags, _ = _measure(table)
+  rows, flags, _, _ = _measure(table)
   return rows, flags
 
 
 def twin_lines(table: pa.Table) -> list[str]:
-  """Each defended model against its twin, column by column: which keeps more images
-  correct, where the 95% intervals are apart (the claims of Hess et al.: the Gauss network
-  is less susceptible to one-pixel attacks; of Xie et al.: denoising blocks add PGD
-  robustness to adversarial training)."""
-  return _twin_lines(_measure(table)[2])
+  """Each defended model against its twin, column by column, image by image: the share of
+  the images both were measured on that each keeps correct, the difference with Newcombe's
+  95% interval, and the exact McNemar test's verdict (`bench.stats.paired`): the claims of
+  Hess et al. (the Gauss network is less susceptible to one-pixel attacks) and of Xie et
+  al. (denoising blocks add PGD robustness to adversarial training)."""
+  return _twin_lines(_measure(table)[3])
 
 
-def _twin_lines(rates: dict[str, dict[str, tuple[int, int]]]) -> list[str]:
+def _twin_lines(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> list[str]:
   out = []
-  for model, own in rates.items():
+  for model, own in per_image.items():
     twin = zoo.ZOO[model].twin if model in zoo.ZOO else ""
-    if twin not in rates:
+    if twin not in per_image:
       continue
     parts = []
     for column in ("clean", *COLUMNS):
-      a, b = own.get(column, (0, 0)), rates[twin].get(column, (0, 0))
-      if not a[1] or not b[1]:
+      if column not in own or column not in per_image[twin]:
         continue
-      above, below = masking.disjoint_above(a, b), masking.disjoint_above(b, a)
-      verdict = "higher" if above else "lower" if below else "no difference at 95%"
-      parts.append(f"{column} {_share(a)} vs {_share(b)} ({verdict})")
+      (ours_idx, ours), (theirs_idx, theirs) = own[column], per_image[twin][column]
+      shared, at_ours, at_theirs = np.intersect1d(ours_idx, theirs_idx, return_indices=True)
+      if not len(shared):
+        continue
+      p = stats.paired(ours[at_ours], theirs[at_theirs])
+      parts.append(f"{column} {tables.pct(p.a)} vs {tables.pct(p.b)} ({p.verdict()}; "
+                   f"{100 * p.difference:+.1f} points, {100 * p.low:+.1f} to "
+                   f"{100 * p.high:+.1f}, p = {p.p_value:.2g}, n = {p.n})")
     out.append(f"{model} vs {twin}: " + "; ".join(parts))
   return out
 
 
-def _measure(table: pa.Table
-             ) -> tuple[list[list[str]], list[str], dict[str, dict[str, tuple[int, int]]]]:
+def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
+                                        dict[str, dict[str, tuple[int, int]]],
+                                        dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+  """Rows, flags, and per model and column the (correct, n) counts and the per-image
+  (example_idx, correct) arrays the twin comparison pairs."""
   cols = report.columns(table)
+  index = cols.get("example_idx", np.zeros(len(cols["model"]), np.int64))
   cols["transfer_success"] = np.asarray(table.column("transfer_success").to_pylist(), object)
   params = np.array([json.loads(p) for p in cols["params"]], dtype=object)
   plain = np.array([not config_lib.is_adaptive(p) and not p.get("evade_detector")
                     for p in params], bool)
   robust = cols["clean_correct"] & (cols["adv_pred"] == cols["label"])
-  rows, flags, by_model = [], [], {}
+  rows, flags, by_model, per_image = [], [], {}, {}
   for model in _order(list(dict.fromkeys(cols["model"].tolist()))):
     in_model = (cols["model"] == model) & plain
     entry = zoo.ZOO.get(model)
@@ -124,15 +133,20 @@ def _measure(table: pa.Table
            or "-", str(clean[1]), _cell_text(*clean)]
     rates: dict[str, tuple[int, int]] = {"clean": clean}
     by_model[model] = rates
+    chosen = {"clean": (index[in_model & images], cols["clean_correct"][in_model & images])}
+    per_image[model] = chosen
     for column, (attack, wanted) in COLUMNS.items():
       mask = in_model & (cols["attack"] == attack) & np.array(
           [all(p.get(k) == v for k, v in wanted.items()) for p in params], bool)
       hashes = list(dict.fromkeys(cols["config_hash"][mask].tolist()))
       if len(hashes) > 1:  # several configurations: the strongest (lowest accuracy) counts
         per = [_rate(robust[mask & (cols["config_hash"] == h)]) for h in hashes]
-        rates[column] = min(per, key=lambda r: r[0] / r[1] if r[1] else math.inf)
-      else:
-        rates[column] = _rate(robust[mask])
+        strongest = min(range(len(per)),
+                        key=lambda i: per[i][0] / per[i][1] if per[i][1] else math.inf)
+        mask = mask & (cols["config_hash"] == hashes[strongest])
+      rates[column] = _rate(robust[mask])
+      if rates[column][1]:
+        chosen[column] = (index[mask], robust[mask])
       row.append(_cell_text(*rates[column]))
     pgd = in_model & (cols["attack"] == "pgd")
     transferred = [v for v in cols["transfer_success"][pgd] if v is not None]
@@ -162,7 +176,7 @@ def _measure(table: pa.Table
         flags.append(f"FLAG {model}: {what} ({_share(rates[name])}) leaves fewer images "
                      f"correct than white-box PGD ({_share(white_box)}): a sign of gradient "
                      "masking; the PGD figure overstates the model")
-  return rows, flags, by_model
+  return rows, flags, by_model, per_image
 
 
 def _pgd_setting(table: pa.Table) -> str:
@@ -174,13 +188,13 @@ def _pgd_setting(table: pa.Table) -> str:
 
 def lines(table: pa.Table, title: str) -> tuple[list[str], list[str]]:
   """The table and flags as text and as Markdown lines."""
-  rows, flags, rates = _measure(table)
+  rows, flags, _, per_image = _measure(table)
   flags = flags or ["no model flagged: no transfer, black-box or one-step attack beat "
                     "white-box PGD"]
   note = ("Accuracy over every image drawn (misclassified clean images count as errors), "
           "95% Wilson interval in parentheses. An image is robust to PGD only if every "
           f"restart fails. PGD: {_pgd_setting(table)}.")
-  twins = _twin_lines(rates)
+  twins = _twin_lines(per_image)
   text = [title, tables.format_text(HEADER, rows), note, "", *flags]
   markdown = [f"## {title}", "", tables.format_markdown(HEADER, rows), "", note, "",
               *[f"- {f}" for f in flags]]

@@ -23,7 +23,7 @@ def _rows(model, attack, params, n, robust, clean=None, transfer=None):
   adv_pred = np.where(np.arange(n) < robust, 0, 1)
   fooled = None if transfer is None else [bool(i < transfer) for i in range(n)]
   return {"model": [model] * n, "attack": [attack] * n, "params": [json.dumps(params)] * n,
-          "config_hash": [f"{attack}{json.dumps(params)}"] * n,
+          "config_hash": [f"{attack}{json.dumps(params)}"] * n, "example_idx": list(range(n)),
           "clean_correct": list(np.arange(n) < clean), "label": list(label),
           "adv_pred": list(adv_pred), "transfer_success": fooled or [None] * n}
 
@@ -53,7 +53,7 @@ def test_table_counts_every_image_and_flags_masking():
   lo, hi = tables.wilson_interval(48, 50)
   assert twin["clean"] == f"96.0% ({tables.pct(lo)}-{tables.pct(hi)})"
   assert twin["JSMA"].startswith("24.0%") and twin["PGD from twin"] == "-"
-  assert defended["twin"] == "mnist_lenet" and defended["defense"] == "adv_train:fgsm_rs"
+  assert defended["twin"] == "mnist_lenet" and defended["defense"] == "adv_train:pgd"
   assert defended["PGD"].startswith("60.0%") and defended["FGSM"].startswith("90.0%")
   assert defended["PGD from twin"].startswith("20.0%")  # 40 of 50 fooled by the transfer
   assert any("PGD made on the twin (20.0%)" in f and "mnist_lenet_pgd" in f for f in flags)
@@ -65,8 +65,11 @@ def test_table_counts_every_image_and_flags_masking():
   twins = robustness.twin_lines(_table(*_cells("mnist_lenet_pgd", 45, 30),
                                        *_cells("mnist_lenet", 20, 0)))
   assert twins == [next(t for t in twins if t.startswith("mnist_lenet_pgd vs mnist_lenet"))]
-  assert "PGD 60.0% vs 0.0% (higher)" in twins[0]
-  assert "clean 100.0% vs 100.0% (no difference at 95%)" in twins[0]
+  # Paired on the same 50 images: 30 correct only under the defense, none only under the
+  # twin; exact McNemar p = 2 / 2^30.
+  assert "PGD 60.0% vs 0.0% (higher; +60.0 points" in twins[0]
+  assert f"p = {2 / 2 ** 30:.2g}, n = 50)" in twins[0]
+  assert "clean 100.0% vs 100.0% (no difference at 95%; +0.0 points" in twins[0]
 
 
 def test_all_image_metrics_count_clean_errors():
