@@ -195,13 +195,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 
 # --- 3. The attack API at its edges. ---------------------------------------------------
 
-APPLY, PARAMS = attack_models.linear_model(height=4, width=4, channels=1, num_classes=3)
+APPLY, PARAMS = attack_models.linear_model(height=4, width=4, channels=1, num_classes=4)
 SMALL = {
     "fgsm": attacks.FGSM.config(eps=0.1),
     "bim": attacks.BIM.config(eps=0.1, num_steps=2),
     "pgd": attacks.PGD.config(eps=0.1, num_steps=2),
     "jsma": attacks.JSMA.config(gamma=0.2),
     "one_pixel": attacks.ONE_PIXEL.config(population_size=4, num_generations=1),
+    "apgd": attacks.APGD.config(eps=0.1, num_steps=2),
+    "apgd_t": attacks.APGD_T.config(eps=0.1, num_steps=2, num_target_classes=2),
+    "fab_t": attacks.FAB_T.config(eps=0.1, num_steps=2, num_target_classes=2),
+    "square": attacks.SQUARE.config(eps=0.1, num_queries=5),
 }
 
 
@@ -315,7 +319,7 @@ def test_every_flag_an_error_message_advises_exists():
   for path in [*(REPO / "bench").glob("*.py"), *(REPO / "models").glob("*.py")]:
     for literal in re.findall(r'f?"([^"\n]* [^"\n]*)"', path.read_text()):  # messages
       mentioned.update(re.findall(r"(?<![\w-])--[a-z][a-z-]+", literal))
-  mentioned -= {"--no-build-isolation"}  # pip's, quoted in an install hint
+  mentioned -= {"--no-build-isolation", "--no-deps"}  # pip's, quoted in install hints
   assert mentioned and mentioned <= options, sorted(mentioned - options)
 
 
