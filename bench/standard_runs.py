@@ -38,6 +38,8 @@ def settings(name: str, model: Any, num_images: int, norm: str, version: str, qu
              seed: int) -> dict[str, Any]:
   """What an evaluation's files must share with a run that reuses them."""
   dataset = model.meta["dataset"]
+  if getattr(model, "randomized", False):
+    version = standard.RAND  # AutoAttack's version for a randomized model
   eps = standard.BUDGETS.get((dataset, norm))
   if eps is None:
     raise ValueError(f"no standard {norm} budget for {dataset}; known: "
@@ -129,14 +131,13 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
       continue
     images, labels = datasets.load(meta["dataset"], "test", data_dir)
     images, labels = images[:num_images], labels[:num_images]
-    randomized = getattr(model, "randomized", False)
     attack_fn = None
     if isinstance(model, defenses.DefendedModel):
       attack_fn = model.attack_apply_fn(bpda=True, eot_samples=standard.EOT_DRAWS)
     tic = time.perf_counter()
     evaluation = standard.evaluate(
         model.apply_fn, model.params, images, labels, norm=norm, eps=meta["eps"],
-        version=standard.RAND if randomized else version, seed=seed, batch_size=batch_size,
+        version=meta["version"], seed=seed, batch_size=batch_size,
         quick=quick, progress=progress, attack_apply_fn=attack_fn)
     log(f"{name}: {evaluation.headline()} in {time.perf_counter() - tic:.0f} s")
     for flag in evaluation.flags:

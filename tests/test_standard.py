@@ -11,6 +11,7 @@ import pytest
 
 from advsweep.bench import evaluate, standard, validity
 from tests.attack_models import linear_model, random_images, small_cnn
+from tests.conftest import requires_data
 
 
 def _model():
@@ -180,3 +181,23 @@ def test_the_command_refuses_bad_input_in_one_line_and_writes_nothing(argv, mess
   assert code == 2
   assert message in err[-1] and len([line for line in err if "error" in line]) == 1
   assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+@requires_data
+def test_a_randomized_defense_gets_the_rand_version_and_files_that_resume(data_dir, tmp_path):
+  """`MODEL+randomize` is attacked on its expectation over 20 draws (APGD-CE, APGD-DLR);
+  the files are kept and a second run with the same settings reuses them."""
+  from advsweep.bench import standard_runs
+
+  logged = []
+  kwargs = dict(num_images=6, quick=True, out_root=tmp_path, data_dir=str(data_dir),
+                progress=False, log=logged.append)
+  markdown = standard_runs.run_zoo(["mnist_softmax+randomize:90"], **kwargs)
+  summary, table = standard_runs.load(tmp_path / "standard-linf-quick",
+                                      "mnist_softmax+randomize:90")
+  assert summary["version"] == "rand" and "APGD-DLR" in summary["robust_after"]
+  assert set(table.column("attack").to_pylist()) == {"APGD-CE", "APGD-DLR"}
+  assert table.num_rows == 12 and "mnist_softmax+randomize:90" in markdown
+  logged.clear()
+  assert standard_runs.run_zoo(["mnist_softmax+randomize:90"], **kwargs) == markdown
+  assert logged[0].startswith("mnist_softmax+randomize:90: kept")
