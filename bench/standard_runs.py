@@ -44,7 +44,9 @@ def settings(name: str, model: Any, num_images: int, norm: str, version: str, qu
   if eps is None:
     raise ValueError(f"no standard {norm} budget for {dataset}; known: "
                      f"{', '.join(f'{d} {n}' for d, n in standard.BUDGETS)}")
-  return {"model": name, "model_sha256": model.meta.get("sha256", ""), "dataset": dataset,
+  return {"model": name, "model_sha256": model.meta.get("sha256", ""),
+          "defense": model.meta.get("defense", ""), "twin": model.meta.get("twin", ""),
+          "dataset": dataset,
           "split": "test", "num_images": num_images, "norm": norm, "eps": eps,
           "version": version, "quick": quick, "seed": seed}
 
@@ -163,11 +165,8 @@ def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str
             "seconds")
   rows, flags, twins = [], [], []
   for name, (summary, table) in kept.items():
-    entry = zoo.ZOO.get(name.partition("+")[0])
-    defense = (entry.defense if entry else "") or "none"
-    twin = (entry.twin if entry else "") or "-"
-    if "+" in name:
-      defense, twin = name.partition("+")[2], name.partition("+")[0]
+    # The checkpoint's own metadata: what the evaluated weights were trained as.
+    defense, twin = summary.get("defense") or "none", summary.get("twin") or "-"
     low, high = summary["robust_interval"]
     rows.append([name, defense, twin, str(summary["num_images"]),
                  tables.pct(summary["clean_accuracy"]),
@@ -181,8 +180,8 @@ def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str
         p = stats.paired(ours, theirs)
         twins.append(f"{name} vs {twin}: robust {tables.pct(p.a)} vs {tables.pct(p.b)}, "
                      f"difference {100 * p.difference:+.1f} points ({100 * p.low:+.1f} to "
-                     f"{100 * p.high:+.1f}), {p.only_a} images robust only here and "
-                     f"{p.only_b} only there, exact McNemar p = {p.p_value:.2g}: "
+                     f"{100 * p.high:+.1f}), robust only here {p.only_a}, only there "
+                     f"{p.only_b}, exact McNemar p = {p.p_value:.2g}: "
                      f"{p.verdict()}")
   note = ("An image is robust only if it is classified correctly and every attack fails on "
           "it (AutoAttack's protocol, each attack on the images the earlier ones left). "
