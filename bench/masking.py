@@ -13,15 +13,12 @@ image:
   attacks on a defended model, non-adaptive cells; the twin is the model without its input
   transform, or a trained defense's zoo `twin`);
 - `nd_score_clean`, `nd_score_adv`: the detection statistic (`bench.detection`).
-`flags` turns them into the report's warnings, one cell at a time, with the papers' rules:
-a randomized model attacked without EOT; a masked gradient; an unbounded attack (eps >= 1)
-that fails; a black-box or transfer attack that beats the white-box one; an adaptive attack
-that beats the plain one by more than its interval.
+`bench.validity.cell_flags` turns them into the report's warnings, one cell at a time, with
+the papers' rules (one named check each, explained in docs/flags.md).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -31,10 +28,7 @@ import optax
 
 from advsweep.attacks import common
 from advsweep.attacks import spec as spec_lib
-from advsweep.bench import detection, tables
-
-MASKED_SHARE = 0.5  # a cell whose mean zero-gradient share reaches this is flagged
-UNBOUNDED_EPS = 1.0  # an L-inf attack at this eps can reach every image: it must succeed
+from advsweep.bench import detection, stats
 
 
 def uses_gradients(spec: spec_lib.AttackSpec, config: Any) -> bool:
@@ -103,73 +97,5 @@ def unit_checks(spec: spec_lib.AttackSpec, config: Any, cell: Any, model: Any,
   return out
 
 
-def _rate(values: np.ndarray) -> tuple[int, int]:
-  values = np.asarray([v for v in values if v is not None and not (
-      isinstance(v, float) and math.isnan(v))], bool)
-  return int(values.sum()), len(values)
-
-
-def disjoint_above(a: tuple[int, int], b: tuple[int, int]) -> bool:
-  """Rate a is above rate b with their 95% Wilson intervals apart."""
-  (ka, na), (kb, nb) = a, b
-  if not na or not nb:
-    return False
-  return tables.wilson_interval(ka, na)[0] > tables.wilson_interval(kb, nb)[1]
-
-
-def flags(cols: dict[str, np.ndarray], mask: np.ndarray, cell: dict[str, Any],
-          peers: list[tuple[dict[str, Any], np.ndarray]],
-          adaptive_twin: np.ndarray | None) -> list[str]:
-  """The masking warnings of one cell (its rows in `mask`, clean-correct ones counted).
-
-  Args:
-    cols: the run's columns.
-    mask: the cell's rows.
-    cell: the cell's attack, parsed params (with bpda, eot_samples) and whether adaptive.
-    peers: (cell, rows) of the other cells on the same model, for the black-box check.
-    adaptive_twin: the rows of the adaptive attack of the same configuration, for a plain
-      cell that has one.
-  """
-  ok = mask & cols["clean_correct"]
-  if not ok.any():
-    return []
-  out = []
-  params = cell["params"]
-  won = (int((ok & cols["success"]).sum()), int(ok.sum()))
-  if not cols["forward_repeatable"][ok].all() and params.get("eot_samples", 1) == 1:
-    share = 1 - np.mean(cols["forward_repeatable"][ok].astype(bool))
-    out.append(f"randomized: {100 * share:.0f}% of clean images give other logits on "
-               "another draw; attack it with eot_samples > 1")
-  shares = np.asarray([v for v in cols["grad_zero_share"][ok] if v is not None], float)
-  shares = shares[~np.isnan(shares)]
-  if len(shares) and shares.mean() >= MASKED_SHARE:
-    out.append(f"masked gradient: {100 * shares.mean():.0f}% of input-gradient entries are "
-               "zero or not finite; attack it with bpda = true")
-  eps = params.get("eps")
-  if isinstance(eps, int | float) and eps >= UNBOUNDED_EPS and won[0] < won[1]:
-    out.append(f"eps {eps:g} can reach any image, yet {won[1] - won[0]} of {won[1]} "
-               "attacks failed: the attack does not find what exists")
-  transfer = _rate(cols["transfer_success"][ok])
-  if transfer[1] and disjoint_above(transfer, won):
-    out.append(f"transfer from the twin ({100 * transfer[0] / transfer[1]:.0f}%) "
-               f"beats the white-box attack ({100 * won[0] / won[1]:.0f}%)")
-  if eps is not None and cell["attack"] != "one_pixel":
-    for peer, rows in peers:
-      if peer["attack"] != "one_pixel" or not isinstance(eps, int | float):
-        continue
-      if eps < float(np.max(cols["linf"][rows], initial=0.0)):
-        continue  # the one-pixel changes are outside this budget
-      peer_ok = rows & cols["clean_correct"]
-      peer_won = (int((peer_ok & cols["success"]).sum()), int(peer_ok.sum()))
-      if disjoint_above(peer_won, won):
-        out.append(f"the black-box one-pixel attack ({100 * peer_won[0] / peer_won[1]:.0f}%)"
-                   f" beats this white-box attack ({100 * won[0] / won[1]:.0f}%) within a "
-                   "budget that contains it")
-  if adaptive_twin is not None:
-    twin_ok = adaptive_twin & cols["clean_correct"]
-    twin_won = (int((twin_ok & cols["success"]).sum()), int(twin_ok.sum()))
-    if disjoint_above(twin_won, won):
-      out.append(f"the adaptive attack ({100 * twin_won[0] / twin_won[1]:.0f}%) beats this "
-                 f"one ({100 * won[0] / won[1]:.0f}%): its accuracy overstates the defense")
-  return out
-
+# Two rates on different images, intervals apart (`bench.stats`).
+disjoint_above = stats.disjoint_above

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from advsweep import attacks
 from advsweep.bench import config as config_lib
-from advsweep.bench import detection, masking, results, tables
+from advsweep.bench import detection, results, tables, validity
 from advsweep.models import files
 
 ALL_BINS = "all"
@@ -280,7 +280,7 @@ def defense_lines(table: pa.Table) -> tuple[list[str], list[str]]:
 def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
   """Accuracy under the plain and the adaptive attack side by side, per model, defense and
   attack configuration, with the transfer attack's; and the masking flags of every cell
-  (`bench.masking`). Empty where the run has no defended model."""
+  (`bench.validity.cell_flags`). Empty where the run has no defended model."""
   cols = columns(table)
   if "defense" not in cols or all(d in (None, "none") for d in cols["defense"]):
     return [], []
@@ -318,7 +318,7 @@ def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
     for adaptive, (p, mask) in sorted(pair.items()):
       cell = {"attack": attack, "params": p}
       twin = adaptive_cell[1] if (not adaptive and adaptive_cell) else None
-      for message in masking.flags(cols, mask, cell, peers, twin):
+      for message in validity.cell_flags(cols, mask, cell, peers, twin):
         flag_lines.append(f"FLAG {model} {attack} {params_text(json.dumps(p))}: {message}")
   return rows, flag_lines
 

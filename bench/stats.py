@@ -54,6 +54,15 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDE
   return mean, float(low), float(high)
 
 
+def disjoint_above(a: tuple[int, int], b: tuple[int, int]) -> bool:
+  """Rate a = (successes, n) lies above rate b with their 95% Wilson intervals apart (for two
+  rates on different images; on the same images use `paired`)."""
+  (ka, na), (kb, nb) = a, b
+  if not na or not nb:
+    return False
+  return wilson_interval(ka, na)[0] > wilson_interval(kb, nb)[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Paired:
   """Two 0/1 outcomes on the same n images (say, "robust" for model A and model B).
@@ -112,4 +121,4 @@ def paired(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE) -> Pair
                 min(1.0, difference + above), p_value)
 
 
-__all__ = ["CONFIDENCE", "Paired", "paired", "t_interval", "wilson_interval"]
+__all__ = ["CONFIDENCE", "Paired", "disjoint_above", "paired", "t_interval", "wilson_interval"]

@@ -1,5 +1,5 @@
-"""AutoAttack's checks, one named function each: signs that an evaluation's figure cannot be
-trusted as it stands.
+"""AutoAttack's checks and the sweep report's masking flags, one named function each: signs
+that an evaluation's figure cannot be trusted as it stands.
 
 Each check returns a `Flag` (or None) whose `name` is a section of `docs/flags.md`, where
 every flag is explained with what to do about it. `check_budget` is not a flag but a
@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from advsweep.bench import stats
 
 DOC = "docs/flags.md"
 SATURATED = 1 - 1e-6  # a top softmax probability this close to 1 leaves CE without gradient
@@ -163,6 +165,134 @@ def check_budget(name: str, spec: Any, config: Any, result: Any, images: np.ndar
                        "[0, 1]; this is a bug in the attack, please report it")
 
 
-__all__ = ["DOC", "Flag", "after_attacks", "before_attacks", "check_budget", "dlr_beats_ce",
-           "randomized_forward", "saturated_softmax", "softmax_output",
-           "square_beats_white_box", "zero_gradients"]
+# --- The per-cell flags of a sweep's report, read from what the driver records per image
+# (`bench.masking.unit_checks`): one function per flag, each a message or None.
+
+MASKED_SHARE = 0.5  # a cell whose mean zero-gradient share reaches this is flagged
+UNBOUNDED_EPS = 1.0  # an L-inf attack at this eps can reach every image: it must succeed
+
+
+def _won(cols: dict[str, np.ndarray], rows: np.ndarray) -> tuple[int, int]:
+  ok = rows & cols["clean_correct"]
+  return int((ok & cols["success"]).sum()), int(ok.sum())
+
+
+def _rate(values: np.ndarray) -> tuple[int, int]:
+  values = np.asarray([v for v in values if v is not None and not (
+      isinstance(v, float) and np.isnan(v))], bool)
+  return int(values.sum()), len(values)
+
+
+def _pct(rate: tuple[int, int]) -> str:
+  return f"{100 * rate[0] / rate[1]:.0f}%"
+
+
+def randomized_without_eot(cols: dict[str, np.ndarray], ok: np.ndarray,
+                           params: dict[str, Any]) -> str | None:
+  """A randomized model (other logits on another draw) attacked without EOT."""
+  if cols["forward_repeatable"][ok].all() or params.get("eot_samples", 1) != 1:
+    return None
+  share = 1 - np.mean(cols["forward_repeatable"][ok].astype(bool))
+  return (f"randomized: {100 * share:.0f}% of clean images give other logits on another "
+          "draw; attack it with eot_samples > 1")
+
+
+def masked_gradient(cols: dict[str, np.ndarray], ok: np.ndarray) -> str | None:
+  """Half or more of the input gradient's entries zero or not finite, on average."""
+  shares = np.asarray([v for v in cols["grad_zero_share"][ok] if v is not None], float)
+  shares = shares[~np.isnan(shares)]
+  if not len(shares) or shares.mean() < MASKED_SHARE:
+    return None
+  return (f"masked gradient: {100 * shares.mean():.0f}% of input-gradient entries are zero "
+          "or not finite; attack it with bpda = true")
+
+
+def unbounded_attack_fails(params: dict[str, Any], won: tuple[int, int]) -> str | None:
+  """An L-inf budget of 1 reaches any image, yet the attack failed on some."""
+  eps = params.get("eps")
+  if not isinstance(eps, int | float) or eps < UNBOUNDED_EPS or won[0] == won[1]:
+    return None
+  return (f"eps {eps:g} can reach any image, yet {won[1] - won[0]} of {won[1]} attacks "
+          "failed: the attack does not find what exists")
+
+
+def transfer_beats_white_box(cols: dict[str, np.ndarray], ok: np.ndarray,
+                             won: tuple[int, int]) -> str | None:
+  """The attack made on the twin fools more than the white-box attack on the model."""
+  transfer = _rate(cols["transfer_success"][ok])
+  if not transfer[1] or not stats.disjoint_above(transfer, won):
+    return None
+  return (f"transfer from the twin ({_pct(transfer)}) beats the white-box attack "
+          f"({_pct(won)})")
+
+
+def black_box_beats_white_box(cols: dict[str, np.ndarray], cell: dict[str, Any],
+                              peers: list[tuple[dict[str, Any], np.ndarray]],
+                              won: tuple[int, int]) -> list[str]:
+  """A gradient-free attack on the same model, whose changes lie within this gradient
+  attack's L-inf budget, fools more images (intervals apart)."""
+  from advsweep import attacks
+
+  def gradient_free(name: str) -> bool:
+    spec = attacks.REGISTRY.get(name)
+    return spec is not None and spec.unit(spec.config_cls()) == "fwd"
+
+  eps = cell["params"].get("eps")
+  if not isinstance(eps, int | float) or gradient_free(cell["attack"]):
+    return []
+  out = []
+  for peer, rows in peers:
+    if not gradient_free(peer["attack"]):
+      continue
+    if eps < float(np.max(cols["linf"][rows], initial=0.0)):
+      continue  # the peer's changes are outside this budget
+    peer_won = _won(cols, rows)
+    if stats.disjoint_above(peer_won, won):
+      out.append(f"the black-box {peer['attack']} attack ({_pct(peer_won)}) beats this "
+                 f"white-box attack ({_pct(won)}) within a budget that contains it")
+  return out
+
+
+def adaptive_beats_plain(cols: dict[str, np.ndarray], adaptive_twin: np.ndarray | None,
+                         won: tuple[int, int]) -> str | None:
+  """The adaptive attack of the same configuration (BPDA, EOT) fools more images."""
+  if adaptive_twin is None:
+    return None
+  twin_won = _won(cols, adaptive_twin)
+  if not stats.disjoint_above(twin_won, won):
+    return None
+  return (f"the adaptive attack ({_pct(twin_won)}) beats this one ({_pct(won)}): its "
+          "accuracy overstates the defense")
+
+
+def cell_flags(cols: dict[str, np.ndarray], mask: np.ndarray, cell: dict[str, Any],
+               peers: list[tuple[dict[str, Any], np.ndarray]],
+               adaptive_twin: np.ndarray | None) -> list[str]:
+  """The masking warnings of one cell of a sweep (its rows in `mask`, clean-correct ones
+  counted).
+
+  Args:
+    cols: the run's columns.
+    mask: the cell's rows.
+    cell: the cell's attack and parsed params (with bpda, eot_samples).
+    peers: (cell, rows) of the other cells on the same model, for the black-box check.
+    adaptive_twin: the rows of the adaptive attack of the same configuration, for a plain
+      cell that has one.
+  """
+  ok = mask & cols["clean_correct"]
+  if not ok.any():
+    return []
+  won = _won(cols, mask)
+  found = [randomized_without_eot(cols, ok, cell["params"]), masked_gradient(cols, ok),
+           unbounded_attack_fails(cell["params"], won),
+           transfer_beats_white_box(cols, ok, won),
+           *black_box_beats_white_box(cols, cell, peers, won),
+           adaptive_beats_plain(cols, adaptive_twin, won)]
+  return [f for f in found if f is not None]
+
+
+__all__ = ["DOC", "Flag", "adaptive_beats_plain", "after_attacks", "before_attacks",
+           "black_box_beats_white_box", "cell_flags", "check_budget", "dlr_beats_ce",
+           "masked_gradient", "randomized_forward", "randomized_without_eot",
+           "saturated_softmax", "softmax_output", "square_beats_white_box",
+           "transfer_beats_white_box", "unbounded_attack_fails", "zero_gradients"]

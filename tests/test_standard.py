@@ -201,3 +201,24 @@ def test_a_randomized_defense_gets_the_rand_version_and_files_that_resume(data_d
   logged.clear()
   assert standard_runs.run_zoo(["mnist_softmax+randomize:90"], **kwargs) == markdown
   assert logged[0].startswith("mnist_softmax+randomize:90: kept")
+
+
+def test_a_gradient_free_attack_beating_a_gradient_attack_is_flagged_by_the_spec():
+  """The black-box check reads each attack's spec (gradient-free: its unit is a forward
+  pass), not its name: Square or the one-pixel attack beating PGD within PGD's budget."""
+  n = 40
+  rows = np.arange(2 * n)
+  cols = {"clean_correct": np.ones(2 * n, bool),
+          "success": np.r_[np.arange(n) < 5, np.arange(n) < 30],
+          "linf": np.r_[np.full(n, 0.1), np.full(n, 0.1)]}
+  black = rows >= n  # the first n rows are the gradient attack's
+  for peer in ("square", "one_pixel"):
+    flags = validity.black_box_beats_white_box(
+        cols, {"attack": "pgd", "params": {"eps": 0.3}}, [({"attack": peer}, black)], (5, n))
+    assert flags and f"black-box {peer} attack (75%)" in flags[0]
+  assert not validity.black_box_beats_white_box(  # a gradient attack is no black-box peer
+      cols, {"attack": "pgd", "params": {"eps": 0.3}}, [({"attack": "fgsm"}, black)], (5, n))
+  assert not validity.black_box_beats_white_box(  # outside the budget
+      cols, {"attack": "pgd", "params": {"eps": 0.05}}, [({"attack": "square"}, black)],
+      (5, n))
+
