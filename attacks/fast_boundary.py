@@ -269,6 +269,11 @@ def _start_state(images, keys, eps, restart, *, norm):
   return FABState(start, images, jnp.full(images.shape[:1], jnp.inf, images.dtype))
 
 
+# Compiled once per shape and setting for every call (a jit made inside `_host` compiled
+# anew on each call).
+_jitted_start = jax.jit(_start_state, static_argnames=("restart", "norm"))
+
+
 def _host_step(apply_fn, params, images, labels, target, config, state):
   return _fab_step(apply_fn, params, images, labels, target, config, state)
 
@@ -295,7 +300,6 @@ def _host(apply_fn, params, images, labels, keys, config: FABConfig) -> common.A
   eps = jnp.asarray(config.eps, images.dtype)
   step = common.bind(_host_step, apply_fn, params)
   outcome = common.bind(_host_outcome, apply_fn, params)
-  start = jax.jit(_start_state, static_argnames=("restart", "norm"))
   for index in range(config.num_target_classes):
     for restart in range(config.restarts):
       todo = np.flatnonzero(~fooled)
@@ -305,7 +309,7 @@ def _host(apply_fn, params, images, labels, keys, config: FABConfig) -> common.A
       x, y = images[rows], labels[rows]
       target = jnp.asarray(ranked[rows, index])
       target_keys = jax.vmap(lambda k: jax.random.fold_in(k, index))(keys[rows])  # noqa: B023
-      state = start(x, target_keys, eps, restart=restart, norm=config.norm)
+      state = _jitted_start(x, target_keys, eps, restart=restart, norm=config.norm)
       for _ in range(config.num_steps):
         state = step(x, y, target, config, state)
       run_adv, run_fooled = (np.asarray(v)[:len(todo)] for v in outcome(x, y, eps, state))

@@ -235,7 +235,7 @@ def black_box_beats_white_box(cols: dict[str, np.ndarray], cell: dict[str, Any],
 
   def gradient_free(name: str) -> bool:
     spec = attacks.REGISTRY.get(name)
-    return spec is not None and spec.unit(spec.config_cls()) == "fwd"
+    return spec is not None and spec.unit(spec.config_cls()) == attacks.spec.FORWARD
 
   eps = cell["params"].get("eps")
   if not isinstance(eps, int | float) or gradient_free(cell["attack"]):
