@@ -7,6 +7,12 @@ owner (host, pid, a random token); while the unit runs, a thread touches it ever
 host or when it has not been touched for `stale_after_s` (an owner on another host that
 stopped). Taking over is itself guarded by an exclusive file named after the stale claim's
 token, so two processes never both take over one claim.
+
+A claim file that cannot be read as an owner (empty, not JSON, no host, pid and token), for
+instance one left by a process whose disk filled while it wrote, is not being written when it
+is older than `WRITE_GRACE_S` (the owner is written right after the file is created): no live
+process can own it, so it is named through `log` and taken over. A claim whose write fails is
+removed before the error propagates, so it leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,33 +24,53 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 DEFAULT_STALE_AFTER_S = 300.0
+# How long a claim file may stay unreadable while its creator writes the owner into it.
+WRITE_GRACE_S = 5.0
+_OWNER_KEYS = ("host", "pid", "token")
 
 
 def _create_exclusive(path: Path, body: dict) -> bool:
+  """Creates `path` holding `body`; False if it exists. A failed write removes the file."""
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
     return False
-  with os.fdopen(fd, "w") as f:
-    json.dump(body, f)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(json.dumps(body))
+      f.flush()
+      os.fsync(f.fileno())
+  except BaseException:
+    path.unlink(missing_ok=True)
+    raise
   return True
 
 
 def _read(path: Path) -> dict | None:
-  """A claim's owner, {} for a claim being written (empty or partial), None if gone."""
+  """A claim's owner; {} for a file that names no owner (being written, empty or garbage);
+  None if the file is gone."""
   try:
-    text = path.read_text()
+    text = path.read_bytes().decode("utf-8", errors="replace")
   except FileNotFoundError:
     return None
   try:
     body = json.loads(text)
   except json.JSONDecodeError:
     return {}
-  return body if isinstance(body, dict) else {}
+  if not isinstance(body, dict) or any(key not in body for key in _OWNER_KEYS):
+    return {}
+  return body
+
+
+def _age(path: Path) -> float | None:
+  try:
+    return time.time() - path.stat().st_mtime
+  except FileNotFoundError:
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -62,8 +88,10 @@ class Claims:
 
   def __init__(self, folder: str | os.PathLike, *,
                stale_after_s: float = DEFAULT_STALE_AFTER_S,
-               heartbeat_s: float | None = None):
+               heartbeat_s: float | None = None,
+               log: Callable[[str], None] | None = None):
     self.folder = Path(folder)
+    self.log = log or (lambda message: None)
     self.stale_after_s = stale_after_s
     self.heartbeat_s = heartbeat_s if heartbeat_s is not None else stale_after_s / 10
     self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
@@ -74,26 +102,36 @@ class Claims:
 
   def stale(self, path: Path, body: dict) -> bool:
     """Whether a claim's owner is gone: a dead process here, or no heartbeat for too long."""
+    age = _age(path)
+    if age is None:
+      return False
+    if not body:  # names no owner: stale once it cannot be a claim being written
+      return age > WRITE_GRACE_S
     if body.get("host") == self.owner["host"] and isinstance(body.get("pid"), int):
       if body.get("token") != self.owner["token"] and not _alive(body["pid"]):
         return True
-    try:
-      age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-      return False
     return age > self.stale_after_s
 
   def take(self, name: str) -> bool:
     """Claims unit `name`; False when a live process holds it."""
     self.folder.mkdir(parents=True, exist_ok=True)
     path = self.path(name)
-    for _ in range(3):
+    for attempt in range(3):
       if _create_exclusive(path, self.owner):
         return True
       body = _read(path)
       if body is None:  # released between our two steps: try again
         continue
-      return self.stale(path, body) and self._take_over(path, body)
+      if not body and not self.stale(path, body) and attempt < 2:
+        time.sleep(0.05)  # most likely being written this instant: read it again
+        continue
+      if not self.stale(path, body):
+        return False
+      taken = self._take_over(path, body)
+      if taken and not body:
+        self.log(f"claim {path} named no owner (empty or not a claim; no live process can "
+                 "hold it): taken over")
+      return taken
     return False
 
   def _take_over(self, path: Path, body: dict) -> bool:

@@ -480,7 +480,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     write_run_meta(out_dir, config, run_id)
   ran, elsewhere = _run_units(config, run_id, todo, models, out_dir,
                               claims_lib.Claims(out_dir / "claims",
-                                                stale_after_s=stale_after_s),
+                                                stale_after_s=stale_after_s, log=log),
                               progress, stop_after_units)
   if todo:
     log(f"{config.name}: ran {ran} unit{'' if ran == 1 else 's'} here" + (

@@ -404,6 +404,57 @@ def test_a_claim_not_refreshed_is_taken_over_and_a_fresh_one_is_not(tmp_path):
   assert not (tmp_path / "v.claim").exists()
 
 
+def _aged(path: Path, seconds: float) -> Path:
+  old = time.time() - seconds
+  os.utime(path, (old, old))
+  return path
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x9c\xff garbage", b'{"host": "h"}', b"[1, 2]",
+                                     b'{"host": "h", "pid": 1, "tok'],
+                         ids=["empty", "binary", "no-owner", "not-a-table", "cut-short"])
+def test_a_claim_that_names_no_owner_is_named_and_taken_over(tmp_path, content):
+  _aged(_write_to(tmp_path / "u.claim", content), 2 * claims.WRITE_GRACE_S)
+  said = []
+  a = claims.Claims(tmp_path, log=said.append)
+  assert a.take("u") and not claims.Claims(tmp_path).take("u")
+  assert json.loads((tmp_path / "u.claim").read_text()) == a.owner
+  assert len(said) == 1 and str(tmp_path / "u.claim") in said[0] and "no owner" in said[0]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["u.claim"]
+
+
+def test_a_claim_being_written_this_instant_is_not_taken_over(tmp_path):
+  _write_to(tmp_path / "u.claim", b"")  # created, owner not written yet
+  said = []
+  assert not claims.Claims(tmp_path, log=said.append).take("u")
+  assert not said and (tmp_path / "u.claim").read_bytes() == b""
+
+
+def test_a_claim_whose_write_fails_leaves_no_file(tmp_path, monkeypatch):
+  def full_disk(fd):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(claims.os, "fsync", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    claims.Claims(tmp_path).take("u")
+  assert not list(tmp_path.iterdir())
+
+
+@requires_data
+def test_a_sweep_takes_over_a_garbage_claim_and_says_so(tmp_path):
+  out = tmp_path / "run"
+  first, _ = _sweep(TINY, out)
+  part = sorted((out / "parts").glob("*.parquet"))[0]
+  part.unlink()
+  (out / "claims").mkdir(exist_ok=True)
+  claim = _aged(_write_to(out / "claims" / f"{part.name}.claim", b"\x00" * 7), 60)
+  again, messages = _sweep(TINY, out)
+  assert (again.units_run, again.units_done) == (1, first.units_total)
+  assert any(str(claim) in m and "taken over" in m for m in messages), messages
+  assert not any("claimed by other processes" in m for m in messages)
+  assert not list((out / "claims").iterdir())
+
+
 @requires_data
 def test_two_sweeps_into_one_folder_run_each_unit_once(tmp_path):
   import threading
