@@ -204,7 +204,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
   kinds = list(analyses.ANALYSES) if args.kind == ALL_ANALYSES else [args.kind]
   for kind in kinds:
     output = analyses.run(kind, run_dir, data_dir=args.data_dir, attack=args.attack,
-                          quick=args.quick)
+                          quick=args.quick, checkpoint_dir=args.checkpoint_dir)
     print(output.text())
     written = [p.name for p in output.figures]
     print(f"wrote {analyses.common.analysis_dir(run_dir)}/: {kind}.parquet, {kind}.md"
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the attack whose rows are analysed (default one_pixel)")
   p.add_argument("--quick", action="store_true", help="fewer images and a smaller grid")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  p.add_argument("--checkpoint-dir", default=None,
+                 help="the zoo checkpoints the run was made with (default: the folder its "
+                 "run.json records, else the shipped ones); rows of other weights are refused")
   p.set_defaults(func=_cmd_analyze)
   return parser
 

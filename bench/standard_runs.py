@@ -22,16 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advsweep.bench import results, standard, stats, tables
-from advsweep.models import datasets, defenses, files, zoo
+from advsweep.models import custom, datasets, defenses, files
 
 HEADER_START = ("model", "defense", "twin", "n", "clean")
-
-
-def _model(name: str, checkpoint_dir: str | None) -> Any:
-  """A zoo model, or `MODEL+DEFENSE` (an input transformation in front of it)."""
-  base, _, defense = name.partition("+")
-  model = zoo.load(base, checkpoint_dir)
-  return defenses.defend(model, defense) if defense else model
 
 
 def settings(name: str, model: Any, num_images: int, norm: str, version: str, quick: bool,
@@ -124,7 +117,7 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
   folder.mkdir(parents=True, exist_ok=True)
   kept: dict[str, tuple[dict[str, Any], pa.Table]] = {}
   for name in models:
-    model = _model(name, checkpoint_dir)
+    model = custom.resolve(name, checkpoint_dir)
     meta = settings(name, model, num_images, norm, version, quick, seed)
     previous = load(folder, name)
     if previous is not None and all(previous[0].get(k) == v for k, v in meta.items()):

@@ -266,14 +266,19 @@ def _part_paths(out_dir: Path) -> list[Path]:
   return sorted(p for p in (out_dir / "parts").glob("*.parquet") if not p.name.startswith("."))
 
 
-def write_run_meta(out_dir: Path, config: RunConfig, run_id: str) -> None:
-  """Writes `run.json` (the resolved config and its hash), unless it already names this run."""
+def write_run_meta(out_dir: Path, config: RunConfig, run_id: str,
+                   checkpoint_dir: str | None = None) -> None:
+  """Writes `run.json` (the resolved config and its hash, and the checkpoint folder the zoo
+  models came from where one was given, which the analyses load them from), unless it already
+  names this run."""
   meta = results.read_run_meta(out_dir)
   if meta is not None and meta.get("config_hash") == config.config_hash:
     return
   body = {"run_id": run_id, "name": config.name, "config_hash": config.config_hash,
           "config": json.loads(config.to_json()),
           "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
+  if checkpoint_dir is not None:
+    body["checkpoint_dir"] = str(Path(checkpoint_dir).resolve())
   files.atomic_write_text(out_dir / "run.json", json.dumps(body, indent=2, sort_keys=True)
                           + "\n")
 
@@ -318,13 +323,16 @@ def unit_problem(path: Path, unit: Unit, data: ModelData, run_id: str, seed: int
 
 
 @functools.cache
-def _model(name: str, checkpoint_dir: str | None) -> zoo.Model:
-  """One Model per process: jit caches key on its apply_fn, so reusing it reuses compiles."""
+def resolve_model(name: str, checkpoint_dir: str | None) -> zoo.Model:
+  """The model a config names (`models.custom.resolve`), one per process: jit caches key on
+  its apply_fn, so reusing it reuses compiles."""
   return custom.resolve(name, checkpoint_dir)
 
 
 @functools.cache
-def _dataset(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def dataset_split(name: str, split: str, data_dir: str | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """A dataset split's (uint8 images, labels), read-only, loaded once per process."""
   images, labels = datasets.load(name, split, data_dir)
   images.flags.writeable = False
   labels.flags.writeable = False
@@ -337,14 +345,14 @@ def load_models(config: RunConfig, data_dir: str | None,
   out = {}
   cells = config.cells()
   for name in config.models:
-    model = _model(name, checkpoint_dir)
+    model = resolve_model(name, checkpoint_dir)
     if getattr(model, "randomized", False):
       model = model.with_draws(evaluation_draws_key(config.seed))
     dataset = model.meta.get("dataset") or config.raw["dataset"]
     if not dataset:
       raise ConfigError(f"model {name} names no dataset; set dataset = \"FOLDER\" (or a "
                         "dataset name) in the config")
-    images_u8, labels = _dataset(dataset, config.split, data_dir)
+    images_u8, labels = dataset_split(dataset, config.split, data_dir)
     num_classes = _check_fit(name, model, images_u8, labels, cells)
     sel = selection.select(model.apply_fn, model.params, images_u8, labels,
                            config.thresholds, config.per_bin, config.pool, config.seed)
@@ -477,7 +485,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     log(f"{config.name}: estimated at most {format_duration(seconds)} of model work (each "
         "attack's full loop at the measured forward rate; early stops make it shorter)")
   if todo:
-    write_run_meta(out_dir, config, run_id)
+    write_run_meta(out_dir, config, run_id, checkpoint_dir)
   ran, elsewhere = _run_units(config, run_id, todo, models, out_dir,
                               claims_lib.Claims(out_dir / "claims",
                                                 stale_after_s=stale_after_s, log=log),

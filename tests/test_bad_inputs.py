@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.bench import claims, cli, config, results, sweep
+from advsweep.bench import analyses, claims, cli, config, results, sweep
 from advsweep.models import datasets, zoo
 from tests import attack_models
 from tests.conftest import DATA_DIR, requires_data
@@ -555,3 +555,79 @@ def test_only_run_joins_a_multi_process_job(capsys, cwd, monkeypatch):
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   fails(capsys, cwd, ["run", "ci"], "cannot join the multi-process job")
+
+
+# --- 9. Analyses recompute with the run's own model (issue 35). ---------------------------
+
+PIXEL_RUN = {"name": "px", "models": ["mnist_softmax"], "seed": 0, "batch_size": 8,
+             "images": {"per_bin": 4}, "bins": {"names": ["all"], "thresholds": []},
+             "attacks": {"one_pixel": {"population_size": 20, "num_generations": 3}}}
+
+
+@pytest.fixture(scope="module")
+def retrained_run(tmp_path_factory):
+  """A one-pixel run of mnist_softmax made from other weights (`--checkpoint-dir`)."""
+  if DATA_DIR is None:
+    pytest.skip("needs the datasets")
+  root = tmp_path_factory.mktemp("retrained")
+  shipped = zoo.load("mnist_softmax")
+  other = jax.tree.map(lambda a: a * 0.5, shipped.params)
+  from advsweep.models import checkpoints
+
+  checkpoints.save(root / "ckpt" / zoo.entry("mnist_softmax").checkpoint.name, other,
+                   {k: v for k, v in shipped.meta.items() if k != "sha256"})
+  sweep.run(config.resolve(PIXEL_RUN), root / "run", data_dir=str(DATA_DIR), progress=False,
+            estimate=False, checkpoint_dir=str(root / "ckpt"), log=lambda *_: None)
+  return root
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_analyze_uses_the_checkpoints_the_run_recorded(capsys, cwd, retrained_run):
+  run = _copy_run(retrained_run / "run", cwd / "run")
+  meta = json.loads((run / "run.json").read_text())
+  assert meta["checkpoint_dir"] == str((retrained_run / "ckpt").resolve())
+  assert cli.main(["analyze", "confidence_maps", str(run), "--quick"]) == 0
+  capsys.readouterr()
+  rows = results.read_run(run)
+  other = zoo.load("mnist_softmax", retrained_run / "ckpt").meta["sha256"]
+  assert set(rows.column("model_sha256").to_pylist()) == {other}
+
+
+def test_analyze_refuses_rows_of_other_weights_by_name(capsys, cwd, retrained_run):
+  run = _copy_run(retrained_run / "run", cwd / "run")
+  fails(capsys, cwd, ["analyze", "noise", str(run), "--checkpoint-dir",
+                      str(zoo.CHECKPOINT_DIR)],
+        "mnist_softmax rows were made with weights sha256", "--checkpoint-dir")
+  meta = json.loads((run / "run.json").read_text())
+  del meta["checkpoint_dir"]  # a run that did not record its folder: the shipped weights
+  (run / "run.json").write_text(json.dumps(meta))
+  for kind in ("noise", "locality", "propagation", "confidence_maps"):
+    fails(capsys, cwd, ["analyze", kind, str(run), "--quick"],
+          "made with weights sha256", "shipped zoo weights", "--checkpoint-dir")
+
+
+def test_analyze_names_an_unknown_attack_and_lists_the_runs(capsys, cwd, retrained_run):
+  run = _copy_run(retrained_run / "run", cwd / "run")
+  fails(capsys, cwd, ["analyze", "noise", str(run), "--attack", "pgdd"],
+        "unknown attack 'pgdd'", "the attacks of", "one_pixel")
+  fails(capsys, cwd, ["analyze", "class_pairs", str(run), "--attack", "pgd"],
+        "has no pgd rows", "its attacks: one_pixel", "--attack")
+
+
+@requires_data
+def test_analyses_of_a_defended_or_users_model_run(capsys, tmp_path):
+  defended = dict(PIXEL_RUN, name="defended", models=["mnist_softmax+jpeg:75"])
+  run = tmp_path / "run"
+  sweep.run(config.resolve(defended), run, data_dir=str(DATA_DIR), progress=False,
+            estimate=False, log=lambda *_: None)
+  output = analyses.run("noise", run, data_dir=str(DATA_DIR), quick=True)
+  cols = output.rows.to_pydict()
+  assert "accuracy" in cols["what"] and not any("latent" in m for m in cols["what"])
+  assert any("accuracy under noise only" in n for n in output.notes)
+  with pytest.raises(ValueError, match="propagation reads a model's layers, and "
+                     r"mnist_softmax\+jpeg:75 has none"):
+    analyses.run("propagation", run, data_dir=str(DATA_DIR), quick=True)

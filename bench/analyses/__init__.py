@@ -29,10 +29,21 @@ ANALYSES: dict[str, Callable[..., common.Output]] = {
 }
 
 
+# The analyses that run the run's models again: each model must be the one that made its rows.
+RECOMPUTE = frozenset({confidence_maps.KIND, locality.KIND, propagation.KIND, noise.KIND})
+
+
 def run(kind: str, run_dir: str | Path, **options: object) -> common.Output:
-  """Runs analysis `kind` on `run_dir` and writes its outputs there."""
+  """Runs analysis `kind` on `run_dir` and writes its outputs there.
+
+  Raises:
+    ResultsError: an analysis that runs the models again, on a run whose rows were made with
+      other weights than its models load now (`common.load_models`), before any work.
+  """
   if kind not in ANALYSES:
     raise ValueError(f"unknown analysis {kind!r}; valid choices: {', '.join(ANALYSES)}")
+  if kind in RECOMPUTE:
+    common.load_models(run_dir, options.get("attack"), options.get("checkpoint_dir"))
   output = ANALYSES[kind](run_dir, **options)
   common.write(output, run_dir)
   return output

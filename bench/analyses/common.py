@@ -84,14 +84,22 @@ def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table,
   Raises:
     ResultsError: no run there, or no rows of `attack`, naming the command that makes them.
   """
+  from advsweep import attacks
+
   table = results.read_run(run_dir)
   if attack is not None:
-    keep = np.asarray(table.column("attack").to_numpy(zero_copy_only=False) == attack)
+    names = table.column("attack").to_numpy(zero_copy_only=False)
+    keep = np.asarray(names == attack)
     table = table.filter(pa.array(keep))
     if table.num_rows == 0:
+      has = ", ".join(sorted(set(names.tolist()))) or "none"
+      if attack not in attacks.REGISTRY:
+        raise results.ResultsError(f"unknown attack {attack!r}; the attacks of {run_dir}: "
+                                   f"{has} (pass one with --attack)")
       raise results.ResultsError(
-          f"{run_dir} has no {attack} rows; run a config with an [attacks.{attack}] table "
-          "first (e.g. `advsweep reproduce su2019 --quick`)")
+          f"{run_dir} has no {attack} rows (its attacks: {has}); pass one of them with "
+          f"--attack, or run a config with an [attacks.{attack}] table first (e.g. "
+          "`advsweep reproduce su2019 --quick`)")
   return table, report.columns(table)
 
 
@@ -113,11 +121,51 @@ def read_changes(table: pa.Table) -> Changes:
                  table.column("changed_to").to_pylist())
 
 
-def load_model(name: str) -> Any:
-  """A run's model by the name in its rows (a zoo model or a user model the run named)."""
+def load_model(run_dir: str | Path, cols: dict, name: str,
+               checkpoint_dir: str | None = None) -> Any:
+  """The model that made a run's rows of `name`: a zoo model (from `checkpoint_dir`, else the
+  folder the run recorded, else the shipped weights), `MODEL+DEFENSE`, or a user's model.
+
+  Raises:
+    ResultsError: the rows were made with other weights (their `model_sha256` differs from
+      the model's): recomputing with these would report another model's numbers.
+  """
   from advsweep.bench import sweep
 
-  return sweep._model(name, None)
+  if checkpoint_dir is None:
+    checkpoint_dir = (results.read_run_meta(run_dir) or {}).get("checkpoint_dir")
+  model = sweep.resolve_model(name, checkpoint_dir)
+  made_with = set(np.asarray(cols["model_sha256"])[np.asarray(cols["model"]) == name].tolist())
+  have = model.meta.get("sha256")
+  if made_with and made_with != {have}:
+    where = f"the checkpoints in {checkpoint_dir}" if checkpoint_dir else (
+        "the shipped zoo weights" if name.partition("+")[0] in _zoo_names() else "its code")
+    raise results.ResultsError(
+        f"{run_dir}: the {name} rows were made with weights sha256 "
+        f"{', '.join(sorted(h[:12] for h in made_with))}..., but {name} loads from {where} "
+        f"with sha256 {str(have)[:12]}...; pass --checkpoint-dir with the folder the run "
+        "used")
+  return model
+
+
+def load_models(run_dir: str | Path, attack: str | None = None,
+                checkpoint_dir: str | None = None) -> dict[str, Any]:
+  """Every model of a run's rows (of `attack`, where given), each checked by `load_model`."""
+  _, cols = read_rows(run_dir, attack)
+  return {name: load_model(run_dir, cols, name, checkpoint_dir)
+          for name in dict.fromkeys(cols["model"].tolist())}
+
+
+def _zoo_names() -> set[str]:
+  from advsweep.models import zoo
+
+  return set(zoo.ZOO)
+
+
+def has_layers(model: Any) -> bool:
+  """Whether the model's layers can be read (`Model.intermediates`): a zoo model's Flax
+  module; not a user's `apply_fn` nor an input defense in front of a model."""
+  return model.module is not None
 
 
 def load_split(dataset: str, split: str, data_dir: str | None
@@ -125,7 +173,7 @@ def load_split(dataset: str, split: str, data_dir: str | None
   """([N, H, W, C] uint8 images, [N] labels) of a run's dataset split, read-only."""
   from advsweep.bench import sweep
 
-  return sweep._dataset(dataset, split, data_dir)
+  return sweep.dataset_split(dataset, split, data_dir)
 
 
 def load_images(dataset: str, split: str, data_dir: str | None) -> np.ndarray:

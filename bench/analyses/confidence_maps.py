@@ -45,7 +45,8 @@ def pick_images(cols: dict, model: str, count: int) -> list[tuple[int, bool, int
 
 
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
-            quick: bool = False, **_: object) -> common.Output:
+            checkpoint_dir: str | None = None, quick: bool = False,
+            **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
   changed = common.read_changes(table).index
   out = {k: [] for k in ("model", "example_idx", "y", "x", "min_true_prob", "flips",
@@ -55,7 +56,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     picked = pick_images(cols, model_name, QUICK_IMAGES if quick else IMAGES)
     if not picked:
       continue
-    model = common.load_model(model_name)
+    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
     rows_ = np.asarray([r for r, _, _ in picked])
     images = common.clean_images(cols, rows_, data_dir)
     h, w, c = images.shape[1:]

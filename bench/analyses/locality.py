@@ -32,7 +32,8 @@ def ring(y: int, x: int, d: int, h: int, w: int) -> np.ndarray:
 
 
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
-            quick: bool = False, seed: int = 0, **_: object) -> common.Output:
+            checkpoint_dir: str | None = None, quick: bool = False, seed: int = 0,
+            **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
   changes = common.read_changes(table)
   index, new = changes.index, changes.new
@@ -48,7 +49,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                                                    cols["config_hash"][keep], strict=True)):
     rows_ = np.flatnonzero(keep & (cols["model"] == model_name)
                            & (cols["config_hash"] == config_hash))
-    model = common.load_model(model_name)
+    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
     images = common.clean_images(cols, rows_, data_dir)
     h, w, c = images.shape[1:]
     tester = probe.PixelProbe(model, images)

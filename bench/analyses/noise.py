@@ -76,7 +76,8 @@ def _predict(model, images: np.ndarray) -> np.ndarray:
 
 
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
-            quick: bool = False, seed: int = 0, **_: object) -> common.Output:
+            checkpoint_dir: str | None = None, quick: bool = False, seed: int = 0,
+            **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
   changes = common.read_changes(table)
   index, new = changes.index, changes.new
@@ -96,12 +97,13 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
   measured: dict[str, dict] = {}
   curves: dict[str, list[float]] = {}
   samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+  no_layers: list[str] = []
   count = QUICK_NOISE_IMAGES if quick else NOISE_IMAGES
   sample_key, run_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
   for model_name in dict.fromkeys(cols["model"].tolist()):
     at = np.flatnonzero(cols["model"] == model_name)
     at = at[np.unique(cols["example_idx"][at], return_index=True)[1]]  # one row per image
-    model = common.load_model(model_name)
+    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
     clean = common.clean_images(cols, at, data_dir)
     labels = cols["label"][at]
     split_of = (str(cols["dataset"][at[0]]), str(cols["split"][at[0]]))
@@ -118,6 +120,12 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       right = right_at[exposure]
       add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(sample),
           common.fmt_rate(int(right.sum()), len(sample)))
+    if not common.has_layers(model):
+      no_layers.append(model_name)
+      figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
+      _figure(model_name, exposures, curves[model_name], None, labels, None, None, None,
+              figures[-1])
+      continue
     z_clean = latent(model, clean)
     scale = float(np.linalg.norm(z_clean, axis=-1).mean())
     mid = exposures[len(exposures) // 2]
@@ -168,6 +176,8 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
            "classify; one-pixel errors flip the class easily; with domain adaptation +23% "
            "accuracy on noisy data and ~2.3x the latent distance to one-pixel adversarial "
            "images."]
+  notes += [f"{m}: accuracy under noise only; the latent distances read a model's layers, "
+            "and a user's apply_fn or an input defense has none to read." for m in no_layers]
   return common.Output(KIND, common.table_from_columns(out), header, headline, figures, notes)
 
 
@@ -210,6 +220,12 @@ def _figure(model_name, exposures, curve, z_clean, labels, z_noisy, mid, z_adv, 
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
   _accuracy_axes(left, exposures, curve)
   left.set_title(f"{model_name}: Poisson noise", fontsize=9)
+  if z_clean is None:  # no layers to read
+    right.axis("off")
+    right.text(0.5, 0.5, "no layers to read\n(a user's apply_fn or an input defense)",
+               ha="center", va="center", fontsize=9)
+    common.save_figure(fig, path)
+    return
   mean, axes = pca_2d(z_clean)
   p = (z_clean - mean) @ axes
   scatter = right.scatter(p[:, 0], p[:, 1], c=labels, cmap="tab10", s=8, label="clean")

@@ -42,7 +42,8 @@ def layer_maps(model, clean: np.ndarray, adv: np.ndarray
 
 
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
-            quick: bool = False, **_: object) -> common.Output:
+            checkpoint_dir: str | None = None, quick: bool = False,
+            **_: object) -> common.Output:
   table, cols = common.read_rows(run_dir, attack)
   changes = common.read_changes(table)
   index, new = changes.index, changes.new
@@ -50,12 +51,20 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
   out = {k: [] for k in ("model", "example_idx", "layer", "depth", "changed_share",
                          "max_relative_difference")}
   header = ["model", "layer", "depth", "images", "positions changed", "max |diff| / clean max"]
-  headline, figures = [], []
+  headline, figures, skipped = [], [], []
+  models = common.load_models(run_dir, attack, checkpoint_dir)
+  if not any(common.has_layers(m) for m in models.values()):
+    raise ValueError(f"{run_dir}: propagation reads a model's layers, and "
+                     f"{', '.join(models)} has none to read (a user's apply_fn or an input "
+                     "defense in front of a model); analyse a run of a zoo model")
   for model_name in dict.fromkeys(cols["model"][keep].tolist()):
     rows_ = np.flatnonzero(keep & (cols["model"] == model_name))
     rows_ = rows_[np.unique(cols["example_idx"][rows_], return_index=True)[1]]
     rows_ = rows_[:QUICK_IMAGES if quick else IMAGES]
-    model = common.load_model(model_name)
+    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
+    if not common.has_layers(model):
+      skipped.append(model_name)
+      continue
     clean = common.clean_images(cols, rows_, data_dir)
     adv = np.stack([perturbations.apply_changes(x, index[r], new[r])
                     for x, r in zip(clean, rows_, strict=True)])
@@ -78,7 +87,9 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             figures[-1])
   if not figures:
     raise ValueError(f"{run_dir}: no successful {attack} rows with stored changes")
-  notes = ["Per layer: mean over the images (min-max). 'Positions changed': share of the "
+  notes = [f"Skipped (no layers to read: a user's apply_fn or an input defense): {m}."
+           for m in skipped]
+  notes += ["Per layer: mean over the images (min-max). 'Positions changed': share of the "
            f"layer's positions whose difference exceeds {CHANGED:g} of the clean maximum. "
            "Vargas and Su: the change reaches the last layer, spreads to most positions and "
            "reaches values close to the clean maps' maximum."]
