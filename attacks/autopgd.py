@@ -314,7 +314,7 @@ def _core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.
           key: jax.Array, config: Any) -> common.AttackResult:
   """Every run of `config` on every image, an image keeping its first success."""
   keys = common.per_image_keys(key, images.shape[0])
-  eps = jnp.asarray(config.eps, images.dtype)
+  eps = common.budget(config.eps, images.dtype)
   targeted = isinstance(config, APGDTConfig)
   ranked = (common.ranked_targets(apply_fn(params, images), config.num_target_classes)
             if targeted else labels[:, None])
@@ -486,7 +486,7 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
         lambda: _init(apply_fn, params, images, labels, labels,
                       common.per_image_keys(key, images.shape[0]), config.eps,
                       loss=_runs(config)[0].loss, norm=config.norm))
-    eps = jnp.asarray(config.eps, images.dtype)
+    eps = common.budget(config.eps, images.dtype)
     return step.lower(images, labels, labels, eps, eps, eps, state, 0, True, 1.0)
 
   return common.PreparedCall(functools.partial(_host, *args), lower)

@@ -33,10 +33,22 @@ def num_classes_of(apply_fn: Any, params: Any, images: Any) -> int:
     return _num_classes.__wrapped__(apply_fn, treedef, shapes, image)
 
 
+class NotLogitsError(ValueError):
+  """`apply_fn` returns something other than float logits [B, K] (class ids, a flat vector)."""
+
+
 @functools.lru_cache(maxsize=256)
 def _num_classes(apply_fn, treedef, shapes, image) -> int:
   abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(*s) for s in shapes])
-  return int(jax.eval_shape(apply_fn, abstract, jax.ShapeDtypeStruct(*image)).shape[-1])
+  out = jax.eval_shape(apply_fn, abstract, jax.ShapeDtypeStruct(*image))
+  shape, dtype = tuple(getattr(out, "shape", ())), getattr(out, "dtype", None)
+  if (len(shape) != 2 or shape[0] != image[0][0] or shape[1] < 2
+      or dtype is None or not jnp.issubdtype(dtype, jnp.floating)):
+    raise NotLogitsError(
+        f"logits [B, K] (float, K >= 2 classes) expected from apply_fn, got {dtype} "
+        f"{shape} for a batch of {image[0][0]}; return the logits, not class ids or scores "
+        "of another shape")
+  return int(shape[1])
 
 
 def check_inputs(apply_fn: Any, params: Any, images: Any, labels: Any, *, targets: Any = None,

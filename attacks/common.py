@@ -112,6 +112,13 @@ def is_concrete(*trees: Any) -> bool:
   return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
+def budget(eps: Any, dtype: Any) -> jax.Array:
+  """The perturbation budget a core enforces: `max(eps, 0)`. A concrete eps < 0 is refused by
+  each attack's `check_config`; a traced one cannot be checked, so it is enforced as 0 (no
+  perturbation) rather than read as `|eps|` by the projections."""
+  return jnp.maximum(jnp.asarray(eps, dtype), 0)
+
+
 def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
   """One PRNG key per image: a single key is split into `batch` keys; [B] keys pass through.
 

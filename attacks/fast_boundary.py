@@ -213,7 +213,7 @@ def _run(apply_fn, params, images, labels, target, keys, config: FABConfig, rest
          ) -> jax.Array:
   """One restart against `target` [B]: the closest adversarial point within eps, else the
   image ([B,H,W,C]). `keys` [B] are the image's keys for this target."""
-  eps = jnp.asarray(config.eps, images.dtype)
+  eps = common.budget(config.eps, images.dtype)
   start = images
   if restart:
     restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, restart))(keys)
@@ -297,7 +297,7 @@ def _host(apply_fn, params, images, labels, keys, config: FABConfig) -> common.A
   fooled = np.array(jnp.argmax(logits, -1) != labels)
   adv = np.asarray(images).copy()
   queries = np.ones(batch, np.int64)
-  eps = jnp.asarray(config.eps, images.dtype)
+  eps = common.budget(config.eps, images.dtype)
   step = common.bind(_host_step, apply_fn, params)
   outcome = common.bind(_host_outcome, apply_fn, params)
   for index in range(config.num_target_classes):
@@ -369,7 +369,7 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   step = common.bind(_host_step, apply_fn, params)
 
   def lower():
-    state = _start_state(images, keys, jnp.asarray(config.eps, images.dtype), 0,
+    state = _start_state(images, keys, common.budget(config.eps, images.dtype), 0,
                          norm=config.norm)
     return step.lower(images, labels, labels, config, state)
 

@@ -280,7 +280,7 @@ def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, 
   """Per restart r, the start `start(r)`, `repeat(step_once, adv)` of the projected step and
   the re-check; an image keeps its first successful restart. The one body of `pgd_core` (a
   `lax` loop) and `_host_loop` (a host loop over jitted steps)."""
-  eps = jnp.asarray(config.eps, images.dtype)
+  eps = common.budget(config.eps, images.dtype)
   step_size = jnp.asarray(config.step_size, images.dtype)
   detector = _detector(config, images.dtype)
   queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
@@ -317,7 +317,7 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   if not checks.is_concrete(params, images, labels, key, targets, config):
     return common.PreparedCall(functools.partial(pgd_core, *args, config, targets=targets))
   step = common.bind(_step, apply_fn, params, norm=config.norm)
-  eps = jnp.asarray(config.eps, images.dtype)
+  eps = common.budget(config.eps, images.dtype)
   lower_step = functools.partial(step.lower, images, images, labels, jnp.ones((), images.dtype),
                                  eps, jnp.asarray(config.step_size, images.dtype),
                                  _detector(config, images.dtype))

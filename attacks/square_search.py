@@ -307,7 +307,7 @@ def square_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels
   batch, height, width, _ = images.shape
   keys = jax.vmap(jax.random.split)(common.per_image_keys(key, batch))
   start_keys, search_keys = keys[:, 0], keys[:, 1]
-  eps = jnp.asarray(config.eps, images.dtype)
+  eps = common.budget(config.eps, images.dtype)
   p_init = jnp.asarray(config.p_init, jnp.float32)
   labels = labels.astype(jnp.int32)
   start_fn, propose = ((_linf_start, _linf_proposal) if config.norm == LINF

@@ -55,15 +55,27 @@ class Selection:
     return self.clean_pred == self.labels
 
 
+class NonFiniteLogitsError(ValueError):
+  """A model gives NaN or infinite logits on clean images."""
+
+
 def select(apply_fn: Any, params: Any, images_u8: np.ndarray, labels: np.ndarray,
            thresholds: list[float], per_bin: int, pool: int, seed: int) -> Selection:
   """Classifies the pool, bins it by clean confidence and draws up to `per_bin` per bin.
 
   Misclassified images stay in (their bin is still their top-1 confidence); they are flagged
   by `clean_correct` and excluded from success rates downstream, as the papers do.
+
+  Raises:
+    NonFiniteLogitsError: the model's logits are not finite on some pool image.
   """
   n = len(images_u8) if pool == 0 else min(pool, len(images_u8))
   logits = evaluation.predict_logits(apply_fn, params, images_u8[:n]).astype(np.float64)
+  broken = np.flatnonzero(~np.isfinite(logits).all(-1))
+  if len(broken):  # argmax of NaN is class 0: such a model would score as right on label 0
+    raise NonFiniteLogitsError(
+        f"non-finite logits (NaN or inf) on {len(broken)} of {n} images (first: image "
+        f"{broken[0]}); fix the model or its weights before attacking it")
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   clean_pred = probs.argmax(-1)

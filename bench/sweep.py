@@ -354,8 +354,11 @@ def load_models(config: RunConfig, data_dir: str | None,
                         "dataset name) in the config")
     images_u8, labels = dataset_split(dataset, config.split, data_dir)
     num_classes = _check_fit(name, model, images_u8, labels, cells)
-    sel = selection.select(model.apply_fn, model.params, images_u8, labels,
-                           config.thresholds, config.per_bin, config.pool, config.seed)
+    try:
+      sel = selection.select(model.apply_fn, model.params, images_u8, labels,
+                             config.thresholds, config.per_bin, config.pool, config.seed)
+    except selection.NonFiniteLogitsError as err:
+      raise ConfigError(f"model {name} gives {err}") from None
     out[name] = ModelData(model, images_u8, sel, dataset, num_classes)
   return out
 
@@ -366,6 +369,8 @@ def _check_fit(name: str, model: zoo.Model, images_u8: np.ndarray, labels: np.nd
   probe = np.zeros((1, *images_u8.shape[1:]), np.float32)
   try:
     num_classes = checks.num_classes_of(model.apply_fn, model.params, probe)
+  except checks.NotLogitsError as err:
+    raise ConfigError(f"model {name}: {err}") from None
   except Exception as err:  # noqa: BLE001  (a user's function can fail in any way)
     raise ConfigError(f"model {name} cannot take this data's images {probe.shape[1:]}: "
                       f"{type(err).__name__}: {err}") from None

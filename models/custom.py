@@ -79,7 +79,15 @@ def _function(reference: str) -> Callable[[], Any]:
   """The callable a reference names, imported (the user's own code runs here)."""
   registered = entry_points()
   if reference in registered:
-    return registered[reference].load()
+    entry = registered[reference]
+    try:
+      return entry.load()
+    except Exception as err:  # noqa: BLE001  (an installed package can fail in any way)
+      raise ModelReferenceError(
+          f"model {reference!r}: its entry point {entry.value} (package "
+          f"{entry.dist.name if entry.dist else '?'}) cannot be loaded "
+          f"({type(err).__name__}: {_first_line(err)}); reinstall that package or remove "
+          "it") from None
   module_name, sep, attribute = reference.partition(":")
   if not sep or not module_name or not attribute:
     raise ModelReferenceError(
@@ -91,11 +99,27 @@ def _function(reference: str) -> Callable[[], Any]:
   except ImportError as err:
     raise ModelReferenceError(f"model {reference!r}: cannot import {module_name} ({err}); "
                               "install the package or add its folder to PYTHONPATH") from None
+  except Exception as err:  # noqa: BLE001  (the user's module runs here and can raise anything)
+    raise ModelReferenceError(
+        f"model {reference!r}: importing {module_name} raised {type(err).__name__}: "
+        f"{_first_line(err)} ({_where(err)}); fix the module") from None
   function = getattr(module, attribute, None)
   if not callable(function):
     raise ModelReferenceError(f"model {reference!r}: {module_name} has no function "
                               f"{attribute!r}")
   return function
+
+
+def _first_line(err: BaseException) -> str:
+  return " ".join(str(err).split()) or "no message"
+
+
+def _where(err: BaseException) -> str:
+  """The innermost frame of an exception's traceback, as `file:line`."""
+  tb = err.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
 
 
 def split_defense(reference: str) -> tuple[str, str | None]:
@@ -129,7 +153,13 @@ def resolve(reference: str, checkpoint_dir: str | Path | None = None) -> zoo.Mod
     return dataclasses.replace(defended, name=reference)
   if reference in zoo.ZOO:
     return zoo.load(reference, checkpoint_dir)
-  built = _function(reference)()
+  function = _function(reference)
+  try:
+    built = function()
+  except Exception as err:  # noqa: BLE001  (the user's function can raise anything)
+    raise ModelReferenceError(
+        f"model {reference!r}: {getattr(function, '__name__', 'the function')}() raised "
+        f"{type(err).__name__}: {_first_line(err)} ({_where(err)}); fix the function") from None
   if not isinstance(built, zoo.Model):
     raise ModelReferenceError(f"model {reference!r} returned {type(built).__name__}, not an "
                               "advsweep Model; build one with advsweep.models.custom.model(...)")

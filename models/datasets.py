@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,19 +276,58 @@ def _load_folder(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
            for png in sorted((root / name).glob("*.png"))]
   if not files:
     raise DatasetNotFoundError(f"{root}: no class folders of .png images (and no .npz)")
-  from PIL import Image  # noqa: PLC0415  (only for PNG folders)
-
-  def pixels(png: Path) -> np.ndarray:
-    with Image.open(png) as image:  # palette, alpha, 16-bit: to 8-bit greyscale or RGB
-      return np.asarray(image if image.mode in ("L", "RGB") else image.convert(
-          "L" if image.mode in ("1", "I", "I;16", "F") else "RGB"))
-
-  images = [pixels(png) for _, png in files]
+  images = [_png_pixels(png) for _, png in files]
+  if any(image.ndim == 3 for image in images):  # a colour image: the folder is colour
+    images = [image if image.ndim == 3 else np.repeat(image[..., None], 3, -1)
+              for image in images]
   shapes = {image.shape for image in images}
   if len(shapes) != 1:
     raise CorruptDataError(f"{root}: the images have different shapes {sorted(shapes)}; "
                            "resize them to one size")
   return np.stack(images), np.asarray([label for label, _ in files], np.int32)
+
+
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _png_pixels(png: Path) -> np.ndarray:
+  """One PNG's pixels as uint8: [H, W] for a greyscale image, [H, W, 3] for a colour one.
+
+  Greyscale modes stay one channel (bilevel, 8-bit, with alpha, 16-bit, and palette images
+  whose palette is grey); 16-bit values are scaled to 8 bits (`round(v * 255 / 65535)`), not
+  clipped; alpha is dropped, not composited. A folder mixing grey and colour images is read
+  as colour (`_load_folder`).
+
+  Raises:
+    CorruptDataError: the file is no readable image (truncated, not a PNG) or holds floats.
+  """
+  from PIL import Image  # noqa: PLC0415  (only for PNG folders)
+
+  try:
+    with Image.open(png) as image:
+      image.load()
+      mode = image.mode
+      if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+          raise CorruptDataError(f"{png}: {mode} pixel values outside 0..65535; save it as "
+                                 "an 8- or 16-bit PNG")
+        return ((values * 255 + 32767) // 65535).astype(np.uint8)
+      if mode == "F":
+        raise CorruptDataError(f"{png}: floating-point pixels (mode F); save it as an 8- or "
+                               "16-bit PNG")
+      if mode in ("1", "L", "LA"):
+        return np.asarray(image.convert("L"))
+      rgb = np.asarray(image.convert("RGB"))
+      if mode in ("P", "PA") and np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(
+          rgb[..., 0], rgb[..., 2]):
+        return rgb[..., 0].copy()  # a grey palette
+      return rgb
+  except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
+    if isinstance(err, CorruptDataError):
+      raise
+    raise CorruptDataError(f"{png}: cannot be read as an image ({' '.join(str(err).split())});"
+                           " replace or remove it") from err
 
 
 def _checked_any(where: str, split: str, images: np.ndarray, labels: np.ndarray
@@ -299,6 +339,9 @@ def _checked_any(where: str, split: str, images: np.ndarray, labels: np.ndarray
   if images.ndim != 4 or images.dtype != np.uint8:
     raise CorruptDataError(f"{where}/{split}: images must be uint8 [N,H,W] or [N,H,W,C]; got "
                            f"{images.dtype} {images.shape}")
+  if len(images) == 0:
+    raise CorruptDataError(f"{where}/{split}: holds no images (shape {images.shape}); add "
+                           "images, or name the split that has them with split = ...")
   labels = np.asarray(labels).reshape(-1)
   if not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
     raise CorruptDataError(f"{where}/{split}: need one integer label per image; got "
@@ -316,6 +359,9 @@ def _checked(ds: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray
     images = images[..., None]
   if images.dtype != np.uint8:
     raise CorruptDataError(f"{ds.name}/{split}: images have dtype {images.dtype}, want uint8")
+  if len(images) == 0:
+    raise CorruptDataError(f"{ds.name}/{split}: holds no images; replace the file with the "
+                           "original")
   if images.shape[1:] != ds.shape:
     raise CorruptDataError(
         f"{ds.name}/{split}: images have shape {images.shape[1:]}, want {ds.shape}")
@@ -356,7 +402,7 @@ def _load_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
       if missing:
         raise CorruptDataError(f"{path}: missing arrays {missing}; it has {data.files}")
       return data[x_key], data[y_key]
-  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
     if isinstance(err, CorruptDataError):
       raise
     raise CorruptDataError(
@@ -383,7 +429,7 @@ def _read_verified_idx(dataset: str, path: Path) -> bytes:
     return gzip.decompress(raw)
   try:
     stream = gzip.decompress(raw)
-  except (OSError, EOFError) as err:
+  except (OSError, EOFError, zlib.error) as err:  # zlib.error: corrupt mid-stream
     raise CorruptDataError(
         f"{path}: not a valid gzip file ({err}); its sha256 does not match the published "
         f"{dataset} checksum either. Replace it with the original file.") from err

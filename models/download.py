@@ -21,6 +21,7 @@ import os
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _members(data: bytes, md5s: dict[str, str]) -> dict[str, bytes] | None:
         if hashlib.md5(body).hexdigest() != md5:
           return None
         out[name] = body
-  except (tarfile.TarError, EOFError, OSError):
+  except (tarfile.TarError, EOFError, OSError, zlib.error):  # zlib: corrupt mid-stream
     return None
   return out
 

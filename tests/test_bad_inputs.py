@@ -242,6 +242,46 @@ def test_a_model_that_returns_nan_gives_finite_images_and_no_success(name):
   assert not np.asarray(result.finite).any() and not np.asarray(result.success).any()
 
 
+EPS_BOUNDED = [name for name, config in SMALL.items() if hasattr(config, "eps")]
+
+
+@pytest.mark.parametrize("name", EPS_BOUNDED)
+def test_a_traced_negative_eps_is_enforced_as_zero(name):
+  """Under jit the value checks cannot run: eps < 0 must not become a budget of |eps|."""
+  spec = attacks.REGISTRY[name]
+  images = attack_models.random_images(2, 4, 4, 1)
+  labels = APPLY(PARAMS, images).argmax(-1)  # correct: a success would need a perturbation
+  with pytest.raises(ValueError, match="eps must be >= 0"):
+    spec.run(APPLY, PARAMS, images, labels, jax.random.key(0),
+             SMALL[name].replace(eps=-0.1))
+
+  @jax.jit
+  def attack(eps):
+    return spec.core(APPLY, PARAMS, images, labels, jax.random.key(0),
+                     SMALL[name].replace(eps=eps))
+
+  result = attack(jnp.float32(-0.1))
+  np.testing.assert_array_equal(np.asarray(result.adv_images), np.asarray(images))
+  assert not np.asarray(result.success).any()
+  assert np.asarray(attack(jnp.float32(0.1)).linf).max() > 0  # the same program perturbs
+
+
+@pytest.mark.parametrize("returns,phrase", [
+    (lambda logits: logits.argmax(-1), "int32 (1,)"),
+    (lambda logits: logits[:, :1], "float32 (1, 1)"),
+    (lambda logits: logits.reshape(-1), "float32 (4,)"),
+    (lambda logits: (logits > 0).astype(jnp.int32), "int32 (1, 4)"),
+], ids=["class-ids", "one-column", "flat", "integer-scores"])
+def test_an_apply_fn_that_returns_no_logits_is_named(returns, phrase):
+  def model(params, images):
+    return returns(APPLY(params, images))
+
+  images = attack_models.random_images(2, 4, 4, 1)
+  with pytest.raises(ValueError, match=r"logits \[B, K\] .* expected from apply_fn, got "
+                     + re.escape(phrase)):
+    attacks.fgsm(model, PARAMS, images, jnp.asarray([0, 1]), jax.random.key(0))
+
+
 # --- 4. Resume verifies what it skips. -------------------------------------------------
 
 TINY = config.resolve({
@@ -631,3 +671,191 @@ def test_analyses_of_a_defended_or_users_model_run(capsys, tmp_path):
   with pytest.raises(ValueError, match="propagation reads a model's layers, and "
                      r"mnist_softmax\+jpeg:75 has none"):
     analyses.run("propagation", run, data_dir=str(DATA_DIR), quick=True)
+
+
+# --- 10. A user's data and models: the right result or one line (issue 35). ---------------
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None, palette=None) -> Path:
+  from PIL import Image
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+  if palette is not None:
+    image.putpalette(palette)
+  image.save(path)
+  return path
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
+  values = np.array([[0, 257, 32768, 65535]], np.uint16)
+  _png(tmp_path / "0" / "a.png", values)
+  images, _ = datasets.load_other(str(tmp_path), "test")
+  assert images.shape == (1, 1, 4, 1)
+  np.testing.assert_array_equal(images[0, 0, :, 0], [0, 1, 128, 255])
+
+
+@pytest.mark.parametrize("mode,channels", [("LA", 1), ("grey-palette", 1), ("palette", 3),
+                                           ("RGBA", 3), ("1", 1)])
+def test_png_modes_keep_the_channels_they_hold(tmp_path, mode, channels):
+  grey = np.array([[0, 100], [200, 255]], np.uint8)
+  if mode == "LA":
+    _png(tmp_path / "0" / "a.png", np.stack([grey, np.full_like(grey, 9)], -1), "LA")
+  elif mode in ("grey-palette", "palette"):
+    colours = [(v, v, v) for v in range(256)] if mode == "grey-palette" else [
+        (v, 255 - v, v // 2) for v in range(256)]
+    _png(tmp_path / "0" / "a.png", grey, "P", [c for rgb in colours for c in rgb])
+  elif mode == "RGBA":
+    _png(tmp_path / "0" / "a.png", np.stack([grey, grey, 255 - grey, np.zeros_like(grey)], -1))
+  else:
+    _png(tmp_path / "0" / "a.png", grey > 99)
+  images, _ = datasets.load_other(str(tmp_path), "test")
+  assert images.shape == (1, 2, 2, channels)
+  if mode in ("LA", "grey-palette"):
+    np.testing.assert_array_equal(images[0, ..., 0], grey)
+  if mode == "RGBA":  # alpha dropped, not composited over black
+    np.testing.assert_array_equal(images[0], np.stack([grey, grey, 255 - grey], -1))
+  if mode == "1":
+    np.testing.assert_array_equal(images[0, ..., 0], np.where(grey > 99, 255, 0))
+
+
+def test_a_folder_mixing_grey_and_colour_reads_as_colour(tmp_path):
+  grey = np.array([[10, 20]], np.uint8)
+  _png(tmp_path / "0" / "a.png", grey)
+  _png(tmp_path / "1" / "b.png", np.stack([grey, grey + 1, grey + 2], -1))
+  images, labels = datasets.load_other(str(tmp_path), "test")
+  assert images.shape == (2, 1, 2, 3) and labels.tolist() == [0, 1]
+  np.testing.assert_array_equal(images[0], np.repeat(grey[..., None], 3, -1))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-a-png", "empty"])
+def test_a_broken_png_is_named(capsys, cwd, damage):
+  good = _png(cwd / "data" / "0" / "a.png", np.zeros((4, 4), np.uint8))
+  bad = cwd / "data" / "1" / "b.png"
+  bad.parent.mkdir()
+  shutil.copy(good, bad)
+  body = bad.read_bytes()
+  bad.write_bytes({"truncated": body[:len(body) // 2], "not-a-png": b"GIF89a" + body[6:],
+                   "empty": b""}[damage])
+  with pytest.raises(datasets.CorruptDataError, match=re.escape(str(bad)) + ": cannot be "
+                     "read as an image .*replace or remove it"):
+    datasets.load_other(str(cwd / "data"), "test")
+
+
+def test_an_npz_without_images_is_named(tmp_path):
+  np.savez(tmp_path / "mine.npz", x_test=np.zeros((0, 8, 8), np.uint8),
+           y_test=np.zeros((0,), np.int64))
+  with pytest.raises(datasets.CorruptDataError, match="mine.npz/test: holds no images"):
+    datasets.load_other(str(tmp_path / "mine.npz"), "test")
+
+
+@requires_data
+@pytest.mark.parametrize("where", ["data-dir", "cache"])
+def test_a_gz_corrupt_mid_stream_is_one_line(capsys, cwd, monkeypatch, where):
+  folder = cwd / where / "mnist-raw"
+  shutil.copytree(DATA_DIR / "mnist-raw", folder)
+  target = folder / "t10k-images-idx3-ubyte.gz"
+  body = bytearray(target.read_bytes())
+  body[len(body) // 2: len(body) // 2 + 64] = bytes(range(64))  # the header stays intact
+  target.write_bytes(bytes(body))
+  monkeypatch.setenv("ADVSWEEP_DOWNLOAD", "0")
+  if where == "cache":
+    monkeypatch.setenv("ADVSWEEP_CACHE_DIR", str(cwd / where))
+    monkeypatch.delenv("ADVSWEEP_DATA_DIR", raising=False)
+    argv = ["attack", "mnist_softmax", "fgsm", "-n", "2"]
+  else:
+    argv = ["attack", "mnist_softmax", "fgsm", "-n", "2", "--data-dir", str(cwd / where)]
+  fails(capsys, cwd, argv, str(target), "not a valid gzip file", "replace it")
+
+
+USER_MODULE = """
+import jax.numpy as jnp
+from advsweep.models import custom, zoo
+
+def _base():
+  return zoo.load("mnist_softmax")
+
+def nan_logits():
+  m = _base()
+  return custom.model("usernets:nan_logits", lambda p, x: m.apply_fn(p, x) * jnp.nan, m.params,
+                      dataset="mnist")
+
+def some_inf():
+  m = _base()
+  def apply(p, x):
+    logits = m.apply_fn(p, x)
+    return jnp.where(x.mean((1, 2, 3))[:, None] > 0.15, jnp.inf, logits)
+  return custom.model("usernets:some_inf", apply, m.params, dataset="mnist")
+
+def class_ids():
+  m = _base()
+  return custom.model("usernets:class_ids", lambda p, x: m.apply_fn(p, x).argmax(-1),
+                      m.params, dataset="mnist")
+
+def raises():
+  return {}["weights"]
+"""
+
+
+@pytest.fixture
+def user_module(cwd, monkeypatch):
+  (cwd / "usernets.py").write_text(USER_MODULE)
+  monkeypatch.syspath_prepend(str(cwd))
+  yield cwd
+  sys.modules.pop("usernets", None)
+  sys.modules.pop("brokennets", None)
+
+
+def _run_config(cwd: Path, model: str) -> str:
+  path = cwd / f"{model.partition(':')[2] or 'cfg'}.toml"
+  path.write_text(f'name = "u"\nmodels = ["{model}"]\n[images]\nper_bin = 2\npool = 64\n'
+                  '[bins]\nnames = ["all"]\nthresholds = []\n[attacks.fgsm]\neps = 0.1\n')
+  return str(path)
+
+
+@requires_data
+@pytest.mark.parametrize("model,phrases", [
+    ("usernets:nan_logits", ["model usernets:nan_logits gives non-finite logits",
+                             "on 64 of 64 images", "fix the model"]),
+    ("usernets:some_inf", ["model usernets:some_inf gives non-finite logits", "of 64 images",
+                           "(first: image"]),
+    ("usernets:class_ids", ["model usernets:class_ids: logits [B, K]", "got int32 (1,)",
+                            "not class ids"]),
+    ("usernets:raises", ["raises() raised KeyError: 'weights'", "usernets.py:", "fix the "
+                         "function"]),
+])
+def test_a_users_model_that_cannot_be_scored_is_refused(capsys, user_module, model, phrases):
+  config_path = _run_config(user_module, model)
+  fails(capsys, user_module, ["run", config_path, "--out", "runs/u", "--no-progress"],
+        *phrases)
+
+
+@pytest.mark.parametrize("body,kind", [("1 / 0", "ZeroDivisionError"),
+                                       ("raise RuntimeError('no GPU here')", "RuntimeError"),
+                                       ("def broken(:", "SyntaxError"),
+                                       ("import tensorflow_not_there", "cannot import")])
+def test_a_users_module_that_fails_on_import_is_one_line(capsys, user_module, body, kind):
+  (user_module / "brokennets.py").write_text(f"{body}\n")
+  config_path = _run_config(user_module, "brokennets:net")
+  fails(capsys, user_module, ["run", config_path, "--out", "runs/u"], "brokennets", kind)
+
+
+def test_an_entry_point_whose_module_is_missing_is_one_line(capsys, cwd, monkeypatch):
+  from importlib.metadata import EntryPoint
+
+  from advsweep.models import custom
+
+  ghost = EntryPoint(name="ghost", value="no_such_pkg.nets:net", group="advsweep.models")
+  monkeypatch.setattr(custom, "entry_points", lambda: {"ghost": ghost})
+  fails(capsys, cwd, ["run", _run_config(cwd, "ghost"), "--out", "runs/g"], "model 'ghost'",
+        "no_such_pkg.nets:net", "ModuleNotFoundError", "reinstall")
+
+
+def test_eot_needs_at_least_one_sample():
+  from advsweep.models import defenses
+
+  defended = defenses.defend(zoo.load("mnist_softmax"), "randomize:90")
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="EOT samples must be an integer >= 1"):
+      defended.eot_apply_fn(bad)
+    with pytest.raises(ValueError, match="EOT samples must be an integer >= 1"):
+      defended.attack_apply_fn(eot_samples=bad)
