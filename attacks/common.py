@@ -69,7 +69,7 @@ class AttackResult:
     finite: [B] the model's output on `adv_images` is finite.
     evaluation: how the attack evaluated the model: "full" (the plain forward pass) or
       "pixel_local" (an evaluator that propagates a pixel change only where it reaches,
-      `models.locality`). Static: the same for every image of a call.
+      `attacks.pixel_local`). Static: the same for every image of a call.
   """
 
   adv_images: jax.Array

@@ -19,11 +19,12 @@ model evaluations. Every random draw for image i comes from image i's key folded
 generation, so the result does not depend on slot assignment: the scheduler equals the core
 image by image.
 
-Given an `evaluator` (a zoo model's `pixel_evaluator`, see `models.locality`) and k = 1, a
-candidate's logits come from pixel-local evaluation: the pixel's change is propagated
+With k = 1 a candidate's logits come from pixel-local evaluation by default
+(`attacks.pixel_local`, derived from `apply_fn` itself): the pixel's change is propagated
 through the early layers only on the windows it reaches and spliced into the clean
-activations. Exact up to float rounding, and faster than the full forward pass;
-`AttackResult.evaluation` says which ran.
+activations. Exact up to float rounding, and faster than the full forward pass. A model with
+no local first layer runs the full pass, with a one-time warning that names the reason;
+`evaluator="full"` asks for the full pass; `AttackResult.evaluation` says which ran.
 
 References: Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, IEEE
 TEVC 2019 (70.97% of natural images perturbed to at least one target class, 97.47% mean
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,7 +45,7 @@ import numpy as np
 from evosax.algorithms import DifferentialEvolution
 from flax import struct
 
-from advsweep.attacks import checks, common, schedulers, spec
+from advsweep.attacks import checks, common, pixel_local, schedulers, spec
 
 AT_LEAST_ONE_TARGET = "at_least_one_target"
 ONE_PIXEL_TARGET_MODES = (*common.TARGET_MODES, AT_LEAST_ONE_TARGET)
@@ -76,10 +78,10 @@ class OnePixelConfig:
       at any size, a larger value packs whole populations into each call (`chunk_rows`);
       the last call of a generation is then padded where fewer slots are active, and
       `AttackResult.evaluated` counts that padding.
-    splice: evaluate candidates pixel-locally when the attack is given an `evaluator` (a
-      model's `pixel_evaluator`, see `models.locality`) and k = 1: the early layers
-      are computed only on the windows the changed pixel reaches. Exact up to float
-      rounding; False always runs the full forward pass. It does not change results, so
+    splice: evaluate candidates pixel-locally where k = 1 and the model allows it
+      (`attacks.pixel_local`): the early layers are computed only on the windows the
+      changed pixel reaches. Exact up to float rounding; False always runs the full
+      forward pass. It does not change results, so
       it is not part of a sweep cell's identity (`common.SAME_RESULTS`).
   """
 
@@ -409,6 +411,42 @@ def check_config(config: OnePixelConfig) -> None:
                         strict=True)
 
 
+FULL = common.FULL_EVALUATION  # `evaluator=FULL`: the full forward pass for every candidate
+_WARNED: set[Any] = set()
+
+
+def resolve_evaluator(apply_fn: common.ApplyFn, params: Any, image_shape: tuple[int, ...],
+                      config: OnePixelConfig, evaluator: Any) -> Any:
+  """The evaluator a call runs with: None (the full pass) for `evaluator="full"`, k > 1 or
+  `splice=False`; the given one; else the pixel-local evaluator derived from `apply_fn`
+  (`pixel_local.splicer_for`), or None with a one-time warning where it cannot pay."""
+  if evaluator == FULL or not config.splice or config.num_pixels != 1:
+    return None
+  if evaluator is not None:
+    return evaluator
+  splicer = pixel_local.splicer_for(apply_fn)
+  try:
+    reason = splicer.full_reason(params, image_shape)
+  except Exception as err:  # noqa: BLE001  (a user's function may not trace as analysed)
+    reason = f"its computation could not be analysed ({type(err).__name__}: {err})"
+  if reason is None:
+    return splicer
+  _warn_once((_name(apply_fn), tuple(image_shape)),
+             f"one_pixel: {_name(apply_fn)} runs the full forward pass for every candidate: "
+             f"{reason}. Pass evaluator='full' to say so and silence this warning.")
+  return None
+
+
+def _name(apply_fn: Any) -> str:
+  return getattr(apply_fn, "__name__", None) or type(apply_fn).__name__
+
+
+def _warn_once(key: Any, message: str) -> None:
+  if key not in _WARNED:
+    _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def prepare_one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
                       labels: jax.Array, key: jax.Array, config: OnePixelConfig | None = None,
                       *, targets: jax.Array | None = None, evaluator: Any = None
@@ -422,7 +460,7 @@ def prepare_one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
   targets = None if targets is None else jnp.asarray(targets, jnp.int32)
-  evaluator = evaluator if config.splice else None
+  evaluator = resolve_evaluator(apply_fn, params, images.shape[1:], config, evaluator)
   if not checks.is_concrete(params, images, labels, key, targets, config):
     return common.PreparedCall(functools.partial(
         one_pixel_core, apply_fn, params, images, labels, key, config, targets=targets,
@@ -445,8 +483,11 @@ def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
     config: `OnePixelConfig`; None is the paper's setting (k=1, population 400, 100
       generations, F=0.5, untargeted).
     targets: [B] classes for `target="explicit"`.
-    evaluator: a pixel-local evaluator of this model (`models.Model.pixel_evaluator`), or
-      None for the full forward pass; `AttackResult.evaluation` says which ran.
+    evaluator: how candidates are evaluated: None (the default) derives the exact
+      pixel-local evaluator from `apply_fn` (`attacks.pixel_local`) where k = 1, and falls
+      back to the full forward pass with a one-time warning where the model has no local
+      first layer; "full" forces the full pass; or a `PixelSplicer` to use.
+      `AttackResult.evaluation` says which ran.
 
   Returns:
     `AttackResult`; `queries` counts model evaluations per image (population_size per

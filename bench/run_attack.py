@@ -85,7 +85,7 @@ def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed
   clean_pred = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1))
   prepared = attacks.REGISTRY[attack_name].prepared(
       model.apply_fn, model.params, images, labels, key, attack_config,
-      evaluator=model.pixel_evaluator)
+      evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
   start = time.perf_counter()
   if prepared.lowered is not None:  # compile time of the attack's largest jitted piece,
     prepared.lower().compile()  # measured apart (the run below compiles it again)

@@ -181,7 +181,7 @@ class Runner:
     params = self.attack_params(data)
     start = time.perf_counter()
     result = spec.run(apply_fn, params, images, labels, keys, config, targets=targets,
-                      evaluator=model.pixel_evaluator)
+                      evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
     if defended and model.randomized:  # success as the defense's own draws decide it
       result = attacks.common.finalize(model.apply_fn, self.params(data), images,
                                        result.adv_images, labels, result.target,

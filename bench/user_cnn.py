@@ -4,7 +4,7 @@ user's-model path (`advsweep perf --peers --models advsweep.bench.user_models:ci
 Nothing in it is advsweep's: a Flax module of its own design (GELU, average and max pools, a
 global mean head), trained by a plain optax loop, its weights saved with flax's msgpack
 serialisation. advsweep sees only `apply_fn(params, images)` and the params, so the attacks'
-pixel-local evaluation must be derived from the function (`models.locality`), and the
+pixel-local evaluation must be derived from the function (`attacks.pixel_local`), and the
 figures measure what a user with their own model gets.
 
 Train (about 10 minutes on a 2-core CPU; the weights land in `results/perf/`):

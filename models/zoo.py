@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from advsweep.models import architectures, checkpoints, datasets, locality
+from advsweep.attacks import pixel_local
+from advsweep.models import architectures, checkpoints, datasets
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 
@@ -270,12 +271,12 @@ class Model:
     return load(twin)
 
   @functools.cached_property
-  def pixel_evaluator(self) -> locality.PixelSplicer | None:
+  def pixel_evaluator(self) -> pixel_local.PixelSplicer | None:
     """The exact pixel-local evaluator of this model, derived from its computation
-    (`models.locality`; a zoo model's or a user's): pass it to the one-pixel attack as
+    (`attacks.pixel_local`; a zoo model's or a user's): pass it to the one-pixel attack as
     `evaluator=`. Where no early layer is local (a dense first layer) its plan is the full
     forward pass, and the attack's rows say `evaluation = full`."""
-    return locality.PixelSplicer(self.apply_fn)
+    return pixel_local.splicer_for(self.apply_fn)
 
   def intermediates(self, params: Any, images: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:

@@ -148,9 +148,9 @@ def test_schedulers_equal_the_core_run_on_each_image_alone(name, slots):
                                 atol=1e-6)
 
 
-def test_the_evaluator_is_an_argument_and_a_wrapper_keeps_the_full_pass():
-  """Pixel-local evaluation runs only when the evaluator is passed; a lambda around the
-  model is a plain model, and the result says which evaluation ran."""
+def test_a_wrapper_is_evaluated_pixel_locally_too_and_full_is_asked_by_name():
+  """The evaluator is derived from whatever function is given (a lambda around the model
+  included); evaluator="full" runs the full pass; the result says which evaluation ran."""
   from advsweep.models import zoo
 
   model = zoo.load("mnist_lenet")
@@ -162,9 +162,12 @@ def test_the_evaluator_is_an_argument_and_a_wrapper_keeps_the_full_pass():
                             evaluator=model.pixel_evaluator)
   wrapped = attacks.one_pixel(lambda p, x: model.apply_fn(p, x), model.params, images, labels,
                               key, config)
-  assert local.evaluation == attacks.PIXEL_LOCAL_EVALUATION
-  assert wrapped.evaluation == attacks.FULL_EVALUATION
-  np.testing.assert_array_equal(local.queries, wrapped.queries)
+  full = attacks.one_pixel(model.apply_fn, model.params, images, labels, key, config,
+                           evaluator="full")
+  assert local.evaluation == wrapped.evaluation == attacks.PIXEL_LOCAL_EVALUATION
+  assert full.evaluation == attacks.FULL_EVALUATION
+  np.testing.assert_array_equal(local.queries, full.queries)
+  np.testing.assert_allclose(local.adv_images, full.adv_images, atol=1e-6)
   np.testing.assert_allclose(local.adv_images, wrapped.adv_images, atol=1e-6)
   assert attacks.pgd(model.apply_fn, model.params, images, labels, key,
                      evaluator=model.pixel_evaluator).evaluation == attacks.FULL_EVALUATION

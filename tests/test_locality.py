@@ -1,9 +1,11 @@
-"""Pixel-local evaluation (models.locality), derived from the model's jaxpr, equals the full
+"""Pixel-local evaluation (attacks.pixel_local), derived from the model's jaxpr, equals the full
 forward pass at every split: the zoo's sequential CNNs, ResNet-20 (skip connections, strided
 projections), the denoised ResNet (a non-local block ends the windows) and a user's own
 network (plain JAX, a non-square image, max and average pools, a strided residual)."""
 
 from __future__ import annotations
+
+import warnings
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.models import locality, zoo
+from advsweep.attacks import pixel_local
+from advsweep.models import zoo
 
 
 def _candidates(shape, count, seed):
@@ -30,7 +33,7 @@ def _candidates(shape, count, seed):
 
 def _check_splits(apply_fn, params, shape, splits=None, count=12):
   """Logits at each split against the full forward pass; returns the splits checked."""
-  splicer = locality.PixelSplicer(apply_fn)
+  splicer = pixel_local.PixelSplicer(apply_fn)
   splits = splicer.splits(params, shape) if splits is None else splits
   images = jax.random.uniform(jax.random.key(1), (count, *shape))
   rows, cols, colours = _candidates(shape, count, seed=2)
@@ -145,3 +148,54 @@ def test_one_pixel_attack_is_the_same_with_and_without_splicing():
     np.testing.assert_array_equal(results[0].success, results[1].success)
     np.testing.assert_array_equal(results[0].queries, results[1].queries)
     np.testing.assert_allclose(results[0].adv_images, results[1].adv_images, atol=1e-6)
+
+
+# --- The one-pixel attack evaluates pixel-locally by default (issue 33). -----------------
+
+def _pixel_config():
+  return attacks.OnePixelConfig(population_size=8, num_generations=3, stop_on_flip=False)
+
+
+def test_a_plain_one_pixel_call_is_pixel_local_and_equals_the_explicit_evaluator():
+  apply_fn, params, shape = _user_model()
+  images = jax.random.uniform(jax.random.key(1), (3, *shape))
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  key = jax.random.key(2)
+  plain = attacks.one_pixel(apply_fn, params, images, labels, key, _pixel_config())
+  explicit = attacks.one_pixel(apply_fn, params, images, labels, key, _pixel_config(),
+                               evaluator=pixel_local.PixelSplicer(apply_fn))
+  full = attacks.one_pixel(apply_fn, params, images, labels, key, _pixel_config(),
+                           evaluator="full")
+  assert plain.evaluation == explicit.evaluation == attacks.PIXEL_LOCAL_EVALUATION
+  assert full.evaluation == attacks.FULL_EVALUATION
+  for field in ("adv_images", "success", "queries"):
+    np.testing.assert_array_equal(getattr(plain, field), getattr(explicit, field))
+  np.testing.assert_allclose(plain.adv_images, full.adv_images, atol=1e-6)
+  assert pixel_local.splicer_for(apply_fn) is pixel_local.splicer_for(apply_fn)  # derived once
+
+
+def test_a_model_without_a_local_first_layer_warns_once_and_runs_the_full_pass():
+  def dense_first(params, images):  # a dense layer reads every pixel at once
+    return images.reshape(images.shape[0], -1) @ params
+
+  params = jax.random.normal(jax.random.key(0), (4 * 4 * 1, 3))
+  images = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1))
+  labels = jnp.argmax(dense_first(params, images), -1)
+  with pytest.warns(RuntimeWarning, match=r"dense_first runs the full forward pass .*"
+                    r"reshape, comes before any convolution.* evaluator='full'"):
+    result = attacks.one_pixel(dense_first, params, images, labels, 0, _pixel_config())
+  assert result.evaluation == attacks.FULL_EVALUATION
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the second call is silent, and "full" never warns
+    attacks.one_pixel(dense_first, params, images, labels, 0, _pixel_config())
+    attacks.one_pixel(dense_first, params, images, labels, 0, _pixel_config(),
+                      evaluator="full")
+
+
+def test_the_pixel_local_default_runs_under_jit():
+  apply_fn, params, shape = _user_model()
+  images = jax.random.uniform(jax.random.key(1), (2, *shape))
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  jitted = jax.jit(lambda x: attacks.one_pixel(apply_fn, params, x, labels, jax.random.key(0),
+                                               _pixel_config()))
+  assert jitted(images).evaluation == attacks.PIXEL_LOCAL_EVALUATION

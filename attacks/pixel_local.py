@@ -1,4 +1,5 @@
-"""Exact pixel-local evaluation of any convolutional model, derived from its jaxpr.
+"""Exact pixel-local evaluation of any convolutional model, derived from its jaxpr: the
+one-pixel attack's default evaluator (`splicer_for`).
 
 The one-pixel attack's candidates differ from a clean image in one pixel, and a convolution
 passes that change on only inside a window that grows with the receptive field (the locality
@@ -36,6 +37,7 @@ pixels take the full forward pass: the windows of nearby pixels interact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -473,6 +475,20 @@ class PixelSplicer:
       self._plans[key] = plans
     return self._plans[key]
 
+  def full_reason(self, params: Any, image_shape: Sequence[int]) -> str | None:
+    """Why one-pixel candidates of this model take the full forward pass (None: they do
+    not): the first operation that reads the whole image, or no split cheaper than the
+    full pass."""
+    plans = self._plans_of(params, image_shape)
+    if min(plans.values(), key=lambda p: p.macs).split != 0:
+      return None
+    analysis = self.analysis(params, image_shape)
+    for eqn, step in zip(analysis.program.eqns, analysis.steps, strict=True):
+      if step is not None and step.kind == "global":
+        return (f"its first image-wide operation, {eqn.prim.name}, comes before any "
+                "convolution or pool (a dense or global first layer)")
+    return "no split point is cheaper than the full forward pass"
+
   def splits(self, params: Any, image_shape: Sequence[int]) -> list[int]:
     """Every split that can run (see `_plans_of`), in order."""
     return list(self._plans_of(params, image_shape))
@@ -660,3 +676,18 @@ def _pool(plan, state, env, windows, i, ids, row, col):
   new_region = jax.vmap(_place)(clean_region, new, in_r - start_r, in_c - start_c)
   valid = dataclasses.replace(eqn, params={**eqn.params, "padding": ((0, 0),) * 4})
   return valid.bind(new_region)[0], valid.bind(clean_region)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_splicer(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> PixelSplicer:
+  return PixelSplicer(apply_fn)
+
+
+def splicer_for(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> PixelSplicer:
+  """The `PixelSplicer` of `apply_fn`, one per function (equal functions share it: a zoo
+  model's `ApplyFn` compares by module), so a sweep analyses each model once; its plans are
+  kept per parameter structure and image shape. An unhashable `apply_fn` gets a new one."""
+  try:
+    return _cached_splicer(apply_fn)
+  except TypeError:
+    return PixelSplicer(apply_fn)
