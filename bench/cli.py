@@ -129,10 +129,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  if k in args.attacks})
     cfg = config.resolve(raw, source=args.config)
   shard = sweep.parse_shard(args.shard)
+  if args.shard is None and (from_slurm := sweep.slurm_shard()) is not None:
+    shard = from_slurm
+    print(f"advsweep run: shard {shard[0]}/{shard[1]} from SLURM_ARRAY_TASK_ID="
+          f"{os.environ['SLURM_ARRAY_TASK_ID']} (pass --shard to choose another)")
   out_dir = Path(args.out) if args.out else _out_folder(str(Path("results") / cfg.name))
-  outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
-                      data_dir=args.data_dir, progress=not args.no_progress,
-                      checkpoint_dir=args.checkpoint_dir)
+  if args.ray is not None:
+    if args.shard is not None or jax.process_count() > 1:
+      raise ValueError("--ray runs every unit of the sweep as a Ray task: drop --shard (and "
+                       "the multi-process launch); Ray spreads the units itself")
+    from advsweep.bench import ray_sweep
+
+    cache = jax.config.jax_compilation_cache_dir
+    outcome = ray_sweep.run(cfg, out_dir, address=args.ray, data_dir=args.data_dir,
+                            checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume,
+                            progress=not args.no_progress,
+                            compile_cache=None if args.no_compile_cache else cache)
+  else:
+    outcome = sweep.run(cfg, out_dir, shard=shard, resume=not args.no_resume,
+                        data_dir=args.data_dir, progress=not args.no_progress,
+                        checkpoint_dir=args.checkpoint_dir)
   if process == 0 and not args.no_report:
     if outcome.units_done < outcome.units_total:
       print(f"{out_dir}: {outcome.units_done} of {outcome.units_total} units written so far; "
@@ -345,9 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", type=_out_folder, default=None,
                  help="run folder (default: results/<name>)")
   p.add_argument("--shard", default=None, metavar="K/N",
-                 help="run the K-th (0-based) of N disjoint parts of the sweep")
+                 help="run the K-th (0-based) of N disjoint parts of the sweep (default: "
+                 "from SLURM_ARRAY_TASK_ID and _COUNT in a job array, else 0/1)")
   p.add_argument("--no-resume", action="store_true",
                  help="refuse to continue a folder that already has units of this run")
+  p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                 help="run the units as Ray tasks on the cluster at ADDRESS (auto, "
+                 "ray://HOST:10001), or on a local cluster of this machine without one "
+                 "(pip install 'advsweep[ray]')")
   p.add_argument("--no-report", action="store_true", help="do not print the summary")
   p.add_argument("--save-images", action="store_true",
                  help="also write each unit's adversarial images to RUN/images/*.npz")
@@ -427,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the zoo checkpoints the run was made with (default: the folder its "
                  "run.json records, else the shipped ones); rows of other weights are refused")
   p.set_defaults(func=_cmd_analyze)
+  for command in sub.choices.values():
+    command.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="compile every program anew (default: XLA's persistent cache in "
+        "~/.cache/advsweep/jax, or $ADVSWEEP_COMPILE_CACHE; 0 there switches it off)")
   return parser
 
 
@@ -445,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   args = build_parser().parse_args(argv)
+  from advsweep.bench import compilation
+
+  compilation.enable_cache(None if args.no_compile_cache else compilation.cache_folder())
   if signal.getsignal(signal.SIGINT) in (_interrupted_while_starting,
                                           signal.default_int_handler):
     interrupts.install()

@@ -387,6 +387,21 @@ def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
   return written
 
 
+def compile_note(table: pa.Table) -> str:
+  """`(compilation X s apart, over U of N units)`: the units' recorded compile time (one value
+  per unit, on each of its rows; units written before it was recorded have none)."""
+  if "compile_s" not in table.column_names:
+    return ""
+  keys = zip(*(table.column(c).to_pylist() for c in ("model", "config_hash", "created_at")),
+             strict=True)
+  per_unit = dict(zip(keys, table.column("compile_s").to_pylist(), strict=True))
+  recorded = [s for s in per_unit.values() if s is not None]
+  if not recorded:
+    return ""
+  return (f" (compilation {sum(recorded):.1f} s apart, over {len(recorded)} of "
+          f"{len(per_unit)} units)")
+
+
 def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = True,
            log=print) -> list[CellSummary]:
   """Prints the summary (and Possas's tables where the run has them); writes MD, CSV, PNG."""
@@ -400,7 +415,8 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
   run_ids = ", ".join(sorted(table.column("run_id").unique().to_pylist()))
   text = [f"{folder}: {table.num_rows} rows, run {run_ids}",
           "rates over clean-correct images (n); 95% Wilson intervals; adv conf and l0 frac "
-          "over successes", tables.format_text(SUMMARY_HEADER, rows)]
+          "over successes; s/img is attack time" + compile_note(table),
+          tables.format_text(SUMMARY_HEADER, rows)]
   markdown = ["# advsweep report", "", f"Run folder `{folder}`, {table.num_rows} rows.", "",
               tables.format_markdown(SUMMARY_HEADER, rows)]
   for (model, method, eps), layout in possas_tables(cells).items():

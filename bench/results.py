@@ -55,7 +55,7 @@ SCHEMA = pa.schema([
     ("l2", pa.float32()),
     ("linf", pa.float32()),
     ("queries", pa.int64()),
-    ("wall_s", pa.float64()),  # the unit's attack wall time / its images
+    ("wall_s", pa.float64()),  # the unit's attack time / its images, compilation excluded
     ("valid", pa.bool_()),  # budget, [0, 1] range and finite output checks passed
     ("evaluation", pa.string()),  # "full" forward pass or "pixel_local" (AttackResult)
     ("defense", pa.string()),  # the input transformation before the model, or "none"
@@ -76,14 +76,18 @@ SCHEMA = pa.schema([
     # Rows the model really computed per image, padding of chunked calls and every restart
     # included (`AttackResult.evaluated`); `evaluated - queries` searched nothing.
     ("evaluated", pa.float64()),
+    # The unit's compile seconds (tracing, lowering, XLA or the persistent cache), the same
+    # on each of its rows; `wall_s` excludes them (`bench.compilation`).
+    ("compile_s", pa.float64()),
 ])
 # Columns added after the first release, in order: parts written before a column existed
 # are read with it null (their evaluation, their defense, ... is not recorded).
 _ADDED = ("evaluation", "defense", "grad_zero_share", "forward_repeatable",
           "transfer_success", "nd_score_clean", "nd_score_adv", "changed_index",
-          "changed_from", "changed_to", "evaluated")
+          "changed_from", "changed_to", "evaluated", "compile_s")
 # Columns that record when and where a row was made, not what it says.
-PROVENANCE = ("created_at", "wall_s", "git_sha", "versions", "device_kind", "device_count")
+PROVENANCE = ("created_at", "wall_s", "compile_s", "git_sha", "versions", "device_kind",
+              "device_count")
 ROW_KEY = ("model", "config_hash", "example_idx")
 ANALYSIS_DIR = "analysis"  # `advsweep analyze` writes under RUN/analysis/: not rows of the run
 

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,16 @@ from tqdm import tqdm
 from advsweep import attacks
 from advsweep.attacks import checks
 from advsweep.bench import claims as claims_lib
+from advsweep.bench import (
+  compilation,
+  detection,
+  masking,
+  perturbations,
+  results,
+  selection,
+  timing,
+)
 from advsweep.bench import config as config_lib
-from advsweep.bench import detection, masking, perturbations, results, selection, timing
 from advsweep.bench.config import Cell, ConfigError, RunConfig
 from advsweep.models import custom, datasets, defenses, files, interrupts, zoo
 
@@ -68,6 +77,31 @@ def parse_shard(text: str | None) -> tuple[int, int]:
   if n < 1 or not 0 <= k < n:
     raise ValueError(f"--shard K/N needs 0 <= K < N (K is 0-based); got {text!r}")
   return k, n
+
+
+def slurm_shard(env: dict[str, str] | None = None) -> tuple[int, int] | None:
+  """The shard of a SLURM job-array task, (K, N), from `SLURM_ARRAY_TASK_ID` and
+  `SLURM_ARRAY_TASK_COUNT` (K counted from `SLURM_ARRAY_TASK_MIN` in steps of
+  `SLURM_ARRAY_TASK_STEP`, so `--array=1-8` and `--array=0-14:2` work); None outside an array.
+
+  Raises:
+    ValueError: the variables are set but do not describe a task of the array.
+  """
+  env = os.environ if env is None else env
+  if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+    return None
+  try:
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    step = int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+  except ValueError:
+    raise ValueError("the SLURM_ARRAY_TASK_* variables are not integers; pass --shard K/N "
+                     "instead") from None
+  k, rest = divmod(task - low, max(step, 1))
+  if rest or count < 1 or not 0 <= k < count:
+    raise ValueError(f"SLURM_ARRAY_TASK_ID={task} is no task of an array of {count} from "
+                     f"{low} in steps of {step}; pass --shard K/N instead")
+  return k, count
 
 
 def cell_key(seed: int, cell: Cell) -> jax.Array:
@@ -179,6 +213,7 @@ class Runner:
     apply_fn = (model.attack_apply_fn(cell.bpda, cell.eot_samples) if defended
                 else model.apply_fn)
     params = self.attack_params(data)
+    compiled_before = compilation.seconds()
     start = time.perf_counter()
     result = spec.run(apply_fn, params, images, labels, keys, config, targets=targets,
                       evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
@@ -188,7 +223,8 @@ class Runner:
                                        result.queries, result.evaluation,
                                        result.evaluated)
     result = jax.block_until_ready(result)
-    wall = time.perf_counter() - start
+    compile_s = compilation.seconds() - compiled_before
+    wall = max(time.perf_counter() - start - compile_s, 0.0)
     checked = masking.unit_checks(spec, config, cell, model, apply_fn, params,
                                   self.params(data), images, labels, keys, targets,
                                   result.adv_images)
@@ -216,6 +252,7 @@ class Runner:
         "params": cell.params_json,
         "seed": self.config.seed,
         "wall_s": wall / n,
+        "compile_s": compile_s,
     }
     rows = {k: [v] * n for k, v in const.items()}
     rows.update({
@@ -434,7 +471,8 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
         resume: bool = True, data_dir: str | None = None, progress: bool = True,
         estimate: bool = True, stop_after_units: int | None = None,
         stale_after_s: float = claims_lib.DEFAULT_STALE_AFTER_S,
-        checkpoint_dir: str | None = None, log=print) -> SweepOutcome:
+        checkpoint_dir: str | None = None, only: Collection[str] | None = None,
+        models: dict[str, ModelData] | None = None, log=print) -> SweepOutcome:
   """Runs this process's share of the sweep, skipping units already written.
 
   A unit counts as done only when its part is readable, belongs to this run (run id, seed,
@@ -455,6 +493,9 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     stop_after_units: stop after running this many units (to test resumption).
     stale_after_s: a claim not refreshed for this long is taken over.
     checkpoint_dir: where the zoo models' checkpoints are (default: the shipped ones).
+    only: run only the units of these part file names (`Unit.filename`): a distributed
+      engine's task (`bench.ray_sweep`).
+    models: the config's models as `load_models` gives them, loaded already.
     log: where messages go.
   """
   out_dir = Path(out_dir)
@@ -462,21 +503,19 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   process, processes = jax.process_index(), jax.process_count()
   k, n = k * processes + process, n * processes
   run_id = open_folder(out_dir, config)
-  parts = out_dir / "parts"
-  models = load_models(config, data_dir, checkpoint_dir)
+  if models is None:
+    models = load_models(config, data_dir, checkpoint_dir)
   available = _log_selection(config, models, log)
   units = plan(config, {m: d.selection for m, d in models.items()})
   _check_fits_devices(config, units, n)
   _refuse_strangers(out_dir, units)
   mine = units[k::n]
-  todo = []
-  for unit in mine:
-    problem = unit_problem(parts / unit.filename, unit, models[unit.cell.model], run_id,
-                           config.seed, config.save_images)
-    if problem is not None:
-      if problem != "missing":
-        log(f"{parts / unit.filename}: {problem}; running the unit again")
-      todo.append(unit)
+  if only is not None:
+    unknown = set(only) - {u.filename for u in units}
+    if unknown:
+      raise results.ResultsError(f"{sorted(unknown)[0]} is no unit of this run")
+    mine = [u for u in mine if u.filename in only]
+  todo = pending(mine, models, out_dir, run_id, config, log)
   if not resume and len(todo) < len(mine):
     raise results.ResultsError(f"{out_dir} already has {len(mine) - len(todo)} of this run's "
                                "units; drop --no-resume to continue it, or pass --out a new "
@@ -502,6 +541,22 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   done = len({p.name for p in _part_paths(out_dir)} & {u.filename for u in units})
   return SweepOutcome(out_dir, len(units), len(mine), len(mine) - len(todo), ran, done,
                       available)
+
+
+def pending(units: list[Unit], models: dict[str, ModelData], out_dir: Path, run_id: str,
+            config: RunConfig, log=print) -> list[Unit]:
+  """The units whose part is missing, unreadable or short (`unit_problem`; saying why where
+  a part is there), in order."""
+  todo = []
+  for unit in units:
+    path = out_dir / "parts" / unit.filename
+    problem = unit_problem(path, unit, models[unit.cell.model], run_id, config.seed,
+                           config.save_images)
+    if problem is not None:
+      if problem != "missing":
+        log(f"{path}: {problem}; running the unit again")
+      todo.append(unit)
+  return todo
 
 
 def _log_selection(config: RunConfig, models: dict[str, ModelData], log

@@ -10,14 +10,16 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from advsweep.attacks import pixel_local
 from advsweep.models import architectures, checkpoints, datasets
+
+if TYPE_CHECKING:
+  from advsweep.attacks.pixel_local import PixelSplicer
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 
@@ -271,11 +273,14 @@ class Model:
     return load(twin)
 
   @functools.cached_property
-  def pixel_evaluator(self) -> pixel_local.PixelSplicer | None:
+  def pixel_evaluator(self) -> PixelSplicer | None:
     """The exact pixel-local evaluator of this model, derived from its computation
     (`attacks.pixel_local`; a zoo model's or a user's): pass it to the one-pixel attack as
     `evaluator=`. Where no early layer is local (a dense first layer) its plan is the full
     forward pass, and the attack's rows say `evaluation = full`."""
+    from advsweep.attacks import pixel_local  # here: the attacks import evosax, which starts
+    # JAX's backend, and `jax.distributed` must start first (`bench.distributed`)
+
     return pixel_local.splicer_for(self.apply_fn)
 
   def intermediates(self, params: Any, images: jnp.ndarray

@@ -117,6 +117,41 @@ def test_shards_together_equal_the_plain_run(tmp_path, plain, data_dir):
       sweep.parse_shard(bad)
 
 
+def test_a_slurm_array_task_takes_its_shard_from_the_environment():
+  def shard(**env):
+    return sweep.slurm_shard({f"SLURM_ARRAY_TASK_{k}": str(v) for k, v in env.items()})
+
+  assert shard() is None and shard(ID=3) is None
+  assert shard(ID=3, COUNT=8) == (3, 8)
+  assert shard(ID=1, COUNT=8, MIN=1) == (0, 8)  # --array=1-8
+  assert shard(ID=6, COUNT=8, MIN=0, STEP=2) == (3, 8)  # --array=0-14:2
+  for bad in ({"ID": 8, "COUNT": 8}, {"ID": 3, "COUNT": 8, "STEP": 2},
+              {"ID": "x", "COUNT": 2}, {"ID": 0, "COUNT": 0}):
+    with pytest.raises(ValueError, match="--shard K/N"):
+      shard(**bad)
+
+
+def test_advsweep_run_in_a_job_array_runs_its_shard(tmp_path, data_dir, monkeypatch, capsys):
+  from advsweep.bench import cli
+
+  config_file = tmp_path / "tiny.toml"
+  config_file.write_text('name = "tiny"\nmodels = ["mnist_softmax"]\nbatch_size = 2\n'
+                         '[images]\nper_bin = 2\npool = 40\n[bins]\nnames = ["all"]\n'
+                         'thresholds = []\n[attacks.fgsm]\neps = [0.1, 0.2, 0.3]\n')
+  monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+  monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+  monkeypatch.setenv("ADVSWEEP_DATA_DIR", str(data_dir))
+  assert cli.main(["run", str(config_file), "--out", str(tmp_path / "a"), "--no-progress",
+                   "--no-report"]) == 0
+  assert "shard 1/3 from SLURM_ARRAY_TASK_ID=1" in capsys.readouterr().out
+  explicit = sweep.run(config.load(str(config_file)), tmp_path / "b", shard=(1, 3),
+                       data_dir=str(data_dir), progress=False, estimate=False,
+                       log=lambda *_: None)
+  made = sorted(p.name for p in (tmp_path / "a" / "parts").glob("*.parquet"))
+  assert made == sorted(p.name for p in (tmp_path / "b" / "parts").glob("*.parquet"))
+  assert len(made) == explicit.units_run == 1
+
+
 def test_another_config_never_overwrites_a_run(plain, data_dir):
   other = config.resolve(RAW, ["seed=4"])
   with pytest.raises(results.ResultsError, match="another config"):
