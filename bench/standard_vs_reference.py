@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,11 +35,67 @@ HEADER = ("model", "n", "eps", "clean", "advsweep robust", "reference robust",
           "reference s", "speed-up")
 
 
+class _Kept:
+  """Our per-image outcomes read from `advsweep robustness --standard`'s files, in the shape
+  of `standard.Evaluation` that `compare` reads."""
+
+  def __init__(self, summary: dict[str, Any], table: Any, num_images: int):
+    cols = table.to_pydict()
+    attacks = list(dict.fromkeys(cols["attack"]))
+    per_attack = {a: [i for i, x in enumerate(cols["attack"]) if x == a] for a in attacks}
+    first = per_attack[attacks[0]]
+    self.robust = np.asarray([cols["robust"][i] for i in first], bool)[:num_images]
+    self.correct = np.asarray([cols["clean_correct"][i] for i in first], bool)[:num_images]
+    self.summary = summary
+    self.flags = summary.get("flags", [])
+    self.outcomes = {}
+
+  def robust_accuracy(self) -> tuple[float, float, float]:
+    k, n = int(self.robust.sum()), len(self.robust)
+    return (k / n, *stats.wilson_interval(k, n))
+
+  def clean_accuracy(self) -> float:
+    return float(self.correct.mean())
+
+  def robust_after(self) -> dict[str, float]:
+    return {}
+
+  def headline(self) -> str:
+    acc, low, high = self.robust_accuracy()
+    return (f"robust accuracy {100 * acc:.1f}% ({100 * low:.1f}-{100 * high:.1f}) on the first "
+            f"{len(self.robust)} images, kept from a run of {self.summary['num_images']}")
+
+
+def kept_evaluation(folder: Path, name: str, num_images: int, eps: float, norm: str,
+                    seed: int, sha256: str) -> _Kept:
+  """Our outcomes on the first `num_images` images from `advsweep robustness --standard`'s
+  kept files in `folder`, checked to be this model's weights and these settings.
+
+  Raises:
+    ValueError: no kept evaluation, or one of other weights, settings or fewer images.
+  """
+  from advsweep.bench import standard_runs
+
+  kept = standard_runs.load(folder, name)
+  if kept is None:
+    raise ValueError(f"{folder} holds no evaluation of {name}; run advsweep robustness "
+                     f"--standard --models {name} first")
+  summary, table = kept
+  want = {"model_sha256": sha256, "eps": eps, "norm": norm, "seed": seed,
+          "version": standard.STANDARD, "quick": False}
+  wrong = {k: (summary.get(k), v) for k, v in want.items() if summary.get(k) != v}
+  if wrong or summary.get("num_images", 0) < num_images:
+    raise ValueError(f"{folder}/{name}: kept with other settings {wrong} or fewer than "
+                     f"{num_images} images ({summary.get('num_images')})")
+  return _Kept(summary, table, num_images)
+
+
 def compare(name: str, num_images: int, *, eps: float | None = None, norm: str = "linf",
             data_dir: str | None = None, seed: int = 0, batch_size: int = 500,
             reference_batch_size: int | None = None, threads: int | None = None,
-            log=print) -> dict[str, Any]:
-  """Runs both on `name`'s first `num_images` test images; returns the comparison."""
+            ours_from: Path | None = None, log=print) -> dict[str, Any]:
+  """Runs both on `name`'s first `num_images` test images (ours read from the kept files of
+  `ours_from` where given: then no speed is compared); returns the comparison."""
   from advsweep.bench import reference_autoattack as reference
 
   model = zoo.load(name)
@@ -47,10 +104,15 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
   images, labels = datasets.load(dataset, "test", data_dir)
   images, labels = images[:num_images], labels[:num_images]
   tic = time.perf_counter()
-  ours = standard.evaluate(model.apply_fn, model.params, images, labels, norm=norm, eps=eps,
-                           seed=seed, batch_size=batch_size, progress=False)
-  ours_seconds = time.perf_counter() - tic
-  log(f"{name}: advsweep {ours.headline()} in {ours_seconds:.0f} s")
+  if ours_from is not None:
+    ours = kept_evaluation(ours_from, name, num_images, eps, norm, seed, model.meta["sha256"])
+    ours_seconds = float("nan")
+  else:
+    ours = standard.evaluate(model.apply_fn, model.params, images, labels, norm=norm, eps=eps,
+                             seed=seed, batch_size=batch_size, progress=False)
+    ours_seconds = time.perf_counter() - tic
+  log(f"{name}: advsweep {ours.headline()}"
+      + ("" if math.isnan(ours_seconds) else f" in {ours_seconds:.0f} s"))
   ref = reference.run(name, num_images=num_images, eps=eps, norm=norm, data_dir=data_dir,
                       seed=seed, croce_hein=True, threads=threads,
                       batch_size=reference_batch_size or reference.DEFAULT_BATCH_SIZE)
@@ -84,8 +146,9 @@ def row(result: dict[str, Any]) -> list[str]:
   return [result["model"], str(result["num_images"]), f"{result['eps']:.4g}",
           tables.pct(result["clean"]), fmt(ours), fmt(ref), str(result["only_ours_robust"]),
           str(result["only_reference_robust"]), f"{result['mcnemar_p']:.2g}",
-          f"{ours['seconds']:.0f}", f"{ref['seconds']:.0f}",
-          f"{ref['seconds'] / ours['seconds']:.2f}x"]
+          "kept" if math.isnan(ours["seconds"]) else f"{ours['seconds']:.0f}",
+          f"{ref['seconds']:.0f}",
+          "-" if math.isnan(ours["seconds"]) else f"{ref['seconds'] / ours['seconds']:.2f}x"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,12 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--reference-batch-size", type=int, default=None)
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+  parser.add_argument("--ours-from", type=Path, default=None,
+                      help="read our outcomes from advsweep robustness --standard's kept files "
+                      "in this folder (e.g. results/standard-linf) instead of running them")
   args = parser.parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
   rows = []
   for name in args.models:
     result = compare(name, args.n, eps=args.eps, norm=args.norm, data_dir=args.data_dir,
-                     threads=args.threads, reference_batch_size=args.reference_batch_size)
+                     threads=args.threads, reference_batch_size=args.reference_batch_size,
+                     ours_from=args.ours_from)
     suffix = "" if args.eps is None else f"-eps{args.eps:g}"
     files.atomic_write_bytes(args.out / f"{name}-{args.n}{suffix}.json",
                              (json.dumps(result, indent=1) + "\n").encode())
