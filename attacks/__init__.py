@@ -52,15 +52,12 @@ from advsweep.attacks.gradient import (
   pgd,
   pgd_core,
 )
-from advsweep.attacks.jsma import SPEC as JSMA
-from advsweep.attacks.jsma import JSMAConfig, jsma, jsma_core
-from advsweep.attacks.one_pixel import (
-  AT_LEAST_ONE_TARGET,
-  OnePixelConfig,
-  one_pixel,
-  one_pixel_core,
-)
-from advsweep.attacks.one_pixel import SPEC as ONE_PIXEL
+from advsweep.attacks.pixel import SPEC as ONE_PIXEL
+from advsweep.attacks.pixel import one_pixel
+from advsweep.attacks.pixel.core import AT_LEAST_ONE_TARGET, OnePixelConfig, one_pixel_core
+from advsweep.attacks.saliency import SPEC as JSMA
+from advsweep.attacks.saliency import jsma
+from advsweep.attacks.saliency.core import JSMAConfig, jsma_core
 from advsweep.attacks.spec import AttackSpec
 from advsweep.attacks.square_search import SPEC as SQUARE
 from advsweep.attacks.square_search import SquareConfig, square, square_core

@@ -466,17 +466,16 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   if targets is not None:
     raise ValueError("APGD is untargeted and APGD-T picks its own targets (the top "
                      "num_target_classes other classes); do not pass targets")
-  num_classes = checks.check_inputs(apply_fn, params, images, labels)
+  images, labels, _, num_classes, concrete = checks.checked_inputs(
+      apply_fn, params, images, labels, key, config)
   if num_classes < _minimum_classes(config):
     what = (f"APGD-T toward the top {config.num_target_classes} other classes"
             if isinstance(config, APGDTConfig) else "the DLR loss")
     raise ValueError(f"{what} needs a model of at least {_minimum_classes(config)} classes; "
                      f"this one has {num_classes}. Lower num_target_classes, or use loss "
                      "'ce'")
-  images = jnp.asarray(images)
-  labels = jnp.asarray(labels, jnp.int32)
   args = (apply_fn, params, images, labels, key, config)
-  if not checks.is_concrete(params, images, labels, key, config):
+  if not concrete:
     return common.PreparedCall(functools.partial(_core, *args))
   step = common.bind(_iteration, apply_fn, params, loss=_runs(config)[0].loss,
                      norm=config.norm)

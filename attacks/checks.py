@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,30 @@ def _num_classes(apply_fn, treedef, shapes, image) -> int:
         f"{shape} for a batch of {image[0][0]}; return the logits, not class ids or scores "
         "of another shape")
   return int(shape[1])
+
+
+class Inputs(NamedTuple):
+  """An attack's checked inputs as arrays (`checked_inputs`)."""
+
+  images: jax.Array  # [B,H,W,C]
+  labels: jax.Array  # [B] int32
+  targets: jax.Array | None  # [B] int32, or None
+  num_classes: int
+  concrete: bool  # no tracer among them: the host-side schedule can run
+
+
+def checked_inputs(apply_fn: Any, params: Any, images: Any, labels: Any, key: Any,
+                   config: Any, *, targets: Any = None, target_mode: str = UNTARGETED,
+                   target_modes: Sequence[str] = ()) -> Inputs:
+  """Every attack's prepare step: `check_inputs`, the arrays converted, and whether they are
+  concrete (the public attacks run a host-side schedule then, their core under a trace)."""
+  num_classes = check_inputs(apply_fn, params, images, labels, targets=targets,
+                             target_mode=target_mode, target_modes=target_modes)
+  images = jnp.asarray(images)
+  labels = jnp.asarray(labels, jnp.int32)
+  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+  return Inputs(images, labels, targets, num_classes,
+                is_concrete(params, images, labels, key, targets, config))
 
 
 def check_inputs(apply_fn: Any, params: Any, images: Any, labels: Any, *, targets: Any = None,

@@ -355,14 +355,13 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   config = config if config is not None else FABConfig()
   check_config(config)
   _refuse_targets(targets)
-  num_classes = checks.check_inputs(apply_fn, params, images, labels)
+  images, labels, _, num_classes, concrete = checks.checked_inputs(
+      apply_fn, params, images, labels, key, config)
   if num_classes <= config.num_target_classes:
     raise ValueError(f"num_target_classes = {config.num_target_classes} needs a model with "
                      f"more classes; this one has {num_classes}: set num_target_classes <= "
                      f"{num_classes - 1}")
-  images = jnp.asarray(images)
-  labels = jnp.asarray(labels, jnp.int32)
-  if not checks.is_concrete(params, images, labels, key, config):
+  if not concrete:
     return common.PreparedCall(functools.partial(fab_core, apply_fn, params, images, labels,
                                                  key, config))
   keys = common.per_image_keys(key, images.shape[0])

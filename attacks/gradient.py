@@ -308,13 +308,11 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   config = config if config is not None else default()
   check_config(config)
   config = _as_pgd(config)
-  checks.check_inputs(apply_fn, params, images, labels, targets=targets,
-                      target_mode=config.target, target_modes=common.TARGET_MODES)
-  images = jnp.asarray(images)
-  labels = jnp.asarray(labels, jnp.int32)
-  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
+  images, labels, targets, _, concrete = checks.checked_inputs(
+      apply_fn, params, images, labels, key, config, targets=targets,
+      target_mode=config.target, target_modes=common.TARGET_MODES)
   args = (apply_fn, params, images, labels, key)
-  if not checks.is_concrete(params, images, labels, key, targets, config):
+  if not concrete:
     return common.PreparedCall(functools.partial(pgd_core, *args, config, targets=targets))
   step = common.bind(_step, apply_fn, params, norm=config.norm)
   eps = common.budget(config.eps, images.dtype)

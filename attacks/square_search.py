@@ -372,11 +372,10 @@ def prepare_square(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
   del evaluator  # Square evaluates the full model
   config = config if config is not None else SquareConfig()
   check_config(config)
-  checks.check_inputs(apply_fn, params, images, labels, targets=targets,
-                      target_mode=config.target)
-  images = jnp.asarray(images)
-  labels = jnp.asarray(labels, jnp.int32)
-  if not checks.is_concrete(params, images, labels, key, config):
+  images, labels, _, _, concrete = checks.checked_inputs(
+      apply_fn, params, images, labels, key, config, targets=targets,
+      target_mode=config.target)
+  if not concrete:
     return common.PreparedCall(functools.partial(square_core, apply_fn, params, images,
                                                  labels, key, config))
   run = common.bind(_run, apply_fn, params)

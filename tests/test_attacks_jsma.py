@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,11 +9,10 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.attacks import schedulers
-from advsweep.attacks.jsma import best_pair, best_pairs
+from advsweep.attacks.saliency import core as jsma_core_module
+from advsweep.attacks.saliency import rows as jsma_rows
+from advsweep.attacks.saliency.core import best_pair, best_pairs
 from tests.attack_models import linear_model, random_images, small_cnn
-
-jsma_module = importlib.import_module("advsweep.attacks.jsma")  # `attacks.jsma` is the function
 
 
 def _brute_force_pair(alpha, beta, domain):
@@ -64,7 +61,7 @@ def test_top_pair_equals_the_pair_search_when_beta_is_minus_alpha(n):
   alpha = jnp.asarray(rng.normal(size=(8, n)), jnp.float32)
   domain = jnp.asarray(rng.uniform(size=(8, n)) < 0.7).at[0].set(False)
   alpha = alpha.at[1].set(-jnp.abs(alpha[1]))  # no pair with a positive sum
-  p, q, score = jsma_module.top_pair(alpha, domain)
+  p, q, score = jsma_core_module.top_pair(alpha, domain)
   ref_p, ref_q, ref_score = best_pairs(alpha, -alpha, domain, 64, 64)
   np.testing.assert_allclose(score, ref_score, rtol=1e-6)
   found = np.isfinite(np.asarray(ref_score))
@@ -224,13 +221,13 @@ def test_jit_and_no_jit_agree():
 
 def test_chunks_are_decreasing_powers_of_two_that_tile_the_rows():
   for rows in range(1, 300):
-    parts = schedulers.chunks(rows)
+    parts = jsma_rows.chunks(rows)
     sizes = [size for _, size in parts]
     assert all(size & (size - 1) == 0 for size in sizes)  # powers of two
     assert sizes == sorted(set(sizes), reverse=True)  # each at most once, largest first
     assert [offset for offset, _ in parts] == np.cumsum([0, *sizes[:-1]]).tolist()
     assert sum(sizes) == rows
-  assert schedulers.chunks(13) == [(0, 8), (8, 4), (12, 1)]
+  assert jsma_rows.chunks(13) == [(0, 8), (8, 4), (12, 1)]
 
 
 def test_continuous_batching_changes_nothing():

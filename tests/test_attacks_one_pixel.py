@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.attacks.one_pixel import apply_candidate
+from advsweep.attacks.pixel.core import apply_candidate
 from tests.attack_models import linear_model, random_images, small_cnn
 
 TRIGGER_AT = (5, 2)

@@ -114,7 +114,7 @@ def test_attacks_functions_stay_short():
   """No function in attacks/ over about 60 lines (docstring included)."""
   import ast
 
-  for path in (ROOT / "attacks").glob("*.py"):
+  for path in (ROOT / "attacks").rglob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.FunctionDef):
         length = node.end_lineno - node.lineno + 1

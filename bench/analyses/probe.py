@@ -1,7 +1,7 @@
 """Many one-pixel changes of a few images, evaluated fast: the confidence maps and the
 locality analysis try thousands of (position, colour) pairs per image.
 
-It evaluates candidates the way the one-pixel attack does (`attacks.one_pixel.
+It evaluates candidates the way the one-pixel attack does (`attacks.pixel.core.
 candidate_logits`): pixel-locally where the model's evaluator finds local layers (any
 convolutional model), else by the full forward pass, in fixed-size chunks so one compile
 serves.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advsweep.attacks.one_pixel import candidate_logits
+from advsweep.attacks.pixel.core import candidate_logits
 
 CHUNK = 2048
 

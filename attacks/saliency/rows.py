@@ -1,21 +1,8 @@
-"""Schedulers: how the public one-pixel attack and JSMA put a batch through their cores.
-
-The cores (`one_pixel.one_pixel_core`, `jsma.jsma_core`) attack every image of a batch at
-once until the last one stops, so an image that stops early still occupies its place. The
-schedulers here keep the model's batch busy with work that counts, and give the same result
-image by image (tested), because every random draw of image i comes from image i's key:
-
-- `one_pixel_slots`: the images go through `num_slots` slots, one jitted `lax.while_loop`
-  over generations; a slot whose image finished takes the next pending image at once.
-- `jsma_rows`: a host loop over one jitted JSMA iteration on `num_slots` rows; a row whose
-  image stopped takes the next image waiting (continuous batching), and once none waits the
-  active rows move to the front and run in power-of-two chunks, so no row is padding. A host
-  loop, not a `lax.while_loop`: XLA's CPU backend runs a convolution's backward pass several
-  times slower inside a rolled loop.
-
-The attack modules import this one and this one imports them; neither uses the other's
-names at import time.
-"""
+"""JSMA's row scheduler: a host loop over one jitted JSMA iteration on `num_slots` rows; a row
+whose image stopped takes the next image waiting (continuous batching), and once none waits
+the active rows move to the front and run in power-of-two chunks, so no row is padding. A host
+loop, not a `lax.while_loop`: XLA's CPU backend runs a convolution's backward pass several
+times slower inside a rolled loop. Equals `core.jsma_core` image by image (tested)."""
 
 from __future__ import annotations
 
@@ -26,68 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advsweep.attacks import common, jsma, one_pixel
+from advsweep.attacks import common
+from advsweep.attacks.saliency import core
 
-# -- the one-pixel attack: slots refilled inside one jitted loop ----------------------------
-
-def _refill(search: one_pixel.Search, state: one_pixel.SlotState, done: jax.Array,
-            next_image: jax.Array) -> tuple[one_pixel.SlotState, jax.Array]:
-  """Gives each finished slot the next pending image, in slot order (a fresh population);
-  slots left without one go idle (-1)."""
-  batch = state.best.shape[0]
-  new_image = next_image + jnp.cumsum(done) - 1
-  refill = done & (new_image < batch)
-  image = jnp.where(done, jnp.where(refill, new_image, -1), state.image).astype(jnp.int32)
-  new_de = one_pixel.fresh_de(search, jnp.clip(new_image, 0, batch - 1))
-  de = jax.tree.map(
-      lambda new, old: jnp.where(refill.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
-      new_de, state.de)
-  state = state._replace(image=image, de=de, fresh=refill,
-                         member_success=jnp.where(refill[:, None], False, state.member_success),
-                         generation=jnp.where(refill, 0, state.generation))
-  return state, next_image + jnp.sum(done).astype(jnp.int32)
-
-
-def _slots(apply_fn, params, images, labels, keys, targets, config, evaluator):
-  search, targets = one_pixel.setup(apply_fn, params, images, labels, keys, targets, config,
-                                    evaluator)
-  slots = min(config.num_slots, images.shape[0])
-
-  def body(carry):
-    state, next_image = carry
-    state, done = one_pixel.generation(search, state)
-    return _refill(search, state, done, next_image)
-
-  init = (one_pixel.initial_state(search, jnp.arange(slots), images),
-          jnp.asarray(slots, jnp.int32))
-  state, _ = jax.lax.while_loop(lambda c: jnp.any(c[0].image >= 0), body, init)
-  return one_pixel.finish(apply_fn, params, images, labels, targets, search, state)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "evaluator"))
-def one_pixel_slots(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
-                    labels: jax.Array, keys: jax.Array, targets: jax.Array | None,
-                    config: one_pixel.OnePixelConfig, evaluator: Any = None
-                    ) -> common.AttackResult:
-  """The one-pixel attack over `config.num_slots` slots with refilling ([B] keys); equals
-  `one_pixel.one_pixel_core` image by image. Jitted: the config's budgets are traced, its
-  sizes static."""
-  if config.target == one_pixel.AT_LEAST_ONE_TARGET:
-    return one_pixel.over_every_target(_slots, apply_fn, params, images, labels, keys,
-                                       config, evaluator)
-  return _slots(apply_fn, params, images, labels, keys, targets, config, evaluator)
-
-
-def prepare_one_pixel_slots(apply_fn, params, images, labels, key, config, targets, evaluator
-                            ) -> common.PreparedCall:
-  """`one_pixel_slots` on checked, concrete inputs, with its `lower`."""
-  args = (apply_fn, params, images, labels, common.per_image_keys(key, images.shape[0]),
-          targets, config, evaluator)
-  return common.PreparedCall(functools.partial(one_pixel_slots, *args),
-                             functools.partial(one_pixel_slots.lower, *args))
-
-
-# -- JSMA: continuous batching over rows, then power-of-two chunks --------------------------
 
 def chunks(rows: int) -> list[tuple[int, int]]:
   """(offset, size) of the power-of-two chunks that cover rows [0, rows), largest first (the
@@ -106,13 +34,13 @@ def chunks(rows: int) -> list[tuple[int, int]]:
 
 
 def _chunk_iteration(apply_fn, params, images, targets, state, gamma, offset, *, size,
-                     **statics) -> jsma.JSMAState:
-  """`jsma.iteration` of the working rows [offset, offset + size); returns the whole working
+                     **statics) -> core.JSMAState:
+  """`core.iteration` of the working rows [offset, offset + size); returns the whole working
   state with those rows updated."""
   def take(a):
     return jax.lax.dynamic_slice_in_dim(a, offset, size)
 
-  moved = jsma.iteration(apply_fn, params, take(images), take(targets),
+  moved = core.iteration(apply_fn, params, take(images), take(targets),
                          jax.tree.map(take, state), gamma, **statics)
   return jax.tree.map(lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, offset, 0),
                       state, moved)
@@ -139,7 +67,7 @@ def _padded(values: np.ndarray, length: int, fill: int) -> np.ndarray:
   return out
 
 
-def _write_back(final: Finished, rows, state: jsma.JSMAState) -> Finished:
+def _write_back(final: Finished, rows, state: core.JSMAState) -> Finished:
   """Writes each working row's x and queries to its image in `final` (rows whose image is
   out of range are dropped)."""
   return Finished(final.x.at[rows].set(state.x, mode="drop"),
@@ -212,12 +140,12 @@ class _Rows:
 
 
 def jsma_rows(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
-              key: jax.Array, targets: jax.Array | None, config: jsma.JSMAConfig
+              key: jax.Array, targets: jax.Array | None, config: core.JSMAConfig
               ) -> common.AttackResult:
   """JSMA with continuous batching over `config.num_slots` rows and a chunked tail; equals
-  `jsma.jsma_core` image by image."""
-  statics = jsma.iteration_statics(config)
-  targets, initial = common.bind(jsma.start, apply_fn, params, theta=statics["theta"],
+  `core.jsma_core` image by image."""
+  statics = core.iteration_statics(config)
+  targets, initial = common.bind(core.start, apply_fn, params, theta=statics["theta"],
                                  target_mode=config.target)(images, labels, key, targets)
   gamma = jnp.asarray(config.gamma, images.dtype)
   batch = images.shape[0]
@@ -225,7 +153,7 @@ def jsma_rows(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: 
   slots = len(rows.image)
   carry = (Finished(initial.x, initial.queries), jax.tree.map(lambda a: a[:slots], initial),
            images[:slots], targets[:slots])
-  for _ in range(batch * jsma.max_iterations(images[0].size, statics["theta"])):
+  for _ in range(batch * core.max_iterations(images[0].size, statics["theta"])):
     carry, active = rows.refill(carry, np.asarray(carry[1].active), initial, images, targets)
     if not active.any():
       break
@@ -247,9 +175,9 @@ def prepare_jsma_rows(apply_fn, params, images, labels, key, config, targets
   run = functools.partial(jsma_rows, apply_fn, params, images, labels, key, targets, config)
   slots = min(config.num_slots, len(images))
   flat = images[:slots].reshape(slots, -1)
-  state = jsma.JSMAState(flat, jnp.ones(flat.shape, bool), jnp.ones(slots, bool),
+  state = core.JSMAState(flat, jnp.ones(flat.shape, bool), jnp.ones(slots, bool),
                          jnp.zeros(slots, jnp.int32))
-  largest = _iteration(apply_fn, params, chunks(slots)[0][1], jsma.iteration_statics(config))
+  largest = _iteration(apply_fn, params, chunks(slots)[0][1], core.iteration_statics(config))
   lower = functools.partial(largest.lower, images[:slots], labels[:slots], state,
                             jnp.asarray(config.gamma, images.dtype), np.int32(0))
   return common.PreparedCall(run, lower)

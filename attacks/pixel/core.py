@@ -12,7 +12,7 @@ The search runs over slots (`SlotState`), one image per slot, one generation at 
 (`generation`): every generation is one (chunked) model call over all candidates of all
 active slots. `one_pixel_core` gives every image its own slot and runs until all are done:
 pure, it runs under `jax.jit`, `jax.vmap` and inside a training step.
-`attacks.schedulers.one_pixel_slots`, which the public `one_pixel` runs on concrete arrays,
+`attacks.pixel.slots.one_pixel_slots`, which the public `one_pixel` runs on concrete arrays,
 puts the images through `num_slots` slots and refills a slot whose image succeeded (or ran
 out of generations) with the next pending image at once, so a broken image stops costing
 model evaluations. Every random draw for image i comes from image i's key folded with its
@@ -35,17 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from evosax.algorithms import DifferentialEvolution
 from flax import struct
 
-from advsweep.attacks import checks, common, pixel_local, schedulers, spec
+from advsweep.attacks import checks, common
 
 AT_LEAST_ONE_TARGET = "at_least_one_target"
 ONE_PIXEL_TARGET_MODES = (*common.TARGET_MODES, AT_LEAST_ONE_TARGET)
@@ -411,116 +409,6 @@ def check_config(config: OnePixelConfig) -> None:
                         strict=True)
 
 
-FULL = common.FULL_EVALUATION  # `evaluator=FULL`: the full forward pass for every candidate
-_WARNED: set[Any] = set()
-
-
-def resolve_evaluator(apply_fn: common.ApplyFn, params: Any, image_shape: tuple[int, ...],
-                      config: OnePixelConfig, evaluator: Any) -> Any:
-  """The evaluator a call runs with: None (the full pass) for `evaluator="full"`, k > 1 or
-  `splice=False`; the given one; else the pixel-local evaluator derived from `apply_fn`
-  (`pixel_local.splicer_for`), or None with a one-time warning where it cannot pay."""
-  if evaluator == FULL or not config.splice or config.num_pixels != 1:
-    return None
-  if evaluator is not None:
-    return evaluator
-  splicer = pixel_local.splicer_for(apply_fn)
-  try:
-    reason = splicer.full_reason(params, image_shape)
-  except Exception as err:  # noqa: BLE001  (a user's function may not trace as analysed)
-    reason = f"its computation could not be analysed ({type(err).__name__}: {err})"
-  if reason is None:
-    return splicer
-  _warn_once((_name(apply_fn), tuple(image_shape)),
-             f"one_pixel: {_name(apply_fn)} runs the full forward pass for every candidate: "
-             f"{reason}. Pass evaluator='full' to say so and silence this warning.")
-  return None
-
-
-def _name(apply_fn: Any) -> str:
-  return getattr(apply_fn, "__name__", None) or type(apply_fn).__name__
-
-
-def _warn_once(key: Any, message: str) -> None:
-  if key not in _WARNED:
-    _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def prepare_one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
-                      labels: jax.Array, key: jax.Array, config: OnePixelConfig | None = None,
-                      *, targets: jax.Array | None = None, evaluator: Any = None
-                      ) -> common.PreparedCall:
-  """Checks the inputs; returns the attack, ready to run (the slot scheduler on concrete
-  arrays, the core under a trace)."""
-  config = config or OnePixelConfig()
-  check_config(config)
-  mode = common.UNTARGETED if config.target == AT_LEAST_ONE_TARGET else config.target
-  checks.check_inputs(apply_fn, params, images, labels, targets=targets, target_mode=mode)
-  images = jnp.asarray(images)
-  labels = jnp.asarray(labels, jnp.int32)
-  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
-  evaluator = resolve_evaluator(apply_fn, params, images.shape[1:], config, evaluator)
-  if not checks.is_concrete(params, images, labels, key, targets, config):
-    return common.PreparedCall(functools.partial(
-        one_pixel_core, apply_fn, params, images, labels, key, config, targets=targets,
-        evaluator=evaluator))
-  return schedulers.prepare_one_pixel_slots(apply_fn, params, images, labels, key, config,
-                                            targets, evaluator)
-
-
-def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
-              key: jax.Array, config: OnePixelConfig | None = None, *,
-              targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
-  """Su et al.'s one-pixel attack by differential evolution.
-
-  Args:
-    apply_fn: `apply_fn(params, images[B,H,W,C]) -> logits[B,K]`.
-    params: the model's variables.
-    images: [B,H,W,C] float in [0, 1].
-    labels: [B] true classes.
-    key: PRNG key, or one per image [B].
-    config: `OnePixelConfig`; None is the paper's setting (k=1, population 400, 100
-      generations, F=0.5, untargeted).
-    targets: [B] classes for `target="explicit"`.
-    evaluator: how candidates are evaluated: None (the default) derives the exact
-      pixel-local evaluator from `apply_fn` (`attacks.pixel_local`) where k = 1, and falls
-      back to the full forward pass with a one-time warning where the model has no local
-      first layer; "full" forces the full pass; or a `PixelSplicer` to use.
-      `AttackResult.evaluation` says which ran.
-
-  Returns:
-    `AttackResult`; `queries` counts model evaluations per image (population_size per
-    generation, the initial population included). With "at_least_one_target" each field
-    describes the best target (successful, then most confident) and `queries` sums over all
-    K-1 targets.
-
-  On concrete arrays it runs the slot scheduler (`attacks.schedulers.one_pixel_slots`);
-  under a trace, `one_pixel_core`.
-
-  References: Su, Vargas, Sakurai, One Pixel Attack for Fooling Deep Neural Networks, 2019.
-  """
-  return prepare_one_pixel(apply_fn, params, images, labels, key, config, targets=targets,
-                           evaluator=evaluator)()
-
-
-def _within_pixels(config: OnePixelConfig, result: Any, num_features: int) -> np.ndarray:
-  del num_features
-  return np.asarray(result.l0) <= config.num_pixels
-
-
-def _forward_equivalents(config: OnePixelConfig, num_features: int, num_classes: int
-                         ) -> float:
-  del num_features
-  targets = num_classes - 1 if config.target == AT_LEAST_ONE_TARGET else 1
-  return (config.num_generations + 1) * config.population_size * targets + 1
-
-
-def _unit_batch(config: OnePixelConfig, num_images: int) -> int:
-  del num_images
-  return chunk_rows(config)
-
-
 def chunk_rows(config: OnePixelConfig) -> int:
   """Candidates per model call, from the config alone: one population where `chunk_size` is
   0; else whole populations, as many as fit in `chunk_size`, balanced over `num_slots` slots
@@ -537,11 +425,3 @@ def chunk_rows(config: OnePixelConfig) -> int:
   slots_per_chunk = min(config.chunk_size // population, config.num_slots)
   num_chunks = -(-config.num_slots // slots_per_chunk)
   return population * -(-config.num_slots // num_chunks)
-
-
-SPEC = spec.AttackSpec(
-    name="one_pixel", run=one_pixel, core=one_pixel_core, config_cls=OnePixelConfig,
-    prepare=prepare_one_pixel, check_config=check_config, within_budget=_within_pixels,
-    forward_equivalents=_forward_equivalents, unit=lambda config: spec.FORWARD,
-    unit_batch=_unit_batch, budget_field="num_pixels", quick={"num_generations": 10},
-    fixed_work={"stop_on_flip": False, "stop_true_prob": 0.0}, sparse=True)

@@ -18,7 +18,7 @@ and moves both features by theta (clipped to [0, 1]). F is a choice (`derivative
 
 `jsma_core` iterates every image until it stops, in a `lax.while_loop`: pure, it runs under
 `jax.jit`, `jax.vmap` and inside a training step. On concrete arrays the public `jsma` runs
-the same iteration through `attacks.schedulers.jsma_rows`, which batches the images
+the same iteration through `attacks.saliency.rows.jsma_rows`, which batches the images
 continuously over `num_slots` rows and runs the last ones in power-of-two chunks; it equals
 the core image by image.
 
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from advsweep.attacks import checks, common, schedulers, spec
+from advsweep.attacks import checks, common
 
 LOGITS, PROBABILITIES = "logits", "probabilities"
 DERIVATIVES = (LOGITS, PROBABILITIES)
@@ -65,7 +65,7 @@ class JSMAConfig:
     target: target mode; JSMA is targeted ("random", "least_likely" or "explicit").
     derivative: the F of the saliency map: "logits" (JSMA-Z, the paper's) or
       "probabilities" (JSMA-F, the softmax; see the module doc).
-    num_slots: images the scheduler iterates at once (`attacks.schedulers.jsma_rows`), the
+    num_slots: images the scheduler iterates at once (`attacks.saliency.rows.jsma_rows`), the
       largest batch of a model call and its memory bound; an image that stops hands its
       row to the next (continuous batching). Raise it where a larger batch runs faster (a
       GPU). It does not change results (`common.SAME_RESULTS`).
@@ -358,76 +358,3 @@ def check_config(config: JSMAConfig) -> None:
   if config.block_rows < 1 or config.max_candidates < 0 or config.num_slots < 1:
     raise ValueError(f"block_rows and num_slots must be >= 1 and max_candidates >= 0; got "
                      f"{config.block_rows}, {config.num_slots}, {config.max_candidates}")
-
-
-def prepare_jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
-                 key: jax.Array, config: JSMAConfig | None = None, *,
-                 targets: jax.Array | None = None, evaluator: Any = None
-                 ) -> common.PreparedCall:
-  """Checks the inputs; returns the attack, ready to run (the row scheduler on concrete
-  arrays, the core under a trace)."""
-  del evaluator
-  config = config or JSMAConfig()
-  check_config(config)
-  checks.check_inputs(apply_fn, params, images, labels, targets=targets,
-                      target_mode=config.target)
-  images = jnp.asarray(images)
-  labels = jnp.asarray(labels, jnp.int32)
-  targets = None if targets is None else jnp.asarray(targets, jnp.int32)
-  if not checks.is_concrete(params, images, labels, key, targets, config):
-    return common.PreparedCall(functools.partial(
-        jsma_core, apply_fn, params, images, labels, key, config, targets=targets))
-  return schedulers.prepare_jsma_rows(apply_fn, params, images, labels, key, config, targets)
-
-
-def jsma(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
-         key: jax.Array, config: JSMAConfig | None = None, *,
-         targets: jax.Array | None = None, evaluator: Any = None) -> common.AttackResult:
-  """Targeted JSMA: pairs of features moved by theta until the target class wins.
-
-  Args:
-    apply_fn: `apply_fn(params, images[B,H,W,C]) -> logits[B,K]`.
-    params: the model's variables.
-    images: [B,H,W,C] float in [0, 1].
-    labels: [B] true classes.
-    key: PRNG key, or one per image [B] (draws the targets in "random" mode).
-    config: `JSMAConfig`; None is the paper's setting (theta +1, gamma 14.5%).
-    targets: [B] classes for `target="explicit"`; see `attacks.every_other_class` for the
-      paper's all-targets runs.
-    evaluator: ignored (the family's one signature).
-
-  Returns:
-    `AttackResult`; `l0_fraction` is the paper's "percentage of features modified" and
-    `queries` counts iterations (one forward pass and two vector-Jacobian products each;
-    one with `derivative="probabilities"`).
-
-  On concrete arrays it runs the row scheduler (`attacks.schedulers.jsma_rows`); under a
-  trace, `jsma_core`.
-
-  References: Papernot et al., The Limitations of Deep Learning in Adversarial Settings, 2016.
-  """
-  return prepare_jsma(apply_fn, params, images, labels, key, config, targets=targets,
-                      evaluator=evaluator)()
-
-
-def _within_gamma(config: JSMAConfig, result: Any, num_features: int) -> np.ndarray:
-  """Features change in pairs: the last pair may pass gamma by one feature."""
-  return np.asarray(result.l0_fraction) <= float(config.gamma) + 2.0 / num_features + 1e-7
-
-
-def _forward_equivalents(config: JSMAConfig, num_features: int, num_classes: int) -> float:
-  del num_classes
-  return 5.0 * np.ceil(float(config.gamma) * num_features / 2) + 2
-
-
-def _unit(config: JSMAConfig) -> str:
-  """JSMA-F takes one VJP per iteration, JSMA-Z two."""
-  return spec.FORWARD_VJP if config.derivative == PROBABILITIES else spec.FORWARD_TWO_VJPS
-
-
-SPEC = spec.AttackSpec(
-    name="jsma", run=jsma, core=jsma_core, config_cls=JSMAConfig, prepare=prepare_jsma,
-    check_config=check_config, within_budget=_within_gamma,
-    forward_equivalents=_forward_equivalents, unit=_unit,
-    unit_batch=lambda config, num_images: min(config.num_slots, num_images),
-    budget_field="gamma", quick={"gamma": 0.05}, sparse=True)
