@@ -97,21 +97,37 @@ def _cmd_attack(args: argparse.Namespace) -> int:
   return 0
 
 
+PERF_PROGRAMS = ("throughput", "peers", "scaling")
+# Options that belong to one program only: given to another, they are refused by name.
+_PERF_ONLY = {"pixel_images": ("--pixel-images", "peers"), "sweeps": ("--sweeps", "scaling")}
+
+
 def _cmd_perf(args: argparse.Namespace) -> int:
-  if args.peers:
-    from advsweep.bench import peers
+  program = args.program or ("peers" if args.peers else "scaling" if args.scaling
+                             else "throughput")
+  if args.program and (args.peers or args.scaling):
+    flag = "--peers" if args.peers else "--scaling"
+    if flag.removeprefix("--") != args.program:
+      raise ValueError(f"advsweep perf {args.program} {flag}: two programs; {flag} is the old "
+                       f"spelling of `advsweep perf {flag.removeprefix('--')}`")
+  for field, (flag, owner) in _PERF_ONLY.items():
+    if getattr(args, field) is not None and program != owner:
+      raise ValueError(f"{flag} applies to `advsweep perf {owner}` only, not to {program}")
+  if program == "peers":
+    from advsweep.bench.perf import peers
 
     return peers.main(models=args.models, attack_names=args.attacks,
                       num_images=args.num_images, pixel_images=args.pixel_images,
                       quick=args.quick, out=args.out, data_dir=args.data_dir)
-  if args.scaling:
-    from advsweep.bench import scaling
+  if program == "scaling":
+    from advsweep.bench.perf import scaling
 
     return scaling.main(sweeps=args.sweeps, out=args.out, data_dir=args.data_dir)
-  from advsweep.bench import perf
+  from advsweep.bench.perf import throughput
 
-  return perf.main(models=args.models, attack_names=args.attacks, num_images=args.num_images,
-                   quick=args.quick, out=args.out, data_dir=args.data_dir)
+  return throughput.main(models=args.models, attack_names=args.attacks,
+                         num_images=args.num_images, quick=args.quick, out=args.out,
+                         data_dir=args.data_dir)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -319,11 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.set_defaults(func=_cmd_attack)
 
-  p = sub.add_parser("perf", help="attack throughput against the model's raw throughput")
+  p = sub.add_parser("perf", help="benchmarks of advsweep itself: throughput (default), "
+                     "peers, scaling")
+  p.add_argument("program", nargs="?", choices=PERF_PROGRAMS, default=None,
+                 help="throughput: attacks against the model's raw throughput (default); "
+                 "peers: beside ART and Foolbox; scaling: cost against batch, image size, k "
+                 "and population")
   p.add_argument("--models", nargs="+", default=None,
                  help="zoo models or users' (package.module:function; e.g. "
-                 "advsweep.bench.user_models:cifar10_allconv); default: mnist_lenet and a "
-                 "shipped CIFAR-10 model")
+                 "advsweep.bench.perf.user_models:cifar10_allconv); default: mnist_lenet and "
+                 "a shipped CIFAR-10 model")
   p.add_argument("--attacks", nargs="+", default=None, choices=list(attacks.REGISTRY))
   p.add_argument("-n", "--num-images", type=_count, default=None,
                  help="images per attack (default 32; --peers: 256 for FGSM/BIM/PGD, 100 for "
@@ -334,16 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="folder for the parquet file")
   p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
   p.add_argument("--peers", action="store_true",
-                 help="side by side with ART and Foolbox on the same model and images "
-                      '(needs pip install -e ".[peers]")')
+                 help="the old spelling of `advsweep perf peers` (needs pip install -e "
+                 '".[peers]")')
   p.add_argument("--pixel-images", type=_count, default=None,
-                 help="--peers: images for the one-pixel comparison (default 32)")
+                 help="peers: images for the one-pixel comparison (default 32)")
   p.add_argument("--scaling", action="store_true",
-                 help="cost against batch size, image size, k and population, with plots; "
-                      "and the trace count of an eps / F sweep")
+                 help="the old spelling of `advsweep perf scaling`")
   p.add_argument("--sweeps", nargs="+", default=None,
                  choices=["batch", "image_size", "pixels", "population", "retrace"],
-                 help="--scaling: which sweeps (default all)")
+                 help="scaling: which sweeps (default all)")
   p.set_defaults(func=_cmd_perf)
 
   from advsweep.bench import compare, config, reproduce

@@ -38,7 +38,7 @@ def uses_gradients(spec: spec_lib.AttackSpec, config: Any) -> bool:
 def runs_transfer(spec: spec_lib.AttackSpec, cell: Any, model: Any) -> bool:
   """The unit also runs its attack on the model's twin (`transfer_success`): gradient
   attacks on a defended model, in plain cells (not adaptive, not detector-aware)."""
-  return (getattr(model, "undefended", None) is not None
+  return (model.undefended is not None
           and uses_gradients(spec, cell.config) and not cell.adaptive
           and not cell.params.get("evade_detector"))
 
@@ -81,8 +81,7 @@ def unit_checks(spec: spec_lib.AttackSpec, config: Any, cell: Any, model: Any,
   if gradient:
     out["grad_zero_share"] = np.asarray(
         gradient_zero_share(apply_fn, attack_params, images, labels), np.float32)
-  randomized = getattr(model, "randomized", False)
-  if randomized:
+  if model.randomized:
     same = (_logits(model.apply_fn, attack_params, images)
             == _logits(model.apply_fn, eval_params, images))
     out["forward_repeatable"] = np.asarray(jnp.all(same, axis=-1))

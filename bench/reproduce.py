@@ -131,6 +131,15 @@ def class_pair_matrix(table: pa.Table, attack: str = "jsma") -> tuple[list[str],
   return header, rows
 
 
+
+def _class_pairs_section(table: pa.Table) -> tuple[str, list[str], list[list[str]]]:
+  header, rows = class_pair_matrix(table)
+  return "Class pairs: success rate / mean features changed on successes", header, rows
+
+
+# A paper's own tables, named by its `sections` in published.toml.
+SECTIONS = {"class_pairs": _class_pairs_section}
+
 def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
               data_dir: str | None = None, overrides: list[str] | None = None,
               progress: bool = True, log=print) -> str:
@@ -156,9 +165,8 @@ def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
       defense_text, defense_markdown = report.defense_lines(table)
       text += defense_text
       markdown += defense_markdown
-    if paper == "papernot2016":
-      header, rows = class_pair_matrix(table)
-      title = "Class pairs: success rate / mean features changed on successes"
+    for section in entry.get("sections", []):  # the paper's own tables (`SECTIONS`)
+      title, header, rows = SECTIONS[section](table)
       text += ["", title, tables.format_text(header, rows)]
       markdown += ["", f"## {title}", "", tables.format_markdown(header, rows)]
     if "tables" in entry:

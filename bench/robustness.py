@@ -33,6 +33,9 @@ HEADER = ("model", "defense", "twin", "n", "clean", "FGSM", "PGD", "1-pixel k=1"
 COLUMNS = {"FGSM": ("fgsm", {}), "PGD": ("pgd", {}),
            "1-pixel k=1": ("one_pixel", {"num_pixels": 1}),
            "1-pixel k=3": ("one_pixel", {"num_pixels": 3}), "JSMA": ("jsma", {})}
+# The column whose rows carry the twin's transfer check ("PGD from twin") and whose setting
+# the title names.
+WHITE_BOX = "PGD"
 
 
 def _rate(hits: np.ndarray) -> tuple[int, int]:
@@ -148,7 +151,7 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
       if rates[column][1]:
         chosen[column] = (index[mask], robust[mask])
       row.append(_cell_text(*rates[column]))
-    pgd = in_model & (cols["attack"] == "pgd")
+    pgd = in_model & (cols["attack"] == COLUMNS[WHITE_BOX][0])
     transferred = [v for v in cols["transfer_success"][pgd] if v is not None]
     if transferred:
       fooled = np.asarray([v is True for v in cols["transfer_success"][pgd]], bool)
@@ -157,7 +160,7 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
     else:
       row.append("-")
     rows.append(row)
-    white_box = rates["PGD"]
+    white_box = rates[WHITE_BOX]
     if masking.disjoint_above(white_box, rates["FGSM"]):
       flags.append(f"FLAG {model}: one FGSM step ({_share(rates['FGSM'])}) leaves fewer "
                    f"images correct than PGD ({_share(white_box)}): PGD's steps or budget "
@@ -182,7 +185,8 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
 def _pgd_setting(table: pa.Table) -> str:
   cols = report.columns(table)
   settings = sorted({report.params_text(p) for p, a in zip(cols["params"], cols["attack"],
-                                                          strict=True) if a == "pgd"})
+                                                          strict=True)
+                     if a == COLUMNS[WHITE_BOX][0]})
   return "; ".join(settings) or "not run"
 
 

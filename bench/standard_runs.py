@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advsweep.bench import results, standard, stats, tables
-from advsweep.models import custom, datasets, defenses, files
+from advsweep.models import custom, datasets, files
 
 HEADER_START = ("model", "defense", "twin", "n", "clean")
 
@@ -31,7 +31,7 @@ def settings(name: str, model: Any, num_images: int, norm: str, version: str, qu
              seed: int) -> dict[str, Any]:
   """What an evaluation's files must share with a run that reuses them."""
   dataset = model.meta["dataset"]
-  if getattr(model, "randomized", False):
+  if model.randomized:
     version = standard.RAND  # AutoAttack's version for a randomized model
   eps = standard.BUDGETS.get((dataset, norm))
   if eps is None:
@@ -126,9 +126,8 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
       continue
     images, labels = datasets.load(meta["dataset"], "test", data_dir)
     images, labels = images[:num_images], labels[:num_images]
-    attack_fn = None
-    if isinstance(model, defenses.DefendedModel):
-      attack_fn = model.attack_apply_fn(bpda=True, eot_samples=standard.EOT_DRAWS)
+    attack_fn = model.attack_apply_fn(bpda=True, eot_samples=standard.EOT_DRAWS)
+    attack_fn = None if attack_fn is model.apply_fn else attack_fn
     tic = time.perf_counter()
     evaluation = standard.evaluate(
         model.apply_fn, model.params, images, labels, norm=norm, eps=meta["eps"],

@@ -48,7 +48,7 @@ from advsweep.bench import (
 )
 from advsweep.bench import config as config_lib
 from advsweep.bench.config import Cell, ConfigError, RunConfig
-from advsweep.models import custom, datasets, defenses, files, interrupts, zoo
+from advsweep.models import custom, datasets, files, interrupts, zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +184,7 @@ class Runner:
     of another key than the evaluation's (`attack_draws_key`)."""
     name = ("attack", data.model.name)
     if name not in self._params:
-      model = data.model
-      if getattr(model, "randomized", False):
-        model = model.with_draws(attack_draws_key(self.config.seed))
+      model = data.model.with_draws(attack_draws_key(self.config.seed))
       self._params[name] = jax.device_put(model.params, self.replicated)
     return self._params[name]
 
@@ -209,15 +207,13 @@ class Runner:
     if cell.params.get("evade_detector"):  # aim 10% under the threshold, to end under it
       config = dataclasses.replace(
           config, detector_threshold=EVADE_MARGIN * data.detector_threshold)
-    defended = isinstance(model, defenses.DefendedModel)
-    apply_fn = (model.attack_apply_fn(cell.bpda, cell.eot_samples) if defended
-                else model.apply_fn)
+    apply_fn = model.attack_apply_fn(cell.bpda, cell.eot_samples)
     params = self.attack_params(data)
     compiled_before = compilation.seconds()
     start = time.perf_counter()
     result = spec.run(apply_fn, params, images, labels, keys, config, targets=targets,
                       evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
-    if defended and model.randomized:  # success as the defense's own draws decide it
+    if model.randomized:  # success as the defense's own draws decide it
       result = attacks.common.finalize(model.apply_fn, self.params(data), images,
                                        result.adv_images, labels, result.target,
                                        result.queries, result.evaluation,
@@ -383,8 +379,7 @@ def load_models(config: RunConfig, data_dir: str | None,
   cells = config.cells()
   for name in config.models:
     model = resolve_model(name, checkpoint_dir)
-    if getattr(model, "randomized", False):
-      model = model.with_draws(evaluation_draws_key(config.seed))
+    model = model.with_draws(evaluation_draws_key(config.seed))
     dataset = model.meta.get("dataset") or config.raw["dataset"]
     if not dataset:
       raise ConfigError(f"model {name} names no dataset; set dataset = \"FOLDER\" (or a "

@@ -38,6 +38,53 @@ from advsweep.models import transforms, zoo
 
 
 @dataclasses.dataclass(frozen=True)
+class Kind:
+  """Everything about one kind of input transformation, in one record.
+
+  Attributes:
+    name: how configs name it (`jpeg` in `jpeg:75`).
+    transform: `(images, level) -> images`, or `(images, keys, level) -> images` where
+      `randomized` (one key per image).
+    levels: the range of its level, inclusive.
+    rounds: has a rounding step whose gradient is zero almost everywhere (attack it
+      through BPDA).
+    randomized: draws anew on every forward pass (attack it with EOT).
+    default_level: the level a bare name takes, or None where a level must be given.
+  """
+
+  name: str
+  transform: Callable[..., jax.Array]
+  levels: tuple[int, int]
+  rounds: bool = False
+  randomized: bool = False
+  default_level: int | None = None
+
+
+REGISTRY: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+  """Makes an input defense known to configs and `MODEL+NAME:LEVEL` references."""
+  if kind.name in REGISTRY and REGISTRY[kind.name] is not kind:
+    raise ValueError(f"defense {kind.name!r} is already registered")
+  REGISTRY[kind.name] = kind
+  return kind
+
+
+register(Kind("jpeg", lambda images, q: transforms.jpeg(images, quality=q), (1, 100),
+              rounds=True))
+register(Kind("bits", lambda images, b: transforms.bit_depth(images, bits=b), (1, 8),
+              rounds=True))
+register(Kind("median", lambda images, s: transforms.median_smooth(images, size=s), (1, 7),
+              rounds=True))
+# Xie et al. resize 299 to at least 299/331, about 90% of the side: a bare name's level.
+register(Kind("randomize", lambda images, keys, pct: transforms.random_resize_pad(
+    images, keys, min_size=math.ceil(images.shape[1] * pct / 100)), (50, 100),
+    randomized=True, default_level=90))
+KINDS = tuple(REGISTRY)  # the shipped kinds (`REGISTRY` holds any registered since)
+
+
+@dataclasses.dataclass(frozen=True)
 class Defense:
   """A named input transformation: `jpeg:75`, `bits:4`, `median:2`, `randomize:90` (the
   smallest resize in percent of the image side)."""
@@ -50,52 +97,44 @@ class Defense:
     return f"{self.kind}:{self.level}"
 
   @property
+  def record(self) -> Kind:
+    return REGISTRY[self.kind]
+
+  @property
   def randomized(self) -> bool:
     """Draws anew on every forward pass (attack it with EOT)."""
-    return self.kind in _RANDOM
+    return self.record.randomized
 
   @property
   def shatters_gradients(self) -> bool:
     """Has a rounding step whose gradient is zero almost everywhere (attack it with BPDA)."""
-    return self.kind in _TRANSFORMS
+    return self.record.rounds
 
   def transform(self, images: jax.Array, keys: jax.Array | None = None) -> jax.Array:
     """The transformed images; a randomized defense takes one key per image."""
     if self.randomized:
       if keys is None:
         raise ValueError(f"defense {self.name} is randomized: pass one key per image")
-      return _RANDOM[self.kind](images, keys, self.level)
-    return _TRANSFORMS[self.kind](images, self.level)
-
-
-_TRANSFORMS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
-    "jpeg": lambda images, q: transforms.jpeg(images, quality=q),
-    "bits": lambda images, b: transforms.bit_depth(images, bits=b),
-    "median": lambda images, s: transforms.median_smooth(images, size=s),
-}
-_RANDOM: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
-    "randomize": lambda images, keys, pct: transforms.random_resize_pad(
-        images, keys, min_size=math.ceil(images.shape[1] * pct / 100)),
-}
-_RANGES = {"jpeg": (1, 100), "bits": (1, 8), "median": (1, 7), "randomize": (50, 100)}
-# A bare name takes its usual level: Xie et al. resize 299 to at least 299/331 ~ 90%.
-_DEFAULT_LEVELS = {"randomize": 90}
-KINDS = (*_TRANSFORMS, *_RANDOM)
+      return self.record.transform(images, keys, self.level)
+    return self.record.transform(images, self.level)
 
 
 def parse(text: str) -> Defense:
   """`"jpeg:75"` -> Defense("jpeg", 75), `"randomize"` -> Defense("randomize", 90); a clear
   ValueError for anything else."""
-  kind, sep, level = text.partition(":")
-  if not sep and kind in _DEFAULT_LEVELS:
-    level, sep = str(_DEFAULT_LEVELS[kind]), ":"
-  if kind not in KINDS or not sep or not level.isdigit():
+  name, sep, level = text.partition(":")
+  kind = REGISTRY.get(name)
+  if kind is not None and not sep and kind.default_level is not None:
+    level, sep = str(kind.default_level), ":"
+  if kind is None or not sep or not level.isdigit():
+    bare = [k.name for k in REGISTRY.values() if k.default_level is not None]
     raise ValueError(f"unknown defense {text!r}; valid forms: "
-                     + ", ".join(f"{k}:N" for k in KINDS) + " (e.g. jpeg:75), randomize")
-  low, high = _RANGES[kind]
+                     + ", ".join(f"{k}:N" for k in REGISTRY) + " (e.g. jpeg:75)"
+                     + "".join(f", {b}" for b in bare))
+  low, high = kind.levels
   if not low <= int(level) <= high:
-    raise ValueError(f"defense {text!r}: {kind} takes a level in [{low}, {high}]")
-  return Defense(kind, int(level))
+    raise ValueError(f"defense {text!r}: {name} takes a level in [{low}, {high}]")
+  return Defense(name, int(level))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,6 +283,27 @@ class Model:
 
     return pixel_local.splicer_for(self.apply_fn)
 
+  @property
+  def randomized(self) -> bool:
+    """Whether the forward pass draws anew on every call (an input defense such as
+    `randomize`); a plain model is deterministic."""
+    return False
+
+  def attack_apply_fn(self, bpda: bool = False, eot_samples: int = 1
+                      ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
+    """What an attack differentiates: a plain model's own `apply_fn` (an input defense
+    answers with BPDA or EOT where asked, `models.defenses`)."""
+    del bpda
+    if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
+      raise ValueError(f"EOT samples must be an integer >= 1 (1: no averaging); got "
+                       f"{eot_samples!r}")
+    return self.apply_fn
+
+  def with_draws(self, key: jax.Array) -> Model:
+    """The same model under another key of its randomness: a plain model has none."""
+    del key
+    return self
+
   def intermediates(self, params: Any, images: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Logits and every layer's post-activation output, keyed by layer name."""

@@ -1,5 +1,5 @@
 """The accelerator script's steps are commands the CLI takes (the script itself runs on a
-device, or as a CPU smoke run with --quick: `python -m advsweep.bench.accelerator --quick`)."""
+device, or as a CPU smoke run with --quick: `python -m advsweep.bench.perf.accelerator --quick`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from advsweep.bench import accelerator, cli
+from advsweep.bench import cli
+from advsweep.bench.perf import accelerator
 
 
 @pytest.mark.parametrize("quick", [True, False])

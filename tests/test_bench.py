@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from advsweep import attacks
-from advsweep.bench import cli, perf, run_attack
+from advsweep.bench import cli, run_attack
+from advsweep.bench.perf import throughput
 from tests.attack_models import random_images, small_cnn
 from tests.conftest import requires_data
 
@@ -52,7 +53,7 @@ def test_perf_counts_the_gradient_passes(config, units_per_image):
   apply_fn, params = small_cnn()
   images = random_images(8, 8, 8, 3)
   name = type(config).__name__[:-len("Config")].lower()
-  row = perf.measure("tiny", apply_fn, params, name, images, np.arange(8) % 5, config)
+  row = throughput.measure("tiny", apply_fn, params, name, images, np.arange(8) % 5, config)
   assert row["units_per_image"] == units_per_image
   assert row["raw_units_per_s"] > 0 and row["attack_units_per_s"] > 0
   # The model's own time: the attack's units and one re-check forward pass per image.
@@ -74,7 +75,7 @@ def test_attack_and_raw_passes_are_timed_in_turn():
       return name
     return call
 
-  result, attack_s, unit_s, check_s = perf.interleaved_seconds(
+  result, attack_s, unit_s, check_s = throughput.interleaved_seconds(
       sleeper("attack", 0.03), sleeper("unit", 0.01), sleeper("check", 0.004), min_seconds=0.2)
   assert result == "attack"
   assert attack_s == pytest.approx(0.03, abs=0.01) and unit_s == pytest.approx(0.01, abs=0.005)
@@ -82,7 +83,7 @@ def test_attack_and_raw_passes_are_timed_in_turn():
   rounds = "".join(name[0] for name in log).split("a")[1:]
   assert len(rounds) >= 3 and all("u" in r and "c" in r for r in rounds)
   log.clear()  # a slow attack still gets the median of `min_rounds` runs
-  perf.interleaved_seconds(sleeper("attack", 0.03), sleeper("unit", 0.01),
+  throughput.interleaved_seconds(sleeper("attack", 0.03), sleeper("unit", 0.01),
                            sleeper("check", 0.004), min_seconds=0.0, min_rounds=3)
   assert log.count("attack") == 3
 
@@ -105,11 +106,11 @@ def test_one_pixel_unit_batch_is_what_the_model_sees():
 
 def test_perf_rows_round_trip_through_parquet(tmp_path):
   rows = [{"model": "m", "attack": "fgsm", "efficiency": 0.9, "images": 3}]
-  path = perf.write_parquet(rows, tmp_path)
+  path = throughput.write_parquet(rows, tmp_path)
   table = pq.read_table(path)
   assert table.column("efficiency").to_pylist() == [0.9]
   assert table.column("device_count").to_pylist() == [jax.device_count()]
-  assert "fgsm" in perf.format_table([{**rows[0], "unit": "fwd+bwd", "unit_batch": 3,
+  assert "fgsm" in throughput.format_table([{**rows[0], "unit": "fwd+bwd", "unit_batch": 3,
                                        "raw_units_per_s": 1.0, "attack_units_per_s": 0.9,
                                        "images_per_s": 1.0, "units_per_image": 1.0,
                                        "success_rate": 1.0, "compile_s": 0.1, "run_s": 0.1,

@@ -1,10 +1,10 @@
-"""The side-by-side benchmark (bench/peers.py) on a few images: counts and cross-checks."""
+"""The side-by-side benchmark (bench/perf/peers.py) on a few images: counts and cross-checks."""
 
 from __future__ import annotations
 
 import pytest
 
-from advsweep.bench import peers
+from advsweep.bench.perf import peers
 from advsweep.models import zoo
 from tests.conftest import DATA_DIR, requires_data
 

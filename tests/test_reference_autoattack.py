@@ -1,4 +1,4 @@
-"""bench/reference_autoattack.py: the torch models equal the JAX ones (logits and input
+"""bench/perf/reference_autoattack.py: the torch models equal the JAX ones (logits and input
 gradients), and a tiny torchattacks AutoAttack run checks its own output. Skipped without the
 optional extra (pip install -e ".[reference]")."""
 
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchattacks")
 
-from advsweep.bench import reference_autoattack as ref  # noqa: E402
+from advsweep.bench.perf import reference_autoattack as ref  # noqa: E402
 from advsweep.models import datasets, zoo  # noqa: E402
 from tests import attack_models  # noqa: E402
 from tests.conftest import requires_data  # noqa: E402

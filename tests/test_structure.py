@@ -102,12 +102,100 @@ def test_a_registered_toy_attack_runs_through_sweep_report_and_compare(
   assert compare.compare(out, out, log=lambda *_: None) == 0
 
 
-def test_bench_never_branches_on_an_attack_name():
-  """Facts about an attack live in its spec: no `attack == "..."` in bench/."""
-  pattern = re.compile(r"(?<!for )\battack\s*(==|!=|in|not in)\s*\(?[\"']")
-  for path in (ROOT / "bench").glob("*.py"):
+def _driver_modules() -> list[Path]:
+  """bench/'s modules but the self-benchmarks (bench/perf/ names the peers' attacks)."""
+  return [p for p in (ROOT / "bench").rglob("*.py") if "perf" not in p.relative_to(ROOT).parts]
+
+
+def _names_bench_must_not_branch_on() -> set[str]:
+  import tomllib
+
+  from advsweep.models import defenses
+
+  papers = set(tomllib.loads((ROOT / "bench" / "published.toml").read_text()))
+  return set(attacks.REGISTRY) | papers | set(defenses.KINDS)
+
+
+def test_bench_never_branches_on_an_attack_paper_or_defense_name():
+  """Facts about an attack live in its spec, about a paper in published.toml, about a
+  defense in its record: no `x == "pgd"`, `paper == "papernot2016"` or `in ("jpeg", ...)`."""
+  names = _names_bench_must_not_branch_on()
+  pattern = re.compile(r"""(==|!=|\bin\b)\s*[(\[{]?\s*["']([a-z0-9_]+)["']""")
+  for path in _driver_modules():
     for number, line in enumerate(path.read_text().splitlines(), 1):
-      assert not pattern.search(line), f"{path.name}:{number}: {line.strip()}"
+      for match in pattern.finditer(line):
+        assert match.group(2) not in names, f"{path.name}:{number}: {line.strip()}"
+
+
+def _modules() -> dict[str, Path]:
+  """advsweep's modules by dotted name, from the source folders."""
+  out = {}
+  for folder in ("attacks", "bench", "models"):
+    for path in (ROOT / folder).rglob("*.py"):
+      parts = list(path.relative_to(ROOT).with_suffix("").parts)
+      if parts[-1] == "__init__":
+        parts = parts[:-1]
+      out["advsweep." + ".".join(parts)] = path
+  return out
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> dict[str, str]:
+  """The advsweep modules `path` imports, any where in the file, by local name -> module."""
+  import ast
+
+  out = {}
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("advsweep"):
+      for alias in node.names:
+        full = f"{node.module}.{alias.name}"
+        out[alias.asname or alias.name] = full if full in modules else node.module
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("advsweep"):
+          out[alias.asname or alias.name] = alias.name
+  return out
+
+
+def test_the_import_graph_has_no_cycle():
+  """Built from the source, lazy imports inside functions included: no module reaches
+  itself."""
+  modules = _modules()
+  graph = {m: {t for t in _imports(p, modules).values() if t in modules and t != m}
+           for m, p in modules.items()}
+  state: dict[str, int] = {}  # 1: on the path, 2: done
+
+  def visit(module: str, path: list[str]) -> None:
+    state[module] = 1
+    for target in sorted(graph[module]):
+      assert state.get(target) != 1, "import cycle: " + " -> ".join([*path, module, target])
+      if target not in state:
+        visit(target, [*path, module])
+    state[module] = 2
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [])
+
+
+def test_no_module_reaches_a_private_name_of_another():
+  import ast
+
+  modules = _modules()
+  for module, path in modules.items():
+    local = _imports(path, modules)
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("advsweep"):
+        for alias in node.names:
+          private = alias.name.startswith("_") and not alias.name.startswith("__")
+          assert not private, f"{path}:{node.lineno}: imports {node.module}.{alias.name}"
+      if isinstance(node, ast.Attribute) and node.attr.startswith("_") and (
+          not node.attr.startswith("__")):
+        root = node.value
+        while isinstance(root, ast.Attribute):
+          root = root.value
+        target = local.get(root.id) if isinstance(root, ast.Name) else None
+        assert target is None or target == module, (
+            f"{path}:{node.lineno}: {ast.unparse(node)} is private to {target}")
 
 
 def test_attacks_functions_stay_short():
@@ -173,3 +261,13 @@ def test_advsweep_run_ci_from_a_project_with_its_own_models_package(tmp_path, da
   assert proc.returncode == 0, proc.stderr
   assert "fgsm" in proc.stdout
   assert results.read_run(tmp_path / "ci").num_rows == 2 * 9  # 2 eps x 3 bins x 3 images
+
+
+def test_the_driver_never_imports_the_self_benchmarks():
+  """bench/perf/ (advsweep's benchmarks of itself) is reached only by the command line."""
+  modules = _modules()
+  for path in _driver_modules():
+    if path.name == "cli.py":
+      continue
+    for target in _imports(path, modules).values():
+      assert not target.startswith("advsweep.bench.perf"), f"{path} imports {target}"

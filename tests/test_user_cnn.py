@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advsweep.bench import user_cnn
+from advsweep.bench.perf import user_cnn
 from advsweep.models import custom
 from tests.conftest import requires_data
 from tests.test_locality import _check_splits
@@ -27,7 +27,7 @@ def test_the_users_cnn_is_pixel_local_from_its_function():
 
 
 def test_missing_weights_say_how_to_train(tmp_path):
-  with pytest.raises(FileNotFoundError, match="python -m advsweep.bench.user_cnn"):
+  with pytest.raises(FileNotFoundError, match="python -m advsweep.bench.perf.user_cnn"):
     user_cnn.load(tmp_path / "none.msgpack")
 
 

@@ -1,5 +1,5 @@
 """Zoo weights handed over as a user hands advsweep a model, for `advsweep perf` and
-`advsweep perf --peers` (`--models advsweep.bench.user_models:cifar10_allconv`).
+`advsweep perf peers` (`--models advsweep.bench.perf.user_models:cifar10_allconv`).
 
 A user's model reaches the attacks as a plain function and its params
 (`models.custom.model`): no module advsweep knows, an `apply_fn` compared by identity, the
@@ -44,7 +44,7 @@ def cifar10_resnet20():
 
 def cifar10_user_cnn():
   """A CIFAR-10 CNN outside the zoo with its own trained weights (`bench.user_cnn`)."""
-  from advsweep.bench import user_cnn
+  from advsweep.bench.perf import user_cnn
 
   params, meta = user_cnn.load()
   return custom.model("cifar10_user_cnn", user_cnn.apply_fn, params, dataset="cifar10",

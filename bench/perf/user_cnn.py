@@ -1,5 +1,6 @@
 """A CIFAR-10 CNN as a user would write and train it, outside the zoo, for the benchmarks'
-user's-model path (`advsweep perf --peers --models advsweep.bench.user_models:cifar10_user_cnn`).
+user's-model path
+(`advsweep perf peers --models advsweep.bench.perf.user_models:cifar10_user_cnn`).
 
 Nothing in it is advsweep's: a Flax module of its own design (GELU, average and max pools, a
 global mean head), trained by a plain optax loop, its weights saved with flax's msgpack
@@ -9,7 +10,7 @@ figures measure what a user with their own model gets.
 
 Train (about 10 minutes on a 2-core CPU; the weights land in `results/perf/`):
 
-    python -m advsweep.bench.user_cnn --data-dir ../shared/data
+    python -m advsweep.bench.perf.user_cnn --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import optax
 
 from advsweep.models import datasets, files
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "results" / "perf" / "user-cnn-cifar10.msgpack"
+WEIGHTS = Path(__file__).resolve().parents[2] / "results" / "perf" / "user-cnn-cifar10.msgpack"
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.247, 0.2435, 0.2616], np.float32)
 
@@ -60,7 +61,7 @@ def load(path: str | Path = WEIGHTS) -> tuple[dict, dict]:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found; train the user's CNN first: python -m "
-                            "advsweep.bench.user_cnn --data-dir DATA_DIR")
+                            "advsweep.bench.perf.user_cnn --data-dir DATA_DIR")
   template = UserCNN().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   params = flax.serialization.from_bytes(template, path.read_bytes())
   return params, json.loads(path.with_suffix(".json").read_text())

@@ -9,7 +9,7 @@ Newcombe interval), and each one's wall time. Our figure must not exceed the ref
 more than one point or its interval: an evaluation that finds fewer adversarial examples
 than the reference is not AutoAttack-grade.
 
-    python -m advsweep.bench.standard_vs_reference --models mnist_lenet_pgd --n 1000 \\
+    python -m advsweep.bench.perf.standard_vs_reference --models mnist_lenet_pgd --n 1000 \\
         --out results/standard-reference
 
 Needs the reference's optional packages (see `bench.reference_autoattack`).
@@ -96,7 +96,7 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
             ours_from: Path | None = None, log=print) -> dict[str, Any]:
   """Runs both on `name`'s first `num_images` test images (ours read from the kept files of
   `ours_from` where given: then no speed is compared); returns the comparison."""
-  from advsweep.bench import reference_autoattack as reference
+  from advsweep.bench.perf import reference_autoattack as reference
 
   model = zoo.load(name)
   dataset = model.meta["dataset"]
@@ -152,7 +152,7 @@ def row(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.standard_vs_reference",
+  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.perf.standard_vs_reference",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", nargs="+", required=True, choices=list(zoo.ZOO),
                       metavar="MODEL")

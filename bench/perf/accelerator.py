@@ -1,12 +1,12 @@
 """The accelerator check: one script to run where a GPU or TPU can be had, recording its figures
 in `results/perf/accelerator-<device>-<time>.md` beside the device's name.
 
-    python -m advsweep.bench.accelerator --data-dir DATA [--out results/perf] [--quick]
+    python -m advsweep.bench.perf.accelerator --data-dir DATA [--out results/perf] [--quick]
 
 Steps, each a separate `advsweep` process timed from its start (compilation included, the
 persistent compile cache switched off so a rerun measures the same thing):
 1. `advsweep perf --quick`: the attacks' throughput;
-2. `advsweep perf --peers --attacks one_pixel` on a zoo CIFAR-10 model: ours beside ART
+2. `advsweep perf peers --attacks one_pixel` on a zoo CIFAR-10 model: ours beside ART
    (goal on a GPU: >= 30x ART);
 3. `advsweep robustness --standard` on a defended CIFAR-10 model (1,000 images);
 4. `advsweep reproduce su2019` in full (goal on a GPU: under 15 minutes);
@@ -44,7 +44,7 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str]]]:
   runs = str(out / "accelerator-runs")
   return [
       ("perf --quick", ["perf", "--quick", "--out", str(out)]),
-      ("one-pixel vs ART", ["perf", "--peers", "--attacks", "one_pixel", "--models",
+      ("one-pixel vs ART", ["perf", "peers", "--attacks", "one_pixel", "--models",
                             CIFAR_MODEL, "--out", str(out),
                             *(["--quick"] if quick else ["--pixel-images", "100"])]),
       ("standard evaluation", ["robustness", "--standard", "--models", DEFENDED_MODEL,
@@ -110,7 +110,7 @@ def _one_pixel_speedup(out: Path, since: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.accelerator",
+  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.perf.accelerator",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="results/perf", help="folder for the figures")
   parser.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))

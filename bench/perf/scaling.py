@@ -1,4 +1,4 @@
-"""How attack cost grows (`advsweep perf --scaling`), and that sweeps do not recompile.
+"""How attack cost grows (`advsweep perf scaling`), and that sweeps do not recompile.
 
 Four sweeps, each timed as run time with compilation apart (first call minus second call),
 each attack at this benchmark's small budgets (`BUDGETS`; an attack not named there at its
@@ -27,7 +27,8 @@ import matplotlib
 import numpy as np
 
 from advsweep import attacks
-from advsweep.bench import perf, tables
+from advsweep.bench import tables
+from advsweep.bench.perf import throughput
 from advsweep.models import datasets, zoo
 
 matplotlib.use("Agg")
@@ -57,7 +58,7 @@ def timed_attack(model: zoo.Model, attack: str, images: jax.Array, labels: np.nd
   prepared = attacks.REGISTRY[attack].prepared(
       model.apply_fn, model.params, images, labels, jax.random.key(0), config,
       evaluator=model.pixel_evaluator)
-  result, compile_s, run = perf.compile_and_run_seconds(prepared)
+  result, compile_s, run = throughput.compile_and_run_seconds(prepared)
   return {"run_s": run, "compile_s": compile_s, "s_per_image": run / len(images),
           "evals_per_image": float(np.mean(np.asarray(result.queries)))}
 
@@ -194,7 +195,7 @@ SWEEPS = {"batch": batch_rows, "image_size": image_size_rows, "pixels": pixels_r
 
 def main(*, sweeps: Sequence[str] | None = None, out: str | os.PathLike = "results/perf",
          data_dir: str | None = None) -> int:
-  """`advsweep perf --scaling`: the named `sweeps` (default all of `SWEEPS`); prints the
+  """`advsweep perf scaling`: the named `sweeps` (default all of `SWEEPS`); prints the
   tables, writes the plots and the parquet file to `out`."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -206,5 +207,5 @@ def main(*, sweeps: Sequence[str] | None = None, out: str | os.PathLike = "resul
     print(f"wrote {path}")
   keys = list(dict.fromkeys(k for r in rows for k in r))
   rows = [{k: r.get(k) for k in keys} for r in rows]
-  print(f"wrote {perf.write_parquet(rows, out, prefix='scaling')}")
+  print(f"wrote {throughput.write_parquet(rows, out, prefix='scaling')}")
   return 0

@@ -5,7 +5,7 @@ one's wall time and what it was made of: compilation and attack time as the rows
 (`compile_s`, `wall_s`), and the rest (starting Python and JAX, data, the image selection,
 the report).
 
-    python -m advsweep.bench.cold_start [--config main] [--data-dir DATA]
+    python -m advsweep.bench.perf.cold_start [--config main] [--data-dir DATA]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def timed_run(config: str, out: Path, cache: Path, data_dir: str | None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.cold_start",
+  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.perf.cold_start",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="main")
   parser.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))

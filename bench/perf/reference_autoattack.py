@@ -30,7 +30,7 @@ downgrade requests (and urllib3) under TFDS. Install it in two steps:
     pip install torch==2.13.0                    # the CPU build, or your platform's
     pip install --no-deps torchattacks==3.5.1    # its scipy, tqdm, numpy come with advsweep
 
-    python -m advsweep.bench.reference_autoattack mnist_lenet_pgd --n 100 --out ref.parquet
+    python -m advsweep.bench.perf.reference_autoattack mnist_lenet_pgd --n 100 --out ref.parquet
 """
 
 from __future__ import annotations
@@ -562,7 +562,7 @@ def measure_batch_sizes(name: str, sizes: Sequence[int] = (100, 250, 500, 1000),
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m advsweep.bench.reference_autoattack",
+      prog="python -m advsweep.bench.perf.reference_autoattack",
       description="torchattacks' standard AutoAttack on a zoo model (the reference).")
   parser.add_argument("model")
   parser.add_argument("--n", type=int, default=1000, help="first N test images (1000)")

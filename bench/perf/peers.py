@@ -1,4 +1,4 @@
-"""advsweep side by side with the peer libraries (`advsweep perf --peers`).
+"""advsweep side by side with the peer libraries (`advsweep perf peers`).
 
 Each advsweep attack and its peer equivalent run in one process on the same zoo weights, the
 same images (the first test images the model classifies correctly) and the same jitted JAX
@@ -39,7 +39,8 @@ import numpy as np
 import optax
 
 from advsweep import attacks
-from advsweep.bench import perf, tables, timing
+from advsweep.bench import tables, timing
+from advsweep.bench.perf import throughput
 from advsweep.models import datasets
 
 PEER_HINT = 'the peer libraries are an optional extra: pip install -e ".[peers]"'
@@ -103,7 +104,7 @@ def _import_peers():
     import art  # noqa: F401
     import foolbox  # noqa: F401
   except ImportError as err:
-    raise SystemExit(f"advsweep perf --peers: {err}; {PEER_HINT}") from err
+    raise SystemExit(f"advsweep perf peers: {err}; {PEER_HINT}") from err
 
 
 def _art_jax_classifier(forward: CountingForward, input_shape, num_classes):
@@ -346,8 +347,8 @@ def format_table(rows: list[dict]) -> str:
 def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | None = None,
          num_images: int | None = None, pixel_images: int | None = None, quick: bool = False,
          out: str | os.PathLike = "results/perf", data_dir: str | None = None) -> int:
-  """`advsweep perf --peers`: ours beside ART and Foolbox on each model (default
-  `perf.default_models()`) for the attacks that have a peer (`RUNNERS`; `attack_names`
+  """`advsweep perf peers`: ours beside ART and Foolbox on each model (default
+  `throughput.default_models()`) for the attacks that have a peer (`RUNNERS`; `attack_names`
   picks some). `num_images` sets the gradient and JSMA images, `pixel_images` the
   one-pixel ones; `quick` shrinks everything to a smoke run."""
   _import_peers()
@@ -356,11 +357,11 @@ def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | N
   wanted = list(attack_names or covered)
   unknown = [a for a in wanted if a not in covered]
   if unknown:
-    raise SystemExit(f"advsweep perf --peers: no peer runs {', '.join(unknown)}; the peers "
+    raise SystemExit(f"advsweep perf peers: no peer runs {', '.join(unknown)}; the peers "
                      f"cover {', '.join(covered)}")
   rows, notes = [], []
-  for model_name in models or perf.default_models():
-    model = perf.load_model(model_name)
+  for model_name in models or throughput.default_models():
+    model = throughput.load_model(model_name)
     settings = default_settings(model.meta["dataset"])
     if pixel_images:
       settings.pixel_images = pixel_images
@@ -384,6 +385,6 @@ def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | N
   print(format_table(rows))
   print("\n".join(notes + ["every library calls the same jitted forward pass; times exclude "
                            "compilation (each library is warmed up first)"]))
-  path = perf.write_parquet(rows, out, prefix="peers")
+  path = throughput.write_parquet(rows, out, prefix="peers")
   print(f"wrote {path}")
   return 0
