@@ -1,4 +1,5 @@
-"""Run configs: TOML files in `bench/configs/`, `--set` overrides, and their sweep expansion.
+"""Run configs: TOML files in `bench/configs/` and the papers' folders, `--set` overrides, and
+their sweep expansion.
 
 A config declares the models, the images (how many per confidence bin, drawn with the run's
 seed), the bins, and the attacks with their parameters. A list value sweeps that parameter;
@@ -322,21 +323,29 @@ def expand(table: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 
 def config_path(name_or_path: str) -> Path:
-  """A config by name (`main` is `bench/configs/main.toml`) or by path."""
+  """A config by name (`main` is `bench/configs/main.toml`, `su2019` is in its paper's folder,
+  `bench/papers/su2019/`) or by path."""
   path = Path(name_or_path)
   if path.suffix == ".toml" or path.exists():
     if not path.is_file():
       raise ConfigError(f"no config file {path}")
     return path
-  path = CONFIG_DIR / f"{name_or_path}.toml"
-  if not path.is_file():
+  path = _named_configs().get(name_or_path)
+  if path is None:
     raise ConfigError(f"unknown config {name_or_path!r}; valid choices: "
                       f"{', '.join(available())}, or a path to a .toml file")
   return path
 
 
+def _named_configs() -> dict[str, Path]:
+  """The shipped configs by name: `bench/configs/` and the papers' folders."""
+  from advsweep.bench import papers
+
+  return {**{p.stem: p for p in CONFIG_DIR.glob("*.toml")}, **papers.config_files()}
+
+
 def available() -> list[str]:
-  return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+  return sorted(_named_configs())
 
 
 def parse_value(raw: str) -> Any:

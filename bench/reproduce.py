@@ -1,13 +1,12 @@
 """`advsweep reproduce PAPER [--quick]`: run a paper's sweep and print ours beside theirs.
 
-The published figures and their sources live in one data file, `bench/published.toml`.
+The published figures and their sources live in each paper's folder, `bench/papers/<paper>/`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep.bench import config as config_lib
+from advsweep.bench import papers as papers_lib
 from advsweep.bench import report, results, stats, sweep, tables
 
-PUBLISHED = Path(__file__).parent / "published.toml"
 RATE_METRICS = ("success_rate", "top1_error", "top5_error", "accuracy")
 # Over every image of the cell, the way robustness is usually published (RobustBench, the
 # MNIST challenge): an image misclassified when clean counts as an error.
@@ -26,7 +25,8 @@ MEAN_METRICS = ("mean_adv_conf", "mean_l0_fraction")  # over successful attacks
 
 
 def published() -> dict[str, Any]:
-  return tomllib.loads(PUBLISHED.read_text())
+  """Every paper's paper.toml by name (`bench.papers`)."""
+  return papers_lib.published()
 
 
 def papers() -> list[str]:
@@ -137,7 +137,7 @@ def _class_pairs_section(table: pa.Table) -> tuple[str, list[str], list[list[str
   return "Class pairs: success rate / mean features changed on successes", header, rows
 
 
-# A paper's own tables, named by its `sections` in published.toml.
+# A paper's own tables, named by its `sections` in its paper.toml.
 SECTIONS = {"class_pairs": _class_pairs_section}
 
 def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",

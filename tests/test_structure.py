@@ -108,16 +108,15 @@ def _driver_modules() -> list[Path]:
 
 
 def _names_bench_must_not_branch_on() -> set[str]:
-  import tomllib
 
   from advsweep.models import defenses
 
-  papers = set(tomllib.loads((ROOT / "bench" / "published.toml").read_text()))
+  papers = {p.parent.name for p in (ROOT / "bench" / "papers").glob("*/paper.toml")}
   return set(attacks.REGISTRY) | papers | set(defenses.KINDS)
 
 
 def test_bench_never_branches_on_an_attack_paper_or_defense_name():
-  """Facts about an attack live in its spec, about a paper in published.toml, about a
+  """Facts about an attack live in its spec, about a paper in its folder, about a
   defense in its record: no `x == "pgd"`, `paper == "papernot2016"` or `in ("jpeg", ...)`."""
   names = _names_bench_must_not_branch_on()
   pattern = re.compile(r"""(==|!=|\bin\b)\s*[(\[{]?\s*["']([a-z0-9_]+)["']""")
@@ -227,7 +226,9 @@ def test_the_wheel_installs_everything_under_advsweep(tmp_path):
   tops = {n.split("/")[0] for n in names}
   assert tops == {"advsweep", next(t for t in tops if t.endswith(".dist-info"))}
   for needed in ("advsweep/attacks/__init__.py", "advsweep/bench/configs/ci.toml",
-                 "advsweep/bench/published.toml", "advsweep/models/trained/mnist_lenet.json"):
+                 "advsweep/bench/papers/su2019/paper.toml",
+                 "advsweep/bench/papers/su2019/su2019.toml",
+                 "advsweep/models/trained/mnist_lenet.json"):
     assert needed in names
   assert "advsweep/__init__.py" not in names  # a namespace: nothing else can claim it
 
@@ -271,3 +272,81 @@ def test_the_driver_never_imports_the_self_benchmarks():
       continue
     for target in _imports(path, modules).values():
       assert not target.startswith("advsweep.bench.perf"), f"{path} imports {target}"
+
+
+# --- Each kind of addition is registered in one place and runs end to end. ----------------
+
+TOY_CONFIG = """name = "{name}"
+models = ["{model}"]
+batch_size = 4
+[images]
+per_bin = 4
+pool = 200
+[bins]
+names = ["all"]
+thresholds = []
+[attacks.fgsm]
+eps = [0.1, 0.3]
+"""
+
+
+@requires_data
+def test_a_toy_paper_is_a_folder(tmp_path, data_dir, monkeypatch, capsys):
+  from advsweep.bench import cli, papers
+
+  folder = tmp_path / "papers" / "toy2026"
+  folder.mkdir(parents=True)
+  (folder / "toy2026.toml").write_text(TOY_CONFIG.format(name="toy2026",
+                                                          model="mnist_softmax"))
+  (folder / "paper.toml").write_text(
+      'title = "Toy, T. A toy paper (2026)"\nnote = "a test"\nconfigs = ["toy2026"]\n'
+      '[[figures]]\nwhat = "FGSM success, eps 0.3"\nmodel = "mnist_softmax"\n'
+      'attack = "fgsm"\nparams = { eps = 0.3 }\nmetric = "success_rate"\nvalue = 0.9\n'
+      'source = "the toy paper, Table 1"\n')
+  monkeypatch.setattr(papers, "FOLDERS", [*papers.FOLDERS, tmp_path / "papers"])
+  monkeypatch.setenv("ADVSWEEP_DATA_DIR", str(data_dir))
+  assert cli.main(["reproduce", "toy2026", "--out", str(tmp_path / "out"),
+                   "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  assert "FGSM success, eps 0.3" in out and "90.00%" in out and "the toy paper" in out
+  assert (tmp_path / "out" / "reproduce-toy2026.md").is_file()
+
+
+@requires_data
+def test_a_toy_input_defense_is_one_record(tmp_path, data_dir, monkeypatch):
+  from advsweep.models import defenses
+
+  invert = defenses.Kind("invert", lambda images, level: 1.0 - images, (1, 1))
+  monkeypatch.setitem(defenses.REGISTRY, "invert", invert)
+  cfg = config.resolve({"name": "inverted", "models": ["mnist_softmax+invert:1"],
+                        "batch_size": 4, "images": {"per_bin": 4, "pool": 200},
+                        "bins": {"names": ["all"], "thresholds": []},
+                        "attacks": {"fgsm": {"eps": 0.1}}})
+  sweep.run(cfg, tmp_path / "run", data_dir=str(data_dir), progress=False, estimate=False,
+            log=lambda *_: None)
+  rows = results.read_run(tmp_path / "run").to_pydict()
+  assert set(rows["model"]) == {"mnist_softmax+invert:1"} and len(rows["model"]) == 4
+  assert set(rows["evaluation"]) == {"full"}  # the transform reads the whole image
+  with pytest.raises(ValueError, match=r"invert takes a level in \[1, 1\]"):
+    defenses.parse("invert:2")
+
+
+@requires_data
+def test_a_toy_analysis_is_one_entry(tmp_path, data_dir, monkeypatch, capsys):
+  from advsweep.bench import analyses, cli
+  from advsweep.bench.analyses import common as analysis_common
+
+  def count_rows(run_dir, *, attack: str = "one_pixel", **_: object):
+    _, cols = analysis_common.read_rows(run_dir, attack)
+    n = len(cols["model"])
+    return analysis_common.Output("rowcount", analysis_common.table_from_columns({"n": [n]}),
+                                  ["rows"], [[str(n)]])
+
+  monkeypatch.setitem(analyses.ANALYSES, "rowcount", count_rows)
+  config_file = tmp_path / "c.toml"
+  config_file.write_text(TOY_CONFIG.format(name="counted", model="mnist_softmax"))
+  sweep.run(config.load(str(config_file)), tmp_path / "run", data_dir=str(data_dir),
+            progress=False, estimate=False, log=lambda *_: None)
+  assert cli.main(["analyze", "rowcount", str(tmp_path / "run"), "--attack", "fgsm"]) == 0
+  assert "rowcount:" in capsys.readouterr().out
+  assert (tmp_path / "run" / "analysis" / "rowcount.parquet").is_file()
