@@ -122,3 +122,20 @@ def paired(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE) -> Pair
 
 
 __all__ = ["CONFIDENCE", "Paired", "disjoint_above", "paired", "t_interval", "wilson_interval"]
+
+
+def rank_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """Mann-Whitney U test of `a` against `b`: (P(a > b) + P(a = b) / 2, two-sided p).
+
+  scipy's asymptotic test with the tie correction and no continuity correction (nan where
+  a side is empty). The first value is the common-language effect size: 0.5 is no
+  difference, 1 means every `a` exceeds every `b`.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if len(a) == 0 or len(b) == 0:
+    return math.nan, math.nan
+  if np.ptp(np.concatenate([a, b])) == 0:  # every value tied: nothing to rank
+    return 0.5, 1.0
+  test = stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic",
+                                  use_continuity=False)
+  return float(test.statistic) / (len(a) * len(b)), float(test.pvalue)

@@ -12,11 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
-from advsweep.bench import analyses, cli, config, perturbations, results, sweep
+from advsweep.bench import analyses, cli, config, perturbations, results, runs, stats, sweep
 from advsweep.bench.analyses import (
     chromatic,
     class_pairs,
-    common,
     locality,
     noise,
     probe,
@@ -42,7 +41,7 @@ def run_dir(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def rows(run_dir):
-  table, cols = common.read_rows(run_dir, "one_pixel")
+  table, cols = runs.read_rows(run_dir, "one_pixel")
   assert 0 < (cols["success"] & cols["clean_correct"]).sum() < cols["clean_correct"].sum()
   return table, cols
 
@@ -50,7 +49,7 @@ def rows(run_dir):
 def test_rank_test_effect_counts_pairs_and_p_follows_the_normal_approximation():
   rng = np.random.default_rng(0)
   a, b = rng.normal(0.3, 1, 40), np.round(rng.normal(0, 1, 30), 1)  # ties in b
-  effect, p = common.rank_test(a, b)
+  effect, p = stats.rank_test(a, b)
   pairs = (a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean()
   assert effect == pytest.approx(pairs)
   # No ties across the samples here: z = (U - n1 n2 / 2) / sqrt(n1 n2 (n + 1) / 12) up to
@@ -58,7 +57,7 @@ def test_rank_test_effect_counts_pairs_and_p_follows_the_normal_approximation():
   u = pairs * 40 * 30
   z = (u - 600) / np.sqrt(40 * 30 * 71 / 12)
   assert p == pytest.approx(float(scipy.stats.norm.sf(abs(z)) * 2), rel=0.02)
-  assert common.rank_test(np.ones(3), np.ones(4)) == (0.5, 1.0)
+  assert stats.rank_test(np.ones(3), np.ones(4)) == (0.5, 1.0)
 
 
 def test_ring_is_the_chebyshev_ring_clipped_to_the_image():
@@ -72,7 +71,7 @@ def test_ring_is_the_chebyshev_ring_clipped_to_the_image():
 def test_probe_equals_the_full_forward_pass(rows, data_dir):
   _, cols = rows
   model = zoo.load("cifar10_allconv")
-  images = common.clean_images(cols, np.arange(3), str(data_dir))
+  images = runs.clean_images(cols, np.arange(3), str(data_dir))
   tester = probe.PixelProbe(model, images, chunk=64)
   assert tester.evaluation == "pixel_local"
   rng = np.random.default_rng(1)
@@ -104,7 +103,7 @@ def test_class_pairs_rows_sum_to_the_sources_successes(run_dir, rows):
 def test_chromatic_pixels_are_the_rows_changes(run_dir, rows, data_dir):
   table, cols = rows
   px = chromatic.pixel_changes(table, cols)
-  clean = common.clean_images(cols, px["row"], str(data_dir))
+  clean = runs.clean_images(cols, px["row"], str(data_dir))
   for n, (i, y, x) in enumerate(zip(px["row"], px["y"], px["x"], strict=True)):
     adv = perturbations.apply_changes(clean[n], table["changed_index"][int(i)].as_py(),
                                       table["changed_to"][int(i)].as_py())
@@ -118,7 +117,7 @@ def test_propagation_stays_inside_the_receptive_field(rows, data_dir):
   table, cols = rows
   i = int(np.flatnonzero(cols["success"] & cols["clean_correct"])[0])
   model = zoo.load("cifar10_allconv")
-  clean = common.clean_images(cols, np.asarray([i]), str(data_dir))
+  clean = runs.clean_images(cols, np.asarray([i]), str(data_dir))
   adv = perturbations.apply_changes(clean[0], table["changed_index"][i].as_py(),
                                     table["changed_to"][i].as_py())[None]
   maps = propagation.layer_maps(model, clean, adv)

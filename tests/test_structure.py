@@ -18,7 +18,7 @@ from flax import struct
 
 from advsweep import attacks
 from advsweep.attacks import checks, common
-from advsweep.bench import compare, config, report, results, sweep
+from advsweep.bench import compare, config, report, results, runs, sweep
 from tests.conftest import requires_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,7 +337,7 @@ def test_a_toy_analysis_is_one_entry(tmp_path, data_dir, monkeypatch, capsys):
   from advsweep.bench.analyses import common as analysis_common
 
   def count_rows(run_dir, *, attack: str = "one_pixel", **_: object):
-    _, cols = analysis_common.read_rows(run_dir, attack)
+    _, cols = runs.read_rows(run_dir, attack)
     n = len(cols["model"])
     return analysis_common.Output("rowcount", analysis_common.table_from_columns({"n": [n]}),
                                   ["rows"], [[str(n)]])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from advsweep.bench import runs
 from advsweep.bench.analyses import (
   chromatic,
   class_pairs,
@@ -38,12 +39,12 @@ def run(kind: str, run_dir: str | Path, **options: object) -> common.Output:
 
   Raises:
     ResultsError: an analysis that runs the models again, on a run whose rows were made with
-      other weights than its models load now (`common.load_models`), before any work.
+      other weights than its models load now (`runs.load_models`), before any work.
   """
   if kind not in ANALYSES:
     raise ValueError(f"unknown analysis {kind!r}; valid choices: {', '.join(ANALYSES)}")
   if kind in RECOMPUTE:
-    common.load_models(run_dir, options.get("attack"), options.get("checkpoint_dir"))
+    runs.load_models(run_dir, options.get("attack"), options.get("checkpoint_dir"))
   output = ANALYSES[kind](run_dir, **options)
   common.write(output, run_dir)
   return output

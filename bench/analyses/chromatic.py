@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from advsweep.bench import perturbations, report
+from advsweep.bench import perturbations, report, runs, stats
 from advsweep.bench.analyses import common
 
 KIND = "chromatic"
@@ -37,7 +37,7 @@ def pixel_changes(table: pa.Table, cols: dict, data_dir: str | None = None
     if index[i] is None:
       missing += 1
       continue
-    h, w, c = common.image_shape(cols["dataset"][i], cols["split"][i], data_dir)
+    h, w, c = runs.image_shape(cols["dataset"][i], cols["split"][i], data_dir)
     y, x, ch = perturbations.feature_coordinates(index[i], (h, w, c))
     delta = np.asarray(new[i], np.float32) - np.asarray(old[i], np.float32)
     pixel = y * w + x
@@ -57,13 +57,13 @@ def pixel_changes(table: pa.Table, cols: dict, data_dir: str | None = None
 
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             **_: object) -> common.Output:
-  table, cols = common.read_rows(run_dir, attack)
+  table, cols = runs.read_rows(run_dir, attack)
   px = pixel_changes(table, cols, data_dir)
   if len(px["row"]) == 0:
     raise ValueError(f"{run_dir}: no clean-correct {attack} rows with changed pixels")
   success = cols["success"][px["row"]]
   distance = np.linalg.norm(px["delta"], axis=-1)
-  shapes = {m: common.image_shape(d, split, data_dir) for m, d, split in
+  shapes = {m: runs.image_shape(d, split, data_dir) for m, d, split in
             dict.fromkeys(zip(cols["model"], cols["dataset"], cols["split"], strict=True))}
   model = cols["model"][px["row"]]
   hw = np.asarray([shapes[m][:2] for m in model], np.float64)
@@ -82,16 +82,16 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
   for i, (m, h) in enumerate(dict.fromkeys(zip(model, rows["config_hash"], strict=True))):
     at = (model == m) & (rows["config_hash"] == h)
     won, lost = at & success, at & ~success
-    effect_c, p_c = common.rank_test(distance[won], distance[lost])
-    effect_s, p_s = common.rank_test(centre_share[lost], centre_share[won])
+    effect_c, p_c = stats.rank_test(distance[won], distance[lost])
+    effect_s, p_s = stats.rank_test(centre_share[lost], centre_share[won])
     params = cols["params"][px["row"][at][0]]
     headline.append([
         m, report.params_text(params), f"{won.sum()}/{lost.sum()}",
-        common.fmt_interval(*common.mean_interval(distance[won])),
-        common.fmt_interval(*common.mean_interval(distance[lost])),
+        common.fmt_interval(*stats.t_interval(distance[won])),
+        common.fmt_interval(*stats.t_interval(distance[lost])),
         f"{common.fmt_interval(effect_c, np.nan, np.nan, 2)}, p {common.fmt_p(p_c)}",
-        common.fmt_interval(*common.mean_interval(centre_share[won])),
-        common.fmt_interval(*common.mean_interval(centre_share[lost])),
+        common.fmt_interval(*stats.t_interval(centre_share[won])),
+        common.fmt_interval(*stats.t_interval(centre_share[lost])),
         f"{common.fmt_interval(effect_s, np.nan, np.nan, 2)}, p {common.fmt_p(p_s)}"])
     figures.append(out_dir / f"{KIND}-{i}.png")
     _figure(m, params, shapes[m], px, at, success, distance, figures[-1])

@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from advsweep.bench import report
+from advsweep.bench import report, runs
 from advsweep.bench.analyses import common
 from advsweep.models import datasets
 
@@ -90,7 +90,7 @@ def _source(names, hits, n, s: int) -> str:
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             **_: object) -> common.Output:
   """The class-pair matrices of a run's `attack` rows, one figure per model and config."""
-  _, cols = common.read_rows(run_dir, attack)
+  _, cols = runs.read_rows(run_dir, attack)
   found = matrices(cols)
   out_dir = common.analysis_dir(run_dir)
   rows = {k: [] for k in ("model", "config_hash", "params", "mode", "source", "target",

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from advsweep.bench import perturbations
+from advsweep.bench import perturbations, runs
 from advsweep.bench.analyses import common, probe
 
 KIND = "confidence_maps"
@@ -47,8 +47,8 @@ def pick_images(cols: dict, model: str, count: int) -> list[tuple[int, bool, int
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             checkpoint_dir: str | None = None, quick: bool = False,
             **_: object) -> common.Output:
-  table, cols = common.read_rows(run_dir, attack)
-  changed = common.read_changes(table).index
+  table, cols = runs.read_rows(run_dir, attack)
+  changed = runs.read_changes(table).index
   out = {k: [] for k in ("model", "example_idx", "y", "x", "min_true_prob", "flips",
                          "best_colour")}
   headline, figures, maps = [], [], []
@@ -56,9 +56,9 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     picked = pick_images(cols, model_name, QUICK_IMAGES if quick else IMAGES)
     if not picked:
       continue
-    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
+    model = runs.load_model(run_dir, cols, model_name, checkpoint_dir)
     rows_ = np.asarray([r for r, _, _ in picked])
-    images = common.clean_images(cols, rows_, data_dir)
+    images = runs.clean_images(cols, rows_, data_dir)
     h, w, c = images.shape[1:]
     grid = probe.colour_grid(c, _levels(c, quick))
     pixels = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)

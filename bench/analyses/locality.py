@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from advsweep.bench import perturbations, report
+from advsweep.bench import perturbations, report, runs, stats
 from advsweep.bench.analyses import common, probe
 
 KIND = "locality"
@@ -34,8 +34,8 @@ def ring(y: int, x: int, d: int, h: int, w: int) -> np.ndarray:
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             checkpoint_dir: str | None = None, quick: bool = False, seed: int = 0,
             **_: object) -> common.Output:
-  table, cols = common.read_rows(run_dir, attack)
-  changes = common.read_changes(table)
+  table, cols = runs.read_rows(run_dir, attack)
+  changes = runs.read_changes(table)
   index, new = changes.index, changes.new
   distances = QUICK_DISTANCES if quick else DISTANCES
   rng = np.random.default_rng(seed)
@@ -49,8 +49,8 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                                                    cols["config_hash"][keep], strict=True)):
     rows_ = np.flatnonzero(keep & (cols["model"] == model_name)
                            & (cols["config_hash"] == config_hash))
-    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
-    images = common.clean_images(cols, rows_, data_dir)
+    model = runs.load_model(run_dir, cols, model_name, checkpoint_dir)
+    images = runs.clean_images(cols, rows_, data_dir)
     h, w, c = images.shape[1:]
     tester = probe.PixelProbe(model, images)
     ids, rr, cc, colours, tags = [], [], [], [], []
@@ -89,11 +89,11 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                              ("distance", d), ("trials", int(at.sum())),
                              ("hits", int(hit[at].sum()))):
             out[key].append(value)
-    stats = [common.mean_interval(per_image[~np.isnan(per_image[:, d]), d])
-             for d in range(distances + 1)]
-    curves.append((model_name, cols["params"][rows_[0]], stats))
+    intervals = [stats.t_interval(per_image[~np.isnan(per_image[:, d]), d])
+                 for d in range(distances + 1)]
+    curves.append((model_name, cols["params"][rows_[0]], intervals))
     headline.append([model_name, report.params_text(cols["params"][rows_[0]]), str(len(rows_)),
-                     *[_pct(s) for s in stats[1:]], _pct(stats[0])])
+                     *[_pct(s) for s in intervals[1:]], _pct(intervals[0])])
   if not curves:
     raise ValueError(f"{run_dir}: no successful k = 1 {attack} rows with stored changes")
   path = common.analysis_dir(run_dir) / f"{KIND}.png"
@@ -116,15 +116,15 @@ def _pct(stat: tuple[float, float, float]) -> str:
 def _figure(curves, path) -> None:
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-  for model, params, stats in curves:
-    d = np.arange(1, len(stats))
-    mean = np.asarray([s[0] for s in stats[1:]])
-    lo = np.asarray([s[1] for s in stats[1:]])
-    hi = np.asarray([s[2] for s in stats[1:]])
+  for model, params, intervals in curves:
+    d = np.arange(1, len(intervals))
+    mean = np.asarray([s[0] for s in intervals[1:]])
+    lo = np.asarray([s[1] for s in intervals[1:]])
+    hi = np.asarray([s[2] for s in intervals[1:]])
     line, = ax.plot(d, 100 * mean, marker="o", label=f"{model} {report.params_text(params)}")
     if not np.all(np.isnan(lo)):
       ax.fill_between(d, 100 * lo, 100 * hi, alpha=0.15, color=line.get_color())
-    ax.axhline(100 * stats[0][0], ls="--", color=line.get_color(), lw=1)
+    ax.axhline(100 * intervals[0][0], ls="--", color=line.get_color(), lw=1)
   ax.set_xlabel("Chebyshev distance from the attacked pixel")
   ax.set_ylabel("success of the same colour (%)")
   ax.set_title("one-pixel locality (dashed: random positions)", fontsize=9)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advsweep.bench import perturbations
+from advsweep.bench import perturbations, runs, stats
 from advsweep.bench.analyses import common
 from advsweep.models import architectures, transforms
 
@@ -54,7 +54,7 @@ def latent(model, images: np.ndarray) -> np.ndarray:
 def noise_sample(dataset: str, split: str, data_dir: str | None, count: int, seed: int
                  ) -> tuple[np.ndarray, np.ndarray]:
   """`count` float32 images of a dataset split and their labels, drawn by `seed`."""
-  images, labels = common.load_split(dataset, split, data_dir)
+  images, labels = runs.load_split(dataset, split, data_dir)
   at = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
   return images[at].astype(np.float32) / 255.0, np.asarray(labels)[at]
 
@@ -78,8 +78,8 @@ def _predict(model, images: np.ndarray) -> np.ndarray:
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             checkpoint_dir: str | None = None, quick: bool = False, seed: int = 0,
             **_: object) -> common.Output:
-  table, cols = common.read_rows(run_dir, attack)
-  changes = common.read_changes(table)
+  table, cols = runs.read_rows(run_dir, attack)
+  changes = runs.read_changes(table)
   index, new = changes.index, changes.new
   exposures = QUICK_EXPOSURES if quick else EXPOSURES
   key = jax.random.key(seed)
@@ -103,8 +103,8 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
   for model_name in dict.fromkeys(cols["model"].tolist()):
     at = np.flatnonzero(cols["model"] == model_name)
     at = at[np.unique(cols["example_idx"][at], return_index=True)[1]]  # one row per image
-    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
-    clean = common.clean_images(cols, at, data_dir)
+    model = runs.load_model(run_dir, cols, model_name, checkpoint_dir)
+    clean = runs.clean_images(cols, at, data_dir)
     labels = cols["label"][at]
     split_of = (str(cols["dataset"][at[0]]), str(cols["split"][at[0]]))
     if split_of not in samples:
@@ -120,7 +120,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       right = right_at[exposure]
       add(model_name, "accuracy", exposure, right.mean(), math.nan, math.nan, len(sample),
           common.fmt_rate(int(right.sum()), len(sample)))
-    if not common.has_layers(model):
+    if not runs.has_layers(model):
       no_layers.append(model_name)
       figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
       _figure(model_name, exposures, curves[model_name], None, labels, None, None, None,
@@ -148,7 +148,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       measured[model_name]["adversarial"] = d[won]
       adv_latent = {"won": z_adv[won]}
     for what, values in groups.items():
-      mean, lo, hi = common.mean_interval(values)
+      mean, lo, hi = stats.t_interval(values)
       add(model_name, what, math.nan, mean, lo, hi, len(values),
           common.fmt_interval(mean, lo, hi))
     figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
@@ -163,7 +163,7 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
       continue
     for exposure in exposures:  # the same images and noise draws: a paired difference
       diff = got[exposure].astype(float) - measured[twin][exposure].astype(float)
-      mean, lo, hi = common.mean_interval(diff)
+      mean, lo, hi = stats.t_interval(diff)
       add(model_name, f"accuracy minus {twin}'s", exposure, mean, lo, hi, len(diff),
           f"{100 * mean:+.1f} points ({100 * lo:+.1f} to {100 * hi:+.1f})")
     ours, theirs = got.get("adversarial"), measured[twin].get("adversarial")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from advsweep.bench import perturbations
+from advsweep.bench import perturbations, runs
 from advsweep.bench.analyses import common
 
 KIND = "propagation"
@@ -44,16 +44,16 @@ def layer_maps(model, clean: np.ndarray, adv: np.ndarray
 def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
             checkpoint_dir: str | None = None, quick: bool = False,
             **_: object) -> common.Output:
-  table, cols = common.read_rows(run_dir, attack)
-  changes = common.read_changes(table)
+  table, cols = runs.read_rows(run_dir, attack)
+  changes = runs.read_changes(table)
   index, new = changes.index, changes.new
   keep = cols["clean_correct"] & cols["success"] & changes.stored
   out = {k: [] for k in ("model", "example_idx", "layer", "depth", "changed_share",
                          "max_relative_difference")}
   header = ["model", "layer", "depth", "images", "positions changed", "max |diff| / clean max"]
   headline, figures, skipped = [], [], []
-  models = common.load_models(run_dir, attack, checkpoint_dir)
-  if not any(common.has_layers(m) for m in models.values()):
+  models = runs.load_models(run_dir, attack, checkpoint_dir)
+  if not any(runs.has_layers(m) for m in models.values()):
     raise ValueError(f"{run_dir}: propagation reads a model's layers, and "
                      f"{', '.join(models)} has none to read (a user's apply_fn or an input "
                      "defense in front of a model); analyse a run of a zoo model")
@@ -61,11 +61,11 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     rows_ = np.flatnonzero(keep & (cols["model"] == model_name))
     rows_ = rows_[np.unique(cols["example_idx"][rows_], return_index=True)[1]]
     rows_ = rows_[:QUICK_IMAGES if quick else IMAGES]
-    model = common.load_model(run_dir, cols, model_name, checkpoint_dir)
-    if not common.has_layers(model):
+    model = runs.load_model(run_dir, cols, model_name, checkpoint_dir)
+    if not runs.has_layers(model):
       skipped.append(model_name)
       continue
-    clean = common.clean_images(cols, rows_, data_dir)
+    clean = runs.clean_images(cols, rows_, data_dir)
     adv = np.stack([perturbations.apply_changes(x, index[r], new[r])
                     for x, r in zip(clean, rows_, strict=True)])
     maps = layer_maps(model, clean, adv)
