@@ -69,7 +69,7 @@ def prepare_one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array,
         core.one_pixel_core, apply_fn, params, images, labels, key, config, targets=targets,
         evaluator=evaluator))
   return slots.prepare_one_pixel_slots(apply_fn, params, images, labels, key, config,
-                                            targets, evaluator)
+                                       targets, evaluator)
 
 
 def one_pixel(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Array,
