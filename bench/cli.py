@@ -73,9 +73,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-  from advsweep.models import train  # imported here: it pulls in optax and the data loaders
+  from advsweep.models import training  # imported here: it pulls in optax and the data loaders
 
-  result = train.train_and_evaluate(
+  result = training.train_and_evaluate(
       args.model, seed=args.seed, data_dir=args.data_dir, out_dir=args.out_dir,
       epochs=args.epochs, progress=not args.no_progress, restart=args.restart,
       command="advsweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

@@ -28,7 +28,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "trained"
 class TrainRecipe:
   """How the shipped checkpoint was trained (`advsweep train NAME` uses it).
 
-  The adversarial fields make a defense's recipe (`models.train`): each step attacks the
+  The adversarial fields make a defense's recipe (`models.training`): each step attacks the
   batch with `adversary` at `epsilon` and trains on the mixed loss of Goodfellow et al.,
   `clean_weight * L(x) + (1 - clean_weight) * L(x_adv)`, plus Kannan et al.'s logit pairing
   `logit_pairing * ||z(x) - z(x_adv)||^2` where that weight is positive.
@@ -38,7 +38,7 @@ class TrainRecipe:
       uniform random start with step `adv_step`: Wong, Rice, Kolter 2020), "pgd" (Madry
       et al.: `adv_steps` steps of `adv_step` from a random start) or "n_fgsm" (de Jorge et
       al. 2022: noise of half-width `adv_noise * epsilon`, one step of `adv_step`, no
-      projection onto the eps ball; `models.train.n_fgsm`).
+      projection onto the eps ball; `models.training.n_fgsm`).
     epsilon: the L-inf budget of the training attack, in [0, 1] pixel units.
     adv_step: the attack's step (None: eps for FGSM, 1.25 eps for FGSM-RS, 2.5 eps / steps
       for PGD, the papers' settings).
@@ -165,7 +165,7 @@ ZOO: dict[str, ZooEntry] = dict([
     _entry("cifar10_resnet20", "cifar10", "ResNet20", architectures.ResNet20,
            TrainRecipe(epochs=6, **_CIFAR_SGD),
            "ResNet-20 at full width (16/32/64 channels)"),
-    # Defenses (`models.train`): each beside the twin it is measured against.
+    # Defenses (`models.training`): each beside the twin it is measured against.
     _entry("mnist_lenet_fgsm", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
            dataclasses.replace(_MNIST_ADAM, epochs=1, adversary="fgsm", epsilon=0.25,
                                clean_weight=0.5),

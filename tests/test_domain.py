@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from advsweep.models import architectures, domain, train, transforms, zoo
+from advsweep.models import architectures, domain, transforms, zoo
+from advsweep.models import training as train
 
 
 def _mmd_reference(x, y, scales=domain.KERNEL_SCALES):
@@ -62,7 +63,7 @@ def test_the_domain_step_adds_the_mmd_and_keeps_the_clean_batch_statistics():
   variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   recipe = dataclasses.replace(zoo.entry("cifar10_resnet20_da").recipe, augment=False)
   tx = optax.sgd(0.0)  # no update: the step's loss and statistics are read as they are
-  step = train._make_train_step(module, tx, recipe)
+  step = train.make_train_step(module, tx, recipe)
   rng = np.random.default_rng(1)
   images_u8 = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 8).astype(np.int32)
@@ -93,10 +94,10 @@ def test_domain_recipes_are_checked():
   tx = optax.sgd(0.1)
   recipe = zoo.entry("cifar10_resnet20_da").recipe
   with pytest.raises(ValueError, match="not both"):
-    train._make_train_step(module, tx, dataclasses.replace(recipe, adversary="fgsm",
+    train.make_train_step(module, tx, dataclasses.replace(recipe, adversary="fgsm",
                                                            epsilon=0.1))
   with pytest.raises(ValueError, match="domain_exposure"):
-    train._make_train_step(module, tx, dataclasses.replace(recipe, domain_exposure=0.0))
+    train.make_train_step(module, tx, dataclasses.replace(recipe, domain_exposure=0.0))
 
 
 # Zoo entries whose recipe changed and whose retrained checkpoint has not shipped yet (the

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from advsweep.models import checkpoints, datasets, evaluation, train, zoo
+from advsweep.models import checkpoints, datasets, evaluation, zoo
+from advsweep.models import training as train
 from tests.conftest import requires_data
 
 # The floors the zoo promises, on the full test split.

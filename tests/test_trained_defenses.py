@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from advsweep.bench import config
-from advsweep.models import architectures, checkpoints, train, zoo
+from advsweep.models import architectures, checkpoints, zoo
+from advsweep.models import training as train
+from advsweep.models.training import guard as guard_module
 from tests.conftest import requires_data
 
 
@@ -152,10 +154,10 @@ def test_gauss_networks_train_on_their_twins_schedule(name):
 
 def test_the_eps_ramp_grows_linearly_then_holds():
   recipe = dataclasses.replace(zoo.entry("mnist_lenet_pgd").recipe, epsilon_ramp=0.5)
-  scales = [train._eps_scale(recipe, step, 10) for step in range(10)]
+  scales = [train.eps_scale(recipe, step, 10) for step in range(10)]
   np.testing.assert_allclose(scales, [0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1, 1, 1])
   plain = dataclasses.replace(recipe, epsilon_ramp=0.0)
-  assert {train._eps_scale(plain, step, 10) for step in range(10)} == {1.0}
+  assert {train.eps_scale(plain, step, 10) for step in range(10)} == {1.0}
 
 
 def _tiny(name, data_dir, tmp_path, **kwargs):
@@ -230,9 +232,9 @@ def test_a_training_state_of_an_earlier_layout_is_refused(tmp_path):
   import flax.serialization
   path = tmp_path / "old.resume.msgpack"
   path.write_bytes(flax.serialization.to_bytes({"epoch": np.int64(1), "fingerprint": "f"}))
-  target = {"epoch": np.int64(0), "step": np.int64(0), "fingerprint": "f"}
+  target = train.LoopState.start({"w": np.zeros(2)}, {"m": np.zeros(2)}, 2, 4, "f")
   with pytest.raises(checkpoints.CheckpointError, match="another layout.*--restart"):
-    train._load_state(path, target, "f")
+    train.load_state(path, target)
 
 
 @requires_data
@@ -248,7 +250,7 @@ def test_the_guard_stops_a_collapse_and_keeps_the_best_weights(data_dir, tmp_pat
       return next(accuracies)
     return accuracy
 
-  monkeypatch.setattr(train, "_make_guard", fake_guard)
+  monkeypatch.setattr(guard_module, "make_guard", fake_guard)
   result = train.train_and_evaluate("mnist_lenet_pgd", seed=0, data_dir=data_dir,
                                     out_dir=tmp_path, epochs=2, train_limit=32,
                                     test_limit=16, progress=False, batch_size=8)
