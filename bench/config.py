@@ -241,7 +241,7 @@ class RunConfig:
 
   def _dataset_of(self, model: str, attack: str) -> str:
     """The dataset a model classifies, for the attack tables' `dataset` key."""
-    base = model.partition("+")[0]
+    base, _ = custom.split_defense(model)
     if base in zoo.ZOO:
       return zoo.entry(base).dataset
     if self.raw["dataset"]:
@@ -256,8 +256,8 @@ def is_adaptive(params: dict[str, Any]) -> bool:
 
 
 def _defense_of(model: str) -> defenses_lib.Defense | None:
-  _, sep, defense = model.partition("+")
-  return defenses_lib.parse(defense) if sep else None
+  _, defense = custom.split_defense(model)
+  return None if defense is None else defenses_lib.parse(defense)
 
 
 def _check_driver_keys(params: dict[str, Any], where: str) -> None:

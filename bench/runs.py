@@ -76,7 +76,7 @@ def load_model(run_dir: str | Path, cols: dict, name: str,
   have = model.meta.get("sha256")
   if made_with and made_with != {have}:
     where = f"the checkpoints in {checkpoint_dir}" if checkpoint_dir else (
-        "the shipped zoo weights" if name.partition("+")[0] in _zoo_names() else "its code")
+        "the shipped zoo weights" if _base(name) in _zoo_names() else "its code")
     raise results.ResultsError(
         f"{run_dir}: the {name} rows were made with weights sha256 "
         f"{', '.join(sorted(h[:12] for h in made_with))}..., but {name} loads from {where} "
@@ -91,6 +91,12 @@ def load_models(run_dir: str | Path, attack: str | None = None,
   _, cols = read_rows(run_dir, attack)
   return {name: load_model(run_dir, cols, name, checkpoint_dir)
           for name in dict.fromkeys(cols["model"].tolist())}
+
+
+def _base(name: str) -> str:
+  from advsweep.models import custom
+
+  return custom.split_defense(name)[0]
 
 
 def _zoo_names() -> set[str]:
