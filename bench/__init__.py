@@ -1,6 +1,6 @@
 """advsweep benchmark driver and the `advsweep` command line.
 
-`evaluate` is the standard evaluation of a user's own model (`bench.standard.evaluate`):
+`evaluate` is the standard evaluation of a user's own model (`bench.evaluation.standard.evaluate`):
 AutoAttack's protocol in JAX, per image, with its checks:
 
     from advsweep.bench import evaluate
@@ -15,7 +15,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
   if name == "evaluate":
-    from advsweep.bench.standard import evaluate
+    from advsweep.bench.evaluation.standard import evaluate
 
     return evaluate
   raise AttributeError(f"module 'advsweep.bench' has no attribute {name!r}")

@@ -24,7 +24,7 @@ _STARTING = __name__ == "__main__" or Path(sys.argv[0] if sys.argv else "").name
 if _STARTING and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
   signal.signal(signal.SIGINT, _interrupted_while_starting)
 
-from advsweep.bench import tables  # noqa: E402
+from advsweep.bench.reports import tables  # noqa: E402
 from advsweep.models import checkpoints, interrupts, zoo  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-  from advsweep.bench import run_attack
+  from advsweep.bench.driver import run_attack
 
   run = run_attack.run_attack(args.model, args.attack, args.num_images, seed=args.seed,
                               overrides=args.set, data_dir=args.data_dir)
@@ -133,7 +133,8 @@ def _cmd_perf(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
   import jax
 
-  from advsweep.bench import config, report, sweep
+  from advsweep.bench.driver import config, sweep
+  from advsweep.bench.reports import report
 
   process = jax.process_index()  # `main` joined a multi-process job, where there is one
   for name in args.attacks or []:
@@ -154,7 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.shard is not None or jax.process_count() > 1:
       raise ValueError("--ray runs every unit of the sweep as a Ray task: drop --shard (and "
                        "the multi-process launch); Ray spreads the units itself")
-    from advsweep.bench import ray_sweep
+    from advsweep.bench.driver import ray_sweep
 
     cache = jax.config.jax_compilation_cache_dir
     outcome = ray_sweep.run(cfg, out_dir, address=args.ray, data_dir=args.data_dir,
@@ -174,21 +175,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-  from advsweep.bench import report
+  from advsweep.bench.reports import report
 
   report.report(args.folder, args.out, plots=not args.no_plots)
   return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-  from advsweep.bench import compare
+  from advsweep.bench.reports import compare
 
   return compare.compare(args.baseline, args.new, time_factor=args.time_factor,
                          time_floor=args.time_floor)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-  from advsweep.bench import reproduce
+  from advsweep.bench.reports import reproduce
 
   reproduce.reproduce(args.paper, quick=args.quick, out_root=args.out,
                       data_dir=args.data_dir, overrides=args.set,
@@ -206,7 +207,7 @@ STANDARD_MODELS = ("mnist_lenet", "mnist_lenet_fgsm", "mnist_lenet_pgd", "mnist_
 
 def _cmd_robustness(args: argparse.Namespace) -> int:
   if args.standard:
-    from advsweep.bench import standard_runs
+    from advsweep.bench.evaluation import standard_runs
 
     models = args.models or [m for m in STANDARD_MODELS if m in zoo.available()]
     standard_runs.run_zoo(models, num_images=args.num_images or (20 if args.quick else 1000),
@@ -218,7 +219,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
                    != "linf"), ("--num-images", args.num_images)) if value]
   if standard_only:
     raise ValueError(f"{', '.join(standard_only)} only apply with --standard")
-  from advsweep.bench import robustness
+  from advsweep.bench.reports import robustness
 
   robustness.run(quick=args.quick, out_root=args.out, data_dir=args.data_dir,
                  overrides=args.set, progress=not args.no_progress)
@@ -226,7 +227,8 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-  from advsweep.bench import analyses, config, sweep
+  from advsweep.bench import analyses
+  from advsweep.bench.driver import config, sweep
 
   run_dir = args.run_dir
   if run_dir is None:  # the analyses' own one-pixel run, made (or resumed) first
@@ -366,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="scaling: which sweeps (default all)")
   p.set_defaults(func=_cmd_perf)
 
-  from advsweep.bench import compare, config, reproduce
+  from advsweep.bench.driver import config
+  from advsweep.bench.reports import compare, reproduce
 
   p = sub.add_parser("run", help="run a sweep config (default: main) and print its table")
   p.add_argument("config", nargs="?", default=config.DEFAULT_CONFIG,
@@ -483,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
   command = (sys.argv[1:] if argv is None else argv)[:1]
   try:
     if command == ["run"]:  # join a multi-process job before importing the attacks starts
-      from advsweep.bench import distributed  # JAX (only `run` shares work across hosts)
+      from advsweep.bench.driver import distributed  # JAX (only `run` shares work across hosts)
 
       distributed.maybe_initialize()
   except (ValueError, RuntimeError) as err:
@@ -491,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   args = build_parser().parse_args(argv)
-  from advsweep.bench import compilation
+  from advsweep.bench.driver import compilation
 
   compilation.enable_cache(None if args.no_compile_cache else compilation.cache_folder())
   if signal.getsignal(signal.SIGINT) in (_interrupted_while_starting,

@@ -12,15 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
-from advsweep.bench import analyses, cli, config, perturbations, results, runs, stats, sweep
+from advsweep.bench import analyses, cli, stats
 from advsweep.bench.analyses import (
-    chromatic,
-    class_pairs,
-    locality,
-    noise,
-    probe,
-    propagation,
+  chromatic,
+  class_pairs,
+  locality,
+  noise,
+  probe,
+  propagation,
 )
+from advsweep.bench.driver import config, perturbations, results, runs, sweep
 from advsweep.models import zoo
 from tests.conftest import requires_data
 

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.bench import analyses, claims, cli, config, results, sweep
+from advsweep.bench import analyses, cli
+from advsweep.bench.driver import claims, config, results, sweep
 from advsweep.models import datasets, zoo
 from tests import attack_models
 from tests.conftest import DATA_DIR, requires_data

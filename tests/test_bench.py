@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from advsweep import attacks
-from advsweep.bench import cli, run_attack
+from advsweep.bench import cli
+from advsweep.bench.driver import run_attack
 from advsweep.bench.perf import throughput
 from tests.attack_models import random_images, small_cnn
 from tests.conftest import requires_data

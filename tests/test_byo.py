@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advsweep.bench import cli, config, results
+from advsweep.bench import cli
+from advsweep.bench.driver import config, results
 from advsweep.models import custom, datasets
 from tests import byo_models
 from tests.conftest import DATA_DIR, requires_data
@@ -88,7 +89,7 @@ def test_bad_model_references_are_one_line(tmp_path, capsys, monkeypatch):
 def test_a_user_model_without_a_dataset_is_told_to_name_one(tmp_path):
   cfg = config.resolve({"name": "x", "models": ["tests.byo_models:seven_class"],
                         "attacks": {"fgsm": {}}})
-  from advsweep.bench import sweep
+  from advsweep.bench.driver import sweep
 
   with pytest.raises(config.ConfigError, match="names no dataset"):
     sweep.load_models(cfg, None)

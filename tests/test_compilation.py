@@ -1,5 +1,5 @@
 """The persistent compile cache every command uses, and compile time kept apart from attack
-time (`bench.compilation`)."""
+time (`bench.driver.compilation`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from advsweep.bench import compilation, results
+from advsweep.bench.driver import compilation, results
 from tests.conftest import DATA_DIR, requires_data
 
 
@@ -43,7 +43,8 @@ def test_compile_seconds_count_a_new_program_and_not_a_cached_call():
 
 _SECOND_RUN = """
 import json, sys
-from advsweep.bench import cli, compilation
+from advsweep.bench import cli
+from advsweep.bench.driver import compilation
 compilation.seconds()  # start the clock before anything compiles
 status = cli.main(sys.argv[1:])
 print(json.dumps({"status": status, "hits": compilation.cache_hits(),
@@ -84,7 +85,7 @@ def test_a_second_command_loads_its_programs_from_the_cache(tmp_path):
 def test_the_environment_switches_the_cache_off(tmp_path, value):
   env = dict(os.environ, ADVSWEEP_COMPILE_CACHE=value)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  code = ("import jax\nfrom advsweep.bench import compilation\n"
+  code = ("import jax\nfrom advsweep.bench.driver import compilation\n"
           "print(compilation.enable_cache(compilation.cache_folder()), "
           "jax.config.jax_compilation_cache_dir)")
   done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -98,7 +99,7 @@ def test_a_folder_that_cannot_be_made_leaves_the_cache_off_with_a_warning(tmp_pa
   env = dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   code = ("import warnings, json\nfrom pathlib import Path\n"
-          "from advsweep.bench import compilation\n"
+          "from advsweep.bench.driver import compilation\n"
           "with warnings.catch_warnings(record=True) as w:\n"
           "  warnings.simplefilter('always')\n"
           f"  used = compilation.enable_cache(Path({str(blocker / 'sub')!r}))\n"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.bench import config, selection, tables
+from advsweep.bench.driver import config, selection
+from advsweep.bench.reports import tables
 
 TINY = {"name": "t", "models": ["mnist_lenet"], "attacks": {"fgsm": {"eps": [0.1, 0.2]}}}
 

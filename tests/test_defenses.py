@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.bench import masking
+from advsweep.bench.checks import masking
 from advsweep.models import datasets, defenses, zoo
 from tests.conftest import DATA_DIR, requires_data
 
@@ -56,7 +56,8 @@ def test_bpda_breaks_jpeg_where_the_plain_gradient_sees_nothing():
 
 @requires_data
 def test_defenses_and_bpda_are_sweep_axes(tmp_path):
-  from advsweep.bench import config, report, results, sweep
+  from advsweep.bench.driver import config, results, sweep
+  from advsweep.bench.reports import report
 
   cfg = config.resolve({
       "name": "defended", "models": ["mnist_softmax"], "defenses": ["none", "jpeg:50"],
@@ -91,7 +92,7 @@ def test_parts_written_before_the_new_columns_read_with_them_null(tmp_path):
   import pyarrow as pa
   import pyarrow.parquet as pq
 
-  from advsweep.bench import results
+  from advsweep.bench.driver import results
 
   rows = {f.name: [] for f in results.SCHEMA}
   table = pa.Table.from_pydict(rows, schema=results.SCHEMA)
@@ -138,7 +139,8 @@ def test_randomize_draws_from_its_key_and_the_image_alone():
 
 @requires_data
 def test_a_defended_sweep_reports_plain_and_adaptive_side_by_side(tmp_path):
-  from advsweep.bench import config, report, results, sweep
+  from advsweep.bench.driver import config, results, sweep
+  from advsweep.bench.reports import report
 
   cfg = config.resolve({
       "name": "adaptive", "models": ["mnist_softmax"],
@@ -202,7 +204,7 @@ def test_a_defended_sweep_reports_plain_and_adaptive_side_by_side(tmp_path):
               "pgd" and '"bpda": true' in r["params"] and r["clean_correct"]]
   assert all(r["success"] for r in pgd_bpda)
   # reproduce's figures match a plain cell by the adaptive keys' defaults.
-  from advsweep.bench import reproduce
+  from advsweep.bench.reports import reproduce
 
   figures = [{"what": w, "model": "mnist_softmax+jpeg:50", "attack": "fgsm",
               "params": {"bpda": b}, "metric": "accuracy"} for w, b in (("p", False),
@@ -221,7 +223,7 @@ def test_a_defended_sweep_reports_plain_and_adaptive_side_by_side(tmp_path):
 
 @requires_data
 def test_randomized_success_is_judged_on_draws_the_attack_never_saw(tmp_path):
-  from advsweep.bench import sweep
+  from advsweep.bench.driver import sweep
 
   model = defenses.defend(zoo.load("mnist_softmax"), "randomize")
   evaluation = model.with_draws(sweep.evaluation_draws_key(0))
@@ -232,7 +234,7 @@ def test_randomized_success_is_judged_on_draws_the_attack_never_saw(tmp_path):
 
 
 def test_detector_figures_match_their_definitions():
-  from advsweep.bench import detection
+  from advsweep.bench.checks import detection
 
   rng = np.random.default_rng(0)
   clean, adv = rng.normal(0, 1, 200), rng.normal(1, 1, 150)
@@ -254,7 +256,7 @@ def test_detector_figures_match_their_definitions():
 
 @requires_data
 def test_the_detector_aware_attack_stays_under_the_threshold():
-  from advsweep.bench import detection
+  from advsweep.bench.checks import detection
 
   model = zoo.load("mnist_lenet")
   images_u8, labels = datasets.load("mnist", "test", DATA_DIR)
@@ -276,7 +278,7 @@ def test_the_detector_aware_attack_stays_under_the_threshold():
 
 
 def test_adaptive_keys_are_checked_when_the_config_loads():
-  from advsweep.bench import config
+  from advsweep.bench.driver import config
 
   base = {"name": "x", "models": ["mnist_softmax"], "defenses": ["none", "randomize"]}
   for table, message in [({"eot_samples": 0}, "eot_samples takes a whole number >= 1"),

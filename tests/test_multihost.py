@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from advsweep.bench import results
+from advsweep.bench.driver import results
 from tests.conftest import DATA_DIR, requires_data
 
 SETTINGS = ["--set", 'models=["mnist_softmax"]', "--set", "batch_size=10", "--set",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from advsweep.bench import config, perturbations, report, results, sweep
+from advsweep.bench.driver import config, perturbations, results, sweep
+from advsweep.bench.reports import report
 from advsweep.models import datasets, zoo
 from tests.conftest import requires_data
 

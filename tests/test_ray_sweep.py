@@ -1,4 +1,4 @@
-"""A sweep as Ray tasks on a local cluster of two workers (`bench.ray_sweep`): the rows of a
+"""A sweep as Ray tasks on a local cluster of two workers (`bench.driver.ray_sweep`): the rows of a
 plain run, and a worker killed in the middle of a unit costs nothing but the rerun."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from advsweep.bench import config, results, sweep
+from advsweep.bench.driver import config, results, sweep
 from tests.conftest import requires_data
 from tests.test_sweep import assert_same_rows
 
@@ -59,7 +59,7 @@ def test_ray_tasks_write_the_rows_of_a_plain_run_even_when_a_worker_dies(tmp_pat
   plain = tmp_path / "plain"
   sweep.run(cfg, plain, data_dir=str(data_dir), progress=False, estimate=False,
             log=lambda *_: None)
-  from advsweep.bench import ray_sweep
+  from advsweep.bench.driver import ray_sweep
 
   out = tmp_path / "ray"
   killed, stop = [], threading.Event()
@@ -84,7 +84,7 @@ def test_ray_tasks_write_the_rows_of_a_plain_run_even_when_a_worker_dies(tmp_pat
 
 @requires_data
 def test_a_second_ray_run_finds_everything_done(tmp_path, data_dir, cluster):
-  from advsweep.bench import ray_sweep
+  from advsweep.bench.driver import ray_sweep
 
   cfg = config.resolve(dict(RAW, attacks={"fgsm": {"eps": [0.2]}}))
   out = tmp_path / "ray"

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from advsweep.bench import report, reproduce, results, robustness, tables
+from advsweep.bench.driver import results
+from advsweep.bench.reports import report, reproduce, robustness, tables
 from advsweep.models import zoo
 from tests.conftest import requires_data
 

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advsweep.bench import evaluate, standard, validity
+from advsweep.bench import evaluate
+from advsweep.bench.checks import validity
+from advsweep.bench.evaluation import standard
 from tests.attack_models import linear_model, random_images, small_cnn
 from tests.conftest import requires_data
 
@@ -187,7 +189,7 @@ def test_the_command_refuses_bad_input_in_one_line_and_writes_nothing(argv, mess
 def test_a_randomized_defense_gets_the_rand_version_and_files_that_resume(data_dir, tmp_path):
   """`MODEL+randomize` is attacked on its expectation over 20 draws (APGD-CE, APGD-DLR);
   the files are kept and a second run with the same settings reuses them."""
-  from advsweep.bench import standard_runs
+  from advsweep.bench.evaluation import standard_runs
 
   logged = []
   kwargs = dict(num_images=6, quick=True, out_root=tmp_path, data_dir=str(data_dir),

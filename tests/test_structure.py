@@ -18,7 +18,8 @@ from flax import struct
 
 from advsweep import attacks
 from advsweep.attacks import checks, common
-from advsweep.bench import compare, config, report, results, runs, sweep
+from advsweep.bench.driver import config, results, runs, sweep
+from advsweep.bench.reports import compare, report
 from tests.conftest import requires_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from advsweep.bench import cli, compare, config, report, reproduce, results, sweep
+from advsweep.bench import cli
+from advsweep.bench.driver import config, results, sweep
+from advsweep.bench.reports import compare, report, reproduce
 from tests.conftest import requires_data
 
 pytestmark = requires_data

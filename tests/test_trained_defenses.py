@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advsweep.bench import config
+from advsweep.bench.driver import config
 from advsweep.models import architectures, checkpoints, zoo
 from advsweep.models import training as train
 from advsweep.models.training import guard as guard_module

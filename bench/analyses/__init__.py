@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from advsweep.bench import runs
 from advsweep.bench.analyses import (
   chromatic,
   class_pairs,
@@ -17,6 +16,7 @@ from advsweep.bench.analyses import (
   noise,
   propagation,
 )
+from advsweep.bench.driver import runs
 
 DEFAULT_CONFIG = "onepixel_analysis"  # the run `advsweep analyze KIND` makes without a folder
 

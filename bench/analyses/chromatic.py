@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from advsweep.bench import perturbations, report, runs, stats
+from advsweep.bench import stats
 from advsweep.bench.analyses import common
+from advsweep.bench.driver import perturbations, runs
+from advsweep.bench.reports import report
 
 KIND = "chromatic"
 

@@ -15,8 +15,9 @@ import json
 
 import numpy as np
 
-from advsweep.bench import report, runs
 from advsweep.bench.analyses import common
+from advsweep.bench.driver import runs
+from advsweep.bench.reports import report
 from advsweep.models import datasets
 
 KIND = "class_pairs"

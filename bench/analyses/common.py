@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from advsweep.bench import results, tables
+from advsweep.bench.driver import results
+from advsweep.bench.reports import tables
 from advsweep.models import files
 
 

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from advsweep.bench import perturbations, runs
 from advsweep.bench.analyses import common, probe
+from advsweep.bench.driver import perturbations, runs
 
 KIND = "confidence_maps"
 IMAGES, QUICK_IMAGES = 4, 2

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from advsweep.bench import perturbations, report, runs, stats
+from advsweep.bench import stats
 from advsweep.bench.analyses import common, probe
+from advsweep.bench.driver import perturbations, runs
+from advsweep.bench.reports import report
 
 KIND = "locality"
 DISTANCES, QUICK_DISTANCES = 5, 3

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advsweep.bench import perturbations, runs, stats
+from advsweep.bench import stats
 from advsweep.bench.analyses import common
+from advsweep.bench.driver import perturbations, runs
 from advsweep.models import architectures, transforms
 
 KIND = "noise"

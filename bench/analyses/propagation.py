@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from advsweep.bench import perturbations, runs
 from advsweep.bench.analyses import common
+from advsweep.bench.driver import perturbations, runs
 
 KIND = "propagation"
 IMAGES, QUICK_IMAGES = 4, 2

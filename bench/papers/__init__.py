@@ -1,9 +1,9 @@
 """The papers advsweep reproduces, one folder each: `bench/papers/<paper>/paper.toml` (title,
 note, the run configs and the published figures with their sources) beside the run configs
-it names (`<config>.toml`, found by `advsweep run` and `bench.config.load` as any config).
+it names (`<config>.toml`, found by `advsweep run` and `bench.driver.config.load` as any config).
 `advsweep reproduce PAPER` runs the configs and prints the published figures beside ours
-(`bench.reproduce`); a paper's own tables are hooks named in its `sections`
-(`bench.reproduce.SECTIONS`). Adding a paper is adding a folder.
+(`bench.reports.reproduce`); a paper's own tables are hooks named in its `sections`
+(`bench.reports.reproduce.SECTIONS`). Adding a paper is adding a folder.
 
 paper.toml's fields: `title`, `note`, `configs` (run configs, in this folder or
 `bench/configs/`), optionally `sections`, `defenses` (print the defense table), `tables`

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from advsweep.bench import tables
+from advsweep.bench.reports import tables
 from advsweep.models import files
 
 CIFAR_MODEL = "cifar10_allconv"

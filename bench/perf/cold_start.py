@@ -1,9 +1,9 @@
-"""Cold and warm starts of one command, with the persistent compile cache (`bench.compilation`):
-the same `advsweep run CONFIG --quick` twice in fresh processes, into fresh run folders, the
-first with an empty cache folder and the second with what the first left there. Prints each
-one's wall time and what it was made of: compilation and attack time as the rows record them
-(`compile_s`, `wall_s`), and the rest (starting Python and JAX, data, the image selection,
-the report).
+"""Cold and warm starts of one command, with the persistent compile cache
+(`bench.driver.compilation`): the same `advsweep run CONFIG --quick` twice in fresh
+processes, into fresh run folders, the first with an empty cache folder and the second with
+what the first left there. Prints each one's wall time and what it was made of: compilation
+and attack time as the rows record them (`compile_s`, `wall_s`), and the rest (starting
+Python and JAX, data, the image selection, the report).
 
     python -m advsweep.bench.perf.cold_start [--config main] [--data-dir DATA]
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from advsweep.bench import results, tables
+from advsweep.bench.driver import results
+from advsweep.bench.reports import tables
 
 
 def timed_run(config: str, out: Path, cache: Path, data_dir: str | None) -> dict[str, float]:

@@ -39,8 +39,9 @@ import numpy as np
 import optax
 
 from advsweep import attacks
-from advsweep.bench import tables, timing
+from advsweep.bench.driver import timing
 from advsweep.bench.perf import throughput
+from advsweep.bench.reports import tables
 from advsweep.models import datasets
 
 PEER_HINT = 'the peer libraries are an optional extra: pip install -e ".[peers]"'

@@ -27,8 +27,8 @@ import matplotlib
 import numpy as np
 
 from advsweep import attacks
-from advsweep.bench import tables
 from advsweep.bench.perf import throughput
+from advsweep.bench.reports import tables
 from advsweep.models import datasets, zoo
 
 matplotlib.use("Agg")

@@ -3,7 +3,8 @@
 For each model, both run on the first N test images at the same budget, one after the other
 in one process: the reference (`bench.reference_autoattack`, torchattacks with Croce &
 Hein's settings: 100 iterations, Square's original schedule) and ours
-(`bench.standard.evaluate`). Per model: each one's robust accuracy with its 95% interval, the
+(`bench.evaluation.standard.evaluate`). Per model: each one's robust accuracy with its 95%
+interval, the
 images robust under one and fooled by the other (a paired comparison: exact McNemar test,
 Newcombe interval), and each one's wall time. Our figure must not exceed the reference's by
 more than one point or its interval: an evaluation that finds fewer adversarial examples
@@ -27,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from advsweep.bench import standard, stats, tables
+from advsweep.bench import stats
+from advsweep.bench.evaluation import standard
+from advsweep.bench.reports import tables
 from advsweep.models import datasets, files, zoo
 
 HEADER = ("model", "n", "eps", "clean", "advsweep robust", "reference robust",
@@ -74,7 +77,7 @@ def kept_evaluation(folder: Path, name: str, num_images: int, eps: float, norm: 
   Raises:
     ValueError: no kept evaluation, or one of other weights, settings or fewer images.
   """
-  from advsweep.bench import standard_runs
+  from advsweep.bench.evaluation import standard_runs
 
   kept = standard_runs.load(folder, name)
   if kept is None:

@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 
 from advsweep import attacks
 from advsweep.attacks import spec as attack_spec
-from advsweep.bench import tables, timing
+from advsweep.bench.driver import timing
+from advsweep.bench.reports import tables
 from advsweep.models import custom, datasets, files, zoo
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from advsweep.attacks import common
-from advsweep.bench import tables
+from advsweep.bench.reports import tables
 from advsweep.models import files
 
 FALSE_POSITIVE_RATE = 0.05  # the operating point the report and the adaptive attack use

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from advsweep.bench import report, results, tables
+from advsweep.bench.driver import results
+from advsweep.bench.reports import report, tables
 
 DEFAULT_TIME_FACTOR = 3.0
 DEFAULT_TIME_FLOOR = 1.0  # seconds over the cell's images

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from advsweep.bench import config as config_lib
 from advsweep.bench import papers as papers_lib
-from advsweep.bench import report, results, stats, sweep, tables
+from advsweep.bench import stats
+from advsweep.bench.driver import config as config_lib
+from advsweep.bench.driver import results, sweep
+from advsweep.bench.reports import report, tables
 
 RATE_METRICS = ("success_rate", "top1_error", "top5_error", "accuracy")
 # Over every image of the cell, the way robustness is usually published (RobustBench, the

@@ -1,6 +1,6 @@
 """Reading a run: its rows, the sparse attacks' stored changes, the models that made them and
 the images they were made on. The public API the analyses and reports use to get at a run
-(the sweep writes it, `bench.results` keeps its files).
+(the sweep writes it, `bench.driver.results` keeps its files).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from advsweep.bench import report, results
+from advsweep.bench.driver import results
+from advsweep.bench.reports import report
 
 
 def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table, dict]:
@@ -42,7 +43,7 @@ def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table,
 
 @dataclasses.dataclass
 class Changes:
-  """The sparse attacks' stored changes of a run's rows (`bench.perturbations`), per row:
+  """The sparse attacks' stored changes of a run's rows (`bench.driver.perturbations`), per row:
   flat feature indices and new values (None where a row has none), and which rows have them."""
 
   index: list
@@ -67,7 +68,7 @@ def load_model(run_dir: str | Path, cols: dict, name: str,
     ResultsError: the rows were made with other weights (their `model_sha256` differs from
       the model's): recomputing with these would report another model's numbers.
   """
-  from advsweep.bench import sweep
+  from advsweep.bench.driver import sweep
 
   if checkpoint_dir is None:
     checkpoint_dir = (results.read_run_meta(run_dir) or {}).get("checkpoint_dir")
@@ -114,7 +115,7 @@ def has_layers(model: Any) -> bool:
 def load_split(dataset: str, split: str, data_dir: str | None
                ) -> tuple[np.ndarray, np.ndarray]:
   """([N, H, W, C] uint8 images, [N] labels) of a run's dataset split, read-only."""
-  from advsweep.bench import sweep
+  from advsweep.bench.driver import sweep
 
   return sweep.dataset_split(dataset, split, data_dir)
 

@@ -12,8 +12,8 @@ image:
 - `transfer_success`: the same attack made on the twin fools the defended model (gradient
   attacks on a defended model, non-adaptive cells; the twin is the model without its input
   transform, or a trained defense's zoo `twin`);
-- `nd_score_clean`, `nd_score_adv`: the detection statistic (`bench.detection`).
-`bench.validity.cell_flags` turns them into the report's warnings, one cell at a time, with
+- `nd_score_clean`, `nd_score_adv`: the detection statistic (`bench.checks.detection`).
+`bench.checks.validity.cell_flags` turns them into the report's warnings, one cell at a time, with
 the papers' rules (one named check each, explained in docs/flags.md).
 """
 
@@ -28,7 +28,8 @@ import optax
 
 from advsweep.attacks import common
 from advsweep.attacks import spec as spec_lib
-from advsweep.bench import detection, stats
+from advsweep.bench import stats
+from advsweep.bench.checks import detection
 
 
 def uses_gradients(spec: spec_lib.AttackSpec, config: Any) -> bool:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from advsweep import attacks
-from advsweep.bench import config
+from advsweep.bench.driver import config
 from advsweep.models import datasets, zoo
 
 

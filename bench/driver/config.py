@@ -38,7 +38,7 @@ from advsweep import attacks
 from advsweep.models import custom, datasets, zoo
 from advsweep.models import defenses as defenses_lib
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = "main"
 
 # The top-level fields of a config, each with its default (None: required).
@@ -55,7 +55,7 @@ TOP_LEVEL = {
     "bins": {},
     "attacks": None,
     "defenses": ["none"],  # input transformations each model is also run behind (jpeg:75 ...)
-    "save_images": False,  # also write each unit's adversarial images (bench.perturbations)
+    "save_images": False,  # also write each unit's adversarial images (bench.driver.perturbations)
     "quick": {},
 }
 IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images (0: all)
@@ -65,7 +65,7 @@ BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
 # defended model (`models.defenses`): `bpda` (the identity's gradient through a transform
 # that rounds) and `eot_samples` (the gradient, or fitness, averaged over n draws of a
 # randomized defense); `evade_detector` (the gradient attacks keep the neighbour-difference
-# score under the detector's threshold at 5% false positives, `bench.detection`);
+# score under the detector's threshold at 5% false positives, `bench.checks.detection`);
 # `dataset` (the values apply only to models of that dataset: a budget per dataset, zipped
 # with eps, e.g. 0.3 on MNIST and 8/255 on CIFAR-10 in one table).
 DRIVER_KEYS = ("zip", "target_class", "bpda", "eot_samples", "evade_detector", "dataset")

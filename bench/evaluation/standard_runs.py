@@ -1,6 +1,6 @@
 """`advsweep robustness --standard`: zoo models under the standard evaluation, kept as files.
 
-Each model's evaluation (`bench.standard.evaluate`) on the first N test images of its
+Each model's evaluation (`bench.evaluation.standard.evaluate`) on the first N test images of its
 dataset, at its dataset's budget, is written to `<out>/<model>.parquet` (one row per image
 and attack) and `<out>/<model>.json` (the settings, timings, flags and headline), each
 atomically; a later run with the same settings skips a model whose files are there, so an
@@ -21,7 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from advsweep.bench import results, standard, stats, tables
+from advsweep.bench import stats
+from advsweep.bench.driver import results
+from advsweep.bench.evaluation import standard
+from advsweep.bench.reports import tables
 from advsweep.models import custom, datasets, files
 
 HEADER_START = ("model", "defense", "twin", "n", "clean")

@@ -43,7 +43,8 @@ from advsweep import attacks
 from advsweep.attacks import checks as attack_checks
 from advsweep.attacks import common
 from advsweep.attacks.gradient import L2, LINF
-from advsweep.bench import stats, validity
+from advsweep.bench import stats
+from advsweep.bench.checks import validity
 
 STANDARD, RAND = "standard", "rand"
 VERSIONS = (STANDARD, RAND)
@@ -54,7 +55,7 @@ BUDGETS = {("mnist", LINF): 0.3, ("fashion_mnist", LINF): 0.1, ("cifar10", LINF)
 EOT_DRAWS = 20  # AutoAttack's rand version
 
 
-# What an attack of the protocol is, for the checks (`bench.validity`).
+# What an attack of the protocol is, for the checks (`bench.checks.validity`).
 CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED = "ce", "dlr", "boundary", "score"
 
 
@@ -138,7 +139,7 @@ class Evaluation:
     robust: [N] correct and not fooled by any attack of the protocol: the headline.
     outcomes: per attack (protocol order), its `AttackOutcome`.
     kinds: per attack, its `Step.kind` (what the checks read).
-    flags: the checks' findings (`bench.validity`), empty when none fired.
+    flags: the checks' findings (`bench.checks.validity`), empty when none fired.
     seconds: wall time of the whole evaluation.
   """
 

@@ -19,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from advsweep import attacks
-from advsweep.bench import config as config_lib
-from advsweep.bench import detection, results, tables, validity
+from advsweep.bench.checks import detection, validity
+from advsweep.bench.driver import config as config_lib
+from advsweep.bench.driver import results
+from advsweep.bench.reports import tables
 from advsweep.models import files
 
 ALL_BINS = "all"
@@ -280,7 +282,7 @@ def defense_lines(table: pa.Table) -> tuple[list[str], list[str]]:
 def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
   """Accuracy under the plain and the adaptive attack side by side, per model, defense and
   attack configuration, with the transfer attack's; and the masking flags of every cell
-  (`bench.validity.cell_flags`). Empty where the run has no defended model."""
+  (`bench.checks.validity.cell_flags`). Empty where the run has no defended model."""
   cols = columns(table)
   if "defense" not in cols or all(d in (None, "none") for d in cols["defense"]):
     return [], []

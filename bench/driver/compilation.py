@@ -12,7 +12,7 @@ two sweeps into one run) share it safely.
 
 `seconds()` is the process's compile time so far (tracing, lowering and XLA's compilation,
 from `jax.monitoring`'s duration events), so a unit's compile time is read apart from its
-attack time (`bench.sweep`'s `compile_s` and `wall_s` columns).
+attack time (`bench.driver.sweep`'s `compile_s` and `wall_s` columns).
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def check_budget(name: str, spec: Any, config: Any, result: Any, images: np.ndar
 
 
 # --- The per-cell flags of a sweep's report, read from what the driver records per image
-# (`bench.masking.unit_checks`): one function per flag, each a message or None.
+# (`bench.checks.masking.unit_checks`): one function per flag, each a message or None.
 
 MASKED_SHARE = 0.5  # a cell whose mean zero-gradient share reaches this is flagged
 UNBOUNDED_EPS = 1.0  # an L-inf attack at this eps can reach every image: it must succeed

@@ -4,7 +4,7 @@ Work is cut into units, one per (model, attack configuration, batch of images), 
 order. Each unit's rows go to their own parquet file, written atomically, so:
 - resuming skips units whose file is there, readable, of this run and whole (a killed run
   loses at most the units in flight; anything else is run again or refused by name);
-- processes sharing a folder claim units before running them (`bench.claims`);
+- processes sharing a folder claim units before running them (`bench.driver.claims`);
 - `--shard K/N` takes every N-th unit from the K-th, and the parts of all shards together
   are exactly the files of one plain run;
 - on a cluster, `jax.distributed.initialize()` runs when its environment is present and
@@ -36,18 +36,11 @@ from tqdm import tqdm
 
 from advsweep import attacks
 from advsweep.attacks import checks
-from advsweep.bench import claims as claims_lib
-from advsweep.bench import (
-  compilation,
-  detection,
-  masking,
-  perturbations,
-  results,
-  selection,
-  timing,
-)
-from advsweep.bench import config as config_lib
-from advsweep.bench.config import Cell, ConfigError, RunConfig
+from advsweep.bench.checks import detection, masking
+from advsweep.bench.driver import claims as claims_lib
+from advsweep.bench.driver import compilation, perturbations, results, selection, timing
+from advsweep.bench.driver import config as config_lib
+from advsweep.bench.driver.config import Cell, ConfigError, RunConfig
 from advsweep.models import custom, datasets, files, interrupts, zoo
 
 
@@ -473,7 +466,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   A unit counts as done only when its part is readable, belongs to this run (run id, seed,
   configuration) and holds the unit's images; a missing, unreadable or short part is run
   again, and a part of another run is refused by name. Processes that share a folder (two
-  launches, job-array shards) claim each unit before running it (`bench.claims`), so no unit
+  launches, job-array shards) claim each unit before running it (`bench.driver.claims`), so no unit
   runs twice at once, and a claim left by a killed process is taken over.
 
   Args:
@@ -489,7 +482,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     stale_after_s: a claim not refreshed for this long is taken over.
     checkpoint_dir: where the zoo models' checkpoints are (default: the shipped ones).
     only: run only the units of these part file names (`Unit.filename`): a distributed
-      engine's task (`bench.ray_sweep`).
+      engine's task (`bench.driver.ray_sweep`).
     models: the config's models as `load_models` gives them, loaded already.
     log: where messages go.
   """

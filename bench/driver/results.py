@@ -59,7 +59,7 @@ SCHEMA = pa.schema([
     ("valid", pa.bool_()),  # budget, [0, 1] range and finite output checks passed
     ("evaluation", pa.string()),  # "full" forward pass or "pixel_local" (AttackResult)
     ("defense", pa.string()),  # the input transformation before the model, or "none"
-    # Gradient-masking checks (`bench.masking`); null where they do not apply.
+    # Gradient-masking checks (`bench.checks.masking`); null where they do not apply.
     ("grad_zero_share", pa.float32()),  # input-gradient entries zero or non-finite, at the
     # clean image, of what the attack differentiates (gradient attacks)
     ("forward_repeatable", pa.bool_()),  # two draws of the model give the same logits
@@ -67,7 +67,7 @@ SCHEMA = pa.schema([
     # Papernot et al.'s detection statistic (`attacks.common.neighbour_difference_score`).
     ("nd_score_clean", pa.float32()),
     ("nd_score_adv", pa.float32()),
-    # Sparse attacks' changes (`bench.perturbations`): indices into the image flattened in
+    # Sparse attacks' changes (`bench.driver.perturbations`): indices into the image flattened in
     # (height, width, channel) order, the clean and the adversarial values; null for attacks
     # that change every feature (FGSM, PGD).
     ("changed_index", pa.list_(pa.int32())),
@@ -77,7 +77,7 @@ SCHEMA = pa.schema([
     # included (`AttackResult.evaluated`); `evaluated - queries` searched nothing.
     ("evaluated", pa.float64()),
     # The unit's compile seconds (tracing, lowering, XLA or the persistent cache), the same
-    # on each of its rows; `wall_s` excludes them (`bench.compilation`).
+    # on each of its rows; `wall_s` excludes them (`bench.driver.compilation`).
     ("compile_s", pa.float64()),
 ])
 # Columns added after the first release, in order: parts written before a column existed
@@ -103,7 +103,7 @@ class ForeignPartError(ResultsError):
 @functools.cache
 def git_sha() -> str:
   """The checkout's commit, with `+dirty` if it has changes; "unknown" outside git."""
-  root = Path(__file__).resolve().parent.parent
+  root = Path(__file__).resolve().parents[2]
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                          text=True, check=True, timeout=10).stdout.strip()

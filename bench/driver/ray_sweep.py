@@ -1,8 +1,8 @@
 """A sweep on a Ray cluster (`advsweep run CONFIG --ray [ADDRESS]`): each unit one Ray task.
 
-The driver plans the sweep as `bench.sweep.run` does (the run folder, the models' image
+The driver plans the sweep as `bench.driver.sweep.run` does (the run folder, the models' image
 selection, the units still to run), then submits one task per unit. A task runs its unit
-through `sweep.run(..., only={unit})`: the same claim (`bench.claims`), the same atomic part
+through `sweep.run(..., only={unit})`: the same claim (`bench.driver.claims`), the same atomic part
 write, the same verification of what is there already. Ray retries a task whose worker died
 (`max_retries`); the retry finds the dead worker's claim and takes it over (at once on the
 same host, after `stale_after_s` without a heartbeat from another host), and a killed
@@ -28,9 +28,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from advsweep.bench import claims as claims_lib
-from advsweep.bench import compilation, results, sweep
-from advsweep.bench import config as config_lib
+from advsweep.bench.driver import claims as claims_lib
+from advsweep.bench.driver import compilation, results, sweep
+from advsweep.bench.driver import config as config_lib
 
 INSTALL_HINT = "Ray is an optional extra: pip install 'advsweep[ray]' (or pip install ray)"
 LOCAL = "local"  # `--ray` without an address: a cluster of this machine, for this run

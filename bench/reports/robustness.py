@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from advsweep.bench import config as config_lib
-from advsweep.bench import masking, report, results, stats, sweep, tables
+from advsweep.bench import stats
+from advsweep.bench.checks import masking
+from advsweep.bench.driver import config as config_lib
+from advsweep.bench.driver import results, sweep
+from advsweep.bench.reports import report, tables
 from advsweep.models import zoo
 
 CONFIG = "robustness"
