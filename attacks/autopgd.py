@@ -24,7 +24,7 @@ The core is pure and traceable (`jax.jit`, `jax.vmap`, a training step): the ite
 `lax.fori_loop` whose loop state is `APGDState`, the checkpoints static. Every random choice
 (the start point of each restart and target) comes from the image's own key, so a batch
 gives each image what it would get alone, and a driver may run later targets or restarts on
-the images still robust only (`bench.standard`) with the same result.
+the images still robust only (`bench.evaluation.standard`) with the same result.
 
 References:
   Croce, Hein, Reliable evaluation of adversarial robustness with an ensemble of diverse

@@ -52,7 +52,7 @@ class AttackSpec:
     fixed_work: field values that give every image the same work (no early stop), for
       timing cost against size.
     sparse: the attack changes a few features, so a run's rows list them
-      (`bench.perturbations`: the one-pixel attack, JSMA).
+      (`bench.driver.perturbations`: the one-pixel attack, JSMA).
   """
 
   name: str

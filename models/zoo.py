@@ -265,7 +265,7 @@ class Model:
   @functools.cached_property
   def undefended(self) -> Model | None:
     """The twin a trained defense is measured beside (`meta["twin"]`), loaded from the
-    shipped zoo: the source of the transfer attacks (`bench.masking`). None for a model
+    shipped zoo: the source of the transfer attacks (`bench.checks.masking`). None for a model
     without a twin, or whose twin is not trained."""
     twin = self.meta.get("twin")
     if not twin or twin not in ZOO or twin not in available():
@@ -279,7 +279,7 @@ class Model:
     `evaluator=`. Where no early layer is local (a dense first layer) its plan is the full
     forward pass, and the attack's rows say `evaluation = full`."""
     from advsweep.attacks import pixel_local  # here: the attacks import evosax, which starts
-    # JAX's backend, and `jax.distributed` must start first (`bench.distributed`)
+    # JAX's backend, and `jax.distributed` must start first (`bench.driver.distributed`)
 
     return pixel_local.splicer_for(self.apply_fn)
 
