@@ -92,7 +92,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
   from advsweep.bench.driver import run_attack
 
   run = run_attack.run_attack(args.model, args.attack, args.num_images, seed=args.seed,
-                              overrides=args.set, data_dir=args.data_dir)
+                              overrides=args.set, data_dir=args.data_dir,
+                              checkpoint_dir=args.checkpoint_dir)
   print(run_attack.format_summary(run))
   return 0
 
@@ -325,9 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   from advsweep import attacks  # the registry names the attacks
 
-  p = sub.add_parser("attack", help="run one attack on a zoo model's first N test images")
-  p.add_argument("model", choices=list(zoo.ZOO), metavar="MODEL",
-                 help="one of: " + ", ".join(zoo.ZOO))
+  p = sub.add_parser("attack", help="run one attack on a model's first N test images")
+  p.add_argument("model", metavar="MODEL",
+                 help="a zoo model (" + ", ".join(zoo.ZOO) + "), MODEL+DEFENSE (e.g. "
+                 "mnist_lenet+jpeg:75), an entry point, package.module:function (found from "
+                 "the current folder too), or a checkpoint file NAME.msgpack")
+  p.add_argument("--checkpoint-dir", default=None,
+                 help="where a zoo model's checkpoint is (default: the shipped zoo)")
   p.add_argument("attack", choices=list(attacks.REGISTRY), metavar="ATTACK",
                  help="one of: " + ", ".join(attacks.REGISTRY))
   p.add_argument("-n", "--num-images", type=_count, default=100)

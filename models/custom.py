@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,7 @@ def _function(reference: str) -> Callable[[], Any]:
         f"unknown model {reference!r}; valid choices: {', '.join(zoo.ZOO)}"
         + (f", {', '.join(registered)}" if registered else "")
         + ", or a function as package.module:function")
+  _current_folder_first()
   try:
     module = importlib.import_module(module_name)
   except ImportError as err:
@@ -108,6 +111,14 @@ def _function(reference: str) -> Callable[[], Any]:
     raise ModelReferenceError(f"model {reference!r}: {module_name} has no function "
                               f"{attribute!r}")
   return function
+
+
+def _current_folder_first() -> None:
+  """Puts the current folder on the import path, as `python -m` does, so a user's
+  `package.module:function` beside them imports without PYTHONPATH."""
+  here = os.getcwd()
+  if here not in sys.path and "" not in sys.path:
+    sys.path.insert(0, here)
 
 
 def _first_line(err: BaseException) -> str:

@@ -134,7 +134,7 @@ def test_attack_and_reproduce_check_values_too(capsys, cwd):
     (["attack", "mnist_lenet", "fgsm", "-n", "0"], ["-n", "whole number >= 1"]),
     (["attack", "mnist_lenet", "fgsm", "-n", "-3"], ["-n", "whole number >= 1"]),
     (["attack", "mnist_lenet", "fgsm", "--seed", "x"], ["--seed", "whole number >= 0"]),
-    (["attack", "no_model", "fgsm"], ["invalid choice: 'no_model'", "--help"]),
+    (["attack", "no_model", "fgsm"], ["unknown model 'no_model'", "valid choices"]),
     (["perf", "-n", "0"], ["-n", "whole number >= 1"]),
     (["perf", "--peers", "--pixel-images", "-1"], ["--pixel-images", "whole number"]),
     (["perf", "throughput", "--sweeps", "batch"],

@@ -4,6 +4,7 @@ NNX model; a model registered by a package's entry point; PNG folders as data.""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from advsweep.bench import cli
 from advsweep.bench.driver import config, results
-from advsweep.models import custom, datasets
+from advsweep.models import custom, datasets, zoo
 from tests import byo_models
 from tests.conftest import DATA_DIR, requires_data
 
@@ -161,3 +162,54 @@ def test_zoo_checkpoints_from_a_folder_of_ones_own(tmp_path, capsys, monkeypatch
   assert cli.main([*args, "damaged", "--out", "bad"]) == 2
   assert "sha256" in capsys.readouterr().err
   assert not (tmp_path / "bad").exists()
+
+
+# --- Every command takes every model (issue 34). -----------------------------------------
+
+PLAIN_JAX_MODEL = '''
+import jax
+import jax.numpy as jnp
+from advsweep.models import custom
+
+
+def tiny():
+  """A plain-JAX linear classifier of MNIST digits (no Flax), from a fixed key."""
+  w = jax.random.normal(jax.random.key(0), (28 * 28, 10)) * 0.01
+
+  def apply_fn(params, images):
+    return images.reshape(images.shape[0], -1) @ params["w"]
+
+  return custom.model("mypkg.nets:tiny", apply_fn, {"w": w}, dataset="mnist")
+'''
+
+
+@requires_data
+def test_attack_takes_a_users_function_from_the_current_folder(tmp_path, monkeypatch, capsys,
+                                                               data_dir):
+  (tmp_path / "mypkg").mkdir()
+  (tmp_path / "mypkg" / "__init__.py").write_text("")
+  (tmp_path / "mypkg" / "nets.py").write_text(PLAIN_JAX_MODEL)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+  monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+  monkeypatch.delitem(sys.modules, "mypkg.nets", raising=False)
+  assert cli.main(["attack", "mypkg.nets:tiny", "pgd", "-n", "8", "--data-dir",
+                   str(data_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "pgd on mypkg.nets:tiny: 8 test images" in out
+
+
+@requires_data
+def test_attack_takes_a_defended_model_and_a_checkpoint_file(tmp_path, capsys, data_dir):
+  assert cli.main(["attack", "mnist_softmax+jpeg:75", "fgsm", "-n", "4", "--data-dir",
+                   str(data_dir)]) == 0
+  assert "fgsm on mnist_softmax+jpeg:75" in capsys.readouterr().out
+  shipped = zoo.entry("mnist_softmax").checkpoint
+  for suffix in (".msgpack", ".json"):
+    (tmp_path / f"mnist_softmax{suffix}").write_bytes(
+        shipped.with_suffix(suffix).read_bytes())
+  assert cli.main(["attack", str(tmp_path / "mnist_softmax.msgpack"), "fgsm", "-n", "4",
+                   "--data-dir", str(data_dir)]) == 0
+  assert "4 test images" in capsys.readouterr().out
+  assert cli.main(["attack", str(tmp_path / "nothing.msgpack"), "fgsm"]) == 2
+  assert "no checkpoint file" in capsys.readouterr().err

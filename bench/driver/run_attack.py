@@ -1,9 +1,11 @@
-"""Run one attack on one zoo model over the first N test images and summarise it."""
+"""Run one attack on one model (any reference `models.custom.resolve` takes, or a checkpoint
+file) over the first N test images of its dataset and summarise it."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 
 from advsweep import attacks
 from advsweep.bench.driver import config
-from advsweep.models import datasets, zoo
+from advsweep.models import custom, datasets, zoo
 
 
 def make_config(attack_name: str, assignments: list[str] | None = None) -> Any:
@@ -67,9 +69,27 @@ class AttackRun:
     }
 
 
+def load_model(reference: str, checkpoint_dir: str | None = None) -> zoo.Model:
+  """A model by any reference `models.custom.resolve` takes, or a zoo checkpoint file
+  `DIR/NAME.msgpack` (its `NAME.json` beside it names the zoo entry)."""
+  path = Path(reference)
+  if path.suffix == ".msgpack":
+    if not path.is_file():
+      raise FileNotFoundError(f"no checkpoint file {path}; name a NAME.msgpack written by "
+                              "advsweep train (its NAME.json beside it)")
+    name = path.stem
+    if name not in zoo.ZOO:
+      raise custom.ModelReferenceError(f"{path}: {name!r} is no zoo model, so its "
+                                       "architecture is unknown; name a zoo checkpoint, or "
+                                       "load your weights in a package.module:function")
+    return zoo.load(name, path.parent)
+  return custom.resolve(reference, checkpoint_dir)
+
+
 def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed: int = 0,
                overrides: list[str] | None = None, data_dir: str | None = None,
-               model: zoo.Model | None = None) -> AttackRun:
+               model: zoo.Model | None = None, checkpoint_dir: str | None = None
+               ) -> AttackRun:
   """Attacks the first `num_images` test images of the model's dataset, once.
 
   `compile_seconds` is the time to compile the attack's largest jitted piece ahead of time;
@@ -77,14 +97,18 @@ def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed
   does not enter jit's cache): `advsweep perf` separates the two exactly.
   """
   attack_config = make_config(attack_name, overrides)  # checks the name, fields and values
-  model = model or zoo.load(model_name)
-  images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
+  model = model or load_model(model_name, checkpoint_dir)
+  dataset = model.meta.get("dataset")
+  if not dataset:
+    raise config.ConfigError(f"model {model_name} names no dataset; give it one "
+                             "(custom.model(..., dataset=...)) to attack it here")
+  images_u8, labels = datasets.load(dataset, "test", data_dir)
   images = jnp.asarray(images_u8[:num_images], jnp.float32) / 255.0
   labels = labels[:num_images]
   key = jax.random.key(seed)
   clean_pred = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1))
   prepared = attacks.REGISTRY[attack_name].prepared(
-      model.apply_fn, model.params, images, labels, key, attack_config,
+      model.attack_apply_fn(), model.params, images, labels, key, attack_config,
       evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
   start = time.perf_counter()
   if prepared.lowered is not None:  # compile time of the attack's largest jitted piece,
