@@ -28,6 +28,14 @@ from advsweep.bench.reports import tables  # noqa: E402
 from advsweep.models import checkpoints, interrupts, zoo  # noqa: E402
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+  from advsweep.bench.driver import starter
+
+  path = starter.write(args.model, Path(args.out), dataset=args.dataset, force=args.force)
+  print(f"wrote {path}; run it with: advsweep run {path}")
+  return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
   """Lists the zoo: dataset, architecture, parameters, test accuracy, checkpoint size. Every
   checkpoint listed is verified (sha256 and structure) as `models.load` verifies it; exit 1
@@ -303,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="advsweep", description="JAX benchmark suite for adversarial attacks.")
   sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("init", help="write a working sweep config for your model")
+  p.add_argument("model", metavar="MODEL",
+                 help="your model: package.module:function, an entry point, or a zoo model")
+  p.add_argument("--dataset", default=None,
+                 help="what it classifies: mnist, fashion_mnist, cifar10, or a folder or .npz "
+                 "of yours (default: the model's own)")
+  p.add_argument("--out", default="advsweep.toml", help="the config file to write")
+  p.add_argument("--force", action="store_true", help="replace an existing file")
+  p.set_defaults(func=_cmd_init)
 
   p = sub.add_parser("models", help="list the model zoo with accuracy and size")
   p.add_argument("--checkpoint-dir", default=None,

@@ -213,3 +213,24 @@ def test_attack_takes_a_defended_model_and_a_checkpoint_file(tmp_path, capsys, d
   assert "4 test images" in capsys.readouterr().out
   assert cli.main(["attack", str(tmp_path / "nothing.msgpack"), "fgsm"]) == 2
   assert "no checkpoint file" in capsys.readouterr().err
+
+
+@requires_data
+def test_init_writes_a_config_that_runs(tmp_path, monkeypatch, capsys, data_dir):
+  (tmp_path / "mypkg").mkdir()
+  (tmp_path / "mypkg" / "__init__.py").write_text("")
+  (tmp_path / "mypkg" / "nets.py").write_text(PLAIN_JAX_MODEL)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+  monkeypatch.delitem(sys.modules, "mypkg.nets", raising=False)
+  assert cli.main(["init", "mypkg.nets:tiny", "--dataset", "mnist"]) == 0
+  assert "advsweep run advsweep.toml" in capsys.readouterr().out
+  text = (tmp_path / "advsweep.toml").read_text()
+  assert 'models = ["mypkg.nets:tiny"]' in text and "eps = [0.15, 0.3]" in text
+  assert cli.main(["init", "mypkg.nets:tiny"]) == 2  # no overwrite without --force
+  assert "--force" in capsys.readouterr().err
+  assert cli.main(["run", "advsweep.toml", "--set", "images.per_bin=4", "--attacks", "fgsm",
+                   "--out", "runs/mine", "--no-progress", "--data-dir", str(data_dir)]) == 0
+  rows = results.read_run(tmp_path / "runs" / "mine").to_pydict()
+  assert set(rows["model"]) == {"mypkg.nets:tiny"} and set(rows["conf_bin"]) == {"all"}
+  assert len(rows["model"]) == 8  # 4 images at each of two budgets

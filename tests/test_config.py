@@ -62,7 +62,7 @@ def test_overrides_reach_any_field_and_refuse_unknown_names():
            ("models=['resnet50']", "valid choices: mnist_lenet"),
            ("dataset=imagenet", "trained on mnist, not on the config's dataset imagenet"),
            ("dataset=cifar10", "trained on mnist"), ("bins.thresholds=[0.1, 0.5]", "decreasing"),
-           ("bins.names=['a']", "distinct names"), ("images.per_bin=0", ">= 1"),
+           ("bins.names=['a', 'b']", "distinct names"), ("images.per_bin=0", ">= 1"),
            ("batch_size=x", "integer"), ("seed", "KEY=VALUE")]
   for override, message in cases:
     with pytest.raises(config.ConfigError, match=message):

@@ -60,7 +60,10 @@ TOP_LEVEL = {
 }
 IMAGES = {"per_bin": 100, "pool": 0}  # pool: draw from the first `pool` images (0: all)
 # Possas's slides: high >= 30%, medium 15-30%, low < 15% top-1 softmax probability.
-BINS = {"names": ["high", "medium", "low"], "thresholds": [0.30, 0.15]}
+# Without a [bins] table, one bin of all images: the Possas slides' confidence bins (high >
+# 0.30 > medium > 0.15 > low) put nearly every image of a well-trained 10-class model in one
+# bin, so only the configs that reproduce the slides set them.
+BINS = {"names": ["all"], "thresholds": []}
 # Attack-table keys that are not config fields: `target_class`; the adaptive attacks on a
 # defended model (`models.defenses`): `bpda` (the identity's gradient through a transform
 # that rounds) and `eot_samples` (the gradient, or fitness, averaged over n draws of a
@@ -248,6 +251,14 @@ class RunConfig:
       return self.raw["dataset"]
     raise ConfigError(f"attacks.{attack}.dataset: the dataset of model {base} is known only "
                       "once it loads; set the config's `dataset` to use the key")
+
+
+def bin_names(thresholds: Any) -> list[str]:
+  """Names for the bins of `thresholds` where a config gives none: all, high/low,
+  high/medium/low, else bin0 (the most confident) to binN."""
+  count = len(thresholds) + 1 if isinstance(thresholds, list) else 0
+  return {1: ["all"], 2: ["high", "low"], 3: ["high", "medium", "low"]}.get(
+      count, [f"bin{i}" for i in range(count)])
 
 
 def is_adaptive(params: dict[str, Any]) -> bool:
@@ -502,6 +513,8 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None, quick: bool
     if key not in BINS:
       raise ConfigError(f"{source}: unknown key bins.{key}; valid: {', '.join(BINS)}")
   raw["images"] = {**IMAGES, **raw["images"]}
+  if "thresholds" in raw["bins"] and "names" not in raw["bins"]:
+    raw["bins"] = {**raw["bins"], "names": bin_names(raw["bins"]["thresholds"])}
   raw["bins"] = {**BINS, **raw["bins"]}
   _check(raw, source)
   config = RunConfig(raw)
