@@ -72,7 +72,9 @@ def assert_same_rows(a: pa.Table, b: pa.Table, float_rtol: float = 0.0) -> None:
 
 def test_rows_hold_the_schema_and_one_row_per_image_and_config(plain):
   table = results.read_run(plain)
-  assert table.schema.equals(results.SCHEMA)
+  known = len(results.SCHEMA)  # the results columns, then the run's typed sweep axes
+  assert pa.schema(list(table.schema)[:known]).equals(results.SCHEMA)
+  assert table.schema.names[known:] == sorted(table.schema.names[known:])
   assert table.num_rows == 12 * 6
   cols = report.columns(table)
   assert set(cols["conf_bin"]) == {"high", "medium", "low"}
@@ -289,3 +291,26 @@ def test_cli_refuses_bad_input_with_the_valid_choices(capsys):
   assert "valid choices: mnist_lenet" in capsys.readouterr().err
   assert cli.main(["run", "--attacks", "deepfool"]) == 2
   assert "valid choices: one_pixel" in capsys.readouterr().err
+
+
+def test_the_sweep_axes_are_typed_columns_a_dataframe_can_filter(tmp_path, data_dir):
+  import pyarrow.parquet as pq
+
+  raw = {"name": "typed", "models": ["mnist_softmax"], "batch_size": 4,
+         "images": {"per_bin": 2, "pool": 40},
+         "attacks": {"bim": {"eps": [0.1, 0.2], "num_steps": 2,
+                             "target": ["untargeted", "least_likely"]},
+                     "fgsm": {"eps": 0.3}}}
+  out = tmp_path / "run"
+  sweep.run(config.resolve(raw), out, data_dir=str(data_dir), progress=False,
+            estimate=False, log=lambda *_: None)
+  table = pq.read_table(out / "parts", filters=[("eps", "==", 0.1)])
+  assert table.schema.field("eps").type == pa.float64()
+  assert table.schema.field("num_steps").type == pa.int64()
+  assert table.schema.field("target_param").type == pa.string()  # `target` is the class
+  assert table.num_rows == 4 and set(table.column("target_param").to_pylist()) == {
+      "untargeted", "least_likely"}
+  rows = results.read_run(out).to_pydict()
+  for params, eps, steps in zip(rows["params"], rows["eps"], rows["num_steps"], strict=True):
+    assert json.loads(params)["eps"] == eps
+    assert json.loads(params).get("num_steps") == steps  # null where a cell does not set it

@@ -126,9 +126,58 @@ def versions() -> str:
   return json.dumps(out, sort_keys=True)
 
 
-def write_part(path: str | os.PathLike, rows: dict[str, Any]) -> None:
-  """Writes one unit's rows (a dict of equal-length columns) atomically."""
+def axis_name(field: str) -> str:
+  """The column of a swept field: its own name, or `<name>_param` where a results column has
+  it (the target mode `target` beside the `target` class column)."""
+  return f"{field}_param" if field in SCHEMA.names else field
+
+
+def _axis_type(values: list[Any]) -> pa.DataType:
+  present = [v for v in values if v is not None]
+  if present and all(isinstance(v, bool) for v in present):
+    return pa.bool_()
+  if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+    return pa.int64()
+  if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+    return pa.float64()
+  return pa.string()
+
+
+def axis_schema(params: list[dict[str, Any]]) -> pa.Schema:
+  """The typed columns of a run's sweep axes: one nullable column per field its cells set
+  (`axis_name`), typed by the values (bool, int64, float64, else string; lists as JSON), in
+  name order, so `pl.read_parquet(part).filter(pl.col("eps") == 0.1)` works."""
+  fields: dict[str, list[Any]] = {}
+  for cell in params:
+    for key, value in cell.items():
+      fields.setdefault(key, []).append(value)
+  return pa.schema([(axis_name(k), _axis_type(v)) for k, v in sorted(fields.items())])
+
+
+def axis_columns(axes: pa.Schema, params: list[dict[str, Any]]) -> dict[str, pa.Array]:
+  """The axis columns of rows whose cell parameters are `params` (one dict a row)."""
+  out = {}
+  for field in axes:
+    key = field.name.removesuffix("_param") if field.name.endswith("_param") and (
+        field.name.removesuffix("_param") in SCHEMA.names) else field.name
+    values = [p.get(key) for p in params]
+    if pa.types.is_string(field.type):
+      values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+    elif pa.types.is_floating(field.type):
+      values = [None if v is None else float(v) for v in values]
+    out[field.name] = pa.array(values, field.type)
+  return out
+
+
+def write_part(path: str | os.PathLike, rows: dict[str, Any],
+               axes: pa.Schema | None = None) -> None:
+  """Writes one unit's rows (a dict of equal-length columns) atomically, with the run's
+  typed axis columns (`axis_schema`) after the results columns."""
   table = pa.Table.from_pydict(rows, schema=SCHEMA)
+  if axes is not None and len(axes):
+    params = [json.loads(p) for p in rows["params"]]
+    for name, column in axis_columns(axes, params).items():
+      table = table.append_column(axes.field(name), column)
   sink = pa.BufferOutputStream()
   pq.write_table(table, sink)
   files.atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -141,6 +190,9 @@ def read_part(path: str | os.PathLike) -> pa.Table:
   except (OSError, pa.ArrowException) as err:
     raise ResultsError(f"{path} is corrupt ({err}); run the same `advsweep run` command "
                        "again: it recomputes that unit") from None
+  known = [name for name in table.column_names if name in SCHEMA.names]
+  axes = table.drop_columns(known)  # the run's typed axis columns, after the results'
+  table = table.select(known)
   for i in range(len(_ADDED)):
     older = pa.schema([f for f in SCHEMA if f.name not in _ADDED[i:]])
     if table.schema.equals(older, check_metadata=False):
@@ -151,6 +203,8 @@ def read_part(path: str | os.PathLike) -> pa.Table:
   if not table.schema.equals(SCHEMA, check_metadata=False):
     raise ForeignPartError(f"{path} does not have the advsweep results schema; it is from "
                            "another version or tool: move it out of the run folder")
+  for field, column in zip(axes.schema, axes.columns, strict=True):
+    table = table.append_column(field, column)
   return table
 
 
@@ -165,7 +219,7 @@ def read_run(folder: str | os.PathLike) -> pa.Table:
            and ANALYSIS_DIR not in p.relative_to(folder).parts]
   if not paths:
     raise ResultsError(f"{folder} holds no results (*.parquet); run `advsweep run` first")
-  table = pa.concat_tables([read_part(p) for p in paths])
+  table = pa.concat_tables([read_part(p) for p in paths], promote_options="permissive")
   keys = set()
   for key in zip(*(table.column(c).to_pylist() for c in ("run_id", *ROW_KEY)), strict=True):
     if key in keys:

@@ -595,6 +595,7 @@ def _run_units(config: RunConfig, run_id: str, todo: list[Unit],
   """Claims, runs and writes each unit; returns (units run, units claimed elsewhere)."""
   parts = out_dir / "parts"
   runner = Runner(config, run_id)
+  axes = results.axis_schema([cell.params for cell in config.cells()])
   bar = tqdm(total=sum(len(u.positions) for u in todo), unit="img", desc=config.name,
              disable=not progress, file=sys.stderr, dynamic_ncols=True)
   successes = attempts = ran = elsewhere = 0
@@ -620,7 +621,7 @@ def _run_units(config: RunConfig, run_id: str, todo: list[Unit],
               perturbations.images_path(out_dir, unit.filename),
               example_idx=rows["example_idx"], adv_images=adv_images,
               config_hash=unit.cell.config_hash, model=unit.cell.model)
-        results.write_part(parts / unit.filename, rows)
+        results.write_part(parts / unit.filename, rows, axes)
       ran += 1
       keep = np.asarray(rows["clean_correct"])
       successes += int(np.asarray(rows["success"])[keep].sum())
