@@ -186,6 +186,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
   from advsweep.bench.reports import report
 
+  if args.format == "json":
+    print(report.summary_json(args.folder))
+    return 0
   report.report(args.folder, args.out, plots=not args.no_plots)
   return 0
 
@@ -194,7 +197,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
   from advsweep.bench.reports import compare
 
   return compare.compare(args.baseline, args.new, time_factor=args.time_factor,
-                         time_floor=args.time_floor)
+                         time_floor=args.time_floor, output_format=args.format)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -429,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", type=_out_folder, default=None,
                  help="where to write (default: FOLDER/report)")
   p.add_argument("--no-plots", action="store_true")
+  p.add_argument("--format", choices=["text", "json"], default="text",
+                 help="text: tables (and files); json: the summary as JSON on stdout, for CI")
   p.set_defaults(func=_cmd_report)
 
   p = sub.add_parser("compare", help="regression check: exit 1 if a cell moved")
@@ -440,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--time-floor", type=float, default=compare.DEFAULT_TIME_FLOOR,
                  help="...and by more than this many seconds over the cell's images "
                  f"(default {compare.DEFAULT_TIME_FLOOR:g})")
+  p.add_argument("--format", choices=["text", "json"], default="text",
+                 help="text: tables (and files); json: the comparison as JSON on stdout, for CI")
   p.set_defaults(func=_cmd_compare)
 
   p = sub.add_parser("reproduce", help="a paper's table, ours beside the published one")

@@ -314,3 +314,21 @@ def test_the_sweep_axes_are_typed_columns_a_dataframe_can_filter(tmp_path, data_
   for params, eps, steps in zip(rows["params"], rows["eps"], rows["num_steps"], strict=True):
     assert json.loads(params)["eps"] == eps
     assert json.loads(params).get("num_steps") == steps  # null where a cell does not set it
+
+
+def test_report_and_compare_speak_json_for_ci(plain, capsys):
+  from advsweep.bench import cli
+  from advsweep.bench.reports import report
+
+  assert cli.main(["report", str(plain), "--format", "json"]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  cells = report.summaries(results.read_run(plain), ["high", "medium", "low"])
+  assert summary["rows"] == 12 * 6 and len(summary["cells"]) == len(cells)
+  first = summary["cells"][0]
+  assert first["successes"] == cells[0].successes and first["n"] == cells[0].n
+  assert first["interval"][0] <= first["success_rate"] <= first["interval"][1]
+  assert not (plain / "report" / "summary.json").exists()  # stdout only
+  assert cli.main(["compare", str(plain), str(plain), "--format", "json"]) == 0
+  compared = json.loads(capsys.readouterr().out)
+  assert compared["failed"] == 0 and compared["cells"] == len(cells)
+  assert {d["status"] for d in compared["differences"]} == {"ok"}

@@ -10,6 +10,7 @@ of clean-correct images changed, or when it is missing from the new run.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from advsweep.bench.driver import results
@@ -76,19 +77,32 @@ def difference_rows(diffs: list[Difference]) -> list[list[str]]:
   return rows
 
 
+def as_json(diffs: list[Difference], extra: int) -> str:
+  """The comparison for a CI job: each baseline cell, its new figures and its status."""
+  return json.dumps({
+      "cells": len(diffs), "failed": sum(d.failed for d in diffs), "not_judged": extra,
+      "differences": [{"status": d.status, "baseline": report.cell_record(d.baseline),
+                       "new": None if d.new is None else report.cell_record(d.new)}
+                      for d in diffs]}, indent=1)
+
+
 def compare(baseline_dir: str | Path, new_dir: str | Path,
             time_factor: float = DEFAULT_TIME_FACTOR, time_floor: float = DEFAULT_TIME_FLOOR,
-            log=print) -> int:
-  """Prints the table of differences; returns the exit status (1 if any cell failed)."""
+            log=print, output_format: str = "text") -> int:
+  """Prints the table of differences (or, with `output_format="json"`, `as_json`); returns
+  the exit status (1 if any cell failed)."""
   meta = results.read_run_meta(baseline_dir) or {}
   bins = meta.get("config", {}).get("bins", {}).get("names")
   base = report.summaries(results.read_run(baseline_dir), bins)
   new = report.summaries(results.read_run(new_dir), bins)
   diffs = compare_cells(base, new, time_factor, time_floor)
   failed = [d for d in diffs if d.failed]
-  log(tables.format_text(HEADER, difference_rows(diffs)))
   extra = {(c.model, c.config_hash, c.conf_bin) for c in new} - {
       (c.model, c.config_hash, c.conf_bin) for c in base}
+  if output_format == "json":
+    log(as_json(diffs, len(extra)))
+    return 1 if failed else 0
+  log(tables.format_text(HEADER, difference_rows(diffs)))
   if extra:
     log(f"{len(extra)} cells of {new_dir} are not in the baseline (not judged)")
   log(f"{len(diffs)} cells compared: {len(failed)} failed (success rate outside the "

@@ -389,6 +389,35 @@ def plot(cells: list[CellSummary], out_dir: Path) -> list[Path]:
   return written
 
 
+def cell_record(cell: CellSummary) -> dict[str, Any]:
+  """One cell as plain JSON values: its keys, the swept parameters as a table, the rates with
+  their 95% Wilson interval, and the means (null where undefined)."""
+  low, high = cell.interval
+
+  def value(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+  return {"model": cell.model, "attack": cell.attack, "params": json.loads(cell.params),
+          "config_hash": cell.config_hash, "bin": cell.conf_bin, "images": cell.images,
+          "n": cell.n, "successes": cell.successes, "success_rate": value(cell.success_rate),
+          "interval": [value(low), value(high)], "top1_error": value(cell.top1_error),
+          "top5_error": value(cell.top5_error), "mean_adv_conf": value(cell.mean_adv_conf),
+          "mean_l0_fraction": value(cell.mean_l0_fraction),
+          "mean_linf": value(cell.mean_linf), "mean_queries": value(cell.mean_queries),
+          "s_per_image": value(cell.s_per_image), "invalid": cell.invalid}
+
+
+def summary_json(folder: str | Path) -> str:
+  """A run's summary as JSON for a CI job to read: the run and every cell (`cell_record`)."""
+  folder = Path(folder)
+  table = results.read_run(folder)
+  meta = results.read_run_meta(folder) or {}
+  cells = summaries(table, meta.get("config", {}).get("bins", {}).get("names"))
+  return json.dumps({"run": str(folder), "rows": table.num_rows,
+                     "run_ids": sorted(table.column("run_id").unique().to_pylist()),
+                     "cells": [cell_record(c) for c in cells]}, indent=1)
+
+
 def compile_note(table: pa.Table) -> str:
   """`(compilation X s apart, over U of N units)`: the units' recorded compile time (one value
   per unit, on each of its rows; units written before it was recorded have none)."""
