@@ -1,6 +1,7 @@
 """advsweep benchmark driver and the `advsweep` command line.
 
-`evaluate` is the standard evaluation of a user's own model (`bench.evaluation.standard.evaluate`):
+`run` and `read` run a sweep and read a run from Python (`bench.api`); `evaluate` is the
+standard evaluation of a user's own model (`bench.evaluation.standard.evaluate`):
 AutoAttack's protocol in JAX, per image, with its checks:
 
     from advsweep.bench import evaluate
@@ -14,6 +15,10 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
+  if name in ("run", "read"):
+    from advsweep.bench import api
+
+    return getattr(api, name)
   if name == "evaluate":
     from advsweep.bench.evaluation.standard import evaluate
 
@@ -21,4 +26,4 @@ def __getattr__(name: str) -> Any:
   raise AttributeError(f"module 'advsweep.bench' has no attribute {name!r}")
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "read", "run"]

@@ -332,3 +332,27 @@ def test_report_and_compare_speak_json_for_ci(plain, capsys):
   compared = json.loads(capsys.readouterr().out)
   assert compared["failed"] == 0 and compared["cells"] == len(cells)
   assert {d["status"] for d in compared["differences"]} == {"ok"}
+
+
+def test_the_python_api_runs_and_reads_a_sweep(tmp_path, data_dir):
+  from advsweep.bench import read, run
+
+  raw = {"name": "api", "models": ["mnist_softmax"], "batch_size": 4,
+         "images": {"per_bin": 4, "pool": 40}, "attacks": {"fgsm": {"eps": [0.1, 0.2]}}}
+  rows = run(raw, out=tmp_path / "api", data_dir=str(data_dir), progress=False,
+             log=lambda *_: None)
+  assert rows.num_rows == 8 and sorted(set(rows.column("eps").to_pylist())) == [0.1, 0.2]
+  again = run(raw, out=tmp_path / "api", data_dir=str(data_dir), progress=False,
+              log=lambda *_: None)  # resumes: nothing new, the same rows
+  assert_same_rows(again, rows)
+  assert read(tmp_path / "api").num_rows == 8
+  with pytest.raises(ValueError, match="as_ must be one of arrow, pandas, polars"):
+    read(tmp_path / "api", as_="excel")
+
+
+def test_read_gives_a_pandas_frame_where_pandas_is_installed(plain):
+  from advsweep.bench import read
+
+  pd = pytest.importorskip("pandas")
+  frame = read(plain, as_="pandas")
+  assert isinstance(frame, pd.DataFrame) and len(frame) == 12 * 6
