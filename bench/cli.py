@@ -310,9 +310,24 @@ def _out_folder(text: str) -> Path:
 _USER_ERRORS = (ValueError, OSError, argparse.ArgumentTypeError)
 
 
+def _version() -> str:
+  """`advsweep VERSION (git REVISION)`: the installed version and the checkout's commit."""
+  import importlib.metadata
+
+  from advsweep.bench.driver import results
+
+  try:
+    version = importlib.metadata.version("advsweep")
+  except importlib.metadata.PackageNotFoundError:
+    version = "not installed"
+  return f"advsweep {version} (git {results.git_sha()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="advsweep", description="JAX benchmark suite for adversarial attacks.")
+  parser.add_argument("--version", action="version", version=_version(),
+                      help="print advsweep's version and git revision")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("init", help="write a working sweep config for your model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -138,3 +139,11 @@ def test_attack_summary_excludes_misclassified_images(data_dir):
   assert summary["clean_correct"] == int(np.sum(run.clean_pred == run.labels))
   assert summary["success_rate"] == 0.0  # eps 0 changes nothing on correct images
   assert jnp.all(run.result.linf == 0)
+
+
+def test_version_names_the_release_and_the_revision(capsys):
+  with pytest.raises(SystemExit) as done:
+    cli.main(["--version"])
+  assert done.value.code == 0
+  out = capsys.readouterr().out.strip()
+  assert re.fullmatch(r"advsweep \d+\.\d+\.\d+ \(git ([0-9a-f]{40}(\+dirty)?|unknown)\)", out)
