@@ -15,6 +15,7 @@ packages (nothing else can claim it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ FRAMES = ("arrow", "pandas", "polars")
 def run(config: str | os.PathLike | dict[str, Any] | config_lib.RunConfig,
         out: str | os.PathLike | None = None, *, overrides: list[str] | None = None,
         quick: bool = False, data_dir: str | None = None, checkpoint_dir: str | None = None,
-        progress: bool = True, log=print) -> pa.Table:
+        progress: bool = True, log: Callable[[str], Any] = print) -> pa.Table:
   """Runs (or resumes) a sweep and returns its rows, as `advsweep run` does.
 
   Args:
@@ -38,7 +39,10 @@ def run(config: str | os.PathLike | dict[str, Any] | config_lib.RunConfig,
     out: the run folder (default `results/<name>`).
     overrides: `key=value` assignments, as `--set` takes them.
     quick: apply the config's [quick] table.
-    data_dir, checkpoint_dir, progress, log: as `bench.driver.sweep.run`.
+    data_dir: the local data folder (default `$ADVSWEEP_DATA_DIR`).
+    checkpoint_dir: where the zoo models' checkpoints are (default: the shipped ones).
+    progress: show a progress bar.
+    log: where messages go.
   """
   if isinstance(config, config_lib.RunConfig):
     resolved = config if not overrides else config_lib.resolve(config.raw, overrides)

@@ -4,6 +4,7 @@ NNX model; a model registered by a package's entry point; PNG folders as data.""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -234,3 +235,39 @@ def test_init_writes_a_config_that_runs(tmp_path, monkeypatch, capsys, data_dir)
   rows = results.read_run(tmp_path / "runs" / "mine").to_pydict()
   assert set(rows["model"]) == {"mypkg.nets:tiny"} and set(rows["conf_bin"]) == {"all"}
   assert len(rows["model"]) == 8  # 4 images at each of two budgets
+
+
+def _readme_blocks(language: str) -> list[str]:
+  text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+@requires_data
+def test_the_readmes_attack_your_own_model_example_as_written(tmp_path, monkeypatch, capsys,
+                                                               data_dir):
+  """The README's first example, word for word: the module, the three commands, the
+  filter and `read`."""
+  module = next(b for b in _readme_blocks("python") if b.startswith("# mypkg/nets.py"))
+  commands = next(b for b in _readme_blocks("bash") if "advsweep attack mypkg" in b)
+  reading = next(b for b in _readme_blocks("python") if "pq.read_table" in b)
+  (tmp_path / "mypkg").mkdir()
+  (tmp_path / "mypkg" / "__init__.py").write_text("")
+  (tmp_path / "mypkg" / "nets.py").write_text(module)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("ADVSWEEP_DATA_DIR", str(data_dir))
+  monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+  monkeypatch.delitem(sys.modules, "mypkg.nets", raising=False)
+  for line in commands.strip().splitlines():
+    argv = line.split("#")[0].split()
+    assert argv[0] == "advsweep"
+    assert cli.main(argv[1:] + (["--no-progress"] if argv[1] == "run" else [])) == 0, line
+  capsys.readouterr()
+  pd = None
+  try:
+    import pandas as pd  # noqa: F401
+  except ImportError:
+    reading = reading.replace('as_="pandas"', 'as_="arrow"')  # pandas is the user's choice
+  scope: dict = {}
+  exec(reading, scope)  # noqa: S102  (the README's own lines)
+  assert scope["rows"].num_rows > 0 and set(scope["rows"].column("eps").to_pylist()) == {0.15}
+  assert len(scope["frame"]) == results.read_run(tmp_path / "results" / "mine").num_rows

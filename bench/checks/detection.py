@@ -1,7 +1,7 @@
 """Papernot et al.'s adversarial-sample detector, evaluated from a run's rows.
 
-The slides on "The Limitations of Deep Learning in Adversarial Settings"
-(`../shared/papers/003`) propose detecting adversarial samples by the sum of squared
+The slides on Papernot et al.'s "The Limitations of Deep Learning in Adversarial Settings"
+(2016) propose detecting adversarial samples by the sum of squared
 differences between neighbouring pixels, which "is always higher for adversarial samples".
 The detector flags an image whose score (`attacks.common.neighbour_difference_score`, in
 the rows as `nd_score_clean` and `nd_score_adv`) exceeds a threshold set at a chosen

@@ -1,7 +1,7 @@
 """`advsweep init`: a working sweep config for a user's model, to edit rather than to write
 from nothing: the model, its data, one bin of all images, and the attacks a robustness check
-starts with (FGSM, PGD and APGD at the dataset's usual budget; the one-pixel attack at a
-CPU-sized budget), checked by the config loader before it is written."""
+starts with (FGSM, PGD and APGD at the usual budget of the dataset the model names; the
+one-pixel attack at a CPU-sized budget), checked by the config loader before it is written."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def render(model: str, path: Path, dataset: str | None = None) -> str:
     ConfigError, ModelReferenceError: the reference or the dataset is not one advsweep takes.
   """
   custom.check_reference(model)
-  eps = EPS.get(dataset or _zoo_dataset(model) or "", OTHER_EPS)
+  eps = EPS.get(dataset or _model_dataset(model) or "", OTHER_EPS)
   name = "".join(c if c.isalnum() or c in "._-" else "_" for c in model.split(":")[-1])
   text = TEMPLATE.format(
       model=model, path=path, name=name or "mine",
@@ -62,9 +62,12 @@ def render(model: str, path: Path, dataset: str | None = None) -> str:
   return text
 
 
-def _zoo_dataset(model: str) -> str | None:
+def _model_dataset(model: str) -> str | None:
+  """The dataset the model says it classifies (a zoo entry's, or a user's `dataset=`)."""
   base, _ = custom.split_defense(model)
-  return zoo.entry(base).dataset if base in zoo.ZOO else None
+  if base in zoo.ZOO:
+    return zoo.entry(base).dataset
+  return custom.resolve(base).meta.get("dataset")
 
 
 def write(model: str, path: Path, *, dataset: str | None = None, force: bool = False) -> Path:
