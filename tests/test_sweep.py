@@ -16,7 +16,7 @@ import pytest
 
 from advsweep.bench import cli
 from advsweep.bench.driver import config, results, sweep
-from advsweep.bench.reports import compare, report, reproduce
+from advsweep.bench.reports import compare, report, reproduce, tables
 from tests.conftest import requires_data
 
 pytestmark = requires_data
@@ -356,3 +356,19 @@ def test_read_gives_a_pandas_frame_where_pandas_is_installed(plain):
   pd = pytest.importorskip("pandas")
   frame = read(plain, as_="pandas")
   assert isinstance(frame, pd.DataFrame) and len(frame) == 12 * 6
+
+
+def test_the_terminal_shows_a_compact_pivot_and_the_files_every_column(tmp_path, plain):
+  lines = []
+  cells = report.report(plain, tmp_path, plots=False, log=lines.append)
+  text = lines[0]
+  header = next(line for line in text.splitlines() if line.startswith("model"))
+  assert header.split() == ["model", "attack", "params", "high", "medium", "low", "all", "s/img"]
+  settings = {(c.model, c.attack, c.params) for c in cells}
+  block = text.split("\n\n")[0].splitlines()  # the pivot, before the Possas layouts
+  body = [line for line in block if line.startswith("mnist_lenet")]
+  assert len(body) == len(settings) == 6  # one row per setting, not one per bin
+  everything = next(c for c in cells if c.conf_bin == report.ALL_BINS)
+  low, high = everything.interval
+  assert f"({tables.pct(low)}-{tables.pct(high)}) n={everything.n}" in text
+  assert "| top-1 err |" in (tmp_path / "summary.md").read_text()  # the full table

@@ -173,6 +173,32 @@ def summary_rows(cells: list[CellSummary]) -> list[list[str]]:
   return rows
 
 
+def pivot(cells: list[CellSummary]) -> tuple[list[str], list[list[str]]]:
+  """The terminal's compact table: one row per model, attack and setting, one column per
+  confidence bin (success rate on clean-correct images with its 95% interval, and n), and
+  the attack time per image; the full table goes to summary.md and summary.csv."""
+  bins = list(dict.fromkeys(c.conf_bin for c in cells if c.conf_bin != ALL_BINS))
+  columns = [*bins, ALL_BINS] if len(bins) > 1 else [ALL_BINS]
+  rows: dict[tuple[str, str, str], dict[str, CellSummary]] = {}
+  for c in cells:
+    rows.setdefault((c.model, c.attack, params_text(c.params)), {})[c.conf_bin] = c
+  header = ["model", "attack", "params", *columns, "s/img"]
+  body = []
+  for (model, attack, params), by_bin in rows.items():
+    texts = []
+    for name in columns:
+      c = by_bin.get(name)
+      if c is None or not c.n:
+        texts.append("-")
+        continue
+      lo, hi = c.interval
+      texts.append(f"{tables.pct(c.success_rate)} ({tables.pct(lo)}-{tables.pct(hi)}) "
+                   f"n={c.n}")
+    every = by_bin.get(ALL_BINS) or next(iter(by_bin.values()))
+    body.append([model, attack, params, *texts, tables.num(every.s_per_image, 4)])
+  return header, body
+
+
 def summary_csv(cells: list[CellSummary]) -> str:
   header = ["model", "attack", "params", "config_hash", "conf_bin", "images", "n",
             "successes", "success_rate", "ci_low", "ci_high", "top1_error", "top5_error",
@@ -444,10 +470,11 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
   out_dir = Path(out_dir) if out_dir else folder / "report"
   rows = summary_rows(cells)
   run_ids = ", ".join(sorted(table.column("run_id").unique().to_pylist()))
+  header, compact = pivot(cells)
   text = [f"{folder}: {table.num_rows} rows, run {run_ids}",
-          "rates over clean-correct images (n); 95% Wilson intervals; adv conf and l0 frac "
-          "over successes; s/img is attack time" + compile_note(table),
-          tables.format_text(SUMMARY_HEADER, rows)]
+          "success rate over clean-correct images (n) with its 95% Wilson interval, by "
+          "confidence bin; s/img is attack time" + compile_note(table) + "; every column in "
+          f"{out_dir / 'summary.md'} and summary.csv", tables.format_text(header, compact)]
   markdown = ["# advsweep report", "", f"Run folder `{folder}`, {table.num_rows} rows.", "",
               tables.format_markdown(SUMMARY_HEADER, rows)]
   for (model, method, eps), layout in possas_tables(cells).items():
