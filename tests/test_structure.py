@@ -20,7 +20,7 @@ from advsweep import attacks
 from advsweep.attacks import checks, common
 from advsweep.bench.driver import config, results, runs, sweep
 from advsweep.bench.reports import compare, report
-from tests.conftest import requires_data
+from tests.conftest import DATA_DIR, requires_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,6 +232,24 @@ def test_the_wheel_installs_everything_under_advsweep(tmp_path):
                  "advsweep/models/trained/mnist_lenet.json"):
     assert needed in names
   assert "advsweep/__init__.py" not in names  # a namespace: nothing else can claim it
+  if DATA_DIR is None:
+    return
+  # Installed alone (no source tree on the path), the wheel runs a sweep and a paper's config.
+  target = tmp_path / "installed"
+  proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                         str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  env = dict(os.environ, PYTHONPATH=str(target), ADVSWEEP_DATA_DIR=str(DATA_DIR))
+  code = ("import sys, advsweep.bench.driver.sweep as s; print(s.__file__); "
+          "from advsweep.bench import cli; sys.exit(cli.main(sys.argv[1:]))")
+  run = subprocess.run([sys.executable, "-c", code, "run", "ci", "--set", "images.per_bin=2",
+                        "--out", str(tmp_path / "run"), "--no-progress", "--no-report"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.splitlines()[0].startswith(str(target))  # the wheel's code ran
+  assert "su2019" in subprocess.run(
+      [sys.executable, "-c", code, "reproduce", "--help"], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=300).stdout
 
 
 def _user_project(folder: Path) -> None:
