@@ -271,3 +271,16 @@ def test_the_readmes_attack_your_own_model_example_as_written(tmp_path, monkeypa
   exec(reading, scope)  # noqa: S102  (the README's own lines)
   assert scope["rows"].num_rows > 0 and set(scope["rows"].column("eps").to_pylist()) == {0.15}
   assert len(scope["frame"]) == results.read_run(tmp_path / "results" / "mine").num_rows
+
+
+@requires_data
+def test_the_readmes_evaluate_a_defense_example_as_written(data_dir):
+  """The README's `evaluate` lines, run on a zoo model's first test images."""
+  block = next(b for b in _readme_blocks("python") if "from advsweep.bench import evaluate" in b)
+  model = zoo.load("mnist_softmax")
+  images, labels = datasets.load("mnist", "test", str(data_dir))
+  scope = {"apply_fn": model.apply_fn, "params": model.params,
+           "images": images[:8].astype(np.float32) / 255.0, "labels": labels[:8]}
+  exec(block, scope)  # noqa: S102  (the README's own lines)
+  assert scope["result"].n == 8
+  assert scope["result"].headline().startswith("robust accuracy")
