@@ -116,3 +116,27 @@ def test_a_failed_download_is_one_line_naming_file_url_and_fix(server, tmp_path,
   for phrase in ("t10k-images-idx3-ubyte.gz", server.url, "put it at", "--data-dir",
                  download.MIRRORS_ENV):
     assert phrase in err
+
+
+def test_a_newcomers_suite_fetches_the_data_once_when_online(server, tmp_path):
+  """conftest's fallback where no data folder is given: MNIST fetched into the download
+  cache, verified, and the cache then serves as the tests' data folder."""
+  from tests.conftest import downloaded
+
+  folder = downloaded(("mnist",))
+  assert folder == tmp_path / "cache"
+  fetched = len(server.requests)
+  assert fetched == 4  # the four original files, once
+  images, labels = datasets.load("mnist", "test", str(folder))
+  assert images.shape == (10000, 28, 28, 1) and labels.shape == (10000,)
+  assert downloaded(("mnist",)) == folder and len(server.requests) == fetched  # cached
+
+
+def test_offline_the_suite_skips_instead_of_failing(server, monkeypatch):
+  from tests.conftest import downloaded
+
+  server.mode = "corrupt"  # nothing verifiable to be had
+  assert downloaded(("mnist",)) is None
+  monkeypatch.setenv(download.DOWNLOAD_ENV, "0")
+  assert downloaded(("mnist",)) is None
+
