@@ -369,3 +369,14 @@ def test_a_toy_analysis_is_one_entry(tmp_path, data_dir, monkeypatch, capsys):
   assert cli.main(["analyze", "rowcount", str(tmp_path / "run"), "--attack", "fgsm"]) == 0
   assert "rowcount:" in capsys.readouterr().out
   assert (tmp_path / "run" / "analysis" / "rowcount.parquet").is_file()
+
+
+def test_the_docs_results_pages_are_generated_from_the_committed_results():
+  """No figure in docs/results/ without its rows: regenerating gives the committed pages
+  (after adding results, run `python -m advsweep.bench.perf.pages`)."""
+  from advsweep.bench.perf import pages
+
+  for name, text in pages.render(ROOT).items():
+    committed = (ROOT / "docs" / "results" / name).read_text()
+    assert committed == text, f"docs/results/{name} is stale: python -m advsweep.bench.perf.pages"
+    assert "```bash" in text and "Generated from `results/" in text

@@ -1,0 +1,114 @@
+"""The documentation's results pages, generated from committed results folders, so that no
+figure in the docs stands without the rows behind it (`docs/results/`):
+
+- `standard-evaluation.md`: the zoo under the standard evaluation, from `results/standard-linf/`
+  (`advsweep robustness --standard`);
+- `standard-vs-reference.md`: ours beside the reference AutoAttack, image by image, from
+  `results/standard-reference/` (`python -m advsweep.bench.perf.standard_vs_reference`);
+- `one-pixel-vs-art.md`: the one-pixel attack beside ART, from the newest
+  `results/perf/peers-*.parquet` holding one-pixel rows (`advsweep perf peers`).
+
+    python -m advsweep.bench.perf.pages [--root .]      # rewrites docs/results/
+
+A test regenerates the pages and compares them with the committed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from advsweep.bench.evaluation import standard_runs
+from advsweep.bench.reports import tables
+from advsweep.models import files
+
+PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "one-pixel-vs-art.md")
+
+
+def _header(title: str, command: str, source: str) -> list[str]:
+  return [f"# {title}", "", f"Generated from `{source}` by `python -m "
+          "advsweep.bench.perf.pages`; the rows were made by", "", "```bash", command,
+          "```", ""]
+
+
+def standard_evaluation(root: Path) -> str:
+  folder = root / "results" / "standard-linf"
+  kept = {}
+  for summary_path in sorted(folder.glob("*.json")):
+    loaded = standard_runs.load(folder, json.loads(summary_path.read_text())["model"])
+    if loaded is not None:
+      kept[loaded[0]["model"]] = loaded
+  _, markdown = standard_runs.lines(kept, "Standard evaluation (L-inf, first 1,000 test "
+                                    "images)")
+  return "\n".join([*_header("The zoo under the standard evaluation",
+                             "advsweep robustness --standard", "results/standard-linf/"),
+                    *markdown, ""])
+
+
+def standard_vs_reference(root: Path) -> str:
+  from advsweep.bench.perf import standard_vs_reference as versus
+
+  folder = root / "results" / "standard-reference"
+  rows = [versus.row(json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))]
+  return "\n".join([*_header(
+      "The standard evaluation beside the reference AutoAttack",
+      "python -m advsweep.bench.perf.standard_vs_reference --models MODEL --n N "
+      "--out results/standard-reference", "results/standard-reference/"),
+      tables.format_markdown(list(versus.HEADER), rows), "",
+      "The reference is torchattacks 3.5.1 with Croce and Hein's settings (100 iterations, "
+      "Square's original schedule); 'kept' means our side was read from the standard "
+      "evaluation's files instead of being run beside it.", ""])
+
+
+def one_pixel_vs_art(root: Path) -> str:
+  candidates = sorted((root / "results" / "perf").glob("peers-*.parquet"))
+  rows, source = [], None
+  for path in reversed(candidates):
+    found = [r for r in pq.read_table(path).to_pylist() if r["attack"] == "one_pixel"]
+    if found:
+      rows, source = found, path
+      break
+  body = [[r["model"], r["library"], str(r["images"]), f"{r['s_per_image']:.3f}",
+           f"{r['evals_per_image']:.0f}", tables.pct(r["success_rate"]),
+           "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x", r.get("note") or ""]
+          for r in rows]
+  name = source.name if source else "none"
+  return "\n".join([*_header(
+      "The one-pixel attack beside ART", "advsweep perf peers --attacks one_pixel "
+      "--models MODEL ... --pixel-images N", f"results/perf/{name}"),
+      tables.format_markdown(["model", "library", "images", "s/image", "evaluations/image",
+                              "success", "peer / ours time", "note"], body), ""])
+
+
+def render(root: Path) -> dict[str, str]:
+  """Every page's text, by file name."""
+  return {"standard-evaluation.md": standard_evaluation(root),
+          "standard-vs-reference.md": standard_vs_reference(root),
+          "one-pixel-vs-art.md": one_pixel_vs_art(root)}
+
+
+def write(root: Path) -> list[Path]:
+  out = root / "docs" / "results"
+  written = []
+  for name, text in render(root).items():
+    files.atomic_write_text(out / name, text)
+    written.append(out / name)
+  return written
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m advsweep.bench.perf.pages",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--root", default=".", help="the repository (default: here)")
+  args = parser.parse_args(argv)
+  for path in write(Path(args.root)):
+    print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
