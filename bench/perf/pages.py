@@ -5,8 +5,8 @@ figure in the docs stands without the rows behind it (`docs/results/`):
   (`advsweep robustness --standard`);
 - `standard-vs-reference.md`: ours beside the reference AutoAttack, image by image, from
   `results/standard-reference/` (`python -m advsweep.bench.perf.standard_vs_reference`);
-- `one-pixel-vs-art.md`: the one-pixel attack beside ART, from the newest
-  `results/perf/peers-*.parquet` holding one-pixel rows (`advsweep perf peers`).
+- `one-pixel-vs-art.md`: the one-pixel attack beside ART, per model and library the newest
+  row of the committed `results/perf/peers-*.parquet` (`advsweep perf peers`).
 
     python -m advsweep.bench.perf.pages [--root .]      # rewrites docs/results/
 
@@ -65,23 +65,24 @@ def standard_vs_reference(root: Path) -> str:
 
 
 def one_pixel_vs_art(root: Path) -> str:
-  candidates = sorted((root / "results" / "perf").glob("peers-*.parquet"))
-  rows, source = [], None
-  for path in reversed(candidates):
-    found = [r for r in pq.read_table(path).to_pylist() if r["attack"] == "one_pixel"]
-    if found:
-      rows, source = found, path
-      break
+  """Per model and library, the newest committed one-pixel row (`results/perf/peers-*`)."""
+  newest: dict[tuple[str, str], tuple[dict, str]] = {}
+  for path in sorted((root / "results" / "perf").glob("peers-*.parquet")):  # oldest first
+    for r in pq.read_table(path).to_pylist():
+      if r["attack"] == "one_pixel":
+        newest[(r["model"], r["library"])] = (r, path.name)
   body = [[r["model"], r["library"], str(r["images"]), f"{r['s_per_image']:.3f}",
            f"{r['evals_per_image']:.0f}", tables.pct(r["success_rate"]),
-           "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x", r.get("note") or ""]
-          for r in rows]
-  name = source.name if source else "none"
+           "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x", source]
+          for (model, _), (r, source) in sorted(newest.items(), key=lambda kv: kv[0][0])]
   return "\n".join([*_header(
       "The one-pixel attack beside ART", "advsweep perf peers --attacks one_pixel "
-      "--models MODEL ... --pixel-images N", f"results/perf/{name}"),
+      "--models MODEL ... --pixel-images N", "results/perf/peers-*.parquet"),
+      "Population 400, 100 generations; per model and library the newest committed run "
+      "(the file in the last column). 'peer / ours time': ART's seconds per image over "
+      "ours (for a variant of ours, ART's over the variant's).", "",
       tables.format_markdown(["model", "library", "images", "s/image", "evaluations/image",
-                              "success", "peer / ours time", "note"], body), ""])
+                              "success", "peer / ours time", "rows"], body), ""])
 
 
 def render(root: Path) -> dict[str, str]:
