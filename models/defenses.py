@@ -222,9 +222,7 @@ class DefendedModel(zoo.Model):
     """The EOT model over `samples` draws (a randomized defense only)."""
     if not self.randomized:
       raise ValueError(f"{self.name} is deterministic: EOT over its draws is its forward pass")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-      raise ValueError(f"EOT samples must be an integer >= 1 (draws averaged per forward "
-                       f"pass); got {samples!r}")
+    zoo.check_eot_samples(samples)
     return EOTApply(self.apply_fn, samples)
 
   def attack_apply_fn(self, bpda: bool = False, eot_samples: int = 1
@@ -232,9 +230,7 @@ class DefendedModel(zoo.Model):
     """What an attack differentiates: the defended forward pass, through BPDA where the
     transform shatters gradients and `bpda` is set, averaged over `eot_samples` draws where
     it is randomized and `eot_samples` > 1."""
-    if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
-      raise ValueError(f"EOT samples must be an integer >= 1 (1: no averaging); got "
-                       f"{eot_samples!r}")
+    zoo.check_eot_samples(eot_samples)
     if eot_samples > 1 and self.randomized:
       return self.eot_apply_fn(eot_samples)
     if bpda and self.defense.shatters_gradients:

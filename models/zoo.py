@@ -294,9 +294,7 @@ class Model:
     """What an attack differentiates: a plain model's own `apply_fn` (an input defense
     answers with BPDA or EOT where asked, `models.defenses`)."""
     del bpda
-    if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
-      raise ValueError(f"EOT samples must be an integer >= 1 (1: no averaging); got "
-                       f"{eot_samples!r}")
+    check_eot_samples(eot_samples)
     return self.apply_fn
 
   def with_draws(self, key: jax.Array) -> Model:
@@ -311,6 +309,14 @@ class Model:
                                       mutable=["intermediates"])
     flat = {k: v[0] for k, v in state["intermediates"].items()}
     return logits, flat
+
+
+def check_eot_samples(samples: Any) -> None:
+  """Raises ValueError unless `samples` (draws an EOT forward pass averages) is an integer
+  >= 1; 1 is no averaging."""
+  if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    raise ValueError(f"EOT samples must be an integer >= 1 (draws averaged per forward pass, "
+                     f"1: no averaging); got {samples!r}")
 
 
 def init_variables(module: nn.Module, dataset: str, key: jax.Array) -> Any:

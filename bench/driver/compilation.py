@@ -27,7 +27,8 @@ import jax
 CACHE_ENV = "ADVSWEEP_COMPILE_CACHE"
 _OFF = ("0", "off", "false", "no")
 MAX_BYTES = 4 << 30  # 4 GiB on disk, the least recently used entries evicted first
-# jax.monitoring's events for the steps of a compilation (jax._src.dispatch).
+# The duration events JAX records through jax.monitoring for the steps of a compilation
+# (tests/test_compilation.py checks that a new program is counted and a cached call is not).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from advsweep.bench.driver import results
+from advsweep import attacks
+from advsweep.bench.driver import results, sweep
 from advsweep.bench.reports import report
+from advsweep.models import custom, datasets, zoo
 
 
 def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table, dict]:
@@ -22,8 +24,6 @@ def read_rows(run_dir: str | Path, attack: str | None = None) -> tuple[pa.Table,
   Raises:
     ResultsError: no run there, or no rows of `attack`, naming the command that makes them.
   """
-  from advsweep import attacks
-
   table = results.read_run(run_dir)
   if attack is not None:
     names = table.column("attack").to_numpy(zero_copy_only=False)
@@ -68,8 +68,6 @@ def load_model(run_dir: str | Path, cols: dict, name: str,
     ResultsError: the rows were made with other weights (their `model_sha256` differs from
       the model's): recomputing with these would report another model's numbers.
   """
-  from advsweep.bench.driver import sweep
-
   if checkpoint_dir is None:
     checkpoint_dir = (results.read_run_meta(run_dir) or {}).get("checkpoint_dir")
   model = sweep.resolve_model(name, checkpoint_dir)
@@ -77,7 +75,7 @@ def load_model(run_dir: str | Path, cols: dict, name: str,
   have = model.meta.get("sha256")
   if made_with and made_with != {have}:
     where = f"the checkpoints in {checkpoint_dir}" if checkpoint_dir else (
-        "the shipped zoo weights" if _base(name) in _zoo_names() else "its code")
+        "the shipped zoo weights" if custom.split_defense(name)[0] in zoo.ZOO else "its code")
     raise results.ResultsError(
         f"{run_dir}: the {name} rows were made with weights sha256 "
         f"{', '.join(sorted(h[:12] for h in made_with))}..., but {name} loads from {where} "
@@ -94,18 +92,6 @@ def load_models(run_dir: str | Path, attack: str | None = None,
           for name in dict.fromkeys(cols["model"].tolist())}
 
 
-def _base(name: str) -> str:
-  from advsweep.models import custom
-
-  return custom.split_defense(name)[0]
-
-
-def _zoo_names() -> set[str]:
-  from advsweep.models import zoo
-
-  return set(zoo.ZOO)
-
-
 def has_layers(model: Any) -> bool:
   """Whether the model's layers can be read (`Model.intermediates`): a zoo model's Flax
   module; not a user's `apply_fn` nor an input defense in front of a model."""
@@ -115,8 +101,6 @@ def has_layers(model: Any) -> bool:
 def load_split(dataset: str, split: str, data_dir: str | None
                ) -> tuple[np.ndarray, np.ndarray]:
   """([N, H, W, C] uint8 images, [N] labels) of a run's dataset split, read-only."""
-  from advsweep.bench.driver import sweep
-
   return sweep.dataset_split(dataset, split, data_dir)
 
 
@@ -127,8 +111,6 @@ def load_images(dataset: str, split: str, data_dir: str | None) -> np.ndarray:
 
 def image_shape(dataset: str, split: str, data_dir: str | None) -> tuple[int, int, int]:
   """(H, W, C) of a run's dataset: from the zoo's table, else from its first image."""
-  from advsweep.models import datasets
-
   if dataset in datasets.DATASETS:
     return datasets.DATASETS[dataset].shape
   return tuple(int(d) for d in load_images(dataset, split, data_dir).shape[1:])
