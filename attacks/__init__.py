@@ -5,13 +5,15 @@
 
 `config=None` is the paper's setting. Each attack has a pure core with the same signature
 (`pgd_core`, `bim_core`, `fgsm_core`, `jsma_core`, `one_pixel_core`, `apgd_core`,
-`apgd_t_core`, `fab_core`, `square_core`) that runs under
+`apgd_t_core`, `fab_core`, `square_core`, `advgan_core`) that runs under
 `jax.jit`, `jax.vmap` and inside a jitted training step; the public functions call it when
 their inputs are traced and a faster host-side schedule otherwise. `REGISTRY` maps each name
 to its `AttackSpec`: everything the driver and the benchmarks need to know about it.
 """
 
 from advsweep.attacks import spec
+from advsweep.attacks.advgan import SPEC as ADVGAN
+from advsweep.attacks.advgan import AdvGANConfig, advgan, advgan_core
 from advsweep.attacks.autopgd import (
   APGD,
   APGD_T,
@@ -80,8 +82,10 @@ register(APGD)
 register(APGD_T)
 register(FAB_T)
 register(SQUARE)
+register(ADVGAN)
 
 __all__ = [
+    "ADVGAN", "AdvGANConfig", "advgan", "advgan_core",
     "APGD", "APGD_T", "APGDConfig", "APGDTConfig", "apgd", "apgd_core", "apgd_t", "apgd_t_core",
     "FAB_T", "FABConfig", "fab", "fab_core", "SQUARE", "SquareConfig", "square", "square_core",
     "AT_LEAST_ONE_TARGET", "BIM", "EXPLICIT", "FGSM", "FULL_EVALUATION", "JSMA", "LEAST_LIKELY",

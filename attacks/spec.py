@@ -53,6 +53,9 @@ class AttackSpec:
       timing cost against size.
     sparse: the attack changes a few features, so a run's rows list them
       (`bench.driver.perturbations`: the one-pixel attack, JSMA).
+    trained_field: the config field that holds weights trained against the model under
+      attack (AdvGAN's generator), None for an attack without; the driver fills it for each
+      model (`models.gan.generators.bind`) and records their sha256 in its rows.
   """
 
   name: str
@@ -70,6 +73,7 @@ class AttackSpec:
   quick: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   fixed_work: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sparse: bool = False
+  trained_field: str | None = None
 
   def config(self, **fields: Any) -> Any:
     """The paper's config with `fields` replaced, checked (`check_config`)."""
@@ -94,6 +98,10 @@ def register(registry: dict[str, AttackSpec], spec: AttackSpec) -> AttackSpec:
   """Adds `spec` under its name; refuses a name that is taken."""
   if spec.name in registry and registry[spec.name] is not spec:
     raise ValueError(f"an attack named {spec.name!r} is already registered; pick another name")
+  fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+  if spec.trained_field is not None and spec.trained_field not in fields:
+    raise ValueError(f"{spec.name}: trained_field {spec.trained_field!r} is not a field of "
+                     f"{spec.config_cls.__name__}")
   if spec.budget_field is not None and spec.budget_field not in {
       f.name for f in dataclasses.fields(spec.config_cls)}:
     raise ValueError(f"{spec.name}: budget_field {spec.budget_field!r} is not a field of "

@@ -96,6 +96,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_gan(args: argparse.Namespace) -> int:
+  from advsweep.bench import gan
+
+  if args.kind == "dcgan":
+    out = Path(args.out) if args.out else (zoo.CHECKPOINT_DIR / "gan" / f"dcgan_{args.dataset}"
+                                           ".msgpack")
+    meta = gan.train_dcgan(args.dataset, out, epochs=args.epochs, seed=args.seed,
+                           data_dir=args.data_dir, train_limit=args.train_limit,
+                           progress=not args.no_progress)
+    q = meta["quality"]
+    print(f"DCGAN on {args.dataset}: {meta['train_seconds']:.0f} s of training; "
+          f"{q['judge']} classifies {100 * q['class_accuracy']:.1f}% of {q['samples']} "
+          f"samples as the class asked for; Frechet distance {q['frechet_distance']:.2f} "
+          f"(real train vs test images: {q['frechet_distance_real_train_vs_test']:.2f})")
+    print(f"wrote {out} (sha256 {meta['sha256']})")
+    return 0
+  if args.model is None:
+    raise ValueError("advsweep gan advgan needs the MODEL to train the generator against")
+  meta = gan.train_advgan(args.model, eps=args.eps, targeted=args.targeted,
+                          epochs=args.epochs, seed=args.seed, data_dir=args.data_dir,
+                          out_dir=Path(args.out) if args.out else None,
+                          checkpoint_dir=args.checkpoint_dir, train_limit=args.train_limit,
+                          progress=not args.no_progress)
+  print(f"AdvGAN generator against {args.model} (eps {args.eps:g}, "
+        f"{'targeted' if args.targeted else 'untargeted'}): {meta['train_seconds']:.0f} s of "
+        f"training; success {100 * meta['eval_success_rate']:.1f}% on the "
+        f"{meta['eval_clean_correct']} correctly classified of the first "
+        f"{meta['eval_images']} test images")
+  print(f"wrote {meta['path']} (sha256 {meta['sha256']})")
+  return 0
+
+
 def _cmd_attack(args: argparse.Namespace) -> int:
   from advsweep.bench.driver import run_attack
 
@@ -359,6 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--restart", action="store_true",
                  help="discard the saved state of an interrupted run instead of resuming it")
   p.set_defaults(func=_cmd_train)
+
+  p = sub.add_parser("gan", help="train the DCGAN or AdvGAN's generator against a model")
+  p.add_argument("kind", choices=("dcgan", "advgan"))
+  p.add_argument("model", nargs="?", default=None,
+                 help="advgan: the model to train the generator against (any reference "
+                 "`attack` takes)")
+  p.add_argument("--dataset", choices=("mnist", "fashion_mnist", "cifar10"), default="mnist",
+                 help="dcgan: the dataset (default: mnist)")
+  p.add_argument("--eps", type=float, default=0.3, help="advgan: the L-inf budget (0.3)")
+  p.add_argument("--targeted", action="store_true",
+                 help="advgan: the targeted generator (target class as input)")
+  p.add_argument("--epochs", type=_count, default=None, help="override the recipe's epochs")
+  p.add_argument("--train-limit", type=_count, default=None,
+                 help="train on the first N training images (short runs)")
+  p.add_argument("--seed", type=_seed, default=0)
+  p.add_argument("--out", default=None,
+                 help="dcgan: the checkpoint file (default: the shipped models/trained/gan/"
+                 "dcgan_DATASET.msgpack); advgan: the folder (default: the generator cache)")
+  p.add_argument("--checkpoint-dir", default=None,
+                 help="advgan: load a zoo MODEL from this folder instead of the shipped zoo")
+  p.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"),
+                 help="local data folder (default: $ADVSWEEP_DATA_DIR)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(func=_cmd_gan)
 
   from advsweep import attacks  # the registry names the attacks
 
