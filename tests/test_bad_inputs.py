@@ -212,6 +212,7 @@ SMALL = {
     "apgd_t": attacks.APGD_T.config(eps=0.1, num_steps=2, num_target_classes=2),
     "fab_t": attacks.FAB_T.config(eps=0.1, num_steps=2, num_target_classes=2),
     "square": attacks.SQUARE.config(eps=0.1, num_queries=5),
+    "advgan": attack_models.advgan_config((4, 4, 1), 4, eps=0.1),
 }
 
 

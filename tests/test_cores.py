@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from advsweep import attacks
-from tests.attack_models import random_images, small_cnn
+from tests.attack_models import advgan_config, random_images, small_cnn
 
 # Small budgets, one per registered attack: the test below fails for an attack left out.
 SMALL = {
@@ -23,6 +23,7 @@ SMALL = {
     "apgd_t": attacks.APGDTConfig(eps=0.05, num_steps=3, num_target_classes=2),
     "fab_t": attacks.FABConfig(eps=0.05, num_steps=3, num_target_classes=2),
     "square": attacks.SquareConfig(eps=0.05, num_queries=20),
+    "advgan": advgan_config((8, 8, 3), 5, eps=0.05),
 }
 NAMES = list(SMALL)
 
@@ -109,6 +110,7 @@ def test_core_inside_a_jitted_training_step(name):
     ("fgsm", "eps", (0.02, 0.05, 0.1)),
     ("one_pixel", "differential_weight", (0.3, 0.5, 0.9)),
     ("jsma", "gamma", (0.05, 0.1, 0.2)),
+    ("advgan", "eps", (0.02, 0.05, 0.1)),
 ])
 def test_a_budget_sweep_of_the_jitted_core_traces_once(name, field, values):
   """Budgets are traced leaves of the config: the config as an argument of the jitted core

@@ -42,12 +42,16 @@ class AdvGANConfig:
     width: the generator's first-layer channels (the paper's 8).
     generator: the generator's variables (`{"params": ...}`), trained against the model
       under attack; None until bound.
+    image_shape: the [H, W, C] of the images the generator was trained on (set with it);
+      images of another shape are refused.
   """
 
   eps: float = 0.3
   target: str = struct.field(pytree_node=False, default=common.UNTARGETED)
   width: int = struct.field(pytree_node=False, default=8)
   generator: Any = struct.field(default=None, metadata={common.OMIT_AT_DEFAULT: True})
+  image_shape: tuple[int, ...] | None = struct.field(
+      pytree_node=False, default=None, metadata={common.OMIT_AT_DEFAULT: True})
 
   @property
   def targeted(self) -> bool:
@@ -109,6 +113,12 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
       target_mode=config.target, target_modes=common.TARGET_MODES)
   if config.generator is None:
     advgan_core(apply_fn, params, images, labels, key, config)  # raises, naming the fix
+  shape = tuple(images.shape[1:])
+  if config.image_shape is not None and tuple(config.image_shape) != shape:
+    raise ValueError(
+        f"the AdvGAN generator was trained on {_shape_text(config.image_shape)} images, the "
+        f"images given are {_shape_text(shape)}: train a generator against this model "
+        "(advsweep gan advgan MODEL)")
   call = functools.partial(advgan_core, apply_fn, params, images, labels, key, config,
                            targets=targets)
   if not concrete:
@@ -117,6 +127,10 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   return common.PreparedCall(
       functools.partial(jitted, images, labels, key, config, targets),
       functools.partial(jitted.lower, images, labels, key, config, targets))
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+  return "x".join(str(int(d)) for d in shape)
 
 
 def _run(apply_fn, params, images, labels, key, config, targets):

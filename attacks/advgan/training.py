@@ -103,12 +103,14 @@ def optimizer(recipe: AdvGANRecipe) -> optax.GradientTransformation:
 
 
 def make_step(apply_fn: Callable[[Any, jax.Array], jax.Array], recipe: AdvGANRecipe,
-              num_classes: int) -> Callable[..., Any]:
+              num_classes: int, tx: optax.GradientTransformation | None = None
+              ) -> Callable[..., Any]:
   """`step(target_params, gen, disc, gen_opt, disc_opt, images, labels, key) -> (gen, disc,
   gen_opt, disc_opt, metrics)`, pure and jitted; metrics [4]: the generator's loss, the
-  discriminator's, L_adv and the batch's attack success rate."""
+  discriminator's, L_adv and the batch's attack success rate. `tx` replaces the recipe's
+  optimiser (`optimizer(recipe)`) for both networks."""
   disc_net = Discriminator(recipe.width)
-  tx = optimizer(recipe)
+  tx = tx or optimizer(recipe)
   hinge_c = recipe.hinge_bound * recipe.eps
 
   def adversarial(gen, images, targets):

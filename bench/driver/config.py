@@ -71,6 +71,9 @@ BINS = {"names": ["all"], "thresholds": []}
 # score under the detector's threshold at 5% false positives, `bench.checks.detection`);
 # `dataset` (the values apply only to models of that dataset: a budget per dataset, zipped
 # with eps, e.g. 0.3 on MNIST and 8/255 on CIFAR-10 in one table).
+# An attack table's `models`: the attack runs only on these of the config's models (an attack
+# whose cost is per model, as AdvGAN's generator training, on a few of them).
+ATTACK_MODELS = "models"
 DRIVER_KEYS = ("zip", "target_class", "bpda", "eot_samples", "evade_detector", "dataset")
 # The driver keys whose effect depends on the defense, and what they are on other models.
 ADAPTIVE_KEYS = {"bpda": False, "eot_samples": 1}
@@ -217,6 +220,10 @@ class RunConfig:
     for model in self.models:
       defense = _defense_of(model)
       for attack, table in self.raw["attacks"].items():
+        table = dict(table)
+        only = table.pop(ATTACK_MODELS, None)
+        if only is not None and model not in only and _base_of(model) not in only:
+          continue
         for params in expand(table, f"attacks.{attack}"):
           _check_driver_keys(params, f"attacks.{attack}")
           if "dataset" in params and params["dataset"] != self._dataset_of(model, attack):
@@ -264,6 +271,10 @@ def bin_names(thresholds: Any) -> list[str]:
 def is_adaptive(params: dict[str, Any]) -> bool:
   """A cell's parameters ask for an attack that adapts to a defense (BPDA or EOT)."""
   return any(params.get(k, default) != default for k, default in ADAPTIVE_KEYS.items())
+
+
+def _base_of(model: str) -> str:
+  return custom.split_defense(model)[0]
 
 
 def _defense_of(model: str) -> defenses_lib.Defense | None:
@@ -408,9 +419,12 @@ def check_attack_name(name: str) -> None:
 
 
 def check_attack_field(attack: str, field: str) -> None:
-  config_cls = attacks.REGISTRY[attack].config_cls
-  fields = [f.name for f in dataclasses.fields(config_cls)]
-  if field not in fields and field not in DRIVER_KEYS:
+  spec = attacks.REGISTRY[attack]
+  if field == spec.trained_field:
+    raise ConfigError(f"attacks.{attack}.{field} is trained against each model by the driver "
+                      "(advsweep gan advgan MODEL trains one ahead); leave it out")
+  fields = [f.name for f in dataclasses.fields(spec.config_cls) if f.name != spec.trained_field]
+  if field not in fields and field not in DRIVER_KEYS and field != ATTACK_MODELS:
     raise ConfigError(f"unknown field {field!r} for attack {attack}; valid fields: "
                       f"{', '.join(fields + list(DRIVER_KEYS))}")
 
@@ -615,6 +629,15 @@ def _check_attacks(tables: Any, models: list[str], source: str, dataset: str = "
                         f"with one field per line; got {table!r}")
     for field in table:
       check_attack_field(attack, field)
+    only = table.get(ATTACK_MODELS)
+    if only is not None and (not isinstance(only, list)
+                             or not all(isinstance(m, str) for m in only)):
+      raise ConfigError(f"attacks.{attack}.models must list model names, e.g. models = "
+                        f"[\"mnist_lenet\"]; got {only!r}")
+    for name in only or []:
+      if name not in models:
+        raise ConfigError(f"attacks.{attack}.models names {name!r}, which is not among the "
+                          f"config's models ({', '.join(models)}); add it there or remove it")
     wanted = table.get("dataset", [])
     for name in wanted if isinstance(wanted, list) else [wanted]:
       if name not in datasets.DATASETS and name != dataset:

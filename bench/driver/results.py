@@ -79,12 +79,15 @@ SCHEMA = pa.schema([
     # The unit's compile seconds (tracing, lowering, XLA or the persistent cache), the same
     # on each of its rows; `wall_s` excludes them (`bench.driver.compilation`).
     ("compile_s", pa.float64()),
+    # The sha256 of the weights the attack itself was trained to (AdvGAN's generator against
+    # this model, `AttackSpec.trained_field`); null for attacks without.
+    ("attack_weights_sha256", pa.string()),
 ])
 # Columns added after the first release, in order: parts written before a column existed
 # are read with it null (their evaluation, their defense, ... is not recorded).
 _ADDED = ("evaluation", "defense", "grad_zero_share", "forward_repeatable",
           "transfer_success", "nd_score_clean", "nd_score_adv", "changed_index",
-          "changed_from", "changed_to", "evaluated", "compile_s")
+          "changed_from", "changed_to", "evaluated", "compile_s", "attack_weights_sha256")
 # Columns that record when and where a row was made, not what it says.
 PROVENANCE = ("created_at", "wall_s", "compile_s", "git_sha", "versions", "device_kind",
               "device_count")

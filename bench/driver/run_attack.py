@@ -107,7 +107,13 @@ def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed
   labels = labels[:num_images]
   key = jax.random.key(seed)
   clean_pred = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1))
-  prepared = attacks.REGISTRY[attack_name].prepared(
+  spec = attacks.REGISTRY[attack_name]
+  if spec.trained_field is not None:  # AdvGAN: the generator trained against this model
+    from advsweep.models.gan import generators
+
+    attack_config, _ = generators.bind(attack_config, model, spec.trained_field,
+                                       data_dir=data_dir)
+  prepared = spec.prepared(
       model.attack_apply_fn(), model.params, images, labels, key, attack_config,
       evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
   start = time.perf_counter()

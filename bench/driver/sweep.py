@@ -154,14 +154,31 @@ def plan(config: RunConfig, selections: dict[str, selection.Selection]) -> list[
 class Runner:
   """Runs units on the local devices and writes their parquet files."""
 
-  def __init__(self, config: RunConfig, run_id: str):
+  def __init__(self, config: RunConfig, run_id: str, data_dir: str | None = None):
     self.config = config
     self.run_id = run_id
+    self.data_dir = data_dir
     self.devices = jax.local_devices()
     self.mesh = Mesh(np.array(self.devices), ("batch",))
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self._params: dict[str, Any] = {}
+    self._trained: dict[tuple[str, str], tuple[Any, str]] = {}
+
+  def trained_config(self, spec: attacks.AttackSpec, cell: Cell, data: ModelData
+                     ) -> tuple[Any, str | None]:
+    """The cell's config with the weights an attack trains against each model bound
+    (`AttackSpec.trained_field`: AdvGAN's generator, found or trained once and cached,
+    `models.gan.generators.bind`), and their sha256; the config as it is otherwise."""
+    if spec.trained_field is None:
+      return cell.config, None
+    key = (cell.config_hash, data.model.name)
+    if key not in self._trained:
+      from advsweep.models.gan import generators
+
+      self._trained[key] = generators.bind(cell.config, data.model, spec.trained_field,
+                                           data_dir=self.data_dir)
+    return self._trained[key]
 
   def params(self, data: ModelData) -> Any:
     name = data.model.name
@@ -196,7 +213,7 @@ class Runner:
     if cell.target_class is not None:
       targets = self.shard(np.full(len(positions), cell.target_class, np.int32))
     spec = attacks.REGISTRY[cell.attack]
-    config = cell.config
+    config, trained_sha256 = self.trained_config(spec, cell, data)
     if cell.params.get("evade_detector"):  # aim 10% under the threshold, to end under it
       config = dataclasses.replace(
           config, detector_threshold=EVADE_MARGIN * data.detector_threshold)
@@ -242,6 +259,7 @@ class Runner:
         "seed": self.config.seed,
         "wall_s": wall / n,
         "compile_s": compile_s,
+        "attack_weights_sha256": trained_sha256,
     }
     rows = {k: [v] * n for k, v in const.items()}
     rows.update({
@@ -521,7 +539,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
   ran, elsewhere = _run_units(config, run_id, todo, models, out_dir,
                               claims_lib.Claims(out_dir / "claims",
                                                 stale_after_s=stale_after_s, log=log),
-                              progress, stop_after_units)
+                              progress, stop_after_units, data_dir)
   if todo:
     log(f"{config.name}: ran {ran} unit{'' if ran == 1 else 's'} here" + (
         f"; {elsewhere} were claimed by other processes sharing {out_dir}" if elsewhere
@@ -591,10 +609,11 @@ def _refuse_strangers(out_dir: Path, units: list[Unit]) -> None:
 
 def _run_units(config: RunConfig, run_id: str, todo: list[Unit],
                models: dict[str, ModelData], out_dir: Path, claims: claims_lib.Claims,
-               progress: bool, stop_after_units: int | None) -> tuple[int, int]:
+               progress: bool, stop_after_units: int | None, data_dir: str | None = None
+               ) -> tuple[int, int]:
   """Claims, runs and writes each unit; returns (units run, units claimed elsewhere)."""
   parts = out_dir / "parts"
-  runner = Runner(config, run_id)
+  runner = Runner(config, run_id, data_dir)
   axes = results.axis_schema([cell.params for cell in config.cells()])
   bar = tqdm(total=sum(len(u.positions) for u in todo), unit="img", desc=config.name,
              disable=not progress, file=sys.stderr, dynamic_ncols=True)

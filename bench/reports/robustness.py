@@ -2,7 +2,8 @@
 
 A defense is only as good as the strongest attack tried on it. The table gives, per model,
 the clean accuracy and the accuracy under FGSM, under PGD with restarts, under the
-black-box one-pixel attack (k = 1, 3) and under JSMA, each over every image drawn (an image
+black-box one-pixel attack (k = 1, 3), under JSMA and (MNIST models with a trained
+generator) under AdvGAN, each over every image drawn (an image
 misclassified when clean counts as an error, as RobustBench and the MNIST challenge count)
 with n and a 95% Wilson interval; and, for a defended model, under PGD made on its twin and
 evaluated on it (a transfer attack). The defended model sits beside its twin. A model is
@@ -31,11 +32,12 @@ from advsweep.models import zoo
 CONFIG = "robustness"
 OVERFIT_GAP = 0.5  # FGSM minus PGD accuracy of an adversarially trained model that flags it
 HEADER = ("model", "defense", "twin", "n", "clean", "FGSM", "PGD", "1-pixel k=1",
-          "1-pixel k=3", "JSMA", "PGD from twin")
+          "1-pixel k=3", "JSMA", "AdvGAN", "PGD from twin")
 # Column -> (attack, params the cell must have).
 COLUMNS = {"FGSM": ("fgsm", {}), "PGD": ("pgd", {}),
            "1-pixel k=1": ("one_pixel", {"num_pixels": 1}),
-           "1-pixel k=3": ("one_pixel", {"num_pixels": 3}), "JSMA": ("jsma", {})}
+           "1-pixel k=3": ("one_pixel", {"num_pixels": 3}), "JSMA": ("jsma", {}),
+           "AdvGAN": ("advgan", {})}
 # The column whose rows carry the twin's transfer check ("PGD from twin") and whose setting
 # the title names.
 WHITE_BOX = "PGD"
@@ -176,9 +178,11 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
                    f"{_share(fgsm)} under FGSM but {_share(white_box)} under PGD: robust to "
                    "the one-step attack it was trained on only (catastrophic overfitting, "
                    "Wong et al. 2020)")
-    for name in ("transfer", "1-pixel k=1", "1-pixel k=3"):
+    for name in ("transfer", "1-pixel k=1", "1-pixel k=3", "AdvGAN"):
       if name in rates and masking.disjoint_above(white_box, rates[name]):
-        what = "PGD made on the twin" if name == "transfer" else f"the black-box {name}"
+        what = {"transfer": "PGD made on the twin",
+                "AdvGAN": "AdvGAN's generator (one forward pass)"}.get(
+                    name, f"the black-box {name}")
         flags.append(f"FLAG {model}: {what} ({_share(rates[name])}) leaves fewer images "
                      f"correct than white-box PGD ({_share(white_box)}): a sign of gradient "
                      "masking; the PGD figure overstates the model")
@@ -212,6 +216,26 @@ def lines(table: pa.Table, title: str) -> tuple[list[str], list[str]]:
   return text, markdown
 
 
+def _advgan_models(config: config_lib.RunConfig, kept: list[str], log) -> list[str] | None:
+  """The models AdvGAN runs on: those of its table (default: all) that are kept and whose
+  generator is trained already (shipped or cached). Training one takes many minutes, so the
+  table does not start it; the others are named with the command that trains theirs. None
+  where the config has no AdvGAN."""
+  table = config.raw["attacks"].get("advgan")
+  if table is None:
+    return None
+  from advsweep.models.gan import generators
+
+  recipe = generators.recipe_for(config_lib.attack_config("advgan", {"eps": table["eps"]}))
+  wanted = [m for m in table.get(config_lib.ATTACK_MODELS, kept) if m in kept]
+  ready = [m for m in wanted if generators.find_advgan(zoo.load(m), recipe)]
+  missing = [m for m in wanted if m not in ready]
+  if missing:
+    log(f"robustness: AdvGAN left out for {', '.join(missing)}: no generator trained against "
+        f"{'it' if len(missing) == 1 else 'them'} yet (advsweep gan advgan MODEL)")
+  return ready
+
+
 def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | None = None,
         overrides: list[str] | None = None, progress: bool = True, log=print) -> str:
   """Runs (or resumes) the robustness sweep on the trained zoo models and prints the table;
@@ -219,11 +243,16 @@ def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | N
   the Markdown."""
   config = config_lib.load(CONFIG, overrides, quick=quick)
   missing = [m for m in config.raw["models"] if m in zoo.ZOO and m not in zoo.available()]
+  kept = [m for m in config.raw["models"] if m not in missing]
+  extra = []
   if missing:
     log(f"robustness: not trained, left out: {', '.join(missing)} (`advsweep train NAME`)")
-    kept = [m for m in config.raw["models"] if m not in missing]
-    config = config_lib.load(CONFIG, [*(overrides or []), f"models={json.dumps(kept)}"],
-                             quick=quick)
+    extra.append(f"models={json.dumps(kept)}")
+  advgan_models = _advgan_models(config, kept, log)
+  if advgan_models is not None:
+    extra.append(f"attacks.advgan.models={json.dumps(advgan_models)}")
+  if extra:
+    config = config_lib.load(CONFIG, [*(overrides or []), *extra], quick=quick)
   out_dir = Path(out_root) / config.name
   sweep.run(config, out_dir, data_dir=data_dir, progress=progress, log=log)
   table = results.read_run(out_dir)

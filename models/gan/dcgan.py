@@ -113,18 +113,19 @@ def optimizer(recipe: DCGANRecipe) -> optax.GradientTransformation:
   return optax.adam(recipe.learning_rate, b1=recipe.b1)
 
 
-def make_step(recipe: DCGANRecipe, image_shape: tuple[int, int, int], num_classes: int
-              ) -> Callable[..., Any]:
+def make_step(recipe: DCGANRecipe, image_shape: tuple[int, int, int], num_classes: int,
+              tx: optax.GradientTransformation | None = None) -> Callable[..., Any]:
   """`step(gen, disc, gen_opt, disc_opt, images, labels, key) -> (gen, disc, gen_opt,
   disc_opt, metrics)`, pure and jitted; metrics [4]: the generator's loss, the
   discriminator's, and D's mean probability on real and on generated images.
 
   D takes one step on the real batch and a generated batch of the same classes (each its
   own BatchNorm batch, as the paper's reference code); then G one step on fresh latents
-  against the updated D, with the non-saturating loss -log D(G(z)).
+  against the updated D, with the non-saturating loss -log D(G(z)). `tx` replaces the
+  recipe's optimiser (`optimizer(recipe)`) for both networks.
   """
   gen_net, disc_net = networks(recipe, image_shape, num_classes)
-  tx = optimizer(recipe)
+  tx = tx or optimizer(recipe)
 
   @jax.jit
   def step(gen, disc, gen_opt, disc_opt, images, labels, key):

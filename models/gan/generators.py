@@ -96,7 +96,7 @@ def train_advgan(model: zoo.Model, recipe: advgan_training.AdvGANRecipe, out_pat
                      state_file=out_path.with_suffix(state_lib.RESUME_SUFFIX),
                      progress=progress, checkpoint_seconds=checkpoint_seconds)
   config = advgan_core.AdvGANConfig(
-      eps=recipe.eps, width=recipe.width, generator=state.generator,
+      eps=recipe.eps, width=recipe.width, generator=state.generator, image_shape=shape,
       target=common.RANDOM if recipe.targeted else common.UNTARGETED)
   test_x, test_y = datasets.load(dataset, "test", data_dir)
   scores = success_on(model, config, test_x[:EVAL_IMAGES], test_y[:EVAL_IMAGES], seed)
@@ -191,7 +191,10 @@ def bind(config: Any, model: zoo.Model, field: str = advgan_core.GENERATOR_FIELD
   trained and cached), and that generator's sha256."""
   generator, meta = advgan_generator(model, recipe_for(config), data_dir=data_dir,
                                      progress=progress)
-  return dataclasses.replace(config, **{field: generator}), meta["sha256"]
+  bound = dataclasses.replace(config, **{field: generator})
+  if hasattr(bound, "image_shape"):
+    bound = dataclasses.replace(bound, image_shape=tuple(meta["image_shape"]))
+  return bound, meta["sha256"]
 
 
 def train_dcgan(dataset: str, recipe: dcgan.DCGANRecipe, out_path: Path, *,
