@@ -243,7 +243,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # `advsweep robustness --standard`: every zoo model, the undefended beside their defenses.
 STANDARD_MODELS = ("mnist_lenet", "mnist_lenet_fgsm", "mnist_lenet_pgd", "mnist_lenet_alp",
-                   "mnist_lenet_gauss", "mnist_softmax", "fashion_mnist_lenet",
+                   "mnist_lenet_advgan", "mnist_lenet_gauss", "mnist_softmax",
+                   "fashion_mnist_lenet",
                    "cifar10_resnet20", "cifar10_resnet20_adv", "cifar10_resnet20_denoise",
                    "cifar10_resnet20_gauss", "cifar10_resnet20_da", "cifar10_allconv",
                    "cifar10_nin", "cifar10_vgg", "cifar10_wide_resnet20_adv")

@@ -38,7 +38,9 @@ class TrainRecipe:
       uniform random start with step `adv_step`: Wong, Rice, Kolter 2020), "pgd" (Madry
       et al.: `adv_steps` steps of `adv_step` from a random start) or "n_fgsm" (de Jorge et
       al. 2022: noise of half-width `adv_noise * epsilon`, one step of `adv_step`, no
-      projection onto the eps ball; `models.training.n_fgsm`).
+      projection onto the eps ball; `models.training.n_fgsm`) or "advgan" (the slides on
+      Papernot et al.: adversarial examples from a generator, here the untargeted AdvGAN
+      generator at `epsilon` trained against zoo model `adv_generator`, a static copy).
     epsilon: the L-inf budget of the training attack, in [0, 1] pixel units.
     adv_step: the attack's step (None: eps for FGSM, 1.25 eps for FGSM-RS, 2.5 eps / steps
       for PGD, the papers' settings).
@@ -58,6 +60,8 @@ class TrainRecipe:
     domain_exposure: the noisy domain's Poisson exposure (`transforms.poisson_noise`).
     epsilon_ramp: the share of the steps over which the training attack's eps grows
       linearly from 0 to `epsilon` (0: the full eps from the first step).
+    adv_generator: for the "advgan" adversary, the zoo model whose AdvGAN generator makes
+      the training examples (shipped in `models/trained/gan/`).
     init_from: "" (random initialisation), or the zoo name whose trained checkpoint starts
       the weights: adversarial fine-tuning of a trained network, the usual way to fit
       adversarial training into a small budget. Arrays the two modules share (same path and
@@ -85,11 +89,13 @@ class TrainRecipe:
   domain_exposure: float = 0.0
   init_from: str = ""
   adv_noise: float = 0.0
+  adv_generator: str = ""
 
 
 # Recipe fields added after models shipped: left out of a recipe's JSON at their default, so
 # the metadata and the resume states of earlier recipes keep their fingerprints.
-RECIPE_OMIT_AT_DEFAULT = ("domain_weight", "domain_exposure", "init_from", "adv_noise")
+RECIPE_OMIT_AT_DEFAULT = ("domain_weight", "domain_exposure", "init_from", "adv_noise",
+                          "adv_generator")
 
 
 def recipe_dict(recipe: TrainRecipe) -> dict[str, Any]:
@@ -182,6 +188,13 @@ ZOO: dict[str, ZooEntry] = dict([
            "adversarial logit pairing, Mosbach et al.'s \"50% AT + ALP\" (Kannan et al. 2018): "
            "half clean, half PGD-7 examples, lambda 0.5, on mnist_lenet_pgd's schedule",
            "alp", "mnist_lenet"),
+    _entry("mnist_lenet_advgan", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
+           dataclasses.replace(_MNIST_ADAM, adversary="advgan", epsilon=0.3,
+                               clean_weight=0.5, adv_generator="mnist_lenet"),
+           "the slides' GAN defense (Papernot et al.'s \"Defenses\"): the mixed loss, alpha "
+           "0.5, on AdvGAN examples at eps 0.3 from the generator trained against "
+           "mnist_lenet (a static copy), on its twin's schedule", "adv_train:advgan",
+           "mnist_lenet"),
     _entry("mnist_lenet_gauss", "mnist", "PapernotLeNet",
            functools.partial(architectures.PapernotLeNet, head=architectures.GAUSS),
            dataclasses.replace(_MNIST_ADAM, loss="gauss"),

@@ -14,7 +14,8 @@ robust_accuracy, adv_error (over every image drawn: a clean misclassification co
 error), mean_adv_conf, mean_l0_fraction (over successful attacks); `model` (omit: every
 model of the run) and `params` (a subset of the swept parameters) choose our rows; `value`
 is the paper's figure as a fraction, and an entry without one is a setting we report with no
-published counterpart in our sources.
+published counterpart in our sources; `config` (omit: every config) prints it under one of
+the paper's configs only.
 """
 
 from __future__ import annotations

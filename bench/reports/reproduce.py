@@ -139,8 +139,16 @@ def _class_pairs_section(table: pa.Table) -> tuple[str, list[str], list[list[str
   return "Class pairs: success rate / mean features changed on successes", header, rows
 
 
+def _twins_section(table: pa.Table) -> tuple[str, list[str], list[list[str]]]:
+  from advsweep.bench.reports import robustness
+
+  header, rows = robustness.twin_rows(table)
+  return ("Each defended model beside its twin, image by image (exact McNemar test, "
+          "Newcombe interval)", header, rows)
+
+
 # A paper's own tables, named by its `sections` in its paper.toml.
-SECTIONS = {"class_pairs": _class_pairs_section}
+SECTIONS = {"class_pairs": _class_pairs_section, "twins": _twins_section}
 
 def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
               data_dir: str | None = None, overrides: list[str] | None = None,
@@ -159,8 +167,9 @@ def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
     table = results.read_run(out_dir)
     text.append(f"{paper} ({config.name}, {table.num_rows} rows in {out_dir}): {entry['title']}")
     markdown.append(f"Run `{config.name}`: {table.num_rows} rows in `{out_dir}`.")
-    if "figures" in entry:
-      rows = figure_rows(table, entry["figures"])
+    figures = [f for f in entry.get("figures", []) if f.get("config", name) == name]
+    if figures:
+      rows = figure_rows(table, figures)
       text.append(tables.format_text(FIGURE_HEADER, rows))
       markdown += ["", tables.format_markdown(FIGURE_HEADER, rows)]
     if "defenses" in entry:

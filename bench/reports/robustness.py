@@ -94,26 +94,46 @@ def twin_lines(table: pa.Table) -> list[str]:
   return _twin_lines(_measure(table)[3])
 
 
-def _twin_lines(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> list[str]:
+def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+                ) -> list[tuple[str, str, list[tuple[str, stats.Paired]]]]:
+  """Per defended model measured beside its twin: (model, twin, [(column, paired outcome on
+  the images both were measured on)])."""
   out = []
   for model, own in per_image.items():
     twin = zoo.ZOO[model].twin if model in zoo.ZOO else ""
     if twin not in per_image:
       continue
-    parts = []
+    pairs = []
     for column in ("clean", *COLUMNS):
       if column not in own or column not in per_image[twin]:
         continue
       (ours_idx, ours), (theirs_idx, theirs) = own[column], per_image[twin][column]
       shared, at_ours, at_theirs = np.intersect1d(ours_idx, theirs_idx, return_indices=True)
-      if not len(shared):
-        continue
-      p = stats.paired(ours[at_ours], theirs[at_theirs])
-      parts.append(f"{column} {tables.pct(p.a)} vs {tables.pct(p.b)} ({p.verdict()}; "
-                   f"{100 * p.difference:+.1f} points, {100 * p.low:+.1f} to "
-                   f"{100 * p.high:+.1f}, p = {p.p_value:.2g}, n = {p.n})")
-    out.append(f"{model} vs {twin}: " + "; ".join(parts))
+      if len(shared):
+        pairs.append((column, stats.paired(ours[at_ours], theirs[at_theirs])))
+    out.append((model, twin, pairs))
   return out
+
+
+def _twin_lines(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> list[str]:
+  return [f"{model} vs {twin}: " + "; ".join(
+      f"{column} {tables.pct(p.a)} vs {tables.pct(p.b)} ({p.verdict()}; "
+      f"{100 * p.difference:+.1f} points, {100 * p.low:+.1f} to {100 * p.high:+.1f}, "
+      f"p = {p.p_value:.2g}, n = {p.n})" for column, p in pairs)
+      for model, twin, pairs in _twin_pairs(per_image)]
+
+
+TWIN_HEADER = ("model", "twin", "attack", "n", "accuracy", "twin's", "difference (95%)", "p",
+               "verdict")
+
+
+def twin_rows(table: pa.Table) -> tuple[list[str], list[list[str]]]:
+  """`twin_lines` as a table: one row per defended model and column."""
+  rows = [[model, twin, column, str(p.n), tables.pct(p.a), tables.pct(p.b),
+           f"{100 * p.difference:+.1f} ({100 * p.low:+.1f} to {100 * p.high:+.1f})",
+           f"{p.p_value:.2g}", p.verdict()]
+          for model, twin, pairs in _twin_pairs(_measure(table)[3]) for column, p in pairs]
+  return list(TWIN_HEADER), rows
 
 
 def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],

@@ -17,7 +17,7 @@ def training_attack(recipe: zoo.TrainRecipe) -> Any:
   """The attack config of an adversarial recipe (`attacks.gradient`), None for plain
   training: FGSM at eps (Goodfellow et al.), FGSM from a random start with step 1.25 eps
   (Wong et al.'s default), or PGD with steps of 2.5 eps / steps (Madry et al.)."""
-  if recipe.adversary is None:
+  if recipe.adversary is None or recipe.adversary == "advgan":  # no gradient attack
     return None
   eps = recipe.epsilon
   if recipe.adversary == "fgsm":  # FGSM as the PGD setting it is: one step of eps
@@ -32,7 +32,29 @@ def training_attack(recipe: zoo.TrainRecipe) -> Any:
     step = recipe.adv_step if recipe.adv_step is not None else eps
     return gradient.PGDConfig(eps=eps, step_size=step, num_steps=1)
   raise ValueError(f"unknown adversary {recipe.adversary!r}; valid choices: fgsm, fgsm_rs, "
-                   "pgd, n_fgsm")
+                   "pgd, n_fgsm, advgan")
+
+
+def generator_examples(recipe: zoo.TrainRecipe) -> Any:
+  """`(images, eps) -> adversarial images` of the shipped AdvGAN generator trained against
+  zoo model `recipe.adv_generator` at `recipe.epsilon` (untargeted): the slides' defense,
+  training on GAN-made adversarial examples. Traceable; the generator is a constant."""
+  from advsweep.attacks.advgan import core, training  # the generator's networks
+  from advsweep.models.gan import generators
+
+  if not recipe.adv_generator:
+    raise ValueError("the advgan adversary needs adv_generator: the zoo model whose AdvGAN "
+                     "generator makes the training examples")
+  target = zoo.load(recipe.adv_generator)
+  generator, meta = generators.advgan_generator(
+      target, training.AdvGANRecipe(eps=recipe.epsilon), train=False)
+  num_classes = int(meta["num_classes"])
+
+  def examples(images: jax.Array, eps: Any) -> jax.Array:
+    return core.perturb(generator, images, None, eps, num_classes=num_classes,
+                        targeted=False, width=training.AdvGANRecipe().width)
+
+  return examples
 
 
 def n_fgsm(apply_fn: Any, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array,

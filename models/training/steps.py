@@ -57,6 +57,8 @@ def _per_image_loss(recipe: zoo.TrainRecipe):
 
 
 def make_train_step(module, tx, recipe: zoo.TrainRecipe):
+  if recipe.adversary == "advgan":
+    return _make_generator_step(module, tx, recipe, _per_image_loss(recipe))
   attack = adversary.training_attack(recipe)
   per_image_loss = _per_image_loss(recipe)
   needs_clean = attack is None or recipe.clean_weight > 0 or recipe.logit_pairing > 0
@@ -166,6 +168,34 @@ def _make_domain_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
       loss = per_image_loss(logits, labels).mean()
       loss += recipe.domain_weight * domain.mmd(clean_latent, noisy_latent)
       return loss, (logits, updates)
+
+    return _descend(loss_fn, tx, variables, opt_state, labels)
+
+  return train_step
+
+
+def _make_generator_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
+  """Goodfellow et al.'s mixed loss on examples a generator makes: `clean_weight * L(x) + (1
+  - clean_weight) * L(G(x))`, G the AdvGAN generator trained against zoo model
+  `recipe.adv_generator` at `recipe.epsilon`, held fixed (`adversary.generator_examples`)."""
+  make_examples = adversary.generator_examples(recipe)
+
+  @jax.jit
+  def train_step(variables, opt_state, images_u8, labels, key, eps_scale=1.0):
+    aug_key, _ = jax.random.split(key)
+    images = images_u8.astype(jnp.float32) / 255.0
+    if recipe.augment:
+      images = augment(aug_key, images)
+    adv = jax.lax.stop_gradient(make_examples(images, recipe.epsilon * eps_scale))
+    n = len(labels)
+
+    def loss_fn(params):
+      logits, updates = module.apply({**variables, "params": params},
+                                     jnp.concatenate([images, adv]), train=True,
+                                     mutable=["batch_stats"])
+      loss = (recipe.clean_weight * per_image_loss(logits[:n], labels).mean()
+              + (1 - recipe.clean_weight) * per_image_loss(logits[n:], labels).mean())
+      return loss, (logits[:n], updates)
 
     return _descend(loss_fn, tx, variables, opt_state, labels)
 

@@ -1,0 +1,130 @@
+"""AdvGAN beside PGD on the zoo's models, and the DCGAN's samples measured.
+
+    python -m advsweep.bench.perf.advgan [--models mnist_lenet ...] [--n 1000]
+
+For each model with a trained generator (shipped or cached): success rate over the clean-
+correct images among the first N test images, and seconds per image of the attack alone
+(jitted, compiled before the clock starts, the best of 3 runs), for AdvGAN (the generator's
+forward pass) and for PGD-40 at the same eps (step 0.01, random start) on the same images
+and batch. AdvGAN's figure excludes its generator's training, a one-time cost per model
+that its metadata records (`train_seconds`) and that the table prints beside it. Then the
+shipped DCGAN's class accuracy and Frechet distance (`bench.gan.dcgan_quality`). Writes
+`results/perf/advgan-<time>.md` and `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advsweep import attacks
+from advsweep.bench import gan
+from advsweep.bench.reports import tables
+from advsweep.models import datasets, files, zoo
+from advsweep.models.gan import generators
+
+OUT = Path(__file__).resolve().parents[2] / "results" / "perf"
+REPEATS = 3
+
+
+def _best_seconds(fn) -> float:
+  jax.block_until_ready(fn())  # compiles
+  best = float("inf")
+  for _ in range(REPEATS):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def measure(name: str, n: int, eps: float, data_dir: str | None) -> dict | None:
+  """AdvGAN and PGD-40 on model `name`'s first n test images; None without a generator."""
+  model = zoo.load(name)
+  config = attacks.AdvGANConfig(eps=eps)
+  recipe = generators.recipe_for(config)
+  if generators.find_advgan(model, recipe) is None:
+    return None
+  config, sha = generators.bind(config, model, data_dir=data_dir)
+  meta = generators.load_generator(generators.find_advgan(model, recipe), model, recipe)[1]
+  images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
+  images = jnp.asarray(images_u8[:n], jnp.float32) / 255.0
+  labels = jnp.asarray(labels[:n], jnp.int32)
+  key = jax.random.key(0)
+  keep = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1)) == \
+      np.asarray(labels)
+  pgd = attacks.PGDConfig(eps=eps, step_size=0.01, num_steps=40)
+  row = {"model": name, "n": n, "clean_correct": int(keep.sum()), "eps": eps,
+         "generator_sha256": sha, "generator_train_seconds": meta["train_seconds"]}
+  for attack, cfg in (("advgan", config), ("pgd", pgd)):
+    spec = attacks.REGISTRY[attack]
+    run = lambda spec=spec, cfg=cfg: spec.run(model.apply_fn, model.params, images, labels,  # noqa: E731
+                                              key, cfg)
+    seconds = _best_seconds(run)
+    success = np.asarray(run().success)[keep]
+    k = int(success.sum())
+    lo, hi = tables.wilson_interval(k, len(success))
+    row[attack] = {"success_rate": k / len(success), "low": lo, "high": hi,
+                   "seconds_per_image": seconds / n}
+  return row
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=["mnist_lenet", "mnist_lenet_fgsm",
+                                                      "mnist_lenet_advgan"])
+  parser.add_argument("--n", type=int, default=1000)
+  parser.add_argument("--eps", type=float, default=0.3)
+  parser.add_argument("--data-dir", default=None)
+  args = parser.parse_args(argv)
+  rows, skipped = [], []
+  for name in args.models:
+    row = measure(name, args.n, args.eps, args.data_dir)
+    (rows.append(row) if row else skipped.append(name))
+  header = ("model", "n", "AdvGAN success", "PGD-40 success", "AdvGAN s/img", "PGD-40 s/img",
+            "PGD / AdvGAN time", "generator training")
+  body = [[r["model"], str(r["clean_correct"]),
+           f"{tables.pct(r['advgan']['success_rate'], 1)} ({tables.pct(r['advgan']['low'], 1)}"
+           f"-{tables.pct(r['advgan']['high'], 1)})",
+           f"{tables.pct(r['pgd']['success_rate'], 1)} ({tables.pct(r['pgd']['low'], 1)}"
+           f"-{tables.pct(r['pgd']['high'], 1)})",
+           f"{r['advgan']['seconds_per_image']:.2e}", f"{r['pgd']['seconds_per_image']:.2e}",
+           f"{r['pgd']['seconds_per_image'] / r['advgan']['seconds_per_image']:.0f}x",
+           f"{r['generator_train_seconds']:.0f} s"] for r in rows]
+  lines = [f"AdvGAN beside PGD-40 at eps {args.eps:g}, first {args.n} test images "
+           f"({jax.devices()[0].device_kind}); success over the clean-correct images (n)",
+           tables.format_text(header, body)]
+  if skipped:
+    lines.append(f"no generator trained for: {', '.join(skipped)} (advsweep gan advgan MODEL)")
+  dcgan_path = generators.SHIPPED_DIR / "dcgan_mnist.msgpack"
+  quality = None
+  if dcgan_path.is_file():
+    generator, meta, recipe = generators.load_dcgan(dcgan_path)
+    quality = gan.dcgan_quality(generator, meta, recipe, args.data_dir)
+    lines.append(
+        f"DCGAN (mnist, {meta['train_seconds']:.0f} s of training): {quality['judge']} "
+        f"classifies {tables.pct(quality['class_accuracy'], 1)} of {quality['samples']} samples "
+        f"as their class (per class: " + ", ".join(
+            f"{c}: {tables.pct(v, 0)}" for c, v in quality["class_per_class"].items())
+        + f"); Frechet distance {quality['frechet_distance']:.2f} against "
+        f"{quality['real_images']} test images (train vs test images: "
+        f"{quality['frechet_distance_real_train_vs_test']:.2f})")
+  text = "\n".join(lines)
+  print(text)
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+  command = "python -m advsweep.bench.perf.advgan " + " ".join(argv or [])
+  files.atomic_write_text(OUT / f"advgan-{stamp}.md", f"`{command.strip()}`\n\n```\n{text}\n```\n")
+  files.atomic_write_text(OUT / f"advgan-{stamp}.json", json.dumps(
+      {"command": command.strip(), "device": jax.devices()[0].device_kind, "rows": rows,
+       "dcgan": quality}, indent=2, default=str) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
