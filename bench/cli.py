@@ -115,8 +115,8 @@ def _cmd_gan(args: argparse.Namespace) -> int:
   if args.model is None:
     raise ValueError("advsweep gan advgan needs the MODEL to train the generator against")
   meta = gan.train_advgan(args.model, eps=args.eps, targeted=args.targeted,
-                          epochs=args.epochs, seed=args.seed, data_dir=args.data_dir,
-                          out_dir=Path(args.out) if args.out else None,
+                          epochs=args.epochs, kappa=args.kappa, seed=args.seed,
+                          data_dir=args.data_dir, out_dir=Path(args.out) if args.out else None,
                           checkpoint_dir=args.checkpoint_dir, train_limit=args.train_limit,
                           progress=not args.no_progress)
   print(f"AdvGAN generator against {args.model} (eps {args.eps:g}, "
@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--targeted", action="store_true",
                  help="advgan: the targeted generator (target class as input)")
   p.add_argument("--epochs", type=_count, default=None, help="override the recipe's epochs")
+  p.add_argument("--kappa", type=float, default=None,
+                 help="advgan: override the margin's confidence (the recipe's kappa)")
   p.add_argument("--train-limit", type=_count, default=None,
                  help="train on the first N training images (short runs)")
   p.add_argument("--seed", type=_seed, default=0)

@@ -67,6 +67,7 @@ def train_dcgan(dataset: str, out: Path, *, epochs: int | None, seed: int,
 
 
 def train_advgan(reference: str, *, eps: float, targeted: bool, epochs: int | None,
+                 kappa: float | None,
                  seed: int, data_dir: str | None, out_dir: Path | None,
                  checkpoint_dir: str | None, train_limit: int | None, progress: bool) -> dict:
   """Trains (or resumes) AdvGAN's generator against a model; writes it to `out_dir` (default:
@@ -77,6 +78,10 @@ def train_advgan(reference: str, *, eps: float, targeted: bool, epochs: int | No
   recipe = advgan_training.AdvGANRecipe(eps=eps, targeted=targeted)
   if epochs is not None:
     recipe = dataclasses.replace(recipe, epochs=epochs)
+  if kappa is not None:
+    if kappa < 0:
+      raise ValueError(f"--kappa must be >= 0 (the margin's confidence); got {kappa}")
+    recipe = dataclasses.replace(recipe, kappa=kappa)
   folder = out_dir if out_dir is not None else generators.generator_dir()
   path = Path(folder) / (generators.advgan_name(model, recipe) + ".msgpack")
   return {**generators.train_advgan(model, recipe, path, data_dir=data_dir, seed=seed,

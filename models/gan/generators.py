@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -51,8 +52,18 @@ def advgan_name(model: zoo.Model, recipe: advgan_training.AdvGANRecipe) -> str:
   in the name: another training of the model gets another generator)."""
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
   mode = "targeted" if recipe.targeted else "untargeted"
-  return (f"advgan-{slug}-{model.meta['sha256'][:12]}-linf{recipe.eps:g}-{mode}"
-          f"-w{recipe.width}")
+  return (f"advgan-{slug}-{model.meta['sha256'][:12]}-linf{recipe.eps:g}-{mode}-"
+          f"{recipe_tag(recipe)}")
+
+
+def recipe_tag(recipe: advgan_training.AdvGANRecipe) -> str:
+  """8 hex digits of the sha256 of the recipe's loss and networks: generators of another
+  loss get other files. The run's length (epochs, batch size) is left out: a longer or
+  shorter training of the same generator replaces it (its metadata says which it is)."""
+  fields = {k: v for k, v in dataclasses.asdict(recipe).items()
+            if k not in ("epochs", "batch_size")}
+  text = json.dumps(fields, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def _dataset_of(model: zoo.Model) -> str:
@@ -179,7 +190,8 @@ def advgan_generator(model: zoo.Model, recipe: advgan_training.AdvGANRecipe, *,
 
 
 def recipe_for(config: advgan_core.AdvGANConfig) -> advgan_training.AdvGANRecipe:
-  """The training recipe of the generator an attack config needs."""
+  """The training recipe of the generator an attack config needs (the default recipe at its
+  eps, mode and width)."""
   return advgan_training.AdvGANRecipe(eps=float(config.eps), targeted=config.targeted,
                                       width=config.width)
 
