@@ -236,24 +236,30 @@ def lines(table: pa.Table, title: str) -> tuple[list[str], list[str]]:
   return text, markdown
 
 
-def _advgan_models(config: config_lib.RunConfig, kept: list[str], log) -> list[str] | None:
-  """The models AdvGAN runs on: those of its table (default: all) that are kept and whose
-  generator is trained already (shipped or cached). Training one takes many minutes, so the
-  table does not start it; the others are named with the command that trains theirs. None
-  where the config has no AdvGAN."""
-  table = config.raw["attacks"].get("advgan")
-  if table is None:
-    return None
+def _trained_attack_models(config: config_lib.RunConfig, kept: list[str], log
+                           ) -> list[str]:
+  """Overrides that keep each attack trained against its target (`AttackSpec.trained_field`:
+  AdvGAN) to the models of its table (default: all kept) whose weights are trained already
+  (shipped or cached). Training one takes many minutes, so the table does not start it; the
+  others are named with the command that trains theirs."""
+  from advsweep import attacks
   from advsweep.models.gan import generators
 
-  recipe = generators.recipe_for(config_lib.attack_config("advgan", {"eps": table["eps"]}))
-  wanted = [m for m in table.get(config_lib.ATTACK_MODELS, kept) if m in kept]
-  ready = [m for m in wanted if generators.find_advgan(zoo.load(m), recipe)]
-  missing = [m for m in wanted if m not in ready]
-  if missing:
-    log(f"robustness: AdvGAN left out for {', '.join(missing)}: no generator trained against "
-        f"{'it' if len(missing) == 1 else 'them'} yet (advsweep gan advgan MODEL)")
-  return ready
+  overrides = []
+  for attack, table in config.raw["attacks"].items():
+    if attacks.REGISTRY[attack].trained_field is None:
+      continue
+    settings = {k: v for k, v in table.items() if k not in config_lib.DRIVER_KEYS
+                and k != config_lib.ATTACK_MODELS}
+    attack_config = config_lib.attack_config(attack, settings)
+    wanted = [m for m in table.get(config_lib.ATTACK_MODELS, kept) if m in kept]
+    ready = [m for m in wanted if generators.find_for(attack_config, zoo.load(m))]
+    missing = [m for m in wanted if m not in ready]
+    if missing:
+      log(f"robustness: {attack} left out for {', '.join(missing)}: not trained against "
+          f"{'it' if len(missing) == 1 else 'them'} yet (advsweep gan {attack} MODEL)")
+    overrides.append(f"attacks.{attack}.models={json.dumps(ready)}")
+  return overrides
 
 
 def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | None = None,
@@ -268,9 +274,7 @@ def run(quick: bool = False, out_root: str | Path = "results", data_dir: str | N
   if missing:
     log(f"robustness: not trained, left out: {', '.join(missing)} (`advsweep train NAME`)")
     extra.append(f"models={json.dumps(kept)}")
-  advgan_models = _advgan_models(config, kept, log)
-  if advgan_models is not None:
-    extra.append(f"attacks.advgan.models={json.dumps(advgan_models)}")
+  extra += _trained_attack_models(config, kept, log)
   if extra:
     config = config_lib.load(CONFIG, [*(overrides or []), *extra], quick=quick)
   out_dir = Path(out_root) / config.name

@@ -154,6 +154,11 @@ def find_advgan(model: zoo.Model, recipe: advgan_training.AdvGANRecipe,
   return None
 
 
+def find_for(config: advgan_core.AdvGANConfig, model: zoo.Model) -> Path | None:
+  """The checkpoint of the generator an attack config needs against `model`, or None."""
+  return find_advgan(model, recipe_for(config))
+
+
 def load_generator(path: Path, model: zoo.Model, recipe: advgan_training.AdvGANRecipe
                    ) -> tuple[Any, dict]:
   """A generator's variables and metadata, checked against its sha256 and `model`."""
