@@ -9,7 +9,9 @@ forward pass) and for PGD-40 at the same eps (step 0.01, random start) on the sa
 and batch. AdvGAN's figure excludes its generator's training, a one-time cost per model
 that its metadata records (`train_seconds`) and that the table prints beside it. Then the
 shipped DCGAN's class accuracy and Frechet distance (`bench.gan.dcgan_quality`). Writes
-`results/perf/advgan-<time>.md` and `.json`.
+`results/perf/advgan-<time>.md` and `.json`, and a figure, `advgan-<time>.png`: the DCGAN's
+samples (two of each class), and for the first model eight test images, AdvGAN's
+adversarial images and perturbations beside PGD-40's.
 """
 
 from __future__ import annotations
@@ -75,6 +77,59 @@ def measure(name: str, n: int, eps: float, data_dir: str | None) -> dict | None:
   return row
 
 
+FIGURE_IMAGES = 8
+
+
+def figure(path: Path, model_name: str, eps: float, data_dir: str | None,
+           samples: np.ndarray | None) -> None:
+  """The DCGAN's samples (if any), then per test image: clean, AdvGAN's image and
+  perturbation, PGD-40's image and perturbation (perturbations on a grey scale of +-eps)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from advsweep.bench.analyses import common
+
+  model = zoo.load(model_name)
+  config, _ = generators.bind(attacks.AdvGANConfig(eps=eps), model, data_dir=data_dir)
+  images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
+  images = jnp.asarray(images_u8[:FIGURE_IMAGES], jnp.float32) / 255.0
+  labels = jnp.asarray(labels[:FIGURE_IMAGES], jnp.int32)
+  key = jax.random.key(0)
+  runs = {"AdvGAN": attacks.advgan(model.apply_fn, model.params, images, labels, key, config),
+          "PGD-40": attacks.pgd(model.apply_fn, model.params, images, labels, key,
+                                attacks.PGDConfig(eps=eps, step_size=0.01, num_steps=40))}
+  rows = 5 + (2 if samples is not None else 0)
+  fig, axes = plt.subplots(rows, FIGURE_IMAGES if samples is None else 10,
+                           figsize=(12, 1.3 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  top = 0
+  if samples is not None:
+    for i, sample in enumerate(samples[:20]):
+      ax = axes[i % 2, i // 2]
+      ax.imshow(sample[..., 0], cmap="gray", vmin=0, vmax=1)
+      if i % 2 == 0:
+        ax.set_title(f"DCGAN {i // 2}", fontsize=8)
+    top = 2
+  clean = np.asarray(images)
+  for j in range(FIGURE_IMAGES):
+    axes[top, j].imshow(clean[j, ..., 0], cmap="gray", vmin=0, vmax=1)
+    axes[top, j].set_title(f"clean {int(labels[j])}", fontsize=8)
+    for r, (name, result) in enumerate(runs.items()):
+      adv = np.asarray(result.adv_images)[j, ..., 0]
+      pred = int(result.adv_pred[j])
+      axes[top + 1 + 2 * r, j].imshow(adv, cmap="gray", vmin=0, vmax=1)
+      axes[top + 1 + 2 * r, j].set_title(f"{name}: {pred}", fontsize=8)
+      axes[top + 2 + 2 * r, j].imshow(adv - clean[j, ..., 0], cmap="coolwarm", vmin=-eps,
+                                      vmax=eps)
+      axes[top + 2 + 2 * r, j].set_title(f"{name} delta", fontsize=8)
+  fig.suptitle(f"{model_name}, eps {eps:g}: the DCGAN's samples, AdvGAN's and PGD-40's "
+               "adversarial images (predicted class) and perturbations", fontsize=9)
+  common.save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", nargs="+", default=["mnist_lenet", "mnist_lenet_fgsm",
@@ -118,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
   text = "\n".join(lines)
   print(text)
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+  if rows:
+    samples = None
+    if quality is not None:
+      from advsweep.models.gan import dcgan
+
+      info = datasets.info(meta["dataset"])
+      samples = np.asarray(dcgan.sample(generator, recipe, info.shape, info.num_classes,
+                                        np.repeat(np.arange(10), 2), jax.random.key(1)))
+    figure(OUT / f"advgan-{stamp}.png", rows[0]["model"], args.eps, args.data_dir, samples)
   command = "python -m advsweep.bench.perf.advgan " + " ".join(argv or [])
   files.atomic_write_text(OUT / f"advgan-{stamp}.md", f"`{command.strip()}`\n\n```\n{text}\n```\n")
   files.atomic_write_text(OUT / f"advgan-{stamp}.json", json.dumps(
