@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -229,8 +231,15 @@ def test_the_wheel_installs_everything_under_advsweep(tmp_path):
   for needed in ("advsweep/attacks/__init__.py", "advsweep/bench/configs/ci.toml",
                  "advsweep/bench/papers/su2019/paper.toml",
                  "advsweep/bench/papers/su2019/su2019.toml",
-                 "advsweep/models/trained/mnist_lenet.json"):
+                 "advsweep/models/trained/mnist_lenet.json", "advsweep/attacks/advgan/core.py",
+                 "advsweep/models/gan/generators.py",
+                 "advsweep/bench/papers/xiao2018/paper.toml"):
     assert needed in names
+  shipped = sorted(p.relative_to(ROOT / "models").as_posix()
+                   for p in (ROOT / "models" / "trained").rglob("*") if p.suffix in (".msgpack",
+                                                                         ".json")
+                   and not p.name.endswith(".resume.msgpack"))
+  assert {f"advsweep/models/{p}" for p in shipped} <= set(names)  # every shipped weight
   assert "advsweep/__init__.py" not in names  # a namespace: nothing else can claim it
   if DATA_DIR is None:
     return
@@ -250,6 +259,44 @@ def test_the_wheel_installs_everything_under_advsweep(tmp_path):
   assert "su2019" in subprocess.run(
       [sys.executable, "-c", code, "reproduce", "--help"], cwd=tmp_path, env=env,
       capture_output=True, text=True, timeout=300).stdout
+
+
+def test_the_sdist_builds_the_same_wheel(tmp_path):
+  """What PyPI's users get from the source archive: the sdist (built offline by setuptools)
+  holds the sources and the shipped weights, and the wheel built from it has the files of
+  the wheel built from the tree."""
+  # From the committed files only (a checkout's build/ folder would leak stale modules).
+  tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           timeout=60)
+  if tracked.returncode != 0:
+    pytest.skip("not a git checkout: the committed files are unknown")
+  source = tmp_path / "source"
+  for name in tracked.stdout.decode().split("\0"):
+    if name and (ROOT / name).is_file():
+      (source / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / name, source / name)
+  build = ("import sys; from setuptools import build_meta as b; "
+           "print(b.build_sdist(sys.argv[1]) if sys.argv[2] == 'sdist' "
+           "else b.build_wheel(sys.argv[1]))")
+  for kind in ("sdist", "wheel"):
+    proc = subprocess.run([sys.executable, "-c", build, str(tmp_path / kind), kind],
+                          cwd=source, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  (sdist,) = (tmp_path / "sdist").glob("advsweep-*.tar.gz")
+  with tarfile.open(sdist) as archive:
+    members = {m.split("/", 1)[1] for m in archive.getnames() if "/" in m}
+  for needed in ("pyproject.toml", "README.md", "attacks/advgan/core.py",
+                 "models/trained/mnist_lenet.msgpack", "bench/configs/ci.toml"):
+    assert needed in members, needed
+  proc = subprocess.run(
+      [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+       "-w", str(tmp_path / "from-sdist"), str(sdist)], capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (from_sdist,) = (tmp_path / "from-sdist").glob("advsweep-*.whl")
+  (from_tree,) = (tmp_path / "wheel").glob("advsweep-*.whl")
+  assert (sorted(zipfile.ZipFile(from_sdist).namelist())
+          == sorted(zipfile.ZipFile(from_tree).namelist()))
 
 
 def _user_project(folder: Path) -> None:
