@@ -46,33 +46,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
         f"no checkpoint folder {folder}; pass --checkpoint-dir a folder holding "
         "<model>.msgpack and <model>.json files (`advsweep train NAME --out-dir DIR` writes "
         "them)")
-  header = ("model", "dataset", "architecture", "defense", "twin", "params", "test acc",
-            "n test", "size", "note")
-  rows, failures = [], []
-  for name, spec in zoo.ZOO.items():
-    path = folder / spec.checkpoint.name
-    defense, twin = spec.defense or "none", spec.twin or "-"
-    if not path.is_file():
-      rows.append((name, spec.dataset, spec.architecture, defense, twin, "-", "not trained",
-                   "-", "-", f"run `advsweep train {name}`"))
-      continue
-    try:
-      meta = zoo.load(name, folder).meta
-    except checkpoints.CheckpointError as err:
-      failures.append(str(err))
-      rows.append((name, spec.dataset, spec.architecture, defense, twin, "-", "CORRUPT", "-",
-                   "-", "fails verification (below)"))
-      continue
-    rows.append((name, spec.dataset, spec.architecture, defense, twin,
-                 f"{meta['parameters']:,}",
-                 f"{100 * meta['test_accuracy']:.2f}%", f"{meta['test_examples']:,}",
-                 f"{path.stat().st_size / 1e6:.2f} MB", spec.note))
-  from advsweep.models import custom
+  from advsweep.bench.reports import zoo as zoo_table
 
-  for name, entry_point in custom.entry_points().items():
-    rows.append((name, "-", "user (entry point)", "-", "-", "-", "-", "-", "-",
-                 entry_point.value))
-  rows = [[str(c) for c in r] for r in rows]
+  rows, failures = zoo_table.rows(folder)
+  header = zoo_table.HEADER
   print(tables.format_markdown(header, rows) if args.markdown
         else tables.format_text(header, rows))
   for failure in failures:

@@ -6,7 +6,10 @@ figure in the docs stands without the rows behind it (`docs/results/`):
 - `standard-vs-reference.md`: ours beside the reference AutoAttack, image by image, from
   `results/standard-reference/` (`python -m advsweep.bench.perf.standard_vs_reference`);
 - `one-pixel-vs-art.md`: the one-pixel attack beside ART, per model and library the newest
-  row of the committed `results/perf/peers-*.parquet` (`advsweep perf peers`).
+  row of the committed `results/perf/peers-*.parquet` (`advsweep perf peers`);
+- `zoo.md`: the zoo from its shipped checkpoints (`models/trained/`, `advsweep models`);
+- `advgan.md`: AdvGAN beside PGD and the DCGAN's samples measured, from the newest committed
+  `results/perf/advgan-*.json` (`python -m advsweep.bench.perf.advgan`).
 
     python -m advsweep.bench.perf.pages [--root .]      # rewrites docs/results/
 
@@ -26,7 +29,8 @@ from advsweep.bench.evaluation import standard_runs
 from advsweep.bench.reports import tables
 from advsweep.models import files
 
-PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "one-pixel-vs-art.md")
+PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "one-pixel-vs-art.md",
+         "zoo.md", "advgan.md")
 
 
 def _header(title: str, command: str, source: str) -> list[str]:
@@ -85,11 +89,57 @@ def one_pixel_vs_art(root: Path) -> str:
                               "success", "peer / ours time", "rows"], body), ""])
 
 
+def zoo_page(root: Path) -> str:
+  """The zoo from the shipped checkpoints (each verified)."""
+  from advsweep.bench.reports import zoo as zoo_table
+
+  rows, failures = zoo_table.rows(root / "models" / "trained", entry_points=False)
+  if failures:
+    raise ValueError(f"a shipped checkpoint fails verification: {failures[0]}")
+  return "\n".join([*_header("The zoo", "advsweep models --markdown", "models/trained/"),
+                    "Accuracy on the full test split.", "",
+                    tables.format_markdown(list(zoo_table.HEADER), rows), ""])
+
+
+def advgan_page(root: Path) -> str:
+  """AdvGAN beside PGD-40 and the DCGAN's sample quality, from the newest committed run."""
+  runs = sorted((root / "results" / "perf").glob("advgan-*.json"))
+  head = _header("AdvGAN beside PGD, and the DCGAN's samples",
+                 "python -m advsweep.bench.perf.advgan", "results/perf/advgan-*.json")
+  if not runs:
+    return "\n".join([*head, "No run is committed yet.", ""])
+  run = json.loads(runs[-1].read_text())
+  body = [[r["model"], str(r["clean_correct"]),
+           f"{tables.pct(r['advgan']['success_rate'], 1)} ({tables.pct(r['advgan']['low'], 1)}"
+           f"-{tables.pct(r['advgan']['high'], 1)})",
+           f"{tables.pct(r['pgd']['success_rate'], 1)} ({tables.pct(r['pgd']['low'], 1)}"
+           f"-{tables.pct(r['pgd']['high'], 1)})",
+           f"{r['advgan']['seconds_per_image']:.2e}", f"{r['pgd']['seconds_per_image']:.2e}",
+           f"{r['generator_train_seconds']:.0f} s"] for r in run["rows"]]
+  lines = [*head, f"`{run['command']}` on {run['device']} ({runs[-1].name}); eps "
+           f"{run['rows'][0]['eps'] if run['rows'] else '-'}, success over the correctly "
+           "classified of the first test images, seconds per image of the attack alone "
+           "(compiled, best of 3), the generator's one-time training beside it.", "",
+           tables.format_markdown(["model", "n", "AdvGAN success", "PGD-40 success",
+                                   "AdvGAN s/img", "PGD-40 s/img", "generator training"],
+                                  body), ""]
+  quality = run.get("dcgan")
+  if quality:
+    lines += [f"The DCGAN's samples: {quality['judge']} classifies "
+              f"{tables.pct(quality['class_accuracy'], 1)} of {quality['samples']} as the "
+              f"class asked for; Frechet distance {quality['frechet_distance']:.2f} on its "
+              f"penultimate features against {quality['real_images']} test images (1,000 "
+              f"training images against the same: "
+              f"{quality['frechet_distance_real_train_vs_test']:.2f}).", ""]
+  return "\n".join(lines)
+
+
 def render(root: Path) -> dict[str, str]:
   """Every page's text, by file name."""
   return {"standard-evaluation.md": standard_evaluation(root),
           "standard-vs-reference.md": standard_vs_reference(root),
-          "one-pixel-vs-art.md": one_pixel_vs_art(root)}
+          "one-pixel-vs-art.md": one_pixel_vs_art(root),
+          "zoo.md": zoo_page(root), "advgan.md": advgan_page(root)}
 
 
 def write(root: Path) -> list[Path]:
