@@ -47,7 +47,9 @@ class AdvGANRecipe:
     adv_weight, gan_weight, hinge_weight: the loss's weights (the public implementations'
       10, 1, 1).
     hinge_bound: c of the hinge, as a share of eps * sqrt(d).
-    kappa: the margin's confidence (0: stop pushing once misclassified).
+    kappa: the margin's confidence, in logits (C&W's kappa): the loss keeps pushing an
+      image until its margin reaches -kappa. At 0 it stops at the boundary, where the GAN
+      loss and the hinge pull the examples back, so many unseen images fall short.
     learning_rate, b1: Adam's, for both networks.
     batch_size, epochs: the training run.
   """
@@ -59,7 +61,7 @@ class AdvGANRecipe:
   gan_weight: float = 1.0
   hinge_weight: float = 1.0
   hinge_bound: float = 0.5
-  kappa: float = 0.0
+  kappa: float = 5.0
   learning_rate: float = 1e-3
   b1: float = 0.5
   batch_size: int = 128
