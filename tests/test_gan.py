@@ -327,3 +327,21 @@ def test_a_sweep_binds_the_cached_generator_and_records_its_sha256(data_dir, tmp
   path.write_bytes(path.read_bytes()[:-3] + b"xyz")
   with pytest.raises(checkpoints.CheckpointError, match="sha256"):
     generators.advgan_generator(model, recipe, train=False)
+
+
+@requires_data
+def test_the_shipped_generator_fools_mnist_lenet_from_the_command_line(data_dir, capsys,
+                                                                     monkeypatch):
+  """`advsweep attack mnist_lenet advgan` binds the shipped generator (never trains one
+  here: the cache is empty) and names it; it fools the LeNet on most images at eps 0.3."""
+  monkeypatch.setenv(generators.GENERATOR_DIR_ENV, "/nonexistent/advgan-cache")
+  model = zoo.load("mnist_lenet")
+  path = generators.find_for(attacks.AdvGANConfig(eps=0.3), model)
+  assert path is not None and path.parent == generators.SHIPPED_DIR
+  assert cli.main(["attack", "mnist_lenet", "advgan", "-n", "64", "--data-dir",
+                   str(data_dir)]) == 0
+  out = capsys.readouterr().out
+  assert f"weights sha256 {checkpoints.load_meta(path)['sha256']}" in out
+  assert "generator=None" in out  # the summary shows the config, not the weights
+  rate = float(out.split("success_rate")[1].split()[0])
+  assert rate >= 0.9

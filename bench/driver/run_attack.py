@@ -39,6 +39,7 @@ class AttackRun:
   result: attacks.AttackResult
   compile_seconds: float  # ahead-of-time compile of the attack's largest jitted piece
   wall_seconds: float  # the attack's one run, its own compilation included
+  trained_sha256: str | None = None  # the attack's own trained weights (AdvGAN's generator)
 
   def summary(self) -> dict[str, float]:
     """Figures over the clean-correct images (the papers exclude misclassified ones)."""
@@ -108,13 +109,14 @@ def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed
   key = jax.random.key(seed)
   clean_pred = np.asarray(jnp.argmax(jax.jit(model.apply_fn)(model.params, images), -1))
   spec = attacks.REGISTRY[attack_name]
+  bound, trained_sha256 = attack_config, None
   if spec.trained_field is not None:  # AdvGAN: the generator trained against this model
     from advsweep.models.gan import generators
 
-    attack_config, _ = generators.bind(attack_config, model, spec.trained_field,
-                                       data_dir=data_dir)
+    bound, trained_sha256 = generators.bind(attack_config, model, spec.trained_field,
+                                            data_dir=data_dir)
   prepared = spec.prepared(
-      model.attack_apply_fn(), model.params, images, labels, key, attack_config,
+      model.attack_apply_fn(), model.params, images, labels, key, bound,
       evaluator=model.pixel_evaluator or attacks.common.FULL_EVALUATION)
   start = time.perf_counter()
   if prepared.lowered is not None:  # compile time of the attack's largest jitted piece,
@@ -124,7 +126,8 @@ def run_attack(model_name: str, attack_name: str, num_images: int = 100, *, seed
   result = jax.block_until_ready(prepared())
   wall = time.perf_counter() - start
   return AttackRun(model_name, attack_name, attack_config, labels, clean_pred, result,
-                   compile_seconds=compile_seconds, wall_seconds=wall)
+                   compile_seconds=compile_seconds, wall_seconds=wall,
+                   trained_sha256=trained_sha256)
 
 
 def format_summary(run: AttackRun) -> str:
@@ -132,6 +135,8 @@ def format_summary(run: AttackRun) -> str:
   lines = [f"{run.attack} on {run.model}: {s['images']} test images, "
            f"{s['clean_correct']} correctly classified (the rest excluded)",
            f"  config: {run.config}"]
+  if run.trained_sha256 is not None:
+    lines.append(f"  trained against this model: weights sha256 {run.trained_sha256}")
   for key in ("success_rate", "top1_error", "top5_error", "mean_adv_conf",
               "mean_adv_conf_success", "mean_queries", "mean_l0", "mean_l0_fraction",
               "mean_l0_fraction_success", "mean_linf", "mean_l2", "non_finite",
