@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from advsweep.attacks import checks, common
@@ -56,6 +57,12 @@ class AdvGANConfig:
   @property
   def targeted(self) -> bool:
     return self.target != common.UNTARGETED
+
+  def __repr__(self) -> str:  # the generator's size, not its arrays
+    generator = ("None" if self.generator is None else
+                 f"<{sum(int(np.size(p)) for p in jax.tree.leaves(self.generator)):,} weights>")
+    return (f"AdvGANConfig(eps={self.eps!r}, target={self.target!r}, width={self.width!r}, "
+            f"generator={generator}, image_shape={self.image_shape!r})")
 
 
 def check_config(config: AdvGANConfig) -> None:

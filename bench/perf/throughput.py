@@ -212,9 +212,18 @@ def main(*, models: Sequence[str] | None = None, attack_names: Sequence[str] | N
     for name in attack_names or list(attacks.REGISTRY):
       spec = attacks.REGISTRY[name]
       fields = dict(spec.quick) if quick else {}
+      config = spec.config(**fields)
+      if spec.trained_field is not None:  # weights trained against the model: bind them
+        from advsweep.models.gan import generators
+
+        if generators.find_for(config, model) is None:  # training one is not a benchmark
+          print(f"[perf] {model_name} {name}: skipped, no weights trained against this model "
+                f"(advsweep gan {name} {model_name})", flush=True)
+          continue
+        config, _ = generators.bind(config, model, spec.trained_field, data_dir=data_dir)
       print(f"[perf] {model_name} {name} {fields or ''}", flush=True)
       rows.append(measure(model_name, model.apply_fn, model.params, name, images, labels,
-                          spec.config(**fields), evaluator=model.pixel_evaluator))
+                          config, evaluator=model.pixel_evaluator))
   print(format_table(rows))
   path = write_parquet(rows, out)
   print(f"wrote {path}")
