@@ -128,7 +128,7 @@ def advgan_page(root: Path) -> str:
     lines += [f"The DCGAN's samples: {quality['judge']} classifies "
               f"{tables.pct(quality['class_accuracy'], 1)} of {quality['samples']} as the "
               f"class asked for; Frechet distance {quality['frechet_distance']:.2f} on its "
-              f"penultimate features against {quality['real_images']} test images (1,000 "
+              f"penultimate features against {quality['real_images']} test images (as many "
               f"training images against the same: "
               f"{quality['frechet_distance_real_train_vs_test']:.2f}).", ""]
   return "\n".join(lines)
