@@ -296,17 +296,18 @@ def test_bad_gan_input_is_one_line_and_writes_nothing(argv, phrase, tmp_path, ca
 def test_a_sweep_binds_the_cached_generator_and_records_its_sha256(data_dir, tmp_path,
                                                                    monkeypatch):
   """The driver finds the generator trained against the model in the cache (here a tiny
-  one), runs AdvGAN with it and writes its sha256 in every row; the other attacks' rows
-  have none."""
+  one, against a model without a shipped generator), runs AdvGAN with it and writes its
+  sha256 in every row; the other attacks' rows have none."""
   monkeypatch.setenv(generators.GENERATOR_DIR_ENV, str(tmp_path / "cache"))
-  model = zoo.load("mnist_lenet")
+  model = zoo.load("mnist_softmax")
+  assert generators.find_advgan(model, training.AdvGANRecipe()) is None
   recipe = training.AdvGANRecipe(eps=0.3, epochs=1, batch_size=16)
   path = generators.generator_dir() / (generators.advgan_name(model, recipe) + ".msgpack")
   meta = generators.train_advgan(model, recipe, path, data_dir=data_dir, train_limit=32,
                                  progress=False)
   assert meta["train_examples"] == 32 and meta["eval_images"] == generators.EVAL_IMAGES
   toml = tmp_path / "gan.toml"
-  toml.write_text('name = "gan"\nmodels = ["mnist_lenet"]\nbatch_size = 4\n'
+  toml.write_text('name = "gan"\nmodels = ["mnist_softmax"]\nbatch_size = 4\n'
                   '[images]\nper_bin = 4\n[attacks.advgan]\neps = 0.3\n'
                   '[attacks.fgsm]\neps = 0.1\n')
   config = config_lib.load(str(toml))
