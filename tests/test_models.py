@@ -37,7 +37,7 @@ ACCURACY_FLOORS = {
 SHIPPED = zoo.available()
 # Recipes that need an accelerator, not trained on the development CPU yet: shipping one
 # fails the test below until it leaves this set.
-NOT_SHIPPED = {"cifar10_wide_resnet20_adv", "mnist_lenet_advgan"}
+NOT_SHIPPED = {"cifar10_wide_resnet20_adv"}
 
 
 def test_every_zoo_entry_has_a_floor():
