@@ -178,6 +178,8 @@ def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
       markdown += defense_markdown
     for section in entry.get("sections", []):  # the paper's own tables (`SECTIONS`)
       title, header, rows = SECTIONS[section](table)
+      if not rows:  # nothing of the kind in this config's run
+        continue
       text += ["", title, tables.format_text(header, rows)]
       markdown += ["", f"## {title}", "", tables.format_markdown(header, rows)]
     if "tables" in entry:
