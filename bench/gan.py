@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from advsweep.attacks.advgan import training as advgan_training
-from advsweep.models import custom, datasets, zoo
+from advsweep.models import checkpoints, custom, datasets, zoo
 from advsweep.models.gan import dcgan, generators, quality
 
 SAMPLES_PER_CLASS = 500  # generated images of each class the DCGAN is measured on
@@ -57,14 +57,12 @@ def train_dcgan(dataset: str, out: Path, *, epochs: int | None, seed: int,
   recipe = dcgan.DCGANRecipe()
   if epochs is not None:
     recipe = dataclasses.replace(recipe, epochs=epochs)
-  meta = generators.train_dcgan(dataset, recipe, out, data_dir=data_dir, seed=seed,
-                                train_limit=train_limit, progress=progress)
+  generators.train_dcgan(dataset, recipe, out, data_dir=data_dir, seed=seed,
+                         train_limit=train_limit, progress=progress)
   generator, meta, recipe = generators.load_dcgan(out)
   meta = dict(meta, quality=dcgan_quality(generator, meta, recipe, data_dir, seed))
-  meta.pop("sha256"), meta.pop("weights_bytes")
-  from advsweep.models import checkpoints
-
-  return checkpoints.save(out, generator, meta)
+  checkpoints.write_meta(out, meta)
+  return meta
 
 
 def train_advgan(reference: str, *, eps: float, targeted: bool, epochs: int | None,

@@ -36,9 +36,15 @@ def save(weights_path: str | os.PathLike, variables: Any, meta: dict) -> dict:
   meta = dict(meta, sha256=hashlib.sha256(data).hexdigest(), weights_bytes=len(data))
   weights_path = Path(weights_path)
   atomic_write_bytes(weights_path, data)
-  atomic_write_bytes(weights_path.with_suffix(".json"),
-                     (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+  write_meta(weights_path, meta)
   return meta
+
+
+def write_meta(weights_path: str | os.PathLike, meta: dict) -> None:
+  """Writes the metadata file beside `weights_path`, atomically (the weights, and so their
+  sha256, untouched: figures measured after training are added this way)."""
+  atomic_write_bytes(Path(weights_path).with_suffix(".json"),
+                     (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_meta(weights_path: str | os.PathLike) -> dict:

@@ -76,6 +76,13 @@ def check_config(config: AdvGANConfig) -> None:
     raise ValueError(f"width must be an integer >= 1; got {config.width!r}")
 
 
+def _require_generator(config: AdvGANConfig) -> None:
+  if config.generator is None:
+    raise ValueError("AdvGAN needs a generator trained against the model under attack: "
+                     "bind one with advsweep.models.gan.generators.bind(config, model) "
+                     "(a sweep's driver does it for you)")
+
+
 def perturb(generator: Any, images: jax.Array, targets: jax.Array | None, eps: Any, *,
             num_classes: int, targeted: bool, width: int) -> jax.Array:
   """[B,H,W,C] `clip(images + eps * G(images, targets), 0, 1)`."""
@@ -92,10 +99,7 @@ def advgan_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels
   """The attack's pure core (arguments as `attacks.gradient.bim`); traceable end to end."""
   del evaluator
   config = config or AdvGANConfig()
-  if config.generator is None:
-    raise ValueError("AdvGAN needs a generator trained against the model under attack: "
-                     "bind one with advsweep.models.gan.generators.bind(config, model) "
-                     "(a sweep's driver does it for you)")
+  _require_generator(config)
   num_classes = checks.num_classes_of(apply_fn, params, images)
   keys = common.per_image_keys(key, images.shape[0])
   clean_logits = (apply_fn(params, images) if config.target == common.LEAST_LIKELY
@@ -118,8 +122,7 @@ def prepare(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: ja
   images, labels, targets, _, concrete = checks.checked_inputs(
       apply_fn, params, images, labels, key, config, targets=targets,
       target_mode=config.target, target_modes=common.TARGET_MODES)
-  if config.generator is None:
-    advgan_core(apply_fn, params, images, labels, key, config)  # raises, naming the fix
+  _require_generator(config)
   shape = tuple(images.shape[1:])
   if config.image_shape is not None and tuple(config.image_shape) != shape:
     raise ValueError(

@@ -29,32 +29,33 @@ import numpy as np
 from advsweep import attacks
 from advsweep.bench import gan
 from advsweep.bench.reports import tables
-from advsweep.models import datasets, files, zoo
+from advsweep.models import checkpoints, datasets, files, zoo
 from advsweep.models.gan import generators
 
 OUT = Path(__file__).resolve().parents[2] / "results" / "perf"
 REPEATS = 3
 
 
-def _best_seconds(fn) -> float:
+def _best_seconds(fn) -> tuple[float, object]:
+  """The best of `REPEATS` timed calls (after one that compiles), and the last result."""
   jax.block_until_ready(fn())  # compiles
   best = float("inf")
   for _ in range(REPEATS):
     start = time.perf_counter()
-    jax.block_until_ready(fn())
+    result = jax.block_until_ready(fn())
     best = min(best, time.perf_counter() - start)
-  return best
+  return best, result
 
 
 def measure(name: str, n: int, eps: float, data_dir: str | None) -> dict | None:
   """AdvGAN and PGD-40 on model `name`'s first n test images; None without a generator."""
   model = zoo.load(name)
   config = attacks.AdvGANConfig(eps=eps)
-  recipe = generators.recipe_for(config)
-  if generators.find_advgan(model, recipe) is None:
+  path = generators.find_for(config, model)
+  if path is None:
     return None
   config, sha = generators.bind(config, model, data_dir=data_dir)
-  meta = generators.load_generator(generators.find_advgan(model, recipe), model, recipe)[1]
+  meta = checkpoints.load_meta(path)
   images_u8, labels = datasets.load(model.meta["dataset"], "test", data_dir)
   images = jnp.asarray(images_u8[:n], jnp.float32) / 255.0
   labels = jnp.asarray(labels[:n], jnp.int32)
@@ -68,8 +69,8 @@ def measure(name: str, n: int, eps: float, data_dir: str | None) -> dict | None:
     spec = attacks.REGISTRY[attack]
     run = lambda spec=spec, cfg=cfg: spec.run(model.apply_fn, model.params, images, labels,  # noqa: E731
                                               key, cfg)
-    seconds = _best_seconds(run)
-    success = np.asarray(run().success)[keep]
+    seconds, result = _best_seconds(run)
+    success = np.asarray(result.success)[keep]
     k = int(success.sum())
     lo, hi = tables.wilson_interval(k, len(success))
     row[attack] = {"success_rate": k / len(success), "low": lo, "high": hi,
@@ -130,6 +131,22 @@ def figure(path: Path, model_name: str, eps: float, data_dir: str | None,
   common.save_figure(fig, path)
 
 
+def _success(side: dict) -> str:
+  return (f"{tables.pct(side['success_rate'], 1)} ({tables.pct(side['low'], 1)}"
+          f"-{tables.pct(side['high'], 1)})")
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+  """The benchmark's table from its rows (`measure`): printed here and on the docs' page."""
+  header = ["model", "n", "AdvGAN success", "PGD-40 success", "AdvGAN s/img", "PGD-40 s/img",
+            "PGD / AdvGAN time", "generator training"]
+  body = [[r["model"], str(r["clean_correct"]), _success(r["advgan"]), _success(r["pgd"]),
+           f"{r['advgan']['seconds_per_image']:.2e}", f"{r['pgd']['seconds_per_image']:.2e}",
+           f"{r['pgd']['seconds_per_image'] / r['advgan']['seconds_per_image']:.0f}x",
+           f"{r['generator_train_seconds']:.0f} s"] for r in rows]
+  return header, body
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", nargs="+", default=["mnist_lenet", "mnist_lenet_fgsm",
@@ -142,16 +159,7 @@ def main(argv: list[str] | None = None) -> int:
   for name in args.models:
     row = measure(name, args.n, args.eps, args.data_dir)
     (rows.append(row) if row else skipped.append(name))
-  header = ("model", "n", "AdvGAN success", "PGD-40 success", "AdvGAN s/img", "PGD-40 s/img",
-            "PGD / AdvGAN time", "generator training")
-  body = [[r["model"], str(r["clean_correct"]),
-           f"{tables.pct(r['advgan']['success_rate'], 1)} ({tables.pct(r['advgan']['low'], 1)}"
-           f"-{tables.pct(r['advgan']['high'], 1)})",
-           f"{tables.pct(r['pgd']['success_rate'], 1)} ({tables.pct(r['pgd']['low'], 1)}"
-           f"-{tables.pct(r['pgd']['high'], 1)})",
-           f"{r['advgan']['seconds_per_image']:.2e}", f"{r['pgd']['seconds_per_image']:.2e}",
-           f"{r['pgd']['seconds_per_image'] / r['advgan']['seconds_per_image']:.0f}x",
-           f"{r['generator_train_seconds']:.0f} s"] for r in rows]
+  header, body = table(rows)
   lines = [f"AdvGAN beside PGD-40 at eps {args.eps:g}, first {args.n} test images "
            f"({jax.devices()[0].device_kind}); success over the clean-correct images (n)",
            tables.format_text(header, body)]

@@ -103,26 +103,20 @@ def zoo_page(root: Path) -> str:
 
 def advgan_page(root: Path) -> str:
   """AdvGAN beside PGD-40 and the DCGAN's sample quality, from the newest committed run."""
+  from advsweep.bench.perf import advgan as advgan_bench
+
   runs = sorted((root / "results" / "perf").glob("advgan-*.json"))
   head = _header("AdvGAN beside PGD, and the DCGAN's samples",
                  "python -m advsweep.bench.perf.advgan", "results/perf/advgan-*.json")
   if not runs:
     return "\n".join([*head, "No run is committed yet.", ""])
   run = json.loads(runs[-1].read_text())
-  body = [[r["model"], str(r["clean_correct"]),
-           f"{tables.pct(r['advgan']['success_rate'], 1)} ({tables.pct(r['advgan']['low'], 1)}"
-           f"-{tables.pct(r['advgan']['high'], 1)})",
-           f"{tables.pct(r['pgd']['success_rate'], 1)} ({tables.pct(r['pgd']['low'], 1)}"
-           f"-{tables.pct(r['pgd']['high'], 1)})",
-           f"{r['advgan']['seconds_per_image']:.2e}", f"{r['pgd']['seconds_per_image']:.2e}",
-           f"{r['generator_train_seconds']:.0f} s"] for r in run["rows"]]
+  header, body = advgan_bench.table(run["rows"])
   lines = [*head, f"`{run['command']}` on {run['device']} ({runs[-1].name}); eps "
            f"{run['rows'][0]['eps'] if run['rows'] else '-'}, success over the correctly "
            "classified of the first test images, seconds per image of the attack alone "
            "(compiled, best of 3), the generator's one-time training beside it.", "",
-           tables.format_markdown(["model", "n", "AdvGAN success", "PGD-40 success",
-                                   "AdvGAN s/img", "PGD-40 s/img", "generator training"],
-                                  body), ""]
+           tables.format_markdown(header, body), ""]
   quality = run.get("dcgan")
   if quality:
     lines += [f"The DCGAN's samples: {quality['judge']} classifies "

@@ -5,6 +5,7 @@ FID, with the zoo LeNet in place of Inception: the usual substitute on MNIST).""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,11 +21,15 @@ FEATURE_BATCH = 500
 def features(model: zoo.Model, images: np.ndarray | jax.Array) -> np.ndarray:
   """[N, D] the model's penultimate features (`architectures.penultimate`) of images in
   [0, 1], in batches."""
-  out = []
-  for start in range(0, len(images), FEATURE_BATCH):
-    _, inter = model.intermediates(model.params, jnp.asarray(images[start:start + FEATURE_BATCH]))
-    out.append(np.asarray(architectures.penultimate(inter), np.float64))
+  out = [np.asarray(_penultimate(model, model.params,
+                                 jnp.asarray(images[start:start + FEATURE_BATCH])), np.float64)
+         for start in range(0, len(images), FEATURE_BATCH)]
   return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per model (and batch shape)
+def _penultimate(model: zoo.Model, params: Any, images: jax.Array) -> jax.Array:
+  return architectures.penultimate(model.intermediates(params, images)[1])
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

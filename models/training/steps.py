@@ -57,13 +57,15 @@ def _per_image_loss(recipe: zoo.TrainRecipe):
 
 
 def make_train_step(module, tx, recipe: zoo.TrainRecipe):
-  if recipe.adversary == "advgan":
-    return _make_generator_step(module, tx, recipe, _per_image_loss(recipe))
   attack = adversary.training_attack(recipe)
+  # The slides' GAN defense: examples from a fixed generator in place of a gradient attack.
+  generator = (adversary.generator_examples(recipe) if recipe.adversary == "advgan"
+               else None)
+  adversarial = attack is not None or generator is not None
   per_image_loss = _per_image_loss(recipe)
-  needs_clean = attack is None or recipe.clean_weight > 0 or recipe.logit_pairing > 0
+  needs_clean = not adversarial or recipe.clean_weight > 0 or recipe.logit_pairing > 0
   if recipe.domain_weight > 0:
-    if attack is not None:
+    if adversarial:
       raise ValueError("a recipe takes adversarial training or domain adaptation, not both")
     if recipe.domain_exposure <= 0:
       raise ValueError("domain_weight needs domain_exposure > 0 (the noisy domain's Poisson "
@@ -81,7 +83,10 @@ def make_train_step(module, tx, recipe: zoo.TrainRecipe):
       return module.apply({**variables, "params": params}, x, train=True,
                           mutable=["batch_stats"])
 
-    if attack is not None:
+    if generator is not None:
+      adv = jax.lax.stop_gradient(generator(images, recipe.epsilon * eps_scale))
+      batch = jnp.concatenate([images, adv]) if needs_clean else adv
+    elif attack is not None:
       # The attack sees the network as the loss does (training-mode BatchNorm); the
       # statistics it would update are dropped.
       attack_fn = lambda params, x: forward(params, x)[0]  # noqa: E731
@@ -101,7 +106,7 @@ def make_train_step(module, tx, recipe: zoo.TrainRecipe):
     def loss_fn(params):
       logits, updates = forward(params, batch)  # one batch: BatchNorm sees clean and adv
       n = len(labels)
-      if attack is None:
+      if not adversarial:
         loss = per_image_loss(logits, labels).mean()
         return loss, (logits, updates)
       clean_logits, adv_logits = (logits[:n], logits[n:]) if needs_clean else (None, logits)
@@ -173,30 +178,3 @@ def _make_domain_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
 
   return train_step
 
-
-def _make_generator_step(module, tx, recipe: zoo.TrainRecipe, per_image_loss):
-  """Goodfellow et al.'s mixed loss on examples a generator makes: `clean_weight * L(x) + (1
-  - clean_weight) * L(G(x))`, G the AdvGAN generator trained against zoo model
-  `recipe.adv_generator` at `recipe.epsilon`, held fixed (`adversary.generator_examples`)."""
-  make_examples = adversary.generator_examples(recipe)
-
-  @jax.jit
-  def train_step(variables, opt_state, images_u8, labels, key, eps_scale=1.0):
-    aug_key, _ = jax.random.split(key)
-    images = images_u8.astype(jnp.float32) / 255.0
-    if recipe.augment:
-      images = augment(aug_key, images)
-    adv = jax.lax.stop_gradient(make_examples(images, recipe.epsilon * eps_scale))
-    n = len(labels)
-
-    def loss_fn(params):
-      logits, updates = module.apply({**variables, "params": params},
-                                     jnp.concatenate([images, adv]), train=True,
-                                     mutable=["batch_stats"])
-      loss = (recipe.clean_weight * per_image_loss(logits[:n], labels).mean()
-              + (1 - recipe.clean_weight) * per_image_loss(logits[n:], labels).mean())
-      return loss, (logits[:n], updates)
-
-    return _descend(loss_fn, tx, variables, opt_state, labels)
-
-  return train_step
