@@ -353,6 +353,21 @@ def test_a_config_that_failed_before_its_first_unit_gives_the_folder_back(tmp_pa
   assert json.loads((out / "run.json").read_text())["config_hash"] == TINY.config_hash
 
 
+def test_a_folder_of_run_folders_is_refused_as_a_run_folder(tmp_path):
+  """`--out results` (the folder that holds run folders and benchmark files) is refused
+  before any work, naming the folder the run would go to; an empty folder, or one holding
+  only what a run writes, is a run folder."""
+  (tmp_path / "main").mkdir()
+  (tmp_path / "perf-cpu-1.parquet").write_bytes(b"")
+  with pytest.raises(results.ResultsError, match=r"no run folder .* holds 'main' and 1 more; "
+                     r"--out names the run folder itself: pass --out .*tiny"):
+    sweep.open_folder(tmp_path, TINY)
+  assert not (tmp_path / "run.json").exists()
+  fresh = tmp_path / "fresh"
+  (fresh / "parts").mkdir(parents=True)
+  assert sweep.open_folder(fresh, TINY) == f"{TINY.name}-{TINY.config_hash}"
+
+
 def test_every_flag_an_error_message_advises_exists():
   """Advice must work as written: each `--flag` in a message of bench/ or models/ is an
   option of some command."""

@@ -289,14 +289,28 @@ class Runner:
     return rows, r.adv_images
 
 
+# What a run folder holds besides run.json (a folder with anything else and no run.json is
+# refused: an --out naming the folder of run folders would mix a run into other files).
+RUN_FOLDER_ENTRIES = frozenset({"parts", "claims", "report", "analysis"})
+
+
 def open_folder(out_dir: Path, config: RunConfig) -> str:
   """The run id for `out_dir`, reading only: refuses a folder that holds another config's
-  units. A folder whose `run.json` names another config but holds no unit (a run that
-  failed before its first unit) is taken over when the first unit is written."""
+  units, or other files and no run.json. A folder whose `run.json` names another config but
+  holds no unit (a run that failed before its first unit) is taken over when the first unit
+  is written."""
   run_id = f"{config.name}-{config.config_hash}"
   if out_dir.exists() and not out_dir.is_dir():
     raise results.ResultsError(f"{out_dir} is a file, not a run folder; pass --out a folder")
   meta = results.read_run_meta(out_dir)
+  if meta is None and out_dir.is_dir():
+    strangers = sorted(p.name for p in out_dir.iterdir()
+                       if p.name not in RUN_FOLDER_ENTRIES and not p.name.startswith("."))
+    if strangers:
+      raise results.ResultsError(
+          f"{out_dir} is no run folder (no run.json) and holds {strangers[0]!r}"
+          f"{f' and {len(strangers) - 1} more' if len(strangers) > 1 else ''}; --out names "
+          f"the run folder itself: pass --out {out_dir / config.name}")
   if meta is not None and meta.get("config_hash") != config.config_hash:
     if _part_paths(out_dir):
       raise results.ResultsError(

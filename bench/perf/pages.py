@@ -5,8 +5,13 @@ figure in the docs stands without the rows behind it (`docs/results/`):
   (`advsweep robustness --standard`);
 - `standard-vs-reference.md`: ours beside the reference AutoAttack, image by image, from
   `results/standard-reference/` (`python -m advsweep.bench.perf.standard_vs_reference`);
-- `one-pixel-vs-art.md`: the one-pixel attack beside ART, per model and library the newest
-  row of the committed `results/perf/peers-*.parquet` (`advsweep perf peers`);
+- `peers.md`: every attack beside ART's and Foolbox's, per model, attack and library the
+  newest row of the committed `results/perf/peers-*.parquet` (`advsweep perf peers`);
+- `scaling.md`: how cost grows with the batch, the image, k and the population, and the
+  traces of a swept field, from `results/perf/scaling-*.parquet` (`advsweep perf scaling`);
+- `efficiency.md`: each attack's time against the model's own passes, from the newest
+  committed `results/perf/perf-*.parquet` (`advsweep perf`);
+- `main-job.md`: the main job (`advsweep run`) by confidence bin, from `results/main/`;
 - `zoo.md`: the zoo from its shipped checkpoints (`models/trained/`, `advsweep models`);
 - `advgan.md`: AdvGAN beside PGD and the DCGAN's samples measured, from the newest committed
   `results/perf/advgan-*.json` (`python -m advsweep.bench.perf.advgan`).
@@ -29,8 +34,8 @@ from advsweep.bench.evaluation import standard_runs
 from advsweep.bench.reports import tables
 from advsweep.models import files
 
-PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "one-pixel-vs-art.md",
-         "zoo.md", "advgan.md")
+PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "peers.md", "scaling.md",
+         "efficiency.md", "main-job.md", "zoo.md", "advgan.md")
 
 
 def _header(title: str, command: str, source: str) -> list[str]:
@@ -68,25 +73,135 @@ def standard_vs_reference(root: Path) -> str:
       "evaluation's files instead of being run beside it.", ""])
 
 
-def one_pixel_vs_art(root: Path) -> str:
-  """Per model and library, the newest committed one-pixel row (`results/perf/peers-*`)."""
-  newest: dict[tuple[str, str], tuple[dict, str]] = {}
-  for path in sorted((root / "results" / "perf").glob("peers-*.parquet")):  # oldest first
+def _newest_rows(folder: Path, pattern: str, key) -> dict[tuple, tuple[dict, str]]:
+  """Per key, the row of the newest file (files are named by their UTC stamp)."""
+  newest: dict[tuple, tuple[dict, str]] = {}
+  for path in sorted(folder.glob(pattern)):  # oldest first
     for r in pq.read_table(path).to_pylist():
-      if r["attack"] == "one_pixel":
-        newest[(r["model"], r["library"])] = (r, path.name)
-  body = [[r["model"], r["library"], str(r["images"]), f"{r['s_per_image']:.3f}",
-           f"{r['evals_per_image']:.0f}", tables.pct(r["success_rate"]),
-           "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x", source]
-          for (model, _), (r, source) in sorted(newest.items(), key=lambda kv: kv[0][0])]
+      newest[key(r)] = (r, path.name)
+  return newest
+
+
+_LIBRARY_ORDER = {"advsweep": 0, "Foolbox": 2, "ART": 3}
+
+
+def peers_page(root: Path) -> str:
+  """Per model, attack and library, the newest committed row (`results/perf/peers-*`)."""
+  newest = _newest_rows(root / "results" / "perf", "peers-*.parquet",
+                        lambda r: (r["model"], r["attack"], r["library"]))
+  order = sorted(newest, key=lambda k: (k[0], k[1], _LIBRARY_ORDER.get(k[2], 1), k[2]))
+  body = []
+  for key in order:
+    r, source = newest[key]
+    features = "-" if r.get("features_changed") is None else tables.pct(
+        r["features_changed"], 2)
+    body.append([r["model"], r["attack"], r["library"], str(r["images"]),
+                 f"{r['s_per_image']:.4f}", f"{r['evals_per_image']:,.0f}",
+                 tables.pct(r["success_rate"]), features,
+                 "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x",
+                 "-" if r.get("model_share") is None else tables.pct(r["model_share"]),
+                 r.get("note") or "", source])
   return "\n".join([*_header(
-      "The one-pixel attack beside ART", "advsweep perf peers --attacks one_pixel "
-      "--models MODEL ... --pixel-images N", "results/perf/peers-*.parquet"),
-      "Population 400, 100 generations; per model and library the newest committed run "
-      "(the file in the last column). 'peer / ours time': ART's seconds per image over "
-      "ours (for a variant of ours, ART's over the variant's).", "",
-      tables.format_markdown(["model", "library", "images", "s/image", "evaluations/image",
-                              "success", "peer / ours time", "rows"], body), ""])
+      "advsweep beside ART and Foolbox", "advsweep perf peers --models MODEL ... "
+      "[--attacks ...] [-n N] [--pixel-images N]", "results/perf/peers-*.parquet"),
+      "Each library's attack on the same weights, images and jitted forward pass, in one "
+      "process; per model, attack and library the newest committed run (the file in the "
+      "last column, named by its UTC time). One-pixel: population 400, 100 generations; "
+      "FGSM, BIM, PGD: eps 0.1 (MNIST) or 8/255 (CIFAR-10), 10 steps of eps/4; JSMA: theta "
+      "1, gamma 14.5%. 'peer / ours time': the peer's seconds per image over ours (on a "
+      "variant row of ours, ART's over the variant's). 'in model calls': the share of ART's "
+      "time inside the model's forward and gradient calls.", "",
+      tables.format_markdown(["model", "attack", "library", "images", "s/image",
+                              "evaluations/image", "success", "features changed",
+                              "peer / ours time", "in model calls", "note", "rows"], body),
+      ""])
+
+
+def scaling_page(root: Path) -> str:
+  """How cost grows, per sweep point the newest committed row (`results/perf/scaling-*`)."""
+  newest = _newest_rows(root / "results" / "perf", "scaling-*.parquet",
+                        lambda r: (r["sweep"], r["model"], r["attack"], r["x"]))
+  timed = sorted((k for k in newest if k[0] != "retrace"),
+                 key=lambda k: (k[0], k[1], k[2], k[3]))
+  body = []
+  for key in timed:
+    r, source = newest[key]
+    body.append([r["sweep"], r["model"], r["attack"], f"{r['x']:,}", f"{r['s_per_image']:.4f}",
+                 f"{r['evals_per_image']:,.1f}", f"{r['compile_s']:.1f}", source])
+  retrace = []
+  for key in sorted(k for k in newest if k[0] == "retrace"):
+    r, source = newest[key]
+    retrace.append([r["attack"], r["field"], r["values"],
+                    f"{r['first_traces']} / {r['first_compiles']}",
+                    f"{r['later_traces']} / {r['later_compiles']}", source])
+  return "\n".join([*_header(
+      "How cost grows", "advsweep perf scaling [--sweeps batch image_size pixels "
+      "population retrace]", "results/perf/scaling-*.parquet"),
+      "Seconds per image of the run with compilation apart (first call minus a warm second "
+      "call; early stopping off, so every image does the same work); x is the batch size, "
+      "the image's pixel count, the one-pixel attack's k, or its population. Per sweep "
+      "point the newest committed run (last column).", "",
+      tables.format_markdown(["sweep", "model", "attack", "x", "s/image",
+                              "evaluations/image", "compile s", "rows"], body), "",
+      "Traces and XLA compiles while a sweep moves one field over four values: the first "
+      "value's, then the later three's together.", "",
+      tables.format_markdown(["attack", "field", "values", "first: traces / compiles",
+                              "later: traces / compiles", "rows"], retrace), ""])
+
+
+def efficiency_page(root: Path) -> str:
+  """Each attack's time against the model's own passes, from the newest committed
+  `results/perf/perf-*.parquet` (`advsweep perf`)."""
+  runs = sorted((root / "results" / "perf").glob("perf-*.parquet"))
+  head = _header("Attacks against the model's own throughput",
+                 "advsweep perf --models MODEL ... [--quick] [-n N]",
+                 "results/perf/perf-*.parquet")
+  if not runs:
+    return "\n".join([*head, "No run is committed yet.", ""])
+  rows = pq.read_table(runs[-1]).to_pylist()
+  body = [[r["model"], r["attack"], str(r["images"]), r["unit"], str(r["unit_batch"]),
+           f"{r['raw_units_per_s']:,.0f}", f"{r['attack_units_per_s']:,.0f}",
+           f"{r['efficiency']:.2f}", f"{r['s_per_image']:.4f}", tables.pct(r["success_rate"]),
+           f"{r['compile_s']:.1f}",
+           "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f} MB"]
+          for r in rows]
+  return "\n".join([
+      *head, f"The newest committed run, {runs[-1].name} ({rows[0]['device_kind']}, "
+      f"jax {rows[0]['jax']}). 'raw units/s': the model alone, for the unit of work the "
+      "attack makes (a forward pass, a forward and backward pass, a forward pass and two "
+      "VJPs) at the attack's batch size; 'efficiency': the time the model alone needs for "
+      "the attack's passes (and one forward pass per image that re-checks the result) over "
+      "the attack's time, so 1.0 means no time goes anywhere but the model (above 1 for the "
+      "one-pixel attack, whose pixel-local evaluation does fewer multiply-adds than a full "
+      "pass). Attack and raw passes are timed in turn, medians of at least three rounds.", "",
+      tables.format_markdown(["model", "attack", "images", "unit", "batch", "raw units/s",
+                              "attack units/s", "efficiency", "s/image", "success",
+                              "compile s", "compiled memory"], body), ""])
+
+
+def main_job_page(root: Path) -> str:
+  """The main job's success rates by confidence bin, from the committed `results/main/`."""
+  from advsweep.bench.driver import results
+  from advsweep.bench.reports import report
+
+  folder = root / "results" / "main"
+  head = _header("The main job", "advsweep run", "results/main/")
+  if not (folder / "run.json").is_file():
+    return "\n".join([*head, "No run is committed yet.", ""])
+  table = results.read_run(folder)
+  meta = results.read_run_meta(folder) or {}
+  config = meta.get("config", {})
+  cells = report.summaries(table, config.get("bins", {}).get("names"))
+  header, body = report.pivot(cells)
+  return "\n".join([
+      *head, f"{config.get('description', '')}: {table.num_rows:,} rows (one per image and "
+      f"attack setting), bins {config.get('bins', {}).get('names')} at confidence thresholds "
+      f"{config.get('bins', {}).get('thresholds')}, seed {config.get('seed')}. Success rate "
+      "over the clean-correct images with its 95% Wilson interval and n, by the clean "
+      "image's confidence bin ('all' pools the drawn images, so it over-weights the rare low "
+      "bin); s/img: attack time per image, compilation included in the first cell of each "
+      "attack.", "",
+      tables.format_markdown(header, body), ""])
 
 
 def zoo_page(root: Path) -> str:
@@ -132,7 +247,8 @@ def render(root: Path) -> dict[str, str]:
   """Every page's text, by file name."""
   return {"standard-evaluation.md": standard_evaluation(root),
           "standard-vs-reference.md": standard_vs_reference(root),
-          "one-pixel-vs-art.md": one_pixel_vs_art(root),
+          "peers.md": peers_page(root), "scaling.md": scaling_page(root),
+          "efficiency.md": efficiency_page(root), "main-job.md": main_job_page(root),
           "zoo.md": zoo_page(root), "advgan.md": advgan_page(root)}
 
 
