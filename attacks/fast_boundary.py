@@ -99,32 +99,43 @@ def _crossing(slope: jax.Array, knot: jax.Array, c: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """Solves F(r) = c for F(r) = sum_i slope_i min(r, knot_i), r >= 0, over the last axis.
 
-  F is piecewise linear, continuous and non-decreasing with breakpoints at the knots: the
-  value at each sorted knot comes from cumulative sums, the first knot where it reaches c
-  names the segment, and on that segment F is linear. Slopes are >= 0, knots >= 0 (inf
-  where the slope is 0), c >= 0.
+  F is piecewise linear, continuous and non-decreasing with breakpoints at the knots. A
+  bisection over the bit patterns of non-negative floats (ordered as the floats are) closes
+  on two adjacent floats lo < hi with F(lo) < c <= F(hi) in one pass over the features per
+  halving, where sorting the knots cost ten times more on XLA's CPU backend. No knot lies
+  strictly between two adjacent floats, so the knots <= lo are the saturated terms and F is
+  linear from lo on: r = (c - sum_{knot_i <= lo} slope_i knot_i) / sum_{knot_i > lo}
+  slope_i, clipped to [lo, hi] against rounding. Slopes are >= 0, knots >= 0 (inf where
+  the slope is 0), c >= 0.
 
   Returns:
     r [...]: the smallest r with F(r) = c, and feasible [...]: whether one exists (c is at
     most F(inf) = sum_i slope_i knot_i).
   """
-  order = jnp.argsort(knot, axis=-1)
-  knot = jnp.take_along_axis(knot, order, axis=-1)
-  slope = jnp.take_along_axis(slope, order, axis=-1)
-  below = jnp.cumsum(jnp.where(slope > 0, slope * knot, 0.0), axis=-1)  # saturated terms
-  # Segment i runs from knot i-1 (0 for i = 0) to knot i (inf for i = N) with slope rates[i],
-  # the sum of the later knots' slopes (a reverse cumsum: trailing zeros stay exact).
-  tail = jnp.flip(jnp.cumsum(jnp.flip(slope, -1), axis=-1), -1)
-  edge = lambda x, value: jnp.full_like(x[..., :1], value)  # noqa: E731
-  rates = jnp.concatenate([tail, edge(tail, 0.0)], axis=-1)
-  value = below + jnp.where(rates[..., 1:] > 0, knot * rates[..., 1:], 0.0)  # F at the knots
-  segment = jnp.sum(value < c[..., None], axis=-1)  # knots passed before F reaches c
-  at = lambda x: jnp.take_along_axis(x, segment[..., None], axis=-1)[..., 0]  # noqa: E731
-  base = at(jnp.concatenate([edge(below, 0.0), below], axis=-1))
-  r = (c - base) / jnp.maximum(at(rates), jnp.finfo(rates.dtype).tiny)
-  low = at(jnp.concatenate([edge(knot, 0.0), knot], axis=-1))
-  high = at(jnp.concatenate([knot, edge(knot, jnp.inf)], axis=-1))
-  return jnp.clip(r, low, high), segment < knot.shape[-1]
+  active = slope > 0
+  saturated = jnp.where(active, slope * jnp.where(active, knot, 0.0), 0.0)
+  total = jnp.sum(saturated, axis=-1)
+  bits = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[knot.dtype.itemsize]
+  as_float = lambda i: jax.lax.bitcast_convert_type(i, knot.dtype)  # noqa: E731
+  value = lambda r: jnp.sum(  # noqa: E731
+      jnp.where(active, slope * jnp.minimum(r[..., None], knot), 0.0), axis=-1)
+
+  def halve(_, bounds):
+    low, high = bounds
+    mid = low + (high - low) // 2
+    below = value(as_float(mid)) < c
+    return jnp.where(below, mid, low), jnp.where(below, high, mid)
+
+  top = jnp.max(jnp.where(active, knot, 0.0), axis=-1)
+  low, high = jax.lax.fori_loop(
+      0, 8 * knot.dtype.itemsize, halve,
+      (jnp.zeros(c.shape, bits), jax.lax.bitcast_convert_type(top, bits)))
+  low, high = as_float(low), as_float(high)
+  done = active & (knot <= low[..., None])
+  base = jnp.sum(jnp.where(done, saturated, 0.0), axis=-1)
+  rate = jnp.sum(jnp.where(active & ~done, slope, 0.0), axis=-1)
+  r = jnp.clip((c - base) / jnp.maximum(rate, jnp.finfo(slope.dtype).tiny), low, high)
+  return jnp.where(c > 0, r, 0.0), c <= total
 
 
 def project_to_hyperplane(points: jax.Array, w: jax.Array, c: jax.Array, norm: str
