@@ -3,14 +3,17 @@
 processes, into fresh run folders, the first with an empty cache folder and the second with
 what the first left there. Prints each one's wall time and what it was made of: compilation
 and attack time as the rows record them (`compile_s`, `wall_s`), and the rest (starting
-Python and JAX, data, the image selection, the report).
+Python and JAX, data, the image selection, the report), and writes them to
+`<out>/cold-start-<platform>-<stamp>.json` (the docs' efficiency page reads the newest).
 
-    python -m advsweep.bench.perf.cold_start [--config main] [--data-dir DATA]
+    python -m advsweep.bench.perf.cold_start [--config main] [--data-dir DATA] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import subprocess
 import sys
@@ -18,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from advsweep.bench.driver import results
 from advsweep.bench.reports import tables
+from advsweep.models import files
 
 
 def timed_run(config: str, out: Path, cache: Path, data_dir: str | None) -> dict[str, float]:
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="main")
   parser.add_argument("--data-dir", default=os.environ.get("ADVSWEEP_DATA_DIR"))
+  parser.add_argument("--out", default="results/perf", help="folder for the JSON file")
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     cache = Path(tmp) / "cache"
@@ -61,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
   print(f"advsweep run {args.config} --quick, seconds:")
   print(tables.format_text(["start", "wall", "compilation", "attacks", "the rest"], rows))
   print(f"warm / cold: {first['wall'] / second['wall']:.2f}x faster")
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+  device = jax.devices()[0]
+  path = Path(args.out) / f"cold-start-{device.platform}-{stamp}.json"
+  files.atomic_write_text(path, json.dumps({
+      "command": f"advsweep run {args.config} --quick", "cold": first, "warm": second,
+      "speedup": first["wall"] / second["wall"], "device_kind": device.device_kind,
+      "jax": jax.__version__, "created_at": stamp}, indent=1, sort_keys=True) + "\n")
+  print(f"wrote {path}")
   return 0
 
 

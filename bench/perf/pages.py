@@ -149,6 +149,24 @@ def scaling_page(root: Path) -> str:
                               "later: traces / compiles", "rows"], retrace), ""])
 
 
+def _cold_start_lines(root: Path) -> list[str]:
+  """The persistent compile cache's effect, from the newest committed
+  `results/perf/cold-start-*.json` (`python -m advsweep.bench.perf.cold_start`)."""
+  runs = sorted((root / "results" / "perf").glob("cold-start-*.json"))
+  if not runs:
+    return []
+  run = json.loads(runs[-1].read_text())
+  body = [[name, *(f"{run[key][part]:.1f}" for part in ("wall", "compile", "attack", "rest"))]
+          for name, key in (("cold (empty cache)", "cold"), ("warm (the first's cache)",
+                                                             "warm"))]
+  return ["## Cold and warm starts", "", f"`{run['command']}` twice in fresh processes, the "
+          "second with the compile cache the first left (`python -m "
+          f"advsweep.bench.perf.cold_start`, {runs[-1].name}): the warm start is "
+          f"{run['speedup']:.1f}x faster. Seconds:", "",
+          tables.format_markdown(["start", "wall", "compilation", "attacks", "the rest"],
+                                 body), "", "## Each attack against the model", ""]
+
+
 def efficiency_page(root: Path) -> str:
   """Each attack's time against the model's own passes, from the newest committed
   `results/perf/perf-*.parquet` (`advsweep perf`)."""
@@ -157,7 +175,7 @@ def efficiency_page(root: Path) -> str:
                  "advsweep perf --models MODEL ... [--quick] [-n N]",
                  "results/perf/perf-*.parquet")
   if not runs:
-    return "\n".join([*head, "No run is committed yet.", ""])
+    return "\n".join([*head, *_cold_start_lines(root), "No run is committed yet.", ""])
   rows = pq.read_table(runs[-1]).to_pylist()
   body = [[r["model"], r["attack"], str(r["images"]), r["unit"], str(r["unit_batch"]),
            f"{r['raw_units_per_s']:,.0f}", f"{r['attack_units_per_s']:,.0f}",
@@ -166,7 +184,8 @@ def efficiency_page(root: Path) -> str:
            "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f} MB"]
           for r in rows]
   return "\n".join([
-      *head, f"The newest committed run, {runs[-1].name} ({rows[0]['device_kind']}, "
+      *head, *_cold_start_lines(root),
+      f"The newest committed run, {runs[-1].name} ({rows[0]['device_kind']}, "
       f"jax {rows[0]['jax']}). 'raw units/s': the model alone, for the unit of work the "
       "attack makes (a forward pass, a forward and backward pass, a forward pass and two "
       "VJPs) at the attack's batch size; 'efficiency': the time the model alone needs for "
