@@ -375,7 +375,22 @@ def test_a_toy_paper_is_a_folder(tmp_path, data_dir, monkeypatch, capsys):
                    "--no-progress"]) == 0
   out = capsys.readouterr().out
   assert "FGSM success, eps 0.3" in out and "90.00%" in out and "the toy paper" in out
-  assert (tmp_path / "out" / "reproduce-toy2026.md").is_file()
+  written = (tmp_path / "out" / "reproduce-toy2026.md").read_text()
+  # The docs' papers page shows a kept run as reproduce wrote it, and leaves out a run whose
+  # config has changed since.
+  from advsweep.bench.perf import pages
+  from advsweep.bench.reports import reproduce
+
+  (tmp_path / "out").rename(tmp_path / "results")
+  root = tmp_path / "results"
+  assert reproduce.kept_state("toy2026", False, root) == "kept"
+  assert reproduce.comparison("toy2026", False, root, shown_root=tmp_path / "out")[1] == written
+  assert "| FGSM success, eps 0.3 | mnist_softmax | 90.00% |" in pages.papers_page(tmp_path)
+  (folder / "toy2026.toml").write_text(TOY_CONFIG.format(name="toy2026", model="mnist_lenet"))
+  assert reproduce.kept_state("toy2026", False, root) == "stale"
+  page = pages.papers_page(tmp_path)
+  assert "FGSM success" not in page and "rerun: `advsweep reproduce toy2026`" in page
+  assert reproduce.kept_state("toy2026", True, root) == "missing"
 
 
 @requires_data

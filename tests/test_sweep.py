@@ -101,8 +101,10 @@ def test_a_killed_run_resumes_to_the_same_rows(tmp_path, plain, data_dir):
   assert first.units_run == 7
   # A unit in flight when the process died leaves at most a hidden temporary file.
   (out / "parts" / ".unit.parquet.tmp").write_bytes(b"partial")
+  assert not sweep.finished(out)  # run.json counts the sweep's units: a reader sees 7 of 18
   second = run(out, data_dir)
   assert (second.units_skipped, second.units_run) == (7, 11)
+  assert sweep.finished(out)
   assert run(out, data_dir).units_run == 0
   assert_same_rows(results.read_run(out), results.read_run(plain))
   with pytest.raises(results.ResultsError, match="--no-resume"):
@@ -282,10 +284,36 @@ def test_published_figures_name_real_settings():
           continue
         assert fig["metric"] in (reproduce.RATE_METRICS + reproduce.ALL_IMAGE_METRICS
                                  + reproduce.MEAN_METRICS)
+        if fig["attack"] == reproduce.STANDARD:  # the standard evaluation of a run's model
+          assert fig["metric"] == "robust_accuracy" and fig["model"] in cfg.models
+          continue
         assert any(c.attack == fig["attack"] and fig.get("model", c.model) == c.model
                    and reproduce._matches({**config.ADAPTIVE_KEYS, **c.params},
                                           fig.get("params", {}))
                    for c in cfg.cells()), (paper, fig["what"])
+
+
+def test_a_standard_figure_reads_the_kept_evaluation_of_the_runs_weights(tmp_path):
+  """A paper's `attack = "standard"` figure takes the kept standard evaluation's robust
+  accuracy and interval, only where it measured the weights the run attacked."""
+  import pyarrow.parquet as pq
+
+  rows = pa.table({"model": ["m", "m"], "model_sha256": ["aaa", "aaa"],
+                   "params": ["{}", "{}"]})
+  fig = {"what": "AA", "model": "m", "attack": reproduce.STANDARD,
+         "metric": "robust_accuracy", "value": 0.884, "source": "src"}
+  assert reproduce.figure_rows(rows, [fig], tmp_path)[0][3].startswith("not run: advsweep "
+                                                                       "robustness --standard")
+  kept = tmp_path / "standard-linf"
+  kept.mkdir()
+  pq.write_table(pa.table({"robust": [True]}), kept / "m.parquet")
+  summary = {"model": "m", "model_sha256": "aaa", "robust_accuracy": 0.875,
+             "robust_interval": [0.853, 0.894], "num_images": 1000}
+  (kept / "m.json").write_text(json.dumps(summary))
+  assert reproduce.figure_rows(rows, [fig], tmp_path) == [
+      ["AA", "m", "88.40%", "87.50%", "1000", "85.3%-89.4%", "src"]]
+  (kept / "m.json").write_text(json.dumps({**summary, "model_sha256": "bbb"}))
+  assert reproduce.figure_rows(rows, [fig], tmp_path)[0][3].startswith("other weights")
 
 
 def test_cli_refuses_bad_input_with_the_valid_choices(capsys):

@@ -132,7 +132,7 @@ def run(config: config_lib.RunConfig, out_dir: str | os.PathLike, *,
         f"done, {len(todo)} to run as Ray tasks on {int(ray.cluster_resources().get('CPU', 0))}"
         f" CPUs and {int(gpus)} GPUs")
     if todo:
-      sweep.write_run_meta(out_dir, config, run_id, checkpoint_dir)
+      sweep.write_run_meta(out_dir, config, run_id, checkpoint_dir, len(units))
     task = ray.remote(run_unit).options(
         num_cpus=0 if gpus >= 1 else 1, num_gpus=1 if gpus >= 1 else 0,
         max_retries=max_retries, retry_exceptions=False)

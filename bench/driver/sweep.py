@@ -320,15 +320,23 @@ def open_folder(out_dir: Path, config: RunConfig) -> str:
   return run_id
 
 
+def finished(out_dir: Path) -> bool:
+  """Whether every unit of the run in `out_dir` has its part (a run.json written before the
+  count was kept says nothing: taken as finished)."""
+  meta = results.read_run_meta(out_dir) or {}
+  return len(_part_paths(out_dir)) >= meta.get("units", 0)
+
+
 def _part_paths(out_dir: Path) -> list[Path]:
   return sorted(p for p in (out_dir / "parts").glob("*.parquet") if not p.name.startswith("."))
 
 
 def write_run_meta(out_dir: Path, config: RunConfig, run_id: str,
-                   checkpoint_dir: str | None = None) -> None:
-  """Writes `run.json` (the resolved config and its hash, and the checkpoint folder the zoo
-  models came from where one was given, which the analyses load them from), unless it already
-  names this run."""
+                   checkpoint_dir: str | None = None, units: int | None = None) -> None:
+  """Writes `run.json` (the resolved config and its hash, the number of units of the whole
+  sweep, so a reader can tell a finished run from a partial one, and the checkpoint folder
+  the zoo models came from where one was given, which the analyses load them from), unless
+  it already names this run."""
   meta = results.read_run_meta(out_dir)
   if meta is not None and meta.get("config_hash") == config.config_hash:
     return
@@ -337,6 +345,8 @@ def write_run_meta(out_dir: Path, config: RunConfig, run_id: str,
           "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
   if checkpoint_dir is not None:
     body["checkpoint_dir"] = str(Path(checkpoint_dir).resolve())
+  if units is not None:
+    body["units"] = units
   files.atomic_write_text(out_dir / "run.json", json.dumps(body, indent=2, sort_keys=True)
                           + "\n")
 
@@ -549,7 +559,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike, *, shard: tuple[int, int]
     log(f"{config.name}: estimated at most {format_duration(seconds)} of model work (each "
         "attack's full loop at the measured forward rate; early stops make it shorter)")
   if todo:
-    write_run_meta(out_dir, config, run_id, checkpoint_dir)
+    write_run_meta(out_dir, config, run_id, checkpoint_dir, len(units))
   ran, elsewhere = _run_units(config, run_id, todo, models, out_dir,
                               claims_lib.Claims(out_dir / "claims",
                                                 stale_after_s=stale_after_s, log=log),

@@ -15,7 +15,9 @@ error), mean_adv_conf, mean_l0_fraction (over successful attacks); `model` (omit
 model of the run) and `params` (a subset of the swept parameters) choose our rows; `value`
 is the paper's figure as a fraction, and an entry without one is a setting we report with no
 published counterpart in our sources; `config` (omit: every config) prints it under one of
-the paper's configs only.
+the paper's configs only. `attack = "standard"` takes the standard evaluation's robust
+accuracy of the model (`advsweep robustness --standard`, kept in `results/standard-<norm>/`,
+`norm` default linf) where it measured the run's weights.
 """
 
 from __future__ import annotations

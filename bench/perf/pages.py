@@ -12,6 +12,8 @@ figure in the docs stands without the rows behind it (`docs/results/`):
 - `efficiency.md`: each attack's time against the model's own passes, from the newest
   committed `results/perf/perf-*.parquet` (`advsweep perf`);
 - `main-job.md`: the main job (`advsweep run`) by confidence bin, from `results/main/`;
+- `papers.md`: every paper's figures beside ours whose runs are kept in `results/`
+  (`advsweep reproduce`);
 - `zoo.md`: the zoo from its shipped checkpoints (`models/trained/`, `advsweep models`);
 - `advgan.md`: AdvGAN beside PGD and the DCGAN's samples measured, from the newest committed
   `results/perf/advgan-*.json` (`python -m advsweep.bench.perf.advgan`).
@@ -35,7 +37,7 @@ from advsweep.bench.reports import tables
 from advsweep.models import files
 
 PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "peers.md", "scaling.md",
-         "efficiency.md", "main-job.md", "zoo.md", "advgan.md")
+         "efficiency.md", "main-job.md", "papers.md", "zoo.md", "advgan.md")
 
 
 def _header(title: str, command: str, source: str) -> list[str]:
@@ -70,7 +72,9 @@ def standard_vs_reference(root: Path) -> str:
       tables.format_markdown(list(versus.HEADER), rows), "",
       "The reference is torchattacks 3.5.1 with Croce and Hein's settings (100 iterations, "
       "Square's original schedule); 'kept' means our side was read from the standard "
-      "evaluation's files instead of being run beside it.", ""])
+      "evaluation's files instead of being run beside it. 'weights': the first digits of "
+      "the checkpoint's sha256 (a retrained model's earlier rows stay, under the weights "
+      "they measured; `advsweep models` lists the shipped ones).", ""])
 
 
 def _newest_rows(folder: Path, pattern: str, key) -> dict[tuple, tuple[dict, str]]:
@@ -223,6 +227,33 @@ def main_job_page(root: Path) -> str:
       tables.format_markdown(header, body), ""])
 
 
+def papers_page(root: Path) -> str:
+  """Every paper's comparison whose runs are kept in `results/` as its configs are now."""
+  from advsweep.bench.reports import reproduce
+
+  body, stale = [], []
+  for paper in reproduce.papers():
+    for quick in (False, True):
+      command = f"advsweep reproduce {paper}{' --quick' if quick else ''}"
+      state = reproduce.kept_state(paper, quick, root / "results")
+      if state == "stale":
+        stale.append(f"`{command}`")
+      if state != "kept":
+        continue
+      _, markdown = reproduce.comparison(paper, quick, root / "results", shown_root="results")
+      title, *rest = markdown.strip("\n").split("\n")
+      body += [f"#{title}{' (quick)' if quick else ''}", "", f"`{command}`",
+               *(f"#{line}" if line.startswith("#") else line for line in rest), ""]
+  head = _header("The papers, ours beside theirs", "advsweep reproduce PAPER [--quick]",
+                 "results/<run>/")
+  note = ["Each paper's published figures beside ours, from the run folders kept in "
+          "`results/` (a paper whose runs are not kept is left out).", ""]
+  if stale:
+    note += [f"Made with an earlier version of their config, so left out until rerun: "
+             f"{', '.join(stale)}.", ""]
+  return "\n".join([*head, *note, *body])
+
+
 def zoo_page(root: Path) -> str:
   """The zoo from the shipped checkpoints (each verified)."""
   from advsweep.bench.reports import zoo as zoo_table
@@ -231,7 +262,9 @@ def zoo_page(root: Path) -> str:
   if failures:
     raise ValueError(f"a shipped checkpoint fails verification: {failures[0]}")
   return "\n".join([*_header("The zoo", "advsweep models --markdown", "models/trained/"),
-                    "Accuracy on the full test split.", "",
+                    "Accuracy on the full test split; training s: the wall time of the "
+                    "training run on the machine that made it (beside other jobs on the "
+                    "2-core development CPU, so an upper bound).", "",
                     tables.format_markdown(list(zoo_table.HEADER), rows), ""])
 
 
@@ -268,6 +301,7 @@ def render(root: Path) -> dict[str, str]:
           "standard-vs-reference.md": standard_vs_reference(root),
           "peers.md": peers_page(root), "scaling.md": scaling_page(root),
           "efficiency.md": efficiency_page(root), "main-job.md": main_job_page(root),
+          "papers.md": papers_page(root),
           "zoo.md": zoo_page(root), "advgan.md": advgan_page(root)}
 
 

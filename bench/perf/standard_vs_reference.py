@@ -33,7 +33,7 @@ from advsweep.bench.evaluation import standard
 from advsweep.bench.reports import tables
 from advsweep.models import datasets, files, zoo
 
-HEADER = ("model", "n", "eps", "clean", "advsweep robust", "reference robust",
+HEADER = ("model", "weights", "n", "eps", "clean", "advsweep robust", "reference robust",
           "only ours robust", "only reference robust", "McNemar p", "advsweep s",
           "reference s", "speed-up")
 
@@ -146,7 +146,8 @@ def row(result: dict[str, Any]) -> list[str]:
   ours, ref = result["ours"], result["reference"]
   fmt = lambda r: (f"{tables.pct(r['robust'])} ({tables.pct(r['interval'][0])}-"  # noqa: E731
                    f"{tables.pct(r['interval'][1])})")
-  return [result["model"], str(result["num_images"]), f"{result['eps']:.4g}",
+  return [result["model"], result["sha256"][:12], str(result["num_images"]),
+          f"{result['eps']:.4g}",
           tables.pct(result["clean"]), fmt(ours), fmt(ref), str(result["only_ours_robust"]),
           str(result["only_reference_robust"]), f"{result['mcnemar_p']:.2g}",
           "kept" if math.isnan(ours["seconds"]) else f"{ours['seconds']:.0f}",

@@ -17,6 +17,7 @@ from advsweep.bench import papers as papers_lib
 from advsweep.bench import stats
 from advsweep.bench.driver import config as config_lib
 from advsweep.bench.driver import results, sweep
+from advsweep.bench.evaluation import standard_runs
 from advsweep.bench.reports import report, tables
 
 RATE_METRICS = ("success_rate", "top1_error", "top5_error", "accuracy")
@@ -82,8 +83,32 @@ def metric(cols: dict[str, np.ndarray], mask: np.ndarray, name: str
 FIGURE_HEADER = ("figure", "model", "paper", "ours", "n", "95% interval", "paper source")
 
 
-def figure_rows(table: pa.Table, figures: list[dict[str, Any]]) -> list[list[str]]:
-  """One row per published figure and matching model of the run."""
+# A figure with this `attack` is the standard evaluation's robust accuracy, read from what
+# `advsweep robustness --standard` kept (`<out_root>/standard-<norm>/<model>.json`, the
+# figure's `norm`, default linf).
+STANDARD = "standard"
+
+
+def _standard_row(fig: dict[str, Any], model: str, weights: set[str], folder: Path
+                  ) -> list[str]:
+  """The standard evaluation's figure for `model`, if it measured the run's weights."""
+  kept = standard_runs.load(folder, model)
+  command = f"advsweep robustness --standard --models {model}"
+  if kept is None or kept[0].get("model_sha256") not in weights:
+    why = "not run" if kept is None else "other weights"
+    return [fig["what"], model, _fmt(fig.get("value")), f"{why}: {command}", "0", "-",
+            fig.get("source", "-")]
+  summary = kept[0]
+  lo, hi = summary["robust_interval"]
+  return [fig["what"], model, _fmt(fig.get("value")), tables.pct(summary["robust_accuracy"], 2),
+          str(summary["num_images"]), f"{tables.pct(lo, 1)}-{tables.pct(hi, 1)}",
+          fig.get("source", "not in our sources")]
+
+
+def figure_rows(table: pa.Table, figures: list[dict[str, Any]],
+                out_root: Path | None = None) -> list[list[str]]:
+  """One row per published figure and matching model of the run; a figure of the standard
+  evaluation (`attack = "standard"`) reads its kept summary under `out_root`."""
   cols = report.columns(table)
   # A plain cell's params hold no adaptive key: it matches the key at its default.
   params = np.array([{**config_lib.ADAPTIVE_KEYS, **json.loads(p)} for p in cols["params"]],
@@ -92,6 +117,11 @@ def figure_rows(table: pa.Table, figures: list[dict[str, Any]]) -> list[list[str
   for fig in figures:
     models = [fig["model"]] if "model" in fig else list(dict.fromkeys(cols["model"].tolist()))
     for model in models:
+      if fig["attack"] == STANDARD:
+        weights = set(cols["model_sha256"][cols["model"] == model].tolist())
+        folder = Path(out_root or "results") / f"standard-{fig.get('norm', 'linf')}"
+        rows.append(_standard_row(fig, model, weights, folder))
+        continue
       mask = (cols["model"] == model) & (cols["attack"] == fig["attack"])
       wanted = fig.get("params", {})
       mask &= np.array([_matches(p, wanted) for p in params], bool)
@@ -153,23 +183,62 @@ SECTIONS = {"class_pairs": _class_pairs_section, "twins": _twins_section}
 def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
               data_dir: str | None = None, overrides: list[str] | None = None,
               progress: bool = True, log=print) -> str:
-  """Runs (or resumes) the paper's sweeps and prints the comparison; returns the Markdown."""
+  """Runs (or resumes) the paper's sweeps and prints the comparison; returns the Markdown,
+  also written to `<out_root>/reproduce-<paper>[-quick].md`."""
+  entry = _entry(paper)
+  for name in entry["configs"]:
+    config = config_lib.load(name, overrides, quick=quick)
+    sweep.run(config, Path(out_root) / config.name, data_dir=data_dir, progress=progress,
+              log=log)
+  text, body = comparison(paper, quick, out_root, overrides)
+  log(text)
+  tables.write_text(Path(out_root) / f"reproduce-{paper}{'-quick' if quick else ''}.md", body)
+  return body
+
+
+def _entry(paper: str) -> dict[str, Any]:
   data = published()
   if paper not in data:
     raise config_lib.ConfigError(f"unknown paper {paper!r}; valid choices: {', '.join(data)}")
-  entry = data[paper]
+  return data[paper]
+
+
+def kept_state(paper: str, quick: bool = False, out_root: str | Path = "results") -> str:
+  """Whether `out_root` holds the paper's runs as its configs are now: "kept" (every run
+  folder finished, made with the current config), "missing" (a folder is absent),
+  "partial" (a run has units still to run) or "stale" (a folder was made with another
+  version of its config)."""
+  for name in _entry(paper)["configs"]:
+    config = config_lib.load(name, quick=quick)
+    out_dir = Path(out_root) / config.name
+    meta = results.read_run_meta(out_dir)
+    if meta is None:
+      return "missing"
+    if meta.get("config_hash") != config.config_hash:
+      return "stale"
+    if not sweep.finished(out_dir):
+      return "partial"
+  return "kept"
+
+
+def comparison(paper: str, quick: bool = False, out_root: str | Path = "results",
+               overrides: list[str] | None = None, shown_root: str | Path | None = None
+               ) -> tuple[str, str]:
+  """The paper's figures beside ours, from its run folders as they are (nothing is run):
+  the terminal text and the Markdown. `shown_root`: how the Markdown names `out_root`."""
+  entry = _entry(paper)
   markdown = [f"# {paper}: {entry['title']}", "", entry.get("note", ""), ""]
   text = []
   for name in entry["configs"]:
     config = config_lib.load(name, overrides, quick=quick)
     out_dir = Path(out_root) / config.name
-    sweep.run(config, out_dir, data_dir=data_dir, progress=progress, log=log)
+    shown = Path(shown_root) / config.name if shown_root is not None else out_dir
     table = results.read_run(out_dir)
-    text.append(f"{paper} ({config.name}, {table.num_rows} rows in {out_dir}): {entry['title']}")
-    markdown.append(f"Run `{config.name}`: {table.num_rows} rows in `{out_dir}`.")
+    text.append(f"{paper} ({config.name}, {table.num_rows} rows in {shown}): {entry['title']}")
+    markdown.append(f"Run `{config.name}`: {table.num_rows} rows in `{shown}`.")
     figures = [f for f in entry.get("figures", []) if f.get("config", name) == name]
     if figures:
-      rows = figure_rows(table, figures)
+      rows = figure_rows(table, figures, Path(out_root))
       text.append(tables.format_text(FIGURE_HEADER, rows))
       markdown += ["", tables.format_markdown(FIGURE_HEADER, rows)]
     if "defenses" in entry:
@@ -194,7 +263,4 @@ def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
         markdown += ["", f"## {title}", "", tables.format_markdown(report.POSSAS_HEADER, rows)]
     text.append("")
   text.append(f"note: {entry.get('note', '')}")
-  log("\n".join(text))
-  body = "\n".join(markdown) + "\n"
-  tables.write_text(Path(out_root) / f"reproduce-{paper}{'-quick' if quick else ''}.md", body)
-  return body
+  return "\n".join(text), "\n".join(markdown) + "\n"
