@@ -14,6 +14,7 @@ figure in the docs stands without the rows behind it (`docs/results/`):
 - `main-job.md`: the main job (`advsweep run`) by confidence bin, from `results/main/`;
 - `papers.md`: every paper's figures beside ours whose runs are kept in `results/`
   (`advsweep reproduce`);
+- `analyses.md`: the one-pixel analyses kept beside their runs (`advsweep analyze`);
 - `zoo.md`: the zoo from its shipped checkpoints (`models/trained/`, `advsweep models`);
 - `advgan.md`: AdvGAN beside PGD and the DCGAN's samples measured, from the newest committed
   `results/perf/advgan-*.json` (`python -m advsweep.bench.perf.advgan`).
@@ -37,7 +38,7 @@ from advsweep.bench.reports import tables
 from advsweep.models import files
 
 PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "peers.md", "scaling.md",
-         "efficiency.md", "main-job.md", "papers.md", "zoo.md", "advgan.md")
+         "efficiency.md", "main-job.md", "papers.md", "analyses.md", "zoo.md", "advgan.md")
 
 
 def _header(title: str, command: str, source: str) -> list[str]:
@@ -254,6 +255,32 @@ def papers_page(root: Path) -> str:
   return "\n".join([*head, *note, *body])
 
 
+# The analyses' kept runs: (run folder, the config that made it).
+ANALYSIS_RUNS = (("onepixel-analysis", "onepixel_analysis"),
+                 ("onepixel-class-pairs", "onepixel_class_pairs"))
+
+
+def analyses_page(root: Path) -> str:
+  """Every analysis kept beside its run (`results/<run>/analysis/KIND.md`, written by
+  `advsweep analyze KIND <run>` from the run's rows), figures named by their paths."""
+  body = []
+  for run, config in ANALYSIS_RUNS:
+    folder = root / "results" / run / "analysis"
+    for page in sorted(folder.glob("*.md")):
+      kind = page.stem
+      body += [f"## {kind}, `results/{run}`", "",
+               f"`advsweep run {config}`, then `advsweep analyze {kind} results/{run}`", ""]
+      for line in page.read_text().strip("\n").split("\n")[1:]:  # its own title dropped
+        if line.startswith("![") and line.endswith(")"):
+          line = f"Figure: `results/{run}/analysis/{line[line.index('(') + 1:-1]}`."
+        body.append(f"#{line}" if line.startswith("#") else line)
+      body.append("")
+  head = _header("The analyses", "advsweep analyze KIND RUN", "results/<run>/analysis/")
+  return "\n".join([*head, "The papers' analyses of the one-pixel attack, on the kept runs; "
+                     "what each measures and the papers' claims beside ours: [the analyses "
+                     "guide](../guide/analyses.md).", "", *body])
+
+
 def zoo_page(root: Path) -> str:
   """The zoo from the shipped checkpoints (each verified)."""
   from advsweep.bench.reports import zoo as zoo_table
@@ -301,7 +328,7 @@ def render(root: Path) -> dict[str, str]:
           "standard-vs-reference.md": standard_vs_reference(root),
           "peers.md": peers_page(root), "scaling.md": scaling_page(root),
           "efficiency.md": efficiency_page(root), "main-job.md": main_job_page(root),
-          "papers.md": papers_page(root),
+          "papers.md": papers_page(root), "analyses.md": analyses_page(root),
           "zoo.md": zoo_page(root), "advgan.md": advgan_page(root)}
 
 
