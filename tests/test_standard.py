@@ -46,6 +46,63 @@ def test_the_worst_case_is_correct_and_fooled_by_no_attack():
   assert 0 < result.clean_correct.sum() < len(labels)
 
 
+_IMAGE_KEYS = standard._image_keys
+
+
+def _batches_counted(monkeypatch, stop_at: int | None = None) -> list[int]:
+  """Counts the attack batches an evaluation makes (each draws its images' keys once),
+  raising KeyboardInterrupt at batch `stop_at` as a kill would."""
+  made, real = [], _IMAGE_KEYS
+
+  def counted(key, indices):
+    if len(made) == stop_at:
+      raise KeyboardInterrupt
+    made.append(1)
+    return real(key, indices)
+
+  monkeypatch.setattr(standard, "_image_keys", counted)
+  return made
+
+
+def test_an_interrupted_evaluation_goes_on_to_the_same_outcomes(tmp_path, monkeypatch):
+  """Killed inside the first attack or in the last one's last batch, an evaluation given
+  its progress file runs only the batches left and ends with every image's outcome of an
+  uninterrupted run; the file is gone at the end. A torn file, or one of another
+  evaluation, is set aside with a warning."""
+  apply_fn, params, images, labels = _model()
+  kwargs = dict(eps=0.03, quick=True, progress=False, batch_size=4)
+  whole = evaluate(apply_fn, params, images, labels, **kwargs)
+  batches = sum(-(-int(o.ran.sum()) // 4) for o in whole.outcomes.values())
+  assert len([o for o in whole.outcomes.values() if o.ran.any()]) >= 2
+  path = tmp_path / "model.partial.npz"
+  for stop in (1, batches - 1):
+    _batches_counted(monkeypatch, stop_at=stop)
+    with pytest.raises(KeyboardInterrupt):
+      evaluate(apply_fn, params, images, labels, resume=path, **kwargs)
+    assert path.is_file()
+    made = _batches_counted(monkeypatch)
+    resumed = evaluate(apply_fn, params, images, labels, resume=path, **kwargs)
+    assert len(made) == batches - stop  # the batches done before the kill are not run again
+    assert not path.exists()
+    np.testing.assert_array_equal(resumed.robust, whole.robust)
+    for name, outcome in whole.outcomes.items():
+      for field in ("ran", "success", "adv_pred", "queries", "linf", "l2"):
+        np.testing.assert_array_equal(getattr(resumed.outcomes[name], field),
+                                      getattr(outcome, field), err_msg=f"{name} {field}")
+  path.write_bytes(b"PK\x03\x04 torn")
+  with pytest.warns(UserWarning, match="cannot be read"):
+    again = evaluate(apply_fn, params, images, labels, resume=path, **kwargs)
+  np.testing.assert_array_equal(again.robust, whole.robust)
+  _batches_counted(monkeypatch, stop_at=1)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate(apply_fn, params, images, labels, resume=path, **{**kwargs, "eps": 0.05})
+  made = _batches_counted(monkeypatch)
+  with pytest.warns(UserWarning, match="another evaluation"):
+    again = evaluate(apply_fn, params, images, labels, resume=path, **kwargs)
+  assert len(made) == batches
+  np.testing.assert_array_equal(again.robust, whole.robust)
+
+
 def test_the_cascade_changes_the_work_not_the_outcome():
   """Every image's keys fold in its index, so running each attack on every clean-correct
   image fools the same images in the end, and a subset gets the whole's outcomes."""

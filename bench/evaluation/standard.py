@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ from advsweep.attacks import common
 from advsweep.attacks.gradient import L2, LINF
 from advsweep.bench import stats
 from advsweep.bench.checks import validity
+from advsweep.bench.evaluation import progress as progress_file
 
 STANDARD, RAND = "standard", "rand"
 VERSIONS = (STANDARD, RAND)
@@ -200,7 +202,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
              version: str = STANDARD, seed: int = 0, batch_size: int = 500,
              cascade: bool = True, quick: bool = False, progress: bool = True,
              attack_apply_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
-             indices: np.ndarray | None = None) -> Evaluation:
+             indices: np.ndarray | None = None,
+             resume: str | os.PathLike | None = None) -> Evaluation:
   """Runs the standard evaluation on a model and returns every image's outcome.
 
   Args:
@@ -225,6 +228,9 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
       always judged by `apply_fn`.
     indices: [N] the images' indices in their dataset, folded into their keys (default
       0..N-1), so a subset gets the same outcomes as the whole.
+    resume: a file for the progress (`bench.evaluation.progress`): written after every
+      batch of every attack, read when the evaluation starts (an interrupted one goes on
+      where it stopped, with the same outcomes), deleted when it ends.
 
   Returns:
     An `Evaluation`; `.headline()` is the line to quote.
@@ -258,17 +264,25 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
   attacked_fn = apply_fn if attack_apply_fn is None else attack_apply_fn
   outcomes: dict[str, AttackOutcome] = {}
   root = jax.random.key(seed)
+  kept, stamp = None, ""
+  if resume is not None:
+    stamp = progress_file.fingerprint(params, images, labels, indices, dict(
+        norm=norm, eps=float(eps), version=version, seed=seed, batch_size=batch_size,
+        cascade=cascade, quick=quick, eot=attack_apply_fn is not None))
+    kept = progress_file.load(resume, stamp)
+  resumed_s = sum(float(v) for k, v in (kept or {}).items() if k.endswith("/seconds"))
   bar = tqdm(total=len(steps), desc="standard evaluation", disable=not progress,
              mininterval=2.0)
   for position, step in enumerate(steps):
     spec = attacks.REGISTRY[step.attack]
     rows = np.flatnonzero(robust if cascade else clean_correct)
-    outcome = AttackOutcome(ran=np.zeros(n, bool), success=np.zeros(n, bool),
-                            adv_pred=labels.copy(), queries=np.zeros(n, np.int64),
-                            linf=np.zeros(n, np.float32), l2=np.zeros(n, np.float32))
+    outcome, done = _kept_outcome(kept, position, n, labels)
     attack_key = jax.random.fold_in(root, position)
-    tic = time.perf_counter()
-    for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size)):
+    tic = time.perf_counter() - outcome.seconds
+    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    for index, chunk in enumerate(chunks):
+      if index < done:
+        continue
       keys = _image_keys(attack_key, indices[chunk])
       result = spec.run(attacked_fn, params, jnp.asarray(images[chunk]),
                         jnp.asarray(labels[chunk], jnp.int32), keys, step.config)
@@ -283,6 +297,11 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
       outcome.queries[chunk] = result.queries
       outcome.linf[chunk] = result.linf
       outcome.l2[chunk] = result.l2
+      if resume is not None:
+        outcome.seconds = time.perf_counter() - tic
+        progress_file.save(resume, stamp, {
+            **_outcome_arrays(outcomes.values()), **_outcome_arrays([outcome], position),
+            "chunks_done": np.asarray(index + 1)})
     outcome.seconds = time.perf_counter() - tic
     outcomes[step.name] = outcome
     robust &= ~outcome.success
@@ -293,9 +312,38 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
                           clean_pred=clean_pred, clean_correct=clean_correct, robust=robust,
                           outcomes=outcomes, kinds={s.name: s.kind for s in steps},
                           flags=flags,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start + resumed_s)
   evaluation.flags.extend(validity.after_attacks(evaluation))
+  progress_file.remove(resume)
   return evaluation
+
+
+_OUTCOME_FIELDS = ("ran", "success", "adv_pred", "queries", "linf", "l2")
+
+
+def _outcome_arrays(outcomes, first: int = 0) -> dict[str, np.ndarray]:
+  """The outcomes as named arrays for the progress file, by the attacks' positions."""
+  arrays = {}
+  for position, outcome in enumerate(outcomes, first):
+    for field in _OUTCOME_FIELDS:
+      arrays[f"{position}/{field}"] = getattr(outcome, field)
+    arrays[f"{position}/seconds"] = np.asarray(outcome.seconds)
+  return arrays
+
+
+def _kept_outcome(kept: dict[str, np.ndarray] | None, position: int, n: int,
+                  labels: np.ndarray) -> tuple[AttackOutcome, int]:
+  """The attack at `position` as the progress file has it, and how many of its batches are
+  done (all, for an attack the file holds past; 0 and a blank outcome where it holds none)."""
+  if kept is None or f"{position}/ran" not in kept:
+    return AttackOutcome(ran=np.zeros(n, bool), success=np.zeros(n, bool),
+                         adv_pred=labels.copy(), queries=np.zeros(n, np.int64),
+                         linf=np.zeros(n, np.float32), l2=np.zeros(n, np.float32)), 0
+  outcome = AttackOutcome(**{f: kept[f"{position}/{f}"].copy() for f in _OUTCOME_FIELDS},
+                          seconds=float(kept[f"{position}/seconds"]))
+  last = max(int(k.split("/")[0]) for k in kept if k.endswith("/ran"))
+  done = int(kept["chunks_done"]) if position == last else np.iinfo(np.int64).max
+  return outcome, done
 
 
 def _image_keys(key: jax.Array, indices: np.ndarray) -> jax.Array:

@@ -13,7 +13,6 @@ Newcombe interval: `bench.stats.paired`).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ def _rows(evaluation: standard.Evaluation, name: str, sha: str) -> dict[str, lis
 
 def _write(folder: Path, name: str, evaluation: standard.Evaluation,
            meta: dict[str, Any]) -> None:
-  slug = name.replace("+", "_").replace(":", "_")
+  slug = _slug(name)
   sink = pa.BufferOutputStream()
   pq.write_table(pa.Table.from_pydict(_rows(evaluation, name, meta["model_sha256"])), sink)
   files.atomic_write_bytes(folder / f"{slug}.parquet", sink.getvalue().to_pybytes())
@@ -89,9 +88,14 @@ def _write(folder: Path, name: str, evaluation: standard.Evaluation,
                            (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
 
 
+def _slug(name: str) -> str:
+  """A model's reference as a file name (MODEL+DEFENSE:LEVEL has characters to replace)."""
+  return name.replace("+", "_").replace(":", "_")
+
+
 def load(folder: Path, name: str) -> tuple[dict[str, Any], pa.Table] | None:
   """A model's kept evaluation (summary and rows), or None where it is missing or torn."""
-  slug = name.replace("+", "_").replace(":", "_")
+  slug = _slug(name)
   summary, rows = folder / f"{slug}.json", folder / f"{slug}.parquet"
   if not summary.is_file() or not rows.is_file():
     return None
@@ -131,12 +135,14 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
     images, labels = images[:num_images], labels[:num_images]
     attack_fn = model.attack_apply_fn(bpda=True, eot_samples=standard.EOT_DRAWS)
     attack_fn = None if attack_fn is model.apply_fn else attack_fn
-    tic = time.perf_counter()
+    partial = folder / f"{_slug(name)}.partial.npz"
+    if partial.is_file():
+      log(f"{name}: going on from {partial}")
     evaluation = standard.evaluate(
         model.apply_fn, model.params, images, labels, norm=norm, eps=meta["eps"],
         version=meta["version"], seed=seed, batch_size=batch_size,
-        quick=quick, progress=progress, attack_apply_fn=attack_fn)
-    log(f"{name}: {evaluation.headline()} in {time.perf_counter() - tic:.0f} s")
+        quick=quick, progress=progress, attack_apply_fn=attack_fn, resume=partial)
+    log(f"{name}: {evaluation.headline()} in {evaluation.seconds:.0f} s")
     for flag in evaluation.flags:
       log(f"  {flag}")
     _write(folder, name, evaluation, meta)
