@@ -15,6 +15,8 @@ figure in the docs stands without the rows behind it (`docs/results/`):
 - `papers.md`: every paper's figures beside ours whose runs are kept in `results/`
   (`advsweep reproduce`);
 - `analyses.md`: the one-pixel analyses kept beside their runs (`advsweep analyze`);
+- `defenses.md`: input defenses under plain and adaptive attacks, the masking checks and
+  the detector, from `results/defenses/` (`advsweep run defenses`);
 - `zoo.md`: the zoo from its shipped checkpoints (`models/trained/`, `advsweep models`);
 - `advgan.md`: AdvGAN beside PGD and the DCGAN's samples measured, from the newest committed
   `results/perf/advgan-*.json` (`python -m advsweep.bench.perf.advgan`).
@@ -38,7 +40,8 @@ from advsweep.bench.reports import tables
 from advsweep.models import files
 
 PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "peers.md", "scaling.md",
-         "efficiency.md", "main-job.md", "papers.md", "analyses.md", "zoo.md", "advgan.md")
+         "efficiency.md", "main-job.md", "papers.md", "analyses.md", "defenses.md", "zoo.md",
+         "advgan.md")
 
 
 def _header(title: str, command: str, source: str) -> list[str]:
@@ -228,6 +231,29 @@ def main_job_page(root: Path) -> str:
       tables.format_markdown(header, body), ""])
 
 
+def defenses_page(root: Path) -> str:
+  """Input defenses under plain and adaptive attacks, with the masking checks and the
+  detector, from the committed `results/defenses/` (`advsweep run defenses`)."""
+  from advsweep.bench.driver import results, sweep
+  from advsweep.bench.reports import report
+
+  folder = root / "results" / "defenses"
+  head = _header("Input defenses, plain and adaptive attacks", "advsweep run defenses",
+                 "results/defenses/")
+  if not (folder / "run.json").is_file() or not sweep.finished(folder):
+    return "\n".join([*head, "No finished run is committed yet.", ""])
+  table = results.read_run(folder)
+  config = (results.read_run_meta(folder) or {}).get("config", {})
+  _, defense_markdown = report.defense_lines(table)
+  found, _, _ = report.detection_section(table)
+  _, detection_markdown = report.detection_lines(found)
+  lines = [line[1:] if line.startswith("## ") else line
+           for line in [*defense_markdown, *detection_markdown]]
+  return "\n".join([*head, f"{config.get('description', '')}: {table.num_rows:,} rows. "
+                     "Accuracy over the clean-correct images with its 95% Wilson interval.",
+                     *lines, ""])
+
+
 def papers_page(root: Path) -> str:
   """Every paper's comparison whose runs are kept in `results/` as its configs are now."""
   from advsweep.bench.reports import reproduce
@@ -329,6 +355,7 @@ def render(root: Path) -> dict[str, str]:
           "peers.md": peers_page(root), "scaling.md": scaling_page(root),
           "efficiency.md": efficiency_page(root), "main-job.md": main_job_page(root),
           "papers.md": papers_page(root), "analyses.md": analyses_page(root),
+          "defenses.md": defenses_page(root),
           "zoo.md": zoo_page(root), "advgan.md": advgan_page(root)}
 
 

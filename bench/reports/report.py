@@ -351,6 +351,17 @@ def defense_section(table: pa.Table) -> tuple[list[list[str]], list[str]]:
   return rows, flag_lines
 
 
+def detection_lines(found: list[detection.Detection]) -> tuple[list[str], list[str]]:
+  """The detector's table as text and as Markdown lines (none where nothing was scored)."""
+  if not found:
+    return [], []
+  title = ("Detection: neighbour-difference score (Papernot et al.), threshold at 5% false "
+           "positives on the clean images")
+  rows = detection.rows(found, params_text)
+  return (["", title, tables.format_text(detection.HEADER, rows)],
+          ["", f"## {title}", "", tables.format_markdown(detection.HEADER, rows)])
+
+
 def detection_section(table: pa.Table) -> tuple[list[detection.Detection],
                                                 dict[tuple[str, str, str], np.ndarray],
                                                 dict[str, np.ndarray]]:
@@ -486,12 +497,9 @@ def report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = 
   text += defense_text
   markdown += defense_markdown
   found, groups, det_cols = detection_section(table)
-  if found:
-    title = ("Detection: neighbour-difference score (Papernot et al.), threshold at 5% false "
-             "positives on the clean images")
-    det_rows = detection.rows(found, params_text)
-    text += ["", title, tables.format_text(detection.HEADER, det_rows)]
-    markdown += ["", f"## {title}", "", tables.format_markdown(detection.HEADER, det_rows)]
+  detection_text, detection_markdown = detection_lines(found)
+  text += detection_text
+  markdown += detection_markdown
   log("\n".join(text))
   tables.write_text(out_dir / "summary.md", "\n".join(markdown) + "\n")
   tables.write_text(out_dir / "summary.csv", summary_csv(cells))
