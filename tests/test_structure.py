@@ -219,10 +219,28 @@ def test_nothing_imports_the_top_level_folders_by_their_bare_names():
         assert not pattern.match(line), f"{path}:{number}: {line.strip()}"
 
 
+def _source_copy(destination: Path) -> Path:
+  """The project's files in `destination`: the committed ones in a git checkout, else the
+  tree without build outputs. Building from a copy keeps a build/ folder out of the
+  checkout, whose stale modules would leak into later wheels."""
+  tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           timeout=60)
+  if tracked.returncode != 0:
+    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(
+        "build", "dist", ".venv", "site", "*.egg-info", "results", ".git"))
+    return destination
+  for name in tracked.stdout.decode().split("\0"):
+    if name and (ROOT / name).is_file():
+      (destination / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / name, destination / name)
+  return destination
+
+
 def test_the_wheel_installs_everything_under_advsweep(tmp_path):
+  source = _source_copy(tmp_path / "source")
   proc = subprocess.run(
       [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-       "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+       "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   (wheel,) = tmp_path.glob("advsweep-*.whl")
   names = zipfile.ZipFile(wheel).namelist()
@@ -265,16 +283,7 @@ def test_the_sdist_builds_the_same_wheel(tmp_path):
   """What PyPI's users get from the source archive: the sdist (built offline by setuptools)
   holds the sources and the shipped weights, and the wheel built from it has the files of
   the wheel built from the tree."""
-  # From the committed files only (a checkout's build/ folder would leak stale modules).
-  tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                           timeout=60)
-  if tracked.returncode != 0:
-    pytest.skip("not a git checkout: the committed files are unknown")
-  source = tmp_path / "source"
-  for name in tracked.stdout.decode().split("\0"):
-    if name and (ROOT / name).is_file():
-      (source / name).parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy2(ROOT / name, source / name)
+  source = _source_copy(tmp_path / "source")
   build = ("import sys; from setuptools import build_meta as b; "
            "print(b.build_sdist(sys.argv[1]) if sys.argv[2] == 'sdist' "
            "else b.build_wheel(sys.argv[1]))")
