@@ -177,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = compare(name, args.n, eps=args.eps, norm=args.norm, data_dir=args.data_dir,
                      threads=args.threads, reference_batch_size=args.reference_batch_size,
                      ours_from=args.ours_from)
-    suffix = "" if args.eps is None else f"-eps{args.eps:g}"
+    # Named by the weights too: a retrained model's comparison never replaces the earlier
+    # weights' (the docs' page lists both, each under its sha256).
+    suffix = ("" if args.eps is None else f"-eps{args.eps:g}") + f"-{result['sha256'][:12]}"
     files.atomic_write_bytes(args.out / f"{name}-{args.n}{suffix}.json",
                              (json.dumps(result, indent=1) + "\n").encode())
     rows.append(row(result))
