@@ -17,6 +17,8 @@ figure in the docs stands without the rows behind it (`docs/results/`):
 - `analyses.md`: the one-pixel analyses kept beside their runs (`advsweep analyze`);
 - `defenses.md`: input defenses under plain and adaptive attacks, the masking checks and
   the detector, from `results/defenses/` (`advsweep run defenses`);
+- `robustness.md`: the zoo under each attack, defended models beside their twins, from every
+  committed `results/robustness*/` (`advsweep robustness`);
 - `zoo.md`: the zoo from its shipped checkpoints (`models/trained/`, `advsweep models`);
 - `advgan.md`: AdvGAN beside PGD and the DCGAN's samples measured, from the newest committed
   `results/perf/advgan-*.json` (`python -m advsweep.bench.perf.advgan`).
@@ -40,8 +42,8 @@ from advsweep.bench.reports import tables
 from advsweep.models import files
 
 PAGES = ("standard-evaluation.md", "standard-vs-reference.md", "peers.md", "scaling.md",
-         "efficiency.md", "main-job.md", "papers.md", "analyses.md", "defenses.md", "zoo.md",
-         "advgan.md")
+         "efficiency.md", "main-job.md", "papers.md", "analyses.md", "defenses.md",
+         "robustness.md", "zoo.md", "advgan.md")
 
 
 def _header(title: str, command: str, source: str) -> list[str]:
@@ -254,6 +256,33 @@ def defenses_page(root: Path) -> str:
                      *lines, ""])
 
 
+def robustness_page(root: Path) -> str:
+  """Every committed robustness table (`results/robustness*/`, `advsweep robustness`): the
+  zoo under FGSM, PGD with restarts, the one-pixel attack, JSMA and transfer from the twin,
+  each defended model beside its twin."""
+  from advsweep.bench.driver import results
+  from advsweep.bench.reports import robustness
+
+  head = _header("The zoo under each attack", "advsweep robustness [--quick] "
+                 "[--set name=NAME --set 'models=[...]']", "results/robustness*/")
+  body = []
+  for folder in sorted((root / "results").glob("robustness*/")):
+    if not (folder / "run.json").is_file():
+      continue
+    config = (results.read_run_meta(folder) or {}).get("config", {})
+    table = results.read_run(folder)
+    _, markdown = robustness.lines(table, f"`results/{folder.name}/`: {table.num_rows:,} rows, "
+                                   f"{config.get('images', {}).get('per_bin', '?')} images "
+                                   "a model")
+    body += [*markdown, "", f"Models: {', '.join(config.get('models', []))}.", ""]
+  if not body:
+    body = ["No run is committed yet.", ""]
+  return "\n".join([*head, "The per-attack table beside the [standard evaluation]"
+                     "(standard-evaluation.md), which is the headline figure: each column "
+                     "here is one attack, a defense's figure is its worst case.", "",
+                     *body])
+
+
 def papers_page(root: Path) -> str:
   """Every paper's comparison whose runs are kept in `results/` as its configs are now."""
   from advsweep.bench.reports import reproduce
@@ -289,9 +318,17 @@ ANALYSIS_RUNS = (("onepixel-analysis", "onepixel_analysis"),
 def analyses_page(root: Path) -> str:
   """Every analysis kept beside its run (`results/<run>/analysis/KIND.md`, written by
   `advsweep analyze KIND <run>` from the run's rows), figures named by their paths."""
+  from advsweep.bench.driver import results
+  from advsweep.bench.reports import report
+
   body = []
   for run, config in ANALYSIS_RUNS:
     folder = root / "results" / run / "analysis"
+    if (root / "results" / run / "run.json").is_file() and any(folder.glob("*.md")):
+      header, rows = report.pivot(report.summaries(results.read_run(root / "results" / run)))
+      body += [f"## The one-pixel runs, `results/{run}`", "", f"`advsweep run {config}`: "
+               "success over the clean-correct images with its 95% Wilson interval and n.",
+               "", tables.format_markdown(header, rows), ""]
     for page in sorted(folder.glob("*.md")):
       kind = page.stem
       body += [f"## {kind}, `results/{run}`", "",
@@ -318,7 +355,16 @@ def zoo_page(root: Path) -> str:
                     "Accuracy on the full test split; training s: the wall time of the "
                     "training run on the machine that made it (beside other jobs on the "
                     "2-core development CPU, so an upper bound).", "",
-                    tables.format_markdown(list(zoo_table.HEADER), rows), ""])
+                    tables.format_markdown(list(zoo_table.HEADER), rows), "",
+                    "## How the defended models were trained", "",
+                    "As each shipped checkpoint's metadata records it (a recipe in "
+                    "`models/zoo.py` changed since, for a model being retrained, shows here "
+                    "only once its new weights ship). Guard: PGD-10 accuracy on 512 training "
+                    "images at the training eps, four checks an epoch; the weights of the kept "
+                    "check ship.", "",
+                    tables.format_markdown(list(zoo_table.TRAINING_HEADER),
+                                           zoo_table.training_rows(root / "models" /
+                                                                   "trained")), ""])
 
 
 def advgan_page(root: Path) -> str:
@@ -355,7 +401,7 @@ def render(root: Path) -> dict[str, str]:
           "peers.md": peers_page(root), "scaling.md": scaling_page(root),
           "efficiency.md": efficiency_page(root), "main-job.md": main_job_page(root),
           "papers.md": papers_page(root), "analyses.md": analyses_page(root),
-          "defenses.md": defenses_page(root),
+          "defenses.md": defenses_page(root), "robustness.md": robustness_page(root),
           "zoo.md": zoo_page(root), "advgan.md": advgan_page(root)}
 
 

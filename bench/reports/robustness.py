@@ -136,6 +136,20 @@ def twin_rows(table: pa.Table) -> tuple[list[str], list[list[str]]]:
   return list(TWIN_HEADER), rows
 
 
+def _defense_text(model: str, sha256: str) -> str:
+  """The defense of the weights the rows measured: the shipped checkpoint's own record where
+  they are its weights, else the zoo entry's with the measured weights' first digits (a model
+  retrained since: the recipe named may not be theirs)."""
+  entry = zoo.ZOO.get(model)
+  defense = (entry.defense if entry else "") or "none"
+  if entry is None or not sha256 or not entry.checkpoint.is_file():
+    return defense
+  shipped = json.loads(entry.checkpoint.with_suffix(".json").read_text())
+  if shipped.get("sha256") == sha256:
+    return shipped.get("defense") or defense
+  return f"{defense}; earlier weights {sha256[:12]}"
+
+
 def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
                                         dict[str, dict[str, tuple[int, int]]],
                                         dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
@@ -157,8 +171,8 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
       continue
     images = cols["config_hash"] == cols["config_hash"][first[0]]
     clean = _rate(cols["clean_correct"][in_model & images])
-    row = [model, (entry.defense if entry else "") or "none", (entry.twin if entry else "")
-           or "-", str(clean[1]), _cell_text(*clean)]
+    row = [model, _defense_text(model, str(cols["model_sha256"][first[0]])),
+           (entry.twin if entry else "") or "-", str(clean[1]), _cell_text(*clean)]
     rates: dict[str, tuple[int, int]] = {"clean": clean}
     by_model[model] = rates
     chosen = {"clean": (index[in_model & images], cols["clean_correct"][in_model & images])}

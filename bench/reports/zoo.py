@@ -41,3 +41,48 @@ def rows(folder: Path, *, entry_points: bool = True) -> tuple[list[list[str]], l
       out.append((name, "-", "user (entry point)", "-", "-", "-", "-", "-", "-", "-",
                   entry_point.value))
   return [[str(c) for c in r] for r in out], failures
+
+
+TRAINING_HEADER = ("model", "epochs", "training attack", "eps", "start", "guard kept",
+                   "PGD-10 train acc, last check of each epoch", "training s")
+
+
+def _attack_text(recipe: dict) -> str:
+  if not recipe.get("adversary"):
+    return "none"
+  steps = recipe.get("adv_steps") or 1
+  name = recipe["adversary"] + (f"-{steps}" if steps > 1 else "")
+  clean = recipe.get("clean_weight") or 0.0
+  pairing = recipe.get("logit_pairing") or 0.0
+  mix = f", {clean:g} clean" if clean else ""
+  return name + mix + (f", logit pairing {pairing:g}" if pairing else "")
+
+
+def _eps_text(eps: float | None, dataset: str) -> str:
+  if not eps:
+    return "-"
+  return f"{round(eps * 255)}/255" if dataset == "cifar10" else f"{eps:g}"
+
+
+def training_rows(folder: Path) -> list[list[str]]:
+  """The defended models' recipes as their shipped weights record them: epochs, the attack
+  trained on, where training started, and the overfitting guard's PGD-10 accuracy on its
+  training images (Wong, Rice, Kolter 2020: the check that catches catastrophic overfitting),
+  so the shipped checkpoint's history reads beside its figures."""
+  out = []
+  for name, spec in zoo.ZOO.items():
+    path = folder / spec.checkpoint.name
+    if not spec.defense or not path.is_file():
+      continue
+    meta = zoo.load(name, folder).meta
+    recipe, guard = meta.get("recipe") or {}, meta.get("overfit_guard") or {}
+    checks = guard.get("pgd10_train_accuracy_per_check") or []
+    per_epoch = guard.get("checks_per_epoch") or 1
+    epoch_ends = checks[per_epoch - 1::per_epoch] or checks
+    out.append([name, str(recipe.get("epochs", "-")), _attack_text(recipe),
+                _eps_text(recipe.get("epsilon"), spec.dataset),
+                (meta.get("init_from") or {}).get("from", "scratch"),
+                guard.get("kept", "-") if guard else "no guard",
+                ", ".join(f"{100 * a:.1f}" for a in epoch_ends) or "-",
+                "-" if meta.get("train_seconds") is None else f"{meta['train_seconds']:,.0f}"])
+  return out
