@@ -249,7 +249,8 @@ def defenses_page(root: Path) -> str:
   _, defense_markdown = report.defense_lines(table)
   found, _, _ = report.detection_section(table)
   _, detection_markdown = report.detection_lines(found)
-  lines = [line[1:] if line.startswith("## ") else line
+  # The report's sections are level-1 headings; here they sit under the page's title.
+  lines = [f"#{line}" if line.startswith("# ") else line
            for line in [*defense_markdown, *detection_markdown]]
   return "\n".join([*head, f"{config.get('description', '')}: {table.num_rows:,} rows. "
                      "Accuracy over the clean-correct images with its 95% Wilson interval.",
