@@ -8,6 +8,7 @@ analyses can read all layers with `mutable=["intermediates"]` (see `models.zoo.M
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -149,7 +150,7 @@ class PapernotLeNet(nn.Module):
     x = _normalize(x, self.mean, self.std)
     for spec in self.LAYERS:
       if spec == "pool:max2":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_tiled(x, 2)
         continue
       name, features, kernel, strides, padding = spec
       x = nn.relu(nn.Conv(features, (kernel, kernel), (strides, strides), padding=padding,
@@ -180,6 +181,37 @@ class _ConvBN(nn.Module):
     return nn.relu(x)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def max_pool_tiled(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  """`nn.max_pool(x, (size, size), strides=(size, size))` over NHWC `x`, non-overlapping
+  windows, with a derivative that XLA:CPU runs fast.
+
+  The forward pass is the same window max (so pixel-local evaluation, which reads the
+  model's jaxpr, still sees a pool). Its derivative is not XLA's select-and-scatter, which
+  XLA:CPU runs far slower than the convolutions around it and which every gradient attack
+  and adversarial training step pays for, but the tiled form below: elementwise masks, a
+  reshape and a sum, in forward and in reverse mode. Where a window's maximum is tied, the
+  derivative is shared among the tied inputs instead of going to one of them.
+  """
+  return nn.max_pool(x, (size, size), strides=(size, size))
+
+
+def _tiles(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  """[B,H,W,C] -> [B,H/size,size,W/size,size,C], rows and columns that fill no window cut."""
+  b, h, w, c = x.shape
+  h, w = h // size * size, w // size * size
+  return x[:, :h, :w].reshape(b, h // size, size, w // size, size, c)
+
+
+@max_pool_tiled.defjvp
+def _max_pool_tiled_jvp(size, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y = max_pool_tiled(x, size)
+  hit = (_tiles(x, size) == y[:, :, None, :, None, :]).astype(x.dtype)
+  share = hit / hit.sum(axis=(2, 4), keepdims=True)
+  return y, (share * _tiles(dx, size)).sum(axis=(2, 4))
+
+
 def _conv_stack(module: nn.Module, x: jnp.ndarray, layers, train: bool) -> jnp.ndarray:
   """Runs `(name, features, kernel, strides, padding)` layers (or "pool:max"/"pool:avg")."""
   for spec in layers:
@@ -187,7 +219,7 @@ def _conv_stack(module: nn.Module, x: jnp.ndarray, layers, train: bool) -> jnp.n
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
       continue
     if spec == "pool:max2":
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_tiled(x, 2)
       continue
     if spec == "pool:avg":
       x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding="SAME")

@@ -1,0 +1,94 @@
+"""The CPU fast path advsweep takes by default: XLA flags (`attacks.xla_cpu`) and the tiled
+max pool (`models.architectures.max_pool_tiled`), each the same numbers as the slow path."""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advsweep.attacks import xla_cpu
+from advsweep.models import architectures
+
+
+def test_flag_added_where_the_user_set_none():
+  env = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  assert xla_cpu.apply_defaults(env, jaxlib_release=(0, 10))
+  assert env["XLA_FLAGS"] == ("--xla_backend_optimization_level=0 "
+                              + xla_cpu.YNN_CONVOLUTION_OFF)
+  assert not xla_cpu.apply_defaults(env, jaxlib_release=(0, 10))  # once only
+
+
+@pytest.mark.parametrize("env", [
+    {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="},  # the user's own choice
+    {xla_cpu.OPT_OUT: "0"},
+])
+def test_flag_left_alone_when_the_user_decided(env):
+  before = dict(env)
+  assert not xla_cpu.apply_defaults(env, jaxlib_release=(0, 10))
+  assert env == before
+
+
+def test_flag_left_out_on_an_unmeasured_jaxlib():
+  env: dict[str, str] = {}
+  assert not xla_cpu.apply_defaults(env, jaxlib_release=(0, 9))
+  assert not xla_cpu.apply_defaults(env, jaxlib_release=(1, 0))
+  assert env == {}
+
+
+def test_this_process_runs_with_the_flag():
+  """Importing advsweep set it before the suite's first computation (tests/conftest.py)."""
+  if xla_cpu._jaxlib_release() in xla_cpu.MEASURED_JAXLIB:
+    assert "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
+
+
+def _reference_pool(x):
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def _tiled_pool(x):
+  return architectures.max_pool_tiled(x, 2)
+
+
+def test_tiled_pool_equals_max_pool_in_value_and_derivatives():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((3, 9, 11, 4), np.float32))  # odd sides: the cut rows too
+  y = _reference_pool(x)
+  np.testing.assert_array_equal(_tiled_pool(x), y)
+  g = jnp.asarray(rng.random(y.shape, np.float32))
+  np.testing.assert_array_equal(jax.vjp(_tiled_pool, x)[1](g)[0],
+                                jax.vjp(_reference_pool, x)[1](g)[0])
+  t = jnp.asarray(rng.random(x.shape, np.float32))
+  np.testing.assert_array_equal(jax.jvp(_tiled_pool, (x,), (t,))[1],
+                                jax.jvp(_reference_pool, (x,), (t,))[1])
+  batched = jax.jit(jax.vmap(jax.grad(lambda v: _tiled_pool(v[None]).sum())))(x)
+  np.testing.assert_array_equal(batched, jax.vmap(jax.grad(
+      lambda v: _reference_pool(v[None]).sum()))(x))
+
+
+def test_tiled_pool_shares_the_derivative_among_tied_maxima():
+  x = jnp.zeros((1, 2, 2, 1)).at[0, 0, 0, 0].set(1.0).at[0, 1, 1, 0].set(1.0)
+  grad = jax.grad(lambda v: _tiled_pool(v).sum())(x)
+  np.testing.assert_allclose(grad[0, :, :, 0], [[0.5, 0.0], [0.0, 0.5]])
+  assert float(grad.sum()) == pytest.approx(1.0)  # the window's derivative, all of it
+
+
+def test_second_order_derivative_through_the_tiled_pool():
+  """Gradient-of-gradient (GradAlign-style regularisers) goes through it."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.random((1, 4, 4, 1), np.float32))
+  w = jnp.asarray(rng.random((1, 2, 2, 1), np.float32))
+
+  def inner(v):
+    return jnp.sum(_tiled_pool(v * v) * w)
+
+  def inner_ref(v):
+    return jnp.sum(_reference_pool(v * v) * w)
+
+  outer = jax.grad(lambda v: jnp.sum(jax.grad(inner)(v) ** 2))(x)
+  outer_ref = jax.grad(lambda v: jnp.sum(jax.grad(inner_ref)(v) ** 2))(x)
+  np.testing.assert_allclose(outer, outer_ref, rtol=1e-6)
