@@ -11,7 +11,11 @@ their inputs are traced and a faster host-side schedule otherwise. `REGISTRY` ma
 to its `AttackSpec`: everything the driver and the benchmarks need to know about it.
 """
 
-from advsweep.attacks import spec, xla_cpu
+# First, before any module below can start JAX's backend: importing it sets XLA's flags.
+from advsweep.attacks import xla_cpu  # noqa: F401
+
+# isort: split
+from advsweep.attacks import spec
 from advsweep.attacks.advgan import SPEC as ADVGAN
 from advsweep.attacks.advgan import AdvGANConfig, advgan, advgan_core
 from advsweep.attacks.autopgd import (
@@ -63,9 +67,6 @@ from advsweep.attacks.saliency.core import JSMAConfig, jsma_core
 from advsweep.attacks.spec import AttackSpec
 from advsweep.attacks.square_search import SPEC as SQUARE
 from advsweep.attacks.square_search import SquareConfig, square, square_core
-
-# Before any JAX computation (importing JAX starts none): XLA reads its flags once.
-xla_cpu.apply_defaults()
 
 REGISTRY: dict[str, AttackSpec] = {}
 

@@ -1,8 +1,10 @@
 """XLA:CPU settings advsweep applies by default: the fast path without a flag to remember.
 
-XLA reads `XLA_FLAGS` once, when JAX starts its backend (the first computation), so these
-take effect only if `advsweep` is imported before any JAX computation runs; a user's own
-`XLA_FLAGS` that names the same setting wins, and `ADVSWEEP_XLA_DEFAULTS=0` turns them off.
+Importing this module applies them (`advsweep.attacks` imports it before anything else, and
+`advsweep.models` imports that). XLA reads `XLA_FLAGS` once, when JAX starts its backend (the
+first computation, which importing a library such as evosax can run), so they take effect
+only if `advsweep` is imported before any JAX computation runs; a user's own `XLA_FLAGS`
+that names the same setting wins, and `ADVSWEEP_XLA_DEFAULTS=0` turns them off.
 
 - YNNPACK's individual-convolution fusion off: on jaxlib 0.10 it routes some of the zoo's
   convolutions (3x3, 32 channels in and out, on 24 x 24 maps) to a kernel several times
@@ -46,3 +48,6 @@ def apply_defaults(environ: MutableMapping[str, str] | None = None,
     return False
   environ["XLA_FLAGS"] = f"{flags} {YNN_CONVOLUTION_OFF}".strip()
   return True
+
+
+apply_defaults()

@@ -529,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-images", type=_count, default=None,
                  help="with --standard: first N test images (default 1000, --quick 20)")
   p.add_argument("--seed", type=_seed, default=0)
-  p.add_argument("--batch-size", type=_count, default=500)
+  p.add_argument("--batch-size", type=_count, default=None,
+                 help="with --standard: images per attack call (default: by backend; on a "
+                 "CPU 32 for the gradient attacks, 500 for Square); outcomes do not depend on it")
   p.set_defaults(func=_cmd_robustness)
 
   from advsweep.bench.analyses import ANALYSES

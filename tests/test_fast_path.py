@@ -4,6 +4,8 @@ max pool (`models.architectures.max_pool_tiled`), each the same numbers as the s
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -44,6 +46,30 @@ def test_this_process_runs_with_the_flag():
   """Importing advsweep set it before the suite's first computation (tests/conftest.py)."""
   if xla_cpu._jaxlib_release() in xla_cpu.MEASURED_JAXLIB:
     assert "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
+
+
+_CONVOLUTION_ROUTE = """
+import jax, jax.numpy as jnp
+import {module}
+x, w = jnp.ones((8, 26, 26, 32)), jnp.ones((3, 3, 32, 32))
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print("ynn" if "__ynn_fusion" in jax.jit(conv).lower(x, w).compile().as_text() else "xla")
+"""
+
+
+@pytest.mark.parametrize("module", ["advsweep.models", "advsweep.bench.evaluation.standard"])
+def test_the_flag_reaches_xla_through_each_entry(module):
+  """Importing the package applies the flag before anything it imports (evosax among them)
+  starts JAX's backend: a convolution then compiles to XLA's own kernel, not YNNPACK's."""
+  if xla_cpu._jaxlib_release() not in xla_cpu.MEASURED_JAXLIB:
+    pytest.skip("the flag is set only on the jaxlib releases it was measured on")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
+  run = lambda extra: subprocess.run(  # noqa: E731
+      [sys.executable, "-c", _CONVOLUTION_ROUTE.format(module=module)], env={**env, **extra},
+      capture_output=True, text=True, check=True).stdout.split()[-1]
+  assert run({}) == "xla"
+  assert run({xla_cpu.OPT_OUT: "0"}) == "ynn"  # what the flag changes
 
 
 def _reference_pool(x):

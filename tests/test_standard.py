@@ -281,3 +281,16 @@ def test_a_gradient_free_attack_beating_a_gradient_attack_is_flagged_by_the_spec
       cols, {"attack": "pgd", "params": {"eps": 0.05}}, [({"attack": "square"}, black)],
       (5, n))
 
+
+
+def test_batch_sizes_by_backend_and_by_hand():
+  """None picks the backend's sizes per attack kind (small gradient batches on a CPU); a
+  number sets every kind; nonsense is refused."""
+  cpu = standard.batch_sizes(None, backend="cpu")
+  assert cpu == standard.BATCH_SIZES["cpu"]
+  assert cpu[standard.DLR_LOSS] < cpu[standard.SCORE_BASED]
+  assert set(standard.batch_sizes(None, backend="gpu").values()) == {
+      standard.DEFAULT_BATCH_SIZE}
+  assert set(standard.batch_sizes(7).values()) == {7}
+  with pytest.raises(ValueError, match="batch_size"):
+    standard.batch_sizes(0)

@@ -60,6 +60,23 @@ EOT_DRAWS = 20  # AutoAttack's rand version
 # What an attack of the protocol is, for the checks (`bench.checks.validity`).
 CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED = "ce", "dlr", "boundary", "score"
 
+# Images per attack call (`batch_size=None`). On a CPU the gradient attacks run faster per
+# image on small batches, whose activations stay in the caches, and Square, 5,000 queries in
+# sequence, on large ones (fewer calls); an accelerator takes large batches throughout.
+BATCH_SIZES = {"cpu": {CE_LOSS: 32, DLR_LOSS: 32, BOUNDARY: 32, SCORE_BASED: 500}}
+DEFAULT_BATCH_SIZE = 500
+
+
+def batch_sizes(batch_size: int | None = None, backend: str | None = None) -> dict[str, int]:
+  """Images per attack call by attack kind: `batch_size` for every kind where given, else
+  the backend's defaults (`BATCH_SIZES`). An image's outcome does not depend on it."""
+  if batch_size is not None:
+    attack_checks.check_at_least("batch_size", batch_size, 1)
+    return dict.fromkeys((CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED), int(batch_size))
+  backend = jax.default_backend() if backend is None else backend
+  return BATCH_SIZES.get(backend, dict.fromkeys(
+      (CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED), DEFAULT_BATCH_SIZE))
+
 
 @dataclasses.dataclass(frozen=True)
 class Step:
@@ -199,7 +216,7 @@ def _batched(fn: Callable[[np.ndarray], Any], rows: np.ndarray, batch_size: int)
 
 def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, images: Any,
              labels: Any, *, norm: str = LINF, eps: float = 8 / 255,
-             version: str = STANDARD, seed: int = 0, batch_size: int = 500,
+             version: str = STANDARD, seed: int = 0, batch_size: int | None = None,
              cascade: bool = True, quick: bool = False, progress: bool = True,
              attack_apply_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
              indices: np.ndarray | None = None,
@@ -217,7 +234,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
     version: "standard", or "rand" for a randomized model (with `attack_apply_fn` its
       expectation over transformation).
     seed: seeds every random choice (each image's keys also fold in its index).
-    batch_size: images per attack call.
+    batch_size: images per attack call; None: the backend's defaults by attack
+      (`batch_sizes`), which do not change any image's outcome, only the time.
     cascade: run each attack only on the images every earlier one left robust (AutoAttack).
     quick: a smoke-sized protocol (`protocol`); never the standard figure.
     progress: a progress bar over the attacks' batches.
@@ -251,15 +269,17 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
                      f"={EOT_DRAWS}))")
   for step in steps:
     attacks.REGISTRY[step.attack].check_config(step.config)
+  sizes = batch_sizes(batch_size)
+  widest = max(sizes.values())
   n = len(labels)
   indices = np.arange(n) if indices is None else np.asarray(indices)
   logits = np.concatenate(_batched(
       lambda rows: np.asarray(_forward(apply_fn, params, jnp.asarray(images[rows]))),
-      np.arange(n), batch_size))
+      np.arange(n), widest))
   clean_pred = logits.argmax(-1)
   clean_correct = clean_pred == labels
   robust = clean_correct.copy()
-  flags = validity.before_attacks(apply_fn, params, images[:batch_size], labels[:batch_size],
+  flags = validity.before_attacks(apply_fn, params, images[:widest], labels[:widest],
                                   logits)
   attacked_fn = apply_fn if attack_apply_fn is None else attack_apply_fn
   outcomes: dict[str, AttackOutcome] = {}
@@ -267,7 +287,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
   kept, stamp = None, ""
   if resume is not None:
     stamp = progress_file.fingerprint(params, images, labels, indices, dict(
-        norm=norm, eps=float(eps), version=version, seed=seed, batch_size=batch_size,
+        norm=norm, eps=float(eps), version=version, seed=seed,
+        batch_sizes=[sizes[step.kind] for step in steps],
         cascade=cascade, quick=quick, eot=attack_apply_fn is not None))
     kept = progress_file.load(resume, stamp)
   resumed_s = sum(float(v) for k, v in (kept or {}).items() if k.endswith("/seconds"))
@@ -279,7 +300,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
     outcome, done = _kept_outcome(kept, position, n, labels)
     attack_key = jax.random.fold_in(root, position)
     tic = time.perf_counter() - outcome.seconds
-    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    size = sizes[step.kind]
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
     for index, chunk in enumerate(chunks):
       if index < done:
         continue
@@ -360,4 +382,5 @@ def _apply(apply_fn, params, images):
   return apply_fn(params, images)
 
 
-__all__ = ["BUDGETS", "AttackOutcome", "Evaluation", "Step", "evaluate", "protocol"]
+__all__ = ["BATCH_SIZES", "BUDGETS", "AttackOutcome", "Evaluation", "Step", "batch_sizes",
+           "evaluate", "protocol"]

@@ -114,7 +114,7 @@ def _robust_per_image(table: pa.Table) -> np.ndarray:
 def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.LINF,
             version: str = standard.STANDARD, quick: bool = False,
             out_root: str | Path = "results", data_dir: str | None = None,
-            checkpoint_dir: str | None = None, seed: int = 0, batch_size: int = 500,
+            checkpoint_dir: str | None = None, seed: int = 0, batch_size: int | None = None,
             progress: bool = True, log=print) -> str:
   """Evaluates each model (resuming from kept files), prints and writes the table; returns
   its Markdown."""

@@ -94,7 +94,7 @@ def kept_evaluation(folder: Path, name: str, num_images: int, eps: float, norm: 
 
 
 def compare(name: str, num_images: int, *, eps: float | None = None, norm: str = "linf",
-            data_dir: str | None = None, seed: int = 0, batch_size: int = 500,
+            data_dir: str | None = None, seed: int = 0, batch_size: int | None = None,
             reference_batch_size: int | None = None, threads: int | None = None,
             ours_from: Path | None = None, log=print) -> dict[str, Any]:
   """Runs both on `name`'s first `num_images` test images (ours read from the kept files of
