@@ -145,9 +145,9 @@ def per_image_keys(key: jax.Array, batch: int) -> jax.Array:
 
 def neighbour_difference_score(images: jax.Array) -> jax.Array:
   """[B] the sum of squared differences between each pair of neighbouring pixels (the four
-  neighbours, each pair once, every channel): Papernot et al.'s detection statistic (the
-  slides on "The Limitations of Deep Learning in Adversarial Settings", `../shared/papers/
-  003`: it "is always higher for adversarial samples")."""
+  neighbours, each pair once, every channel): Papernot et al.'s detection statistic (their
+  slides on "The Limitations of Deep Learning in Adversarial Settings", EuroS&P 2016: it "is
+  always higher for adversarial samples")."""
   rows = jnp.sum(jnp.square(images[:, 1:] - images[:, :-1]), axis=(1, 2, 3))
   cols = jnp.sum(jnp.square(images[:, :, 1:] - images[:, :, :-1]), axis=(1, 2, 3))
   return rows + cols

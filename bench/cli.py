@@ -57,13 +57,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
   return 1 if failures else 0
 
 
+def _train_command(args: argparse.Namespace) -> str:
+  """The command that trains these weights again, for the metadata: the arguments that
+  decide them, not the folders of the machine that ran it (which a shipped checkpoint would
+  otherwise carry to every user)."""
+  words = ["advsweep", "train", args.model, "--seed", str(args.seed)]
+  if args.epochs is not None:
+    words += ["--epochs", str(args.epochs)]
+  return " ".join(shlex.quote(w) for w in words)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
   from advsweep.models import training  # imported here: it pulls in optax and the data loaders
 
   result = training.train_and_evaluate(
       args.model, seed=args.seed, data_dir=args.data_dir, out_dir=args.out_dir,
       epochs=args.epochs, progress=not args.no_progress, restart=args.restart,
-      command="advsweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+      command=_train_command(args))
   meta = result.meta
   print(f"{args.model}: test accuracy {100 * meta['test_accuracy']:.2f}% on "
         f"{meta['test_examples']} images, {meta['parameters']:,} parameters, "

@@ -59,6 +59,9 @@ def test_shipped_metadata_is_complete_and_above_floor(name):
   assert meta["test_examples"] == datasets.info(meta["dataset"]).sizes["test"]
   assert meta["test_accuracy"] >= ACCURACY_FLOORS[name]
   assert meta["sha256"] == checkpoints.sha256_file(zoo.entry(name).checkpoint)
+  # The command reruns the training; no folder of the machine that trained it ships.
+  assert meta["train_command"].startswith(f"advsweep train {name}")
+  assert "--out-dir" not in meta["train_command"] and "/" not in meta["train_command"]
 
 
 @requires_data
@@ -199,6 +202,14 @@ def test_models_command_markdown_table(capsys):
   assert lines[0].startswith("| model | dataset |")
   assert len(lines) == 2 + len(zoo.ZOO)
   assert all(line.count("|") == lines[0].count("|") for line in lines[2:])
+
+
+def test_train_command_in_metadata_names_what_decides_the_weights():
+  from advsweep.bench import cli
+
+  args = cli.build_parser().parse_args(
+      ["train", "mnist_lenet", "--out-dir", "/somewhere/mine", "--seed", "3", "--no-progress"])
+  assert cli._train_command(args) == "advsweep train mnist_lenet --seed 3"
 
 
 def test_train_command_rejects_unknown_model(capsys):

@@ -10,7 +10,7 @@ figures measure what a user with their own model gets.
 
 Train (about 10 minutes on a 2-core CPU; the weights land in `results/perf/`):
 
-    python -m advsweep.bench.perf.user_cnn --data-dir ../shared/data
+    python -m advsweep.bench.perf.user_cnn --data-dir DATA_DIR
 """
 
 from __future__ import annotations
