@@ -184,14 +184,15 @@ class _ConvBN(nn.Module):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def max_pool_tiled(x: jnp.ndarray, size: int) -> jnp.ndarray:
   """`nn.max_pool(x, (size, size), strides=(size, size))` over NHWC `x`, non-overlapping
-  windows, with a derivative that XLA:CPU runs fast.
+  windows, with the same derivative computed in a form that XLA:CPU runs fast.
 
   The forward pass is the same window max (so pixel-local evaluation, which reads the
-  model's jaxpr, still sees a pool). Its derivative is not XLA's select-and-scatter, which
+  model's jaxpr, still sees a pool). The derivative is not XLA's select-and-scatter, which
   XLA:CPU runs far slower than the convolutions around it and which every gradient attack
-  and adversarial training step pays for, but the tiled form below: elementwise masks, a
-  reshape and a sum, in forward and in reverse mode. Where a window's maximum is tied, the
-  derivative is shared among the tied inputs instead of going to one of them.
+  and adversarial training step pays for, but elementwise masks, a reshape and a sum, in
+  forward and in reverse mode. It goes to the first maximum of each window in row-major
+  order, as select-and-scatter's and PyTorch's do: a window of tied maxima (a constant
+  background after a ReLU) sends its derivative to the same input in all three.
   """
   return nn.max_pool(x, (size, size), strides=(size, size))
 
@@ -203,13 +204,19 @@ def _tiles(x: jnp.ndarray, size: int) -> jnp.ndarray:
   return x[:, :h, :w].reshape(b, h // size, size, w // size, size, c)
 
 
+def _first_maximum(x: jnp.ndarray, y: jnp.ndarray, size: int) -> jnp.ndarray:
+  """[B,H/size,size,W/size,size,C]: 1 at each window's first maximum (row-major), else 0."""
+  hit = (_tiles(x, size) == y[:, :, None, :, None, :]).astype(jnp.int32)
+  per_row = hit.sum(axis=4, keepdims=True)
+  before = (jnp.cumsum(per_row, axis=2) - per_row) + (jnp.cumsum(hit, axis=4) - hit)
+  return (hit * (before == 0)).astype(x.dtype)
+
+
 @max_pool_tiled.defjvp
 def _max_pool_tiled_jvp(size, primals, tangents):
   (x,), (dx,) = primals, tangents
   y = max_pool_tiled(x, size)
-  hit = (_tiles(x, size) == y[:, :, None, :, None, :]).astype(x.dtype)
-  share = hit / hit.sum(axis=(2, 4), keepdims=True)
-  return y, (share * _tiles(dx, size)).sum(axis=(2, 4))
+  return y, (_first_maximum(x, y, size) * _tiles(dx, size)).sum(axis=(2, 4))
 
 
 def _conv_stack(module: nn.Module, x: jnp.ndarray, layers, train: bool) -> jnp.ndarray:

@@ -1,5 +1,6 @@
 """The CPU fast path advsweep takes by default: XLA flags (`attacks.xla_cpu`) and the tiled
-max pool (`models.architectures.max_pool_tiled`), each the same numbers as the slow path."""
+max pool (`models.architectures.max_pool_tiled`), each the same numbers as the slow path;
+and importing advsweep starts no JAX backend (the flags, and jax.distributed, need that)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ def test_the_flag_reaches_xla_through_each_entry(module):
   assert run({xla_cpu.OPT_OUT: "0"}) == "ynn"  # what the flag changes
 
 
+def test_importing_advsweep_starts_no_backend():
+  """evosax's algorithms run JAX as they are imported; the one-pixel attack imports them
+  when it runs, so importing the packages leaves the backend unstarted."""
+  code = ("import jax._src.xla_bridge as xb, advsweep.attacks, advsweep.models, "
+          "advsweep.bench.evaluation.standard; print(xb.backends_are_initialized())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split()[-1] == "False"
+
+
 def _reference_pool(x):
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
@@ -96,11 +106,21 @@ def test_tiled_pool_equals_max_pool_in_value_and_derivatives():
       lambda v: _reference_pool(v[None]).sum()))(x))
 
 
-def test_tiled_pool_shares_the_derivative_among_tied_maxima():
-  x = jnp.zeros((1, 2, 2, 1)).at[0, 0, 0, 0].set(1.0).at[0, 1, 1, 0].set(1.0)
-  grad = jax.grad(lambda v: _tiled_pool(v).sum())(x)
-  np.testing.assert_allclose(grad[0, :, :, 0], [[0.5, 0.0], [0.0, 0.5]])
-  assert float(grad.sum()) == pytest.approx(1.0)  # the window's derivative, all of it
+def test_tiled_pool_sends_a_tie_to_the_first_maximum_as_max_pool_does():
+  """Ties are common (a ReLU's constant background): the derivative must go where
+  select-and-scatter (and PyTorch) send it, or a gradient attack takes another path."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.integers(0, 3, (2, 8, 6, 3)).astype(np.float32))  # ties everywhere
+  y = _reference_pool(x)
+  g = jnp.asarray(rng.random(y.shape, np.float32))
+  np.testing.assert_array_equal(jax.vjp(_tiled_pool, x)[1](g)[0],
+                                jax.vjp(_reference_pool, x)[1](g)[0])
+  t = jnp.asarray(rng.random(x.shape, np.float32))
+  np.testing.assert_array_equal(jax.jvp(_tiled_pool, (x,), (t,))[1],
+                                jax.jvp(_reference_pool, (x,), (t,))[1])
+  one = jnp.ones((1, 2, 2, 1))
+  np.testing.assert_array_equal(jax.grad(lambda v: _tiled_pool(v).sum())(one)[0, :, :, 0],
+                                [[1.0, 0.0], [0.0, 0.0]])
 
 
 def test_second_order_derivative_through_the_tiled_pool():

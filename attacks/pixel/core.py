@@ -40,7 +40,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from evosax.algorithms import DifferentialEvolution
 from flax import struct
 
 from advsweep.attacks import checks, common
@@ -162,7 +161,7 @@ class Search:
     least_likely: the targets came from a clean forward pass (one more model row per image).
   """
 
-  de: DifferentialEvolution
+  de: Any  # evosax's DifferentialEvolution
   de_params: Any
   keys: jax.Array
   fitness: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -225,6 +224,11 @@ def setup(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.
   target_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x7FFFFFFF))(keys)
   targets = common.choose_targets(config.target, target_keys, labels, apply_fn(params, images),
                                   targets)
+  # Imported here: evosax.algorithms runs JAX as it is imported, which would start JAX's
+  # backend whenever advsweep.attacks is imported (before XLA's flags are set, before
+  # jax.distributed.initialize in a multi-process job).
+  from evosax.algorithms import DifferentialEvolution
+
   de = DifferentialEvolution(config.population_size, jnp.zeros(dims, images.dtype))
   de_params = de.default_params.replace(
       elitism=config.base == "best", crossover_rate=1.0,

@@ -162,6 +162,8 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
   plain = np.array([not config_lib.is_adaptive(p) and not p.get("evade_detector")
                     for p in params], bool)
   robust = cols["clean_correct"] & (cols["adv_pred"] == cols["label"])
+  shas = (np.asarray(table.column("model_sha256").to_pylist(), object)
+          if "model_sha256" in table.column_names else None)
   rows, flags, by_model, per_image = [], [], {}, {}
   for model in _order(list(dict.fromkeys(cols["model"].tolist()))):
     in_model = (cols["model"] == model) & plain
@@ -171,7 +173,7 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
       continue
     images = cols["config_hash"] == cols["config_hash"][first[0]]
     clean = _rate(cols["clean_correct"][in_model & images])
-    row = [model, _defense_text(model, str(cols["model_sha256"][first[0]])),
+    row = [model, _defense_text(model, str(shas[first[0]]) if shas is not None else ""),
            (entry.twin if entry else "") or "-", str(clean[1]), _cell_text(*clean)]
     rates: dict[str, tuple[int, int]] = {"clean": clean}
     by_model[model] = rates
