@@ -59,6 +59,7 @@ EOT_DRAWS = 20  # AutoAttack's rand version
 
 # What an attack of the protocol is, for the checks (`bench.checks.validity`).
 CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED = "ce", "dlr", "boundary", "score"
+KINDS = (CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED)
 
 # Images per attack call (`batch_size=None`). On a CPU the gradient attacks run faster per
 # image on small batches, whose activations stay in the caches, and Square, 5,000 queries in
@@ -72,10 +73,9 @@ def batch_sizes(batch_size: int | None = None, backend: str | None = None) -> di
   the backend's defaults (`BATCH_SIZES`). An image's outcome does not depend on it."""
   if batch_size is not None:
     attack_checks.check_at_least("batch_size", batch_size, 1)
-    return dict.fromkeys((CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED), int(batch_size))
+    return dict.fromkeys(KINDS, int(batch_size))
   backend = jax.default_backend() if backend is None else backend
-  return BATCH_SIZES.get(backend, dict.fromkeys(
-      (CE_LOSS, DLR_LOSS, BOUNDARY, SCORE_BASED), DEFAULT_BATCH_SIZE))
+  return BATCH_SIZES.get(backend, dict.fromkeys(KINDS, DEFAULT_BATCH_SIZE))
 
 
 @dataclasses.dataclass(frozen=True)

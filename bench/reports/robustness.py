@@ -27,7 +27,7 @@ from advsweep.bench.checks import masking
 from advsweep.bench.driver import config as config_lib
 from advsweep.bench.driver import results, sweep
 from advsweep.bench.reports import report, tables
-from advsweep.models import zoo
+from advsweep.models import checkpoints, zoo
 
 CONFIG = "robustness"
 OVERFIT_GAP = 0.5  # FGSM minus PGD accuracy of an adversarially trained model that flags it
@@ -144,7 +144,7 @@ def _defense_text(model: str, sha256: str) -> str:
   defense = (entry.defense if entry else "") or "none"
   if entry is None or not sha256 or not entry.checkpoint.is_file():
     return defense
-  shipped = json.loads(entry.checkpoint.with_suffix(".json").read_text())
+  shipped = checkpoints.load_meta(entry.checkpoint)
   if shipped.get("sha256") == sha256:
     return shipped.get("defense") or defense
   return f"{defense}; earlier weights {sha256[:12]}"

@@ -68,13 +68,14 @@ def training_rows(folder: Path) -> list[list[str]]:
   """The defended models' recipes as their shipped weights record them: epochs, the attack
   trained on, where training started, and the overfitting guard's PGD-10 accuracy on its
   training images (Wong, Rice, Kolter 2020: the check that catches catastrophic overfitting),
-  so the shipped checkpoint's history reads beside its figures."""
+  so the shipped checkpoint's history reads beside its figures. Reads the metadata only:
+  `rows` verifies the weights."""
   out = []
   for name, spec in zoo.ZOO.items():
     path = folder / spec.checkpoint.name
     if not spec.defense or not path.is_file():
       continue
-    meta = zoo.load(name, folder).meta
+    meta = checkpoints.load_meta(path)
     recipe, guard = meta.get("recipe") or {}, meta.get("overfit_guard") or {}
     checks = guard.get("pgd10_train_accuracy_per_check") or []
     per_epoch = guard.get("checks_per_epoch") or 1
