@@ -272,20 +272,26 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
       adv = step_once(adv)
     return adv
 
-  return _iterate(apply_fn, params, images, labels, key, targets, config, start, step, repeat)
+  return _iterate(apply_fn, params, images, labels, key, targets, config, start, step, repeat,
+                  stop_when_all_fooled=True)
 
 
 def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, start, step,
-             repeat) -> common.AttackResult:
+             repeat, stop_when_all_fooled: bool = False) -> common.AttackResult:
   """Per restart r, the start `start(r)`, `repeat(step_once, adv)` of the projected step and
   the re-check; an image keeps its first successful restart. The one body of `pgd_core` (a
-  `lax` loop) and `_host_loop` (a host loop over jitted steps)."""
+  `lax` loop) and `_host_loop` (a host loop over jitted steps).
+
+  `stop_when_all_fooled` (the host loop's) skips the restarts left once every image of the
+  batch has succeeded: they could change nothing but `evaluated`, the work really done."""
   eps = common.budget(config.eps, images.dtype)
   step_size = jnp.asarray(config.step_size, images.dtype)
   detector = _detector(config, images.dtype)
   queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
   result = None
   for restart in range(config.restarts):
+    if stop_when_all_fooled and result is not None and bool(jnp.all(result.success)):
+      break
     adv, run_targets, loss_class, sign = start(restart)(images, labels, key, targets, eps)
     step_once = functools.partial(_step_from, step, images, loss_class, sign, eps, step_size,
                                   detector)

@@ -226,6 +226,23 @@ def test_pgd_restarts_keep_the_first_success_and_count_queries():
   np.testing.assert_array_equal(np.asarray(core.queries), queries)
 
 
+def test_pgd_restarts_stop_once_every_image_is_fooled():
+  apply_fn, params = small_cnn()
+  images = random_images(8, 8, 8, 3)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  key = jax.random.key(5)
+  config = attacks.PGDConfig(eps=1.0, step_size=0.5, num_steps=2, restarts=5)
+  host = attacks.pgd(apply_fn, params, images, labels, key, config)
+  assert np.asarray(host.success).all()  # restart 0 fooled every image
+  core = jax.jit(lambda p, x, y: gradient.pgd_core(apply_fn, p, x, y, key, config))(
+      params, images, labels)
+  # The same outcome as the traced core, which runs every restart; the host loop ran one.
+  for field in ("success", "queries", "adv_images"):
+    np.testing.assert_allclose(np.asarray(getattr(host, field)),
+                               np.asarray(getattr(core, field)), atol=1e-6)
+  np.testing.assert_array_equal(5 * np.asarray(host.evaluated), np.asarray(core.evaluated))
+
+
 def test_restarts_need_a_random_start():
   apply_fn, params = small_cnn()
   images = random_images(2, 8, 8, 3)
