@@ -145,6 +145,26 @@ def test_each_analysis_writes_its_table_figures_and_headline(run_dir, rows, kind
 
 
 @requires_data
+def test_chromatic_names_unequal_budgets_and_propagation_a_small_sample(run_dir, rows,
+                                                                         tmp_path, data_dir):
+  _, cols = rows
+  won = cols["success"] & cols["clean_correct"]
+  assert set(cols["queries"][won]) != set(cols["queries"][~cols["success"]])  # early stops
+  assert "Unequal search budgets (cifar10_allconv)" in chromatic.analyze(
+      run_dir, data_dir=str(data_dir)).text()
+  note = propagation.analyze(run_dir, data_dir=str(data_dir)).text()
+  assert f"Fewer than {propagation.IMAGES} successful images" in note
+  equal = json.loads(json.dumps(RAW))
+  equal["attacks"]["one_pixel"].update(stop_on_flip=False, stop_true_prob=0.0)
+  out = tmp_path / "equal"
+  sweep.run(config.resolve(equal), out, data_dir=str(data_dir), progress=False,
+            estimate=False, log=lambda *_: None)
+  _, cols = runs.read_rows(out, "one_pixel")
+  assert len(set(cols["queries"])) == 1 and cols["success"].any()
+  assert "Unequal" not in chromatic.analyze(out, data_dir=str(data_dir)).text()
+
+
+@requires_data
 def test_a_run_without_the_attack_is_refused(run_dir):
   with pytest.raises(results.ResultsError, match="no jsma rows"):
     analyses.run("locality", run_dir, attack="jsma")

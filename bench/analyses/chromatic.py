@@ -76,10 +76,11 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
           "example_idx": cols["example_idx"][px["row"]], "success": success,
           "y": px["y"], "x": px["x"], "colour_change": [d.tolist() for d in px["delta"]],
           "colour_distance": distance, "centre_distance": centre_share}
-  header = ["model", "attack", "pixels won/lost", "colour distance won",
+  queries = cols["queries"][px["row"]]
+  header = ["model", "attack", "pixels won/lost", "queries won/lost", "colour distance won",
             "colour distance lost", "P(won > lost), p", "centre distance won",
             "centre distance lost", "P(won < lost), p"]
-  headline, figures = [], []
+  headline, figures, unequal = [], [], []
   out_dir = common.analysis_dir(run_dir)
   for i, (m, h) in enumerate(dict.fromkeys(zip(model, rows["config_hash"], strict=True))):
     at = (model == m) & (rows["config_hash"] == h)
@@ -87,8 +88,12 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
     effect_c, p_c = stats.rank_test(distance[won], distance[lost])
     effect_s, p_s = stats.rank_test(centre_share[lost], centre_share[won])
     params = cols["params"][px["row"][at][0]]
+    budget_won, budget_lost = _median(queries[won]), _median(queries[lost])
+    if won.any() and lost.any() and budget_won != budget_lost:
+      unequal.append(m)
     headline.append([
         m, report.params_text(params), f"{won.sum()}/{lost.sum()}",
+        f"{budget_won:,.0f}/{budget_lost:,.0f}",
         common.fmt_interval(*stats.t_interval(distance[won])),
         common.fmt_interval(*stats.t_interval(distance[lost])),
         f"{common.fmt_interval(effect_c, np.nan, np.nan, 2)}, p {common.fmt_p(p_c)}",
@@ -97,12 +102,22 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
         f"{common.fmt_interval(effect_s, np.nan, np.nan, 2)}, p {common.fmt_p(p_s)}"])
     figures.append(out_dir / f"{KIND}-{i}.png")
     _figure(m, params, shapes[m], px, at, success, distance, figures[-1])
-  notes = ["Colour distance: Euclidean norm of the pixel's change in [0, 1] per channel "
-           "(sqrt(C) at most). Centre distance: 0 at the image centre, 1 in a corner. "
+  notes = [f"Unequal search budgets ({', '.join(unequal)}): the successful searches stopped "
+           "early, the failed ones ran the whole budget, which alone pushes their pixels' "
+           "colours to the extremes; the colour comparison is confounded. Run the attack "
+           "with stop_on_flip = false and stop_true_prob = 0 to compare at an equal budget."
+           ] if unequal else []
+  notes += ["Queries: the median search budget an image spent. Colour distance: Euclidean "
+           "norm of the pixel's change in [0, 1] per channel (sqrt(C) at most). Centre "
+           "distance: 0 at the image centre, 1 in a corner. "
            "P(won > lost) is the rank test's effect size (0.5: no difference). "
            "Alatalo et al.'s claims (medical images): successful attacks change the colour "
            "more and sit near the centre."]
   return common.Output(KIND, common.table_from_columns(rows), header, headline, figures, notes)
+
+
+def _median(values: np.ndarray) -> float:
+  return float(np.median(values)) if len(values) else float("nan")
 
 
 def _figure(model, params, shape, px, at, success, distance, path) -> None:

@@ -18,7 +18,8 @@ from advsweep.bench.analyses import common
 from advsweep.bench.driver import perturbations, runs
 
 KIND = "propagation"
-IMAGES, QUICK_IMAGES = 4, 2
+IMAGES, QUICK_IMAGES = 30, 2  # successful images a model; the figure draws the first few
+FIGURE_IMAGES = 4
 CHANGED = 1e-4  # a position changed if its difference exceeds this share of the clean maximum
 
 
@@ -51,7 +52,8 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
   out = {k: [] for k in ("model", "example_idx", "layer", "depth", "changed_share",
                          "max_relative_difference")}
   header = ["model", "layer", "depth", "images", "positions changed", "max |diff| / clean max"]
-  headline, figures, skipped = [], [], []
+  headline, figures, skipped, short = [], [], [], []
+  wanted = QUICK_IMAGES if quick else IMAGES
   models = runs.load_models(run_dir, attack, checkpoint_dir)
   if not any(runs.has_layers(m) for m in models.values()):
     raise ValueError(f"{run_dir}: propagation reads a model's layers, and "
@@ -60,7 +62,9 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
   for model_name in dict.fromkeys(cols["model"][keep].tolist()):
     rows_ = np.flatnonzero(keep & (cols["model"] == model_name))
     rows_ = rows_[np.unique(cols["example_idx"][rows_], return_index=True)[1]]
-    rows_ = rows_[:QUICK_IMAGES if quick else IMAGES]
+    if len(rows_) < wanted:
+      short.append(f"{model_name} ({len(rows_)})")
+    rows_ = rows_[:wanted]
     model = runs.load_model(run_dir, cols, model_name, checkpoint_dir)
     if not runs.has_layers(model):
       skipped.append(model_name)
@@ -83,14 +87,20 @@ def analyze(run_dir, *, data_dir: str | None = None, attack: str = "one_pixel",
                        f"{100 * changed.max():.1f})",
                        f"{peak.mean():.3f} ({peak.min():.3f}-{peak.max():.3f})"])
     figures.append(common.analysis_dir(run_dir) / f"{KIND}-{model_name}.png")
-    _figure(model_name, maps, clean, adv, [int(cols["example_idx"][r]) for r in rows_],
+    shown = slice(0, FIGURE_IMAGES)
+    _figure(model_name, [(layer, diff[shown], scale) for layer, diff, scale in maps],
+            clean[shown], adv[shown], [int(cols["example_idx"][r]) for r in rows_[shown]],
             figures[-1])
   if not figures:
     raise ValueError(f"{run_dir}: no successful {attack} rows with stored changes")
   notes = [f"Skipped (no layers to read: a user's apply_fn or an input defense): {m}."
            for m in skipped]
-  notes += ["Per layer: mean over the images (min-max). 'Positions changed': share of the "
-           f"layer's positions whose difference exceeds {CHANGED:g} of the clean maximum. "
+  if short:
+    notes.append(f"Fewer than {wanted} successful images (Vargas and Su's maps need a sample, "
+                 f"not a few examples; attack more images): {', '.join(short)}.")
+  notes += [f"Figures: the first {FIGURE_IMAGES} images of each model. Per layer: mean over "
+           "the images (min-max). 'Positions changed': share of the layer's positions whose "
+           f"difference exceeds {CHANGED:g} of the clean maximum. "
            "Vargas and Su: the change reaches the last layer, spreads to most positions and "
            "reaches values close to the clean maps' maximum."]
   return common.Output(KIND, common.table_from_columns(out), header, headline, figures, notes)
