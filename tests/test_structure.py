@@ -219,6 +219,20 @@ def test_nothing_imports_the_top_level_folders_by_their_bare_names():
         assert not pattern.match(line), f"{path}:{number}: {line.strip()}"
 
 
+# The layout the user fixed: these folders and files at the top level, nothing else.
+TOP_LEVEL = {"pyproject.toml", "README.md", "bench", "models", "attacks", "tests", "results",
+             "docs", "mkdocs.yml", ".ci", ".gitignore"}
+
+
+def test_the_top_level_holds_the_fixed_layout_only():
+  tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           timeout=60)
+  if tracked.returncode != 0:
+    pytest.skip("not a git checkout")
+  tops = {name.split("/")[0] for name in tracked.stdout.decode().split("\0") if name}
+  assert tops <= TOP_LEVEL, f"unexpected at the top level: {sorted(tops - TOP_LEVEL)}"
+
+
 def _source_copy(destination: Path) -> Path:
   """The project's files in `destination`: the committed ones in a git checkout, else the
   tree without build outputs. Building from a copy keeps a build/ folder out of the
