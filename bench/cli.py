@@ -73,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
   result = training.train_and_evaluate(
       args.model, seed=args.seed, data_dir=args.data_dir, out_dir=args.out_dir,
       epochs=args.epochs, progress=not args.no_progress, restart=args.restart,
-      command=_train_command(args))
+      command=_train_command(args), keep_epochs=args.keep_epochs)
   meta = result.meta
   print(f"{args.model}: test accuracy {100 * meta['test_accuracy']:.2f}% on "
         f"{meta['test_examples']} images, {meta['parameters']:,} parameters, "
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--restart", action="store_true",
                  help="discard the saved state of an interrupted run instead of resuming it")
+  p.add_argument("--keep-epochs", action="store_true",
+                 help="also keep each epoch's weights, <out-dir>/<model>.epochs/epochNNN/ (a "
+                 "checkpoint folder each), for robustness against epochs")
   p.set_defaults(func=_cmd_train)
 
   p = sub.add_parser("gan", help="train the DCGAN or AdvGAN's generator against a model")

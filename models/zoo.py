@@ -176,7 +176,8 @@ ZOO: dict[str, ZooEntry] = dict([
            dataclasses.replace(_MNIST_ADAM, epochs=1, adversary="fgsm", epsilon=0.25,
                                clean_weight=0.5),
            "a one-step defense as the paper did it: adversarial training with the mixed loss, "
-           "alpha 0.5, FGSM at eps 0.25 (Goodfellow et al. 2015, Sec. 6)", "adv_train:fgsm", "mnist_lenet"),
+           "alpha 0.5, FGSM at eps 0.25 (Goodfellow et al. 2015, Sec. 6)", "adv_train:fgsm",
+           "mnist_lenet"),
     _entry("mnist_lenet_pgd", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
            _MNIST_PGD,
            "Madry et al.'s adversarial-only training at eps 0.3: PGD-7 (step 0.1, random "

@@ -151,12 +151,47 @@ def test_unknown_model_lists_choices():
 def test_short_training_run_lowers_the_loss(data_dir, tmp_path):
   result = train.train_and_evaluate(
       "mnist_lenet", seed=0, data_dir=data_dir, out_dir=tmp_path, epochs=3,
-      train_limit=384, test_limit=200, progress=False)
+      train_limit=384, test_limit=200, progress=False, keep_epochs=True)
   assert len(result.losses) == 3
   assert result.losses[-1] < 0.7 * result.losses[0], result.losses
   assert result.meta["test_accuracy"] > 0.5  # 384 images: far above chance (0.1)
   loaded = zoo.load("mnist_lenet", tmp_path)
   assert loaded.meta["sha256"] == result.meta["sha256"]
+  # keep_epochs: each epoch's weights a checkpoint folder of their own; the last are the
+  # final weights (no guard here), the earlier ones differ.
+  epochs = [zoo.load("mnist_lenet", train.epoch_path(tmp_path, "mnist_lenet", e).parent)
+            for e in (1, 2, 3)]
+  assert [m.meta["epoch"] for m in epochs] == [1, 2, 3]
+  assert [m.meta["train_loss"] for m in epochs] == pytest.approx(result.losses)
+  assert epochs[2].meta["sha256"] == result.meta["sha256"]
+  assert len({m.meta["sha256"] for m in epochs}) == 3
+
+
+@requires_data
+def test_training_curve_measures_each_kept_epoch(data_dir, tmp_path, capsys):
+  from advsweep.bench.perf import training_curve
+
+  train.train_and_evaluate("mnist_lenet", seed=1, data_dir=data_dir, out_dir=tmp_path,
+                           epochs=2, train_limit=256, test_limit=50, progress=False,
+                           keep_epochs=True)
+  out = tmp_path / "curve"
+  argv = ["mnist_lenet", "--epochs-dir", str(tmp_path / "mnist_lenet.epochs"), "--n", "40",
+          "--shipped-dir", str(tmp_path), "--out", str(out), "--data-dir", str(data_dir)]
+  assert training_curve.main(argv) == 0
+  rows = json.loads((out / "mnist_lenet.json").read_text())["rows"]
+  assert [r["weights"] for r in rows] == ["epoch 1", "epoch 2", "shipped"]
+  assert rows[1]["sha256"] == rows[2]["sha256"]  # no guard: the last epoch ships
+  model = zoo.load("mnist_lenet", tmp_path)
+  images, labels = datasets.load("mnist", "test", data_dir)
+  x = images[:40].astype(np.float32) / 255
+  clean = np.asarray(model.apply_fn(model.params, x)).argmax(-1) == labels[:40]
+  assert rows[2]["clean_accuracy"] == pytest.approx(clean.mean())
+  # At eps 0.3 after two short epochs of clean training, PGD-20 leaves nothing correct.
+  assert all(r["pgd20_accuracy"] <= r["clean_accuracy"] for r in rows)
+  assert rows[2]["pgd20_accuracy"] == 0.0
+  assert "| shipped | 40 |" in (out / "mnist_lenet.md").read_text()
+  assert training_curve.main(["mnist_lenet", "--epochs-dir", str(tmp_path / "none")]) == 2
+  assert "--keep-epochs" in capsys.readouterr().err
 
 
 @requires_data

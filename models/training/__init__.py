@@ -14,10 +14,16 @@ Poisson-noised images.
 """
 
 from advsweep.models.training.adversary import eps_scale, n_fgsm, training_attack
-from advsweep.models.training.loop import TrainResult, train_and_evaluate, warm_start
+from advsweep.models.training.loop import (
+  TrainResult,
+  epoch_path,
+  train_and_evaluate,
+  warm_start,
+)
 from advsweep.models.training.state import LoopState, load_state, resume_path
 from advsweep.models.training.steps import augment, make_optimizer, make_train_step
 
-__all__ = ["LoopState", "TrainResult", "augment", "eps_scale", "load_state", "make_optimizer",
+__all__ = ["LoopState", "TrainResult", "augment", "epoch_path", "eps_scale", "load_state",
+           "make_optimizer",
            "make_train_step", "n_fgsm", "resume_path", "train_and_evaluate", "training_attack",
            "warm_start"]

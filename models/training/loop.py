@@ -79,6 +79,12 @@ def _minutes(seconds: float) -> str:
   return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+def epoch_path(out_dir: str | os.PathLike, name: str, epoch: int) -> Path:
+  """Where `keep_epochs` writes epoch `epoch`'s weights: a checkpoint folder of its own
+  (`zoo.load(name, checkpoint_dir=path.parent)` loads it)."""
+  return Path(out_dir) / f"{name}.epochs" / f"epoch{epoch:03d}" / f"{name}.msgpack"
+
+
 def train_and_evaluate(
     name: str,
     *,
@@ -96,6 +102,7 @@ def train_and_evaluate(
     on_checkpoint: Callable[[int, int], None] | None = None,
     batch_size: int | None = None,
     guard_images: int = guard_lib.GUARD_IMAGES,
+    keep_epochs: bool = False,
 ) -> TrainResult:
   """Trains zoo entry `name` with its recipe and writes `<out_dir>/<name>.msgpack|.json`.
 
@@ -122,6 +129,9 @@ def train_and_evaluate(
     on_checkpoint: called with (epoch, steps done in it) after each such save.
     batch_size: overrides the recipe's batch size (short runs and tests).
     guard_images: training images the overfitting guard attacks at each check.
+    keep_epochs: with `out_dir`, also keep each finished epoch's weights as a checkpoint of
+      their own, `epoch_path(out_dir, name, epoch)`, so that robustness can be measured
+      against epochs (a curve where the budget stops short of the paper's).
   """
   spec = zoo.entry(name)
   recipe = spec.recipe if epochs is None else dataclasses.replace(spec.recipe, epochs=epochs)
@@ -235,6 +245,12 @@ def train_and_evaluate(
       break
     if state_file is not None:
       state_lib.save_state(state_file, state)
+      if keep_epochs:
+        checkpoints.save(epoch_path(out_dir, name, epoch + 1), variables, {
+            "name": name, "epoch": epoch + 1, "of_epochs": recipe.epochs, "seed": seed,
+            "recipe": zoo.recipe_dict(recipe),
+            "train_loss": float(losses[epoch]),
+            "train_seconds": round(float(state.train_seconds), 1)})
     if on_epoch_end is not None:
       on_epoch_end(epoch + 1)
 
