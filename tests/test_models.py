@@ -190,6 +190,13 @@ def test_training_curve_measures_each_kept_epoch(data_dir, tmp_path, capsys):
   assert all(r["pgd20_accuracy"] <= r["clean_accuracy"] for r in rows)
   assert rows[2]["pgd20_accuracy"] == 0.0
   assert "| shipped | 40 |" in (out / "mnist_lenet.md").read_text()
+  # The zoo page shows each kept curve.
+  from advsweep.bench.perf import pages
+
+  (tmp_path / "root" / "results").mkdir(parents=True)
+  shutil.copytree(out, tmp_path / "root" / "results" / "training-curve")
+  page = "\n".join(pages._training_curves(tmp_path / "root"))
+  assert "### mnist_lenet: robustness against epochs" in page and "| epoch 2 | 40 |" in page
   assert training_curve.main(["mnist_lenet", "--epochs-dir", str(tmp_path / "none")]) == 2
   assert "--keep-epochs" in capsys.readouterr().err
 

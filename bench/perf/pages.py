@@ -365,7 +365,26 @@ def zoo_page(root: Path) -> str:
                     "check ship.", "",
                     tables.format_markdown(list(zoo_table.TRAINING_HEADER),
                                            zoo_table.training_rows(root / "models" /
-                                                                   "trained")), ""])
+                                                                   "trained")), "",
+                    *_training_curves(root)])
+
+
+def _training_curves(root: Path) -> list[str]:
+  """Robustness against epochs, from `results/training-curve/*.json` (where kept)."""
+  from advsweep.bench.perf import training_curve
+
+  kept = sorted((root / "results" / "training-curve").glob("*.json"))
+  if not kept:
+    return []
+  lines = ["## Robustness against epochs", "",
+           "Each kept epoch's weights (`advsweep train MODEL --keep-epochs`) measured by "
+           "`bench/perf/training_curve.py`: where the CPU budget stops short of a paper's "
+           "figure, whether more epochs would help.", ""]
+  for path in kept:
+    run = json.loads(path.read_text())
+    text = training_curve.markdown(run["rows"], run["command"])
+    lines += [f"##{line}" if line.startswith("# ") else line for line in text.splitlines()]
+  return [*lines, ""]
 
 
 def advgan_page(root: Path) -> str:
