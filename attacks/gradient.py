@@ -397,7 +397,9 @@ def pgd(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: jax.Ar
 
 def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> float:
   del num_features, num_classes
-  return 3.0 * _as_pgd(config).num_steps + 2  # a step: forward + backward; start, re-check
+  config = _as_pgd(config)
+  # Per restart, a step is a forward and a backward pass, then the re-check; the clean pass.
+  return getattr(config, "restarts", 1) * (3.0 * config.num_steps + 1) + 1
 
 
 def _spec(name: str, run: Any, core: Any, config_cls: type, quick: dict[str, Any]

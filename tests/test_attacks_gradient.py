@@ -243,6 +243,13 @@ def test_pgd_restarts_stop_once_every_image_is_fooled():
   np.testing.assert_array_equal(5 * np.asarray(host.evaluated), np.asarray(core.evaluated))
 
 
+def test_the_sweep_estimate_counts_every_restart():
+  one = attacks.PGDConfig(num_steps=100)
+  fifty = attacks.PGDConfig(num_steps=100, restarts=50)
+  assert gradient.PGD.forward_equivalents(one, 784, 10) == 3 * 100 + 2
+  assert gradient.PGD.forward_equivalents(fifty, 784, 10) == 50 * (3 * 100 + 1) + 1
+
+
 def test_restarts_need_a_random_start():
   apply_fn, params = small_cnn()
   images = random_images(2, 8, 8, 3)
