@@ -399,7 +399,7 @@ def _forward_equivalents(config: Any, num_features: int, num_classes: int) -> fl
   del num_features, num_classes
   config = _as_pgd(config)
   # Per restart, a step is a forward and a backward pass, then the re-check; the clean pass.
-  return getattr(config, "restarts", 1) * (3.0 * config.num_steps + 1) + 1
+  return config.restarts * (3.0 * config.num_steps + 1) + 1
 
 
 def _spec(name: str, run: Any, core: Any, config_cls: type, quick: dict[str, Any]

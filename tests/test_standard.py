@@ -46,7 +46,7 @@ def test_the_worst_case_is_correct_and_fooled_by_no_attack():
   assert 0 < result.clean_correct.sum() < len(labels)
 
 
-_IMAGE_KEYS = standard._image_keys
+_IMAGE_KEYS = standard.image_keys
 
 
 def _batches_counted(monkeypatch, stop_at: int | None = None) -> list[int]:
@@ -60,7 +60,7 @@ def _batches_counted(monkeypatch, stop_at: int | None = None) -> list[int]:
     made.append(1)
     return real(key, indices)
 
-  monkeypatch.setattr(standard, "_image_keys", counted)
+  monkeypatch.setattr(standard, "image_keys", counted)
   return made
 
 

@@ -305,7 +305,7 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, image
     for index, chunk in enumerate(chunks):
       if index < done:
         continue
-      keys = _image_keys(attack_key, indices[chunk])
+      keys = image_keys(attack_key, indices[chunk])
       result = spec.run(attacked_fn, params, jnp.asarray(images[chunk]),
                         jnp.asarray(labels[chunk], jnp.int32), keys, step.config)
       result = jax.tree.map(np.asarray, result)
@@ -368,7 +368,7 @@ def _kept_outcome(kept: dict[str, np.ndarray] | None, position: int, n: int,
   return outcome, done
 
 
-def _image_keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
+def image_keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
   """[B] keys: `key` folded with each image's index (independent of batch and subset)."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
 

@@ -26,7 +26,8 @@ import numpy as np
 from advsweep import attacks
 from advsweep.bench import stats
 from advsweep.bench.evaluation import standard
-from advsweep.models import checkpoints, datasets, files, zoo
+from advsweep.bench.reports import tables
+from advsweep.models import checkpoints, datasets, evaluation, files, zoo
 
 BATCH = 100
 PGD_STEPS = 20
@@ -38,21 +39,22 @@ def pgd_config(dataset: str) -> attacks.PGDConfig:
   return attacks.PGDConfig(eps=eps, step_size=eps / 4, num_steps=PGD_STEPS, random_start=True)
 
 
-def measure(model: zoo.Model, images: np.ndarray, labels: np.ndarray, seed: int = 0
+def measure(model: zoo.Model, images_u8: np.ndarray, labels: np.ndarray, seed: int = 0
             ) -> dict[str, Any]:
   """Clean and PGD-20 accuracy over every image (a misclassified clean image counts as an
-  error under attack too), each with its 95% Wilson interval."""
+  error under attack too), each with its 95% Wilson interval. Image i's random start comes
+  from the seed's key folded with i, whatever the batch."""
   config = pgd_config(zoo.entry(model.name).dataset)
   key = jax.random.key(seed)
-  clean, robust = [], []
+  clean = evaluation.predict_logits(model.apply_fn, model.params, images_u8).argmax(-1) == labels
+  images = images_u8.astype(np.float32) / 255.0
+  robust = []
   for start in range(0, len(labels), BATCH):
     x, y = images[start:start + BATCH], labels[start:start + BATCH]
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(start, start + len(y)))
+    keys = standard.image_keys(key, np.arange(start, start + len(y)))
     result = attacks.pgd(model.apply_fn, model.params, x, y, keys, config)
-    correct = np.asarray(model.apply_fn(model.params, x)).argmax(-1) == y
-    clean.append(correct)
-    robust.append(correct & (np.asarray(result.adv_pred) == y))
-  clean, robust = np.concatenate(clean), np.concatenate(robust)
+    robust.append(np.asarray(result.adv_pred) == y)
+  robust = clean & np.concatenate(robust)
   row = {"images": len(labels)}
   for name, hits in (("clean", clean), ("pgd20", robust)):
     low, high = stats.wilson_interval(int(hits.sum()), len(hits))
@@ -70,7 +72,7 @@ def curve(name: str, epochs_dir: str | os.PathLike, n: int, *, seed: int = 0,
     raise FileNotFoundError(f"no epoch checkpoints of {name} under {epochs_dir}; train with "
                             f"`advsweep train {name} --keep-epochs`")
   images, labels = datasets.load(zoo.entry(name).dataset, "test", data_dir)
-  images, labels = images[:n].astype(np.float32) / 255.0, labels[:n]
+  images, labels = images[:n], labels[:n]
   sources = [(f"epoch {int(f.name.removeprefix('epoch'))}", f) for f in folders]
   if shipped_dir is not None and (Path(shipped_dir) / f"{name}.msgpack").is_file():
     sources.append(("shipped", Path(shipped_dir)))
@@ -87,15 +89,15 @@ def curve(name: str, epochs_dir: str | os.PathLike, n: int, *, seed: int = 0,
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-  pct = lambda r, k: (f"{100 * r[k + '_accuracy']:.1f}% ({100 * r[k + '_low']:.1f}-"  # noqa: E731
-                      f"{100 * r[k + '_high']:.1f})")
-  lines = [f"# {rows[0]['model']}: robustness against epochs", "", f"`{command}`", "",
-           "| weights | images | clean | PGD-20 |", "|---|---|---|---|"]
-  lines += [f"| {r['weights']} | {r['images']} | {pct(r, 'clean')} | {pct(r, 'pgd20')} |"
-            for r in rows]
-  lines += ["", "Accuracy over every image (95% Wilson interval). PGD-20: random start, step "
-            "eps / 4, at the dataset's budget.", ""]
-  return "\n".join(lines)
+  def cell(row, kind):
+    return (f"{tables.pct(row[kind + '_accuracy'])} ({tables.pct(row[kind + '_low'])}-"
+            f"{tables.pct(row[kind + '_high'])})")
+
+  body = [[r["weights"], r["images"], cell(r, "clean"), cell(r, "pgd20")] for r in rows]
+  return "\n".join([f"# {rows[0]['model']}: robustness against epochs", "", f"`{command}`", "",
+                    tables.format_markdown(["weights", "images", "clean", "PGD-20"], body), "",
+                    "Accuracy over every image (95% Wilson interval). PGD-20: random start, "
+                    "step eps / 4, at the dataset's budget.", ""])
 
 
 def main(argv: list[str] | None = None) -> int:
