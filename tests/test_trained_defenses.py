@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from advsweep.bench.driver import config
@@ -117,6 +118,25 @@ def test_n_fgsm_adds_noise_and_one_unprojected_step():
                                         maxval=2 * eps))
   step = delta - noise
   np.testing.assert_allclose(np.abs(step), eps, atol=1e-5)  # one step of eps a feature
+
+
+def test_n_fgsm_keeps_the_noisy_start_in_the_image_range():
+  """As de Jorge et al.'s code: the noise is clipped to [0, 1] before the gradient step, so
+  on black images the noise below 0 is lost, not carried into the step."""
+  from tests.attack_models import linear_model
+
+  apply_fn, params = linear_model(num_classes=3)
+  images = jnp.zeros((16, 6, 6, 1))
+  labels = jnp.zeros(16, jnp.int32)
+  eps = 0.1
+  adv = np.asarray(train.n_fgsm(apply_fn, params, images, labels, jax.random.key(1), eps, eps,
+                                2.0))
+  noise = np.asarray(jax.random.uniform(jax.random.key(1), images.shape, minval=-2 * eps,
+                                        maxval=2 * eps))
+  grad = jax.grad(lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      apply_fn(params, x), labels)))(jnp.clip(noise, 0, 1))
+  expected = np.clip(np.clip(noise, 0, 1) + eps * np.sign(np.asarray(grad)), 0, 1)
+  np.testing.assert_allclose(adv, expected, atol=1e-6)
 
 
 def test_training_attacks_follow_the_papers():
