@@ -275,7 +275,8 @@ def test_paper_figures_are_computed_from_the_matching_rows(plain):
 def test_published_figures_name_real_settings():
   data = reproduce.published()
   assert set(data) == {"su2019", "papernot2016", "goodfellow2015", "possas", "athalye2018",
-                       "madry2018", "kannan2018", "xiao2018", "wong2020"}
+                       "madry2018", "kannan2018", "xiao2018", "wong2020", "xie2019",
+                       "hess2020"}
   for paper, entry in data.items():
     for name in entry["configs"]:
       cfg = config.load(name, quick=True)
