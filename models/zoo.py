@@ -138,9 +138,8 @@ _CIFAR_SGD = dict(batch_size=256, optimizer="sgd", peak_lr=0.2, weight_decay=5e-
 
 # CIFAR-10 defenses: Madry et al.'s PGD training sized for this CPU, PGD-2 with steps of
 # eps / 2 from a random start (Andriushchenko and Flammarion's two-step baseline: three
-# passes an image), 15 epochs of Wong et al.'s cyclic schedule. Single-step N-FGSM (de Jorge
-# et al.'s recipe, 30 epochs) overfitted catastrophically on this ResNet-20 in its third
-# epoch: the guard stopped it (the commit that made this change gives the figures).
+# passes an image), 15 epochs of Wong et al.'s cyclic schedule. Multi-step, because
+# single-step training overfits catastrophically on this ResNet-20 (trained-defenses guide).
 _CIFAR_PGD = TrainRecipe(
     epochs=15, adversary="pgd", epsilon=8 / 255, adv_step=4 / 255, adv_steps=2,
     clean_weight=0.0, overfit_guard=True, warmup_fraction=0.5,

@@ -63,8 +63,8 @@ def n_fgsm(apply_fn: Any, params: Any, images: jax.Array, labels: jax.Array, key
   half-width `noise * eps` (kept in [0, 1]), one signed gradient step of `step` from there,
   no projection back onto the eps ball (only onto [0, 1]). The larger noise and the missing
   clip are what de Jorge et al. credit for single-step training without catastrophic
-  overfitting at 8/255 on PreAct ResNet-18; the zoo's narrower ResNet-20 overfitted all the
-  same, so its CIFAR-10 recipe is PGD-2."""
+  overfitting at 8/255 on PreAct ResNet-18 (not on the zoo's narrower ResNet-20: see the
+  CIFAR-10 recipe in `models.zoo`)."""
   start = jnp.clip(images + jax.random.uniform(key, images.shape, images.dtype, -noise * eps,
                                                noise * eps), 0.0, 1.0)
 
