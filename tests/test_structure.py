@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,21 @@ def test_the_wheel_installs_everything_under_advsweep(tmp_path):
   assert "su2019" in subprocess.run(
       [sys.executable, "-c", code, "reproduce", "--help"], cwd=tmp_path, env=env,
       capture_output=True, text=True, timeout=300).stdout
+
+
+def test_every_folder_that_ships_files_is_a_listed_package():
+  """setuptools packages a folder's files only when the folder is in pyproject's `packages`
+  list (and warns, page after page, when package data sits in one that is not): a new paper
+  folder or model subfolder must be listed there."""
+  setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+  listed = set(setuptools["packages"])
+  shipped = (".py", ".toml", ".json", ".msgpack")
+  for package, folder in setuptools["package-dir"].items():
+    for sub in [ROOT / folder, *(ROOT / folder).rglob("*")]:
+      if (sub.is_dir() and "__pycache__" not in sub.parts
+          and any(f.suffix in shipped for f in sub.iterdir() if f.is_file())):
+        dotted = ".".join([package, *sub.relative_to(ROOT / folder).parts])
+        assert dotted in listed, f"{dotted} ships files but is not in pyproject's packages"
 
 
 def test_the_sdist_builds_the_same_wheel(tmp_path):
