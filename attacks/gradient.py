@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -262,7 +263,13 @@ def pgd_core(apply_fn: common.ApplyFn, params: Any, images: jax.Array, labels: j
 def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
                ) -> common.AttackResult:
   """`pgd_core` on concrete arrays: the same start and step, the steps a host loop over one
-  step jitted with the params closed over (see the module doc)."""
+  step jitted with the params closed over (see the module doc).
+
+  Restart r > 0 runs only on the images no earlier restart fooled (padded to a power of two
+  by repeating them, `common.bucket`, so a few compiled programs serve every batch): a
+  fooled image keeps its first success whatever a later restart finds, so this is the
+  traced core's result, with `evaluated` counting the rows really computed (the padding
+  shared among the images it was added for)."""
   start = lambda r: common.bind(_start, apply_fn, params, **_statics(config),  # noqa: E731
                                 restart=r)
   step = common.bind(_step, apply_fn, params, norm=config.norm)
@@ -272,33 +279,52 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
       adv = step_once(adv)
     return adv
 
-  return _iterate(apply_fn, params, images, labels, key, targets, config, start, step, repeat,
-                  stop_when_all_fooled=True)
+  keys = common.per_image_keys(key, len(images))
+  run = functools.partial(_restart, apply_fn, params, config=config, step=step, repeat=repeat)
+  result = run(images, labels, keys, targets, start=start(0))
+  for restart in range(1, config.restarts):
+    todo = np.flatnonzero(~np.asarray(result.success))
+    if not len(todo):
+      break  # every image fooled: a restart could change nothing but the work counted
+    if common.bucket(len(todo)) >= len(images):  # the batch would not shrink
+      result = common.first_success(result, run(images, labels, keys, targets,
+                                                start=start(restart)))
+      continue
+    rows = np.resize(todo, common.bucket(len(todo)))
+    later = run(images[rows], labels[rows], keys[rows],
+                None if targets is None else targets[rows], start=start(restart))
+    later = jax.tree.map(lambda a: a[:len(todo)], later)  # noqa: B023
+    later = later.replace(evaluated=later.evaluated * (len(rows) / len(todo)))
+    merged = common.first_success(jax.tree.map(lambda a: a[todo], result), later)  # noqa: B023
+    result = jax.tree.map(lambda a, b: a.at[todo].set(b), result, merged)  # noqa: B023
+  return result
 
 
 def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, start, step,
-             repeat, stop_when_all_fooled: bool = False) -> common.AttackResult:
+             repeat) -> common.AttackResult:
   """Per restart r, the start `start(r)`, `repeat(step_once, adv)` of the projected step and
-  the re-check; an image keeps its first successful restart. The one body of `pgd_core` (a
-  `lax` loop) and `_host_loop` (a host loop over jitted steps).
+  the re-check; an image keeps its first successful restart (`pgd_core`'s body, a `lax`
+  loop)."""
+  result = None
+  for restart in range(config.restarts):
+    run = _restart(apply_fn, params, images, labels, key, targets, config=config,
+                   start=start(restart), step=step, repeat=repeat)
+    result = run if result is None else common.first_success(result, run)
+  return result
 
-  `stop_when_all_fooled` (the host loop's) skips the restarts left once every image of the
-  batch has succeeded: they could change nothing but `evaluated`, the work really done."""
+
+def _restart(apply_fn, params, images, labels, keys, targets, *, config: PGDConfig, start,
+             step, repeat) -> common.AttackResult:
+  """One restart: the start point, `num_steps` projected steps and the re-check."""
   eps = common.budget(config.eps, images.dtype)
   step_size = jnp.asarray(config.step_size, images.dtype)
   detector = _detector(config, images.dtype)
   queries = jnp.full(labels.shape, config.num_steps + 1, jnp.int32)  # clean forward + steps
-  result = None
-  for restart in range(config.restarts):
-    if stop_when_all_fooled and result is not None and bool(jnp.all(result.success)):
-      break
-    adv, run_targets, loss_class, sign = start(restart)(images, labels, key, targets, eps)
-    step_once = functools.partial(_step_from, step, images, loss_class, sign, eps, step_size,
-                                  detector)
-    run = common.finalize(apply_fn, params, images, repeat(step_once, adv), labels,
-                          run_targets, queries)
-    result = run if result is None else common.first_success(result, run)
-  return result
+  adv, run_targets, loss_class, sign = start(images, labels, keys, targets, eps)
+  step_once = functools.partial(_step_from, step, images, loss_class, sign, eps, step_size,
+                                detector)
+  return common.finalize(apply_fn, params, images, repeat(step_once, adv), labels,
+                         run_targets, queries)
 
 
 def _step_from(step, images, loss_class, sign, eps, step_size, detector, adv):

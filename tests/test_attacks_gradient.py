@@ -224,6 +224,11 @@ def test_pgd_restarts_keep_the_first_success_and_count_queries():
   np.testing.assert_allclose(np.asarray(core.adv_images), np.asarray(many.adv_images),
                              atol=1e-6)
   np.testing.assert_array_equal(np.asarray(core.queries), queries)
+  # The traced core runs every image 4 times; the host loop runs restarts 1-3 only on the
+  # images restart 0 left (13, padded to 16 rows), so an image fooled at once costs 4 rows.
+  evaluated = np.asarray(many.evaluated)
+  assert np.all(np.asarray(core.evaluated) == 16) and np.all(evaluated[s1] == 4)
+  np.testing.assert_allclose(evaluated.sum(), 24 * 4 + 3 * 16 * 4, rtol=1e-6)
 
 
 def test_pgd_restarts_stop_once_every_image_is_fooled():
