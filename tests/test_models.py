@@ -148,11 +148,15 @@ def test_unknown_model_lists_choices():
 
 
 @requires_data
-def test_short_training_run_lowers_the_loss(data_dir, tmp_path):
+def test_short_training_run_lowers_the_loss(data_dir, tmp_path, capsys):
   result = train.train_and_evaluate(
       "mnist_lenet", seed=0, data_dir=data_dir, out_dir=tmp_path, epochs=3,
       train_limit=384, test_limit=200, progress=False, keep_epochs=True)
   assert len(result.losses) == 3
+  # Without a progress bar, a line an epoch says how the run goes (a log in the background).
+  out = capsys.readouterr().out
+  for epoch, loss in enumerate(result.losses, 1):
+    assert f"mnist_lenet: epoch {epoch}/3: loss {loss:.4f}, accuracy " in out
   assert result.losses[-1] < 0.7 * result.losses[0], result.losses
   assert result.meta["test_accuracy"] > 0.5  # 384 images: far above chance (0.1)
   loaded = zoo.load("mnist_lenet", tmp_path)

@@ -286,6 +286,7 @@ def _train_epoch(run: _Run, state: state_lib.LoopState, epoch: int, order: np.nd
   bar = tqdm(range(skip, steps_per_epoch), desc=f"{run.name} epoch {epoch + 1}/{recipe.epochs}",
              initial=skip, total=steps_per_epoch, disable=not progress, leave=True,
              mininterval=2.0)
+  done = skip  # steps of the epoch done
   for step in bar:
     interrupts.check()
     idx = order[step * batch:(step + 1) * batch]
@@ -296,6 +297,7 @@ def _train_epoch(run: _Run, state: state_lib.LoopState, epoch: int, order: np.nd
         adversary.eps_scale(recipe, global_step, recipe.epochs * steps_per_epoch))
     total_loss += float(loss)
     total_correct += int(correct)
+    done = step + 1
     if step % 10 == 0 or step == steps_per_epoch - 1:
       bar.set_postfix(loss=f"{total_loss / (step + 1):.4f}",
                       acc=f"{total_correct / ((step + 1) * batch):.4f}", refresh=False)
@@ -317,7 +319,12 @@ def _train_epoch(run: _Run, state: state_lib.LoopState, epoch: int, order: np.nd
         on_checkpoint(epoch, step + 1)
   losses = np.array(state.losses)
   losses[epoch] = total_loss / steps_per_epoch
-  return state.epoch_done(variables, opt_state, time.time() - start, losses), stopped_at
+  state = state.epoch_done(variables, opt_state, time.time() - start, losses)
+  # A line an epoch, progress bar or not: what a log of a run in the background shows.
+  tqdm.write(f"{run.name}: epoch {epoch + 1}/{recipe.epochs}: loss {losses[epoch]:.4f}, "
+             f"accuracy {total_correct / (done * batch):.4f} on its training batches, "
+             f"{_minutes(float(state.train_seconds))} of training so far")
+  return state, stopped_at
 
 
 def _guard_check(run: _Run, state: state_lib.LoopState, variables: Any, check: int
