@@ -4,6 +4,8 @@ that joins them, and recipes' fingerprints kept for the models that shipped befo
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -104,6 +106,28 @@ def test_domain_recipes_are_checked():
 # defended zoo of issue 36): their shipped metadata still holds the old recipe. Shipping the
 # retrained model fails the test below until its name leaves this set.
 RETRAINING = {"cifar10_resnet20_adv", "cifar10_resnet20_denoise"}
+
+
+UNFINISHED = Path(__file__).resolve().parents[1] / "results" / "unfinished-training"
+
+
+@pytest.mark.parametrize("path", sorted(UNFINISHED.glob("*.resume.msgpack")),
+                         ids=lambda p: p.name)
+def test_committed_training_states_go_on_under_their_recipe(path):
+  """A resume state committed for the next working session (results/unfinished-training/)
+  resumes only under the recipe, seed and data size that wrote it: a recipe changed since
+  would make `advsweep train` refuse it, so it is caught here, with the way out."""
+  import flax.serialization
+
+  raw = flax.serialization.msgpack_restore(path.read_bytes())
+  written = json.loads(raw["fingerprint"])
+  name = path.name.removesuffix(".resume.msgpack")
+  assert train.resume_path(path.parent, name) == path  # where `advsweep train` looks
+  assert written["name"] == name, f"{path} holds {written['name']}'s training"
+  assert name in RETRAINING, f"{name} is not being retrained: delete {path}"
+  assert written["recipe"] == zoo.recipe_dict(zoo.entry(name).recipe), (
+      f"{name}'s recipe changed since {path} was written: delete it (training starts over)")
+  assert written["train_limit"] is None and written["test_limit"] is None
 
 
 @pytest.mark.parametrize("name", zoo.available())
