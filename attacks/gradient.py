@@ -286,11 +286,11 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
     todo = np.flatnonzero(~np.asarray(result.success))
     if not len(todo):
       break  # every image fooled: a restart could change nothing but the work counted
-    if common.bucket(len(todo)) >= len(images):  # the batch would not shrink
+    rows = np.resize(todo, common.bucket(len(todo)))
+    if len(rows) >= len(images):  # the batch would not shrink
       result = common.first_success(result, run(images, labels, keys, targets,
                                                 start=start(restart)))
       continue
-    rows = np.resize(todo, common.bucket(len(todo)))
     later = run(images[rows], labels[rows], keys[rows],
                 None if targets is None else targets[rows], start=start(restart))
     later = jax.tree.map(lambda a: a[:len(todo)], later)  # noqa: B023

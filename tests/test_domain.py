@@ -16,6 +16,7 @@ import pytest
 
 from advsweep.models import architectures, domain, transforms, zoo
 from advsweep.models import training as train
+from advsweep.models.training import state as training_state
 
 
 def _mmd_reference(x, y, scales=domain.KERNEL_SCALES):
@@ -125,9 +126,10 @@ def test_committed_training_states_go_on_under_their_recipe(path):
   assert train.resume_path(path.parent, name) == path  # where `advsweep train` looks
   assert written["name"] == name, f"{path} holds {written['name']}'s training"
   assert name in RETRAINING, f"{name} is not being retrained: delete {path}"
-  assert written["recipe"] == zoo.recipe_dict(zoo.entry(name).recipe), (
+  # The fingerprint `advsweep train` checks on resume: recipe, seed and full data.
+  now = training_state.fingerprint(name, zoo.entry(name).recipe, written["seed"], None, None)
+  assert raw["fingerprint"] == now, (
       f"{name}'s recipe changed since {path} was written: delete it (training starts over)")
-  assert written["train_limit"] is None and written["test_limit"] is None
 
 
 @pytest.mark.parametrize("name", zoo.available())
