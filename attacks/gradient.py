@@ -140,15 +140,14 @@ def _random_start(keys, images, eps, norm):
   return _project(images, images + jax.vmap(one)(keys, images), eps, norm)
 
 
-def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random_start,
-           target_mode, away_from, restart=0):
+def _start(apply_fn, params, images, labels, keys, targets, eps, restart=0, *, norm,
+           random_start, target_mode, away_from):
   """Targets, the class whose loss each step follows (and its sign), and the start point.
 
-  Restart r > 0 draws a new start point; the targets stay those of restart 0."""
+  Restart r > 0 draws a new start point; the targets stay those of restart 0. `restart` may
+  be traced, so that one compiled start serves every restart of the host loop."""
   keys = jax.vmap(lambda k: jax.random.split(k, 2))(common.per_image_keys(keys, len(images)))
-  target_keys, start_keys = keys[:, 0], keys[:, 1]
-  if restart:
-    start_keys = jax.vmap(lambda k: jax.random.fold_in(k, restart))(start_keys)
+  target_keys, start_keys = keys[:, 0], _restart_keys(keys[:, 1], restart)
   clean_logits = apply_fn(params, images)
   targets = common.choose_targets(target_mode, target_keys, labels, clean_logits, targets)
   if target_mode != common.UNTARGETED:
@@ -158,6 +157,14 @@ def _start(apply_fn, params, images, labels, keys, targets, eps, *, norm, random
     sign = 1.0  # climb the loss of the class to leave
   adv = _random_start(start_keys, images, eps, norm) if random_start else images
   return adv, targets, loss_class.astype(jnp.int32), jnp.asarray(sign, images.dtype)
+
+
+def _restart_keys(keys: jax.Array, restart: int | jax.Array) -> jax.Array:
+  """Restart 0 keeps the images' start keys; restart r > 0 folds r into each."""
+  fold = lambda ks: jax.vmap(lambda k: jax.random.fold_in(k, restart))(ks)  # noqa: E731
+  if isinstance(restart, int):
+    return fold(keys) if restart else keys
+  return jax.lax.cond(restart > 0, fold, lambda ks: ks, keys)
 
 
 def _step(apply_fn, params, images, adv, loss_class, sign, eps, step_size, detector, *,
@@ -270,8 +277,8 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
   fooled image keeps its first success whatever a later restart finds, so this is the
   traced core's result, with `evaluated` counting the rows really computed (the padding
   shared among the images it was added for)."""
-  start = lambda r: common.bind(_start, apply_fn, params, **_statics(config),  # noqa: E731
-                                restart=r)
+  bound_start = common.bind(_start, apply_fn, params, **_statics(config))
+  start = lambda r: functools.partial(_start_at, bound_start, np.int32(r))  # noqa: E731
   step = common.bind(_step, apply_fn, params, norm=config.norm)
 
   def repeat(step_once, adv):
@@ -298,6 +305,12 @@ def _host_loop(apply_fn, params, images, labels, key, targets, config: PGDConfig
     merged = common.first_success(jax.tree.map(lambda a: a[todo], result), later)  # noqa: B023
     result = jax.tree.map(lambda a, b: a.at[todo].set(b), result, merged)  # noqa: B023
   return result
+
+
+def _start_at(bound_start, restart, images, labels, keys, targets, eps):
+  """The host loop's start for one restart: the restart index is an argument of the compiled
+  start, not a constant of it."""
+  return bound_start(images, labels, keys, targets, eps, restart)
 
 
 def _iterate(apply_fn, params, images, labels, key, targets, config: PGDConfig, start, step,

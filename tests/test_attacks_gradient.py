@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from advsweep import attacks
-from advsweep.attacks import gradient
+from advsweep.attacks import common, gradient
 from tests.attack_models import linear_model, random_images, small_cnn
 
 
@@ -229,6 +229,19 @@ def test_pgd_restarts_keep_the_first_success_and_count_queries():
   evaluated = np.asarray(many.evaluated)
   assert np.all(np.asarray(core.evaluated) == 16) and np.all(evaluated[s1] == 4)
   np.testing.assert_allclose(evaluated.sum(), 24 * 4 + 3 * 16 * 4, rtol=1e-6)
+
+
+def test_pgd_host_loop_compiles_one_start_for_every_restart():
+  apply_fn, params = small_cnn()
+  images = random_images(24, 8, 8, 3)
+  labels = jnp.argmax(apply_fn(params, images), -1)
+  config = attacks.PGDConfig(eps=0.03, step_size=0.01, num_steps=2, restarts=6)
+  starts = lambda: [k for k in common._BOUND if k[0] is gradient._start]  # noqa: E731
+  before = len(starts())
+  result = attacks.pgd(apply_fn, params, images, labels, jax.random.key(3), config)
+  assert not np.asarray(result.success).all()  # later restarts ran
+  # The restart index is an argument of the compiled start, not part of its cache key.
+  assert len(starts()) - before == 1
 
 
 def test_pgd_restarts_stop_once_every_image_is_fooled():
