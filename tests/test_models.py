@@ -30,7 +30,7 @@ ACCURACY_FLOORS = {
     "mnist_lenet_advgan": 0.98,
     "cifar10_resnet20_gauss": 0.70,
     "cifar10_resnet20_adv": 0.72,
-    "cifar10_resnet20_denoise": 0.50,
+    "cifar10_resnet20_denoise": 0.72,
     "cifar10_resnet20_da": 0.80,
     "cifar10_wide_resnet20_adv": 0.70,  # issue 36's goal for a CIFAR-10 defense
 }
