@@ -134,3 +134,67 @@ def test_tiny_run_checks_its_output_and_writes_rows(lenet, data_dir, tmp_path, c
   meta = json.loads(table.schema.metadata[b"advsweep.reference_autoattack"])
   assert meta["kind"] == ref.NATIVE and meta["num_images"] == 4 and meta["apgd_steps"] == 10
   assert [p.name for p in path.parent.iterdir()] == ["ref.parquet"]  # no temporary left
+
+
+class _Stopped(Exception):
+  """The break in the middle of a run."""
+
+
+@requires_data
+def test_interrupted_run_resumes_at_its_next_batch(lenet, data_dir, tmp_path, monkeypatch):
+  """A run stopped after its first batch keeps it in the progress file; the next run attacks
+  only the second batch and returns what an uninterrupted run does."""
+  whole = ref.run(lenet, num_images=8, data_dir=data_dir, batch_size=4)
+  path = tmp_path / "ref.partial.npz"
+  real_autoattack, calls, stop_at = ref.autoattack, [], [2]
+
+  def stopping_after_one_batch(*args, **kwargs):
+    atk = real_autoattack(*args, **kwargs)
+
+    def attack(x, y):
+      calls.append(len(x))
+      if len(calls) in stop_at:
+        raise _Stopped
+      return atk(x, y)
+    attack._autoattack = atk._autoattack  # what _settings reads
+    return attack
+
+  monkeypatch.setattr(ref, "autoattack", stopping_after_one_batch)
+  with pytest.raises(_Stopped):
+    ref.run(lenet, num_images=8, data_dir=data_dir, batch_size=4, progress_path=path)
+  with np.load(path, allow_pickle=False) as kept:
+    assert kept["adversarial"].shape == (4, 1, 28, 28)
+    first_calls = int(kept["model_calls"])
+  assert first_calls > 0
+
+  calls.clear()
+  stop_at.clear()
+  resumed = ref.run(lenet, num_images=8, data_dir=data_dir, batch_size=4, progress_path=path)
+  assert calls == [4]  # only the second batch
+  assert not path.exists()
+  np.testing.assert_array_equal(resumed["adversarial"], whole["adversarial"])
+  np.testing.assert_array_equal(resumed["robust"], whole["robust"])
+  assert resumed["model_calls"] == whole["model_calls"] > first_calls
+
+  with pytest.warns(UserWarning, match="another evaluation"):  # other settings: afresh
+    ref.progress.save(path, "not this run", {"adversarial": np.zeros((4, 1, 28, 28))})
+    calls.clear()
+    ref.run(lenet, num_images=8, data_dir=data_dir, batch_size=4, progress_path=path)
+  assert calls == [4, 4]
+
+
+@requires_data
+def test_standard_vs_reference_writes_one_comparison_and_no_progress(data_dir, tmp_path,
+                                                                     capsys):
+  """The comparison on 4 images of the undefended LeNet: both fool all four, the file is
+  named by the weights, and the reference's progress file is gone once it ends."""
+  from advsweep.bench.perf import standard_vs_reference as versus
+
+  assert versus.main(["--models", "mnist_lenet", "--n", "4", "--data-dir", str(data_dir),
+                      "--out", str(tmp_path)]) == 0
+  sha = zoo.load("mnist_lenet").meta["sha256"]
+  assert [p.name for p in tmp_path.iterdir()] == [f"mnist_lenet-4-{sha[:12]}.json"]
+  result = json.loads((tmp_path / f"mnist_lenet-4-{sha[:12]}.json").read_text())
+  assert result["ours"]["robust"] == result["reference"]["robust"] == 0.0
+  assert result["within_one_point"] and result["only_ours_robust"] == 0
+  assert "mnist_lenet" in capsys.readouterr().out

@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from advsweep.bench.evaluation import progress
+
 INSTALL_HINT = ("the reference AutoAttack needs PyTorch and torchattacks: pip install "
                 "torch==2.13.0, then pip install --no-deps torchattacks==3.5.1")
 
@@ -389,11 +391,48 @@ def perturbation_size(adv: np.ndarray, x: np.ndarray, norm: str) -> np.ndarray:
   return np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
 
 
+class _Done:
+  """The batches a run has finished: their adversarial images (NCHW) and what they cost,
+  the earlier parts of an interrupted run included."""
+
+  COUNTS = ("seconds", "compile_seconds", "model_calls", "model_images", "gradient_calls")
+
+  def __init__(self, adversarial: torch.Tensor, before: dict[str, float],
+               this_part: dict[str, float] | None = None):
+    self.adversarial = adversarial
+    self.before = before
+    total = {k: before[k] + (this_part or {}).get(k, 0) for k in self.COUNTS}
+    self.seconds, self.compile_seconds = total["seconds"], total["compile_seconds"]
+    self.model_calls, self.model_images, self.gradient_calls = (
+        int(total[k]) for k in ("model_calls", "model_images", "gradient_calls"))
+
+  @classmethod
+  def empty(cls, like: torch.Tensor) -> _Done:
+    return cls(like, dict.fromkeys(cls.COUNTS, 0.0))
+
+  @classmethod
+  def from_arrays(cls, arrays: dict[str, np.ndarray]) -> _Done:
+    return cls(torch.from_numpy(arrays["adversarial"]),
+               {k: float(arrays[k]) for k in cls.COUNTS})
+
+  def extended(self, batch: torch.Tensor, seconds: float, net: Any,
+               compile_seconds: float) -> _Done:
+    """This with `batch` appended; the counts of this part are the totals since it began."""
+    return _Done(torch.cat([self.adversarial, batch]), self.before, {
+        "seconds": seconds, "compile_seconds": compile_seconds, "model_calls": net.calls,
+        "model_images": net.images, "gradient_calls": net.gradient_calls})
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"adversarial": self.adversarial.numpy(),
+            **{k: np.asarray(getattr(self, k), np.float64) for k in self.COUNTS}}
+
+
 def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str = "linf",
         batch_size: int = DEFAULT_BATCH_SIZE, data_dir: str | os.PathLike | None = None,
         seed: int = 0, *, kind: str = "auto", croce_hein: bool = False,
         threads: int | None = None, images: np.ndarray | None = None,
-        labels: np.ndarray | None = None) -> dict[str, Any]:
+        labels: np.ndarray | None = None,
+        progress_path: str | os.PathLike | None = None) -> dict[str, Any]:
   """torchattacks' standard AutoAttack on the first `num_images` test images of a model.
 
   Args:
@@ -411,6 +450,10 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
       wait on each other at every operation: the LeNet's forward pass of 100 images took
       0.21 s on 2 threads and 0.043 s on 1 on the 2-core machine under load.
     images, labels: uint8 NHWC images and their labels in place of the dataset's.
+    progress_path: where to keep the batches done (`bench.evaluation.progress`'s file), so
+      that an interrupted run resumes at its next batch. torchattacks seeds every sub-attack
+      at each call, so a resumed run returns what an uninterrupted one does; its `seconds`
+      and counts add up the parts. The file is removed when the run ends.
 
   Returns:
     per-image arrays `index`, `label`, `clean_correct`, `robust` (the JAX model's prediction on
@@ -446,22 +489,31 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
   default_threads = torch.get_num_threads()
   if threads is not None:
     torch.set_num_threads(threads)
+  stamp = progress.fingerprint(model.params, images, labels, np.arange(n), {
+      "eps": eps, "norm": norm, "seed": seed, "batch_size": batch_size, "kind": net.kind,
+      "croce_hein": croce_hein, **_settings(atk), **versions()})
+  kept = progress.load(progress_path, stamp) if progress_path is not None else None
+  done = _Done.from_arrays(kept) if kept is not None else _Done.empty(x_t[:0])
   try:
     warm = x_t[:batch_size].clone().requires_grad_()  # torch's and the bridge's first calls
     net(warm).sum().backward()
     compile_before = bridge.compile_seconds if bridge else 0.0
     net.reset_counts()
     torch_threads = torch.get_num_threads()
-    adv = []
     start = time.perf_counter()
-    for i in range(0, n, batch_size):
-      adv.append(atk(x_t[i:i + batch_size], y_t[i:i + batch_size]).detach())
-    seconds = time.perf_counter() - start
+    for i in range(len(done.adversarial), n, batch_size):
+      batch = atk(x_t[i:i + batch_size], y_t[i:i + batch_size]).detach()
+      done = done.extended(batch, time.perf_counter() - start, net,
+                           (bridge.compile_seconds - compile_before) if bridge else 0.0)
+      if progress_path is not None and i + batch_size < n:
+        progress.save(progress_path, stamp, done.arrays())
   finally:
     torch.set_num_threads(default_threads)
-  counts = {"model_calls": net.calls, "model_images": net.images,
-            "gradient_calls": net.gradient_calls}
-  adv_t = torch.cat(adv)
+  progress.remove(progress_path)
+  seconds = done.seconds
+  counts = {"model_calls": done.model_calls, "model_images": done.model_images,
+            "gradient_calls": done.gradient_calls}
+  adv_t = done.adversarial
   with torch.no_grad():
     torch_pred = torch.cat([net(adv_t[i:i + batch_size]).argmax(1)
                             for i in range(0, n, batch_size)]).numpy()
@@ -478,8 +530,7 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
       "norm": norm, "eps": eps, "num_images": n, "batch_size": batch_size, "seed": seed,
       "kind": net.kind, "croce_hein": croce_hein, **_settings(atk), **versions(),
       "torch_threads": torch_threads, "seconds": seconds,
-      "compile_seconds": (bridge.compile_seconds - compile_before) if bridge else 0.0,
-      **counts,
+      "compile_seconds": done.compile_seconds, **counts,
       "clean_accuracy": float(clean_correct.mean()), "robust_accuracy": float(robust.mean()),
       "violations": int((~within).sum()),
       "torch_jax_disagreements": int((robust != (torch_pred == labels)).sum()),

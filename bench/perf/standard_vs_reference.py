@@ -96,13 +96,17 @@ def kept_evaluation(folder: Path, name: str, num_images: int, eps: float, norm: 
 def compare(name: str, num_images: int, *, eps: float | None = None, norm: str = "linf",
             data_dir: str | None = None, seed: int = 0, batch_size: int | None = None,
             reference_batch_size: int | None = None, threads: int | None = None,
-            ours_from: Path | None = None, log=print) -> dict[str, Any]:
+            ours_from: Path | None = None, progress_dir: Path | None = None,
+            log=print) -> dict[str, Any]:
   """Runs both on `name`'s first `num_images` test images (ours read from the kept files of
-  `ours_from` where given: then no speed is compared); returns the comparison."""
+  `ours_from` where given: then no speed is compared); returns the comparison. With
+  `progress_dir`, the reference keeps its finished batches there and an interrupted
+  comparison resumes at the next one."""
   from advsweep.bench.perf import reference_autoattack as reference
 
   model = zoo.load(name)
   dataset = model.meta["dataset"]
+  explicit_eps = eps is not None
   eps = standard.BUDGETS[(dataset, norm)] if eps is None else eps
   images, labels = datasets.load(dataset, "test", data_dir)
   images, labels = images[:num_images], labels[:num_images]
@@ -118,7 +122,11 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
       + ("" if math.isnan(ours_seconds) else f" in {ours_seconds:.0f} s"))
   ref = reference.run(name, num_images=num_images, eps=eps, norm=norm, data_dir=data_dir,
                       seed=seed, croce_hein=True, threads=threads,
-                      batch_size=reference_batch_size or reference.DEFAULT_BATCH_SIZE)
+                      batch_size=reference_batch_size or reference.DEFAULT_BATCH_SIZE,
+                      progress_path=None if progress_dir is None else progress_dir / (
+                          result_stem(name, num_images, eps if explicit_eps else None,
+                                      model.meta.get("sha256", ""))
+                          + ".reference.partial.npz"))
   ref_robust = np.asarray(ref["robust"], bool)
   log(f"{name}: reference robust {100 * ref_robust.mean():.1f}% in {ref['seconds']:.0f} s")
   paired = stats.paired(ours.robust, ref_robust)
@@ -140,6 +148,12 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
       "mcnemar_p": paired.p_value,
       "within_one_point": acc <= float(ref_robust.mean()) + 0.01 or acc <= ref_high,
   }
+
+
+def result_stem(name: str, num_images: int, eps: float | None, sha256: str) -> str:
+  """The comparison's file name without its suffix. Named by the weights too: a retrained
+  model's comparison never replaces the earlier weights' (the docs' page lists both)."""
+  return f"{name}-{num_images}" + ("" if eps is None else f"-eps{eps:g}") + f"-{sha256[:12]}"
 
 
 def row(result: dict[str, Any]) -> list[str]:
@@ -176,11 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in args.models:
     result = compare(name, args.n, eps=args.eps, norm=args.norm, data_dir=args.data_dir,
                      threads=args.threads, reference_batch_size=args.reference_batch_size,
-                     ours_from=args.ours_from)
-    # Named by the weights too: a retrained model's comparison never replaces the earlier
-    # weights' (the docs' page lists both, each under its sha256).
-    suffix = ("" if args.eps is None else f"-eps{args.eps:g}") + f"-{result['sha256'][:12]}"
-    files.atomic_write_bytes(args.out / f"{name}-{args.n}{suffix}.json",
+                     ours_from=args.ours_from, progress_dir=args.out)
+    stem = result_stem(name, args.n, args.eps, result["sha256"])
+    files.atomic_write_bytes(args.out / f"{stem}.json",
                              (json.dumps(result, indent=1) + "\n").encode())
     rows.append(row(result))
   print(tables.format_text(HEADER, rows))
