@@ -391,40 +391,19 @@ def perturbation_size(adv: np.ndarray, x: np.ndarray, norm: str) -> np.ndarray:
   return np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
 
 
-class _Done:
-  """The batches a run has finished: their adversarial images (NCHW) and what they cost,
-  the earlier parts of an interrupted run included."""
+# What a run's progress file adds up across its parts (an interrupted run and its resumes).
+_COUNTS = ("seconds", "compile_seconds", "model_calls", "model_images", "gradient_calls")
 
-  COUNTS = ("seconds", "compile_seconds", "model_calls", "model_images", "gradient_calls")
 
-  def __init__(self, adversarial: torch.Tensor, before: dict[str, float],
-               this_part: dict[str, float] | None = None):
-    self.adversarial = adversarial
-    self.before = before
-    total = {k: before[k] + (this_part or {}).get(k, 0) for k in self.COUNTS}
-    self.seconds, self.compile_seconds = total["seconds"], total["compile_seconds"]
-    self.model_calls, self.model_images, self.gradient_calls = (
-        int(total[k]) for k in ("model_calls", "model_images", "gradient_calls"))
-
-  @classmethod
-  def empty(cls, like: torch.Tensor) -> _Done:
-    return cls(like, dict.fromkeys(cls.COUNTS, 0.0))
-
-  @classmethod
-  def from_arrays(cls, arrays: dict[str, np.ndarray]) -> _Done:
-    return cls(torch.from_numpy(arrays["adversarial"]),
-               {k: float(arrays[k]) for k in cls.COUNTS})
-
-  def extended(self, batch: torch.Tensor, seconds: float, net: Any,
-               compile_seconds: float) -> _Done:
-    """This with `batch` appended; the counts of this part are the totals since it began."""
-    return _Done(torch.cat([self.adversarial, batch]), self.before, {
-        "seconds": seconds, "compile_seconds": compile_seconds, "model_calls": net.calls,
-        "model_images": net.images, "gradient_calls": net.gradient_calls})
-
-  def arrays(self) -> dict[str, np.ndarray]:
-    return {"adversarial": self.adversarial.numpy(),
-            **{k: np.asarray(getattr(self, k), np.float64) for k in self.COUNTS}}
+def _totals(before: dict[str, float], net: Any, start: float,
+            compile_before: float) -> dict[str, float]:
+  """The earlier parts' counts plus this part's so far."""
+  bridge = getattr(net, "bridge", None)
+  part = {"seconds": time.perf_counter() - start,
+          "compile_seconds": (bridge.compile_seconds - compile_before) if bridge else 0.0,
+          "model_calls": net.calls, "model_images": net.images,
+          "gradient_calls": net.gradient_calls}
+  return {k: before[k] + part[k] for k in _COUNTS}
 
 
 def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str = "linf",
@@ -493,7 +472,8 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
       "eps": eps, "norm": norm, "seed": seed, "batch_size": batch_size, "kind": net.kind,
       "croce_hein": croce_hein, **_settings(atk), **versions()})
   kept = progress.load(progress_path, stamp) if progress_path is not None else None
-  done = _Done.from_arrays(kept) if kept is not None else _Done.empty(x_t[:0])
+  adv = [torch.from_numpy(kept["adversarial"])] if kept is not None else []
+  before = {k: float(kept[k]) if kept is not None else 0.0 for k in _COUNTS}
   try:
     warm = x_t[:batch_size].clone().requires_grad_()  # torch's and the bridge's first calls
     net(warm).sum().backward()
@@ -501,19 +481,19 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
     net.reset_counts()
     torch_threads = torch.get_num_threads()
     start = time.perf_counter()
-    for i in range(len(done.adversarial), n, batch_size):
-      batch = atk(x_t[i:i + batch_size], y_t[i:i + batch_size]).detach()
-      done = done.extended(batch, time.perf_counter() - start, net,
-                           (bridge.compile_seconds - compile_before) if bridge else 0.0)
+    for i in range(sum(map(len, adv)), n, batch_size):
+      adv.append(atk(x_t[i:i + batch_size], y_t[i:i + batch_size]).detach())
       if progress_path is not None and i + batch_size < n:
-        progress.save(progress_path, stamp, done.arrays())
+        totals = _totals(before, net, start, compile_before)
+        progress.save(progress_path, stamp, {"adversarial": torch.cat(adv).numpy(),
+                                             **{k: np.float64(v) for k, v in totals.items()}})
+    totals = _totals(before, net, start, compile_before)
   finally:
     torch.set_num_threads(default_threads)
   progress.remove(progress_path)
-  seconds = done.seconds
-  counts = {"model_calls": done.model_calls, "model_images": done.model_images,
-            "gradient_calls": done.gradient_calls}
-  adv_t = done.adversarial
+  seconds = totals["seconds"]
+  counts = {k: int(totals[k]) for k in ("model_calls", "model_images", "gradient_calls")}
+  adv_t = torch.cat(adv)
   with torch.no_grad():
     torch_pred = torch.cat([net(adv_t[i:i + batch_size]).argmax(1)
                             for i in range(0, n, batch_size)]).numpy()
@@ -530,7 +510,7 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
       "norm": norm, "eps": eps, "num_images": n, "batch_size": batch_size, "seed": seed,
       "kind": net.kind, "croce_hein": croce_hein, **_settings(atk), **versions(),
       "torch_threads": torch_threads, "seconds": seconds,
-      "compile_seconds": done.compile_seconds, **counts,
+      "compile_seconds": totals["compile_seconds"], **counts,
       "clean_accuracy": float(clean_correct.mean()), "robust_accuracy": float(robust.mean()),
       "violations": int((~within).sum()),
       "torch_jax_disagreements": int((robust != (torch_pred == labels)).sum()),
