@@ -73,6 +73,29 @@ def test_table_counts_every_image_and_flags_masking():
   assert "clean 100.0% vs 100.0% (no difference at 95%; +0.0 points" in twins[0]
 
 
+def test_worst_case_is_robust_under_every_attack_on_the_shared_images():
+  fgsm = (np.array([0, 1, 2, 3, 4]), np.array([True, True, True, False, True]))
+  # PGD measured image 2 twice (two configurations: both must hold) and not image 4.
+  pgd = (np.array([3, 2, 1, 0, 2, 5]), np.array([True, True, True, False, False, True]))
+  images, robust = robustness.worst_case([fgsm, pgd])
+  assert images.tolist() == [0, 1, 2, 3]  # 4 and 5: measured by one attack each, left out
+  assert robust.tolist() == [False, True, False, False]
+  # In the table: the defended model's rows keep images 0-29 under PGD, 0-44 under FGSM,
+  # 40-49 under the twin's transfer; the twin's JSMA (L0, out of the L-inf worst case) the
+  # first 12 of 50.
+  table = _table(*_cells("mnist_lenet_pgd", fgsm=45, pgd=30, transfer=40),
+                 *_cells("mnist_lenet", fgsm=20, pgd=15),
+                 _rows("mnist_lenet", "jsma", {}, 50, 12),
+                 # A smaller budget: the worst case is at the largest eps measured only.
+                 _rows("mnist_lenet", "fgsm", {"eps": 0.1}, 50, 3))
+  rows = {r[0]: dict(zip(robustness.HEADER, r, strict=True))
+          for r in robustness.robustness_rows(table)[0]}
+  assert rows["mnist_lenet"][robustness.WORST_CASE].startswith("30.0%")  # min(20, 15) / 50
+  assert rows["mnist_lenet_pgd"][robustness.WORST_CASE].startswith("0.0%")  # 0-29 vs 40-49
+  twins = robustness.twin_lines(table)
+  assert "L-inf worst case 0.0% vs 30.0% (lower; -30.0 points" in twins[0]
+
+
 def test_all_image_metrics_count_clean_errors():
   table = _table(_rows("mnist_lenet", "pgd", {"eps": 0.3}, 40, 20, clean=30))
   cols = {k: np.asarray(v) for k, v in table.to_pydict().items()}
@@ -98,7 +121,13 @@ def test_robustness_command_runs_on_a_defended_model_and_its_twin(data_dir, tmp_
   rows, _ = robustness.robustness_rows(table)
   assert [r[0] for r in rows] == ["mnist_lenet", "mnist_lenet_fgsm"]
   assert all(r[3] == "4" for r in rows)
-  assert rows[1][-1] != "-" and rows[0][-1] == "-"  # the transfer attack ran on the defense
+  transfer = robustness.HEADER.index("PGD from twin")
+  assert rows[1][transfer] != "-" and rows[0][transfer] == "-"  # it ran on the defense only
+  for row in rows:  # the worst case keeps no more images than any one L-inf attack
+    shares = [float(row[robustness.HEADER.index(c)].split("%")[0])
+              for c in (*robustness.LINF_COLUMNS, robustness.WORST_CASE)
+              if row[robustness.HEADER.index(c)] != "-"]
+    assert shares[-1] == min(shares)
   # The PGD column is the rows' count of images still correct.
   cols = report.columns(table)
   pgd = (cols["model"] == "mnist_lenet_fgsm") & (cols["attack"] == "pgd")
