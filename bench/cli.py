@@ -245,10 +245,12 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     standard_runs.run_zoo(models, num_images=args.num_images or (20 if args.quick else 1000),
                           norm=args.norm, quick=args.quick, out_root=args.out,
                           data_dir=args.data_dir, seed=args.seed,
-                          batch_size=args.batch_size, progress=not args.no_progress)
+                          batch_size=args.batch_size, beside=args.beside or (),
+                          progress=not args.no_progress)
     return 0
   standard_only = [flag for flag, value in (("--models", args.models), ("--norm", args.norm
-                   != "linf"), ("--num-images", args.num_images)) if value]
+                   != "linf"), ("--num-images", args.num_images), ("--beside", args.beside))
+                   if value]
   if standard_only:
     raise ValueError(f"{', '.join(standard_only)} only apply with --standard")
   from advsweep.bench.reports import robustness
@@ -545,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=_count, default=None,
                  help="with --standard: images per attack call (default: by backend; on a "
                  "CPU 32 for the gradient attacks, 500 for Square); outcomes do not depend on it")
+  p.add_argument("--beside", nargs=2, action="append", metavar=("MODEL", "OTHER"),
+                 help="with --standard: also compare MODEL with OTHER image by image (exact "
+                 "McNemar, Newcombe interval), both among --models; repeatable (each model "
+                 "is compared with its twin anyway)")
   p.set_defaults(func=_cmd_robustness)
 
   from advsweep.bench.analyses import ANALYSES

@@ -117,14 +117,19 @@ class ZooEntry:
   note: str = ""
   defense: str = ""  # the recipe's defense, "" for an undefended model
   twin: str = ""     # the undefended (or un-denoised) model it is measured beside
+  # A defended model trained the same way but for this defense's own term, compared with it
+  # image by image too (the logit-paired LeNet beside the PGD-trained one: Mosbach et al.).
+  beside: str = ""
 
   @property
   def checkpoint(self) -> Path:
     return CHECKPOINT_DIR / f"{self.name}.msgpack"
 
 
-def _entry(name, dataset, architecture, constructor, recipe, note="", defense="", twin=""):
-  return name, ZooEntry(name, dataset, architecture, constructor, recipe, note, defense, twin)
+def _entry(name, dataset, architecture, constructor, recipe, note="", defense="", twin="",
+           beside=""):
+  return name, ZooEntry(name, dataset, architecture, constructor, recipe, note, defense, twin,
+                        beside)
 
 
 _MNIST_ADAM = TrainRecipe(epochs=6, batch_size=128, optimizer="adam", peak_lr=2e-3)
@@ -189,7 +194,7 @@ ZOO: dict[str, ZooEntry] = dict([
            dataclasses.replace(_MNIST_PGD, clean_weight=0.5, logit_pairing=0.5),
            "adversarial logit pairing, Mosbach et al.'s \"50% AT + ALP\" (Kannan et al. 2018): "
            "half clean, half PGD-7 examples, lambda 0.5, on mnist_lenet_pgd's schedule",
-           "alp", "mnist_lenet"),
+           "alp", "mnist_lenet", beside="mnist_lenet_pgd"),
     _entry("mnist_lenet_advgan", "mnist", "PapernotLeNet", architectures.PapernotLeNet,
            dataclasses.replace(_MNIST_ADAM, adversary="advgan", epsilon=0.3,
                                clean_weight=0.5, adv_generator="mnist_lenet"),

@@ -7,6 +7,7 @@ import itertools
 
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from advsweep.bench import evaluate
@@ -226,6 +227,8 @@ def test_an_attack_leaving_its_budget_stops_the_evaluation():
     (["--models", "mnist_lenet", "--num-images", "0"], "a whole number >= 1"),
     (["--models", "fashion_mnist_lenet", "--norm", "l2"], "no standard l2 budget"),
     (["--norm", "l2"], "only apply with --standard"),
+    (["--models", "mnist_lenet", "--beside", "mnist_lenet", "mnist_lenet_pgd"],
+     "both models must be among --models"),
 ])
 def test_the_command_refuses_bad_input_in_one_line_and_writes_nothing(argv, message, tmp_path,
                                                                      capsys):
@@ -240,6 +243,36 @@ def test_the_command_refuses_bad_input_in_one_line_and_writes_nothing(argv, mess
   assert code == 2
   assert message in err[-1] and len([line for line in err if "error" in line]) == 1
   assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def _kept(robust: list[bool], twin: str = "") -> tuple[dict, pa.Table]:
+  n = len(robust)
+  summary = {"defense": "", "twin": twin, "num_images": n, "clean_accuracy": 1.0,
+             "robust_after": {"APGD-CE": sum(robust) / n}, "robust_accuracy": sum(robust) / n,
+             "robust_interval": [0.0, 1.0], "seconds": 1.0, "flags": []}
+  return summary, pa.table({"attack": ["APGD-CE"] * n, "robust": robust})
+
+
+def test_models_are_paired_with_their_twin_the_zoo_beside_and_the_pairs_asked_for():
+  """The logit-paired LeNet is compared with its twin and with the PGD-trained LeNet (the
+  zoo's `beside`: the same schedule without logit pairing), image by image; a pair asked
+  for is added, and one with a model not evaluated is left out."""
+  from advsweep.bench.evaluation import standard_runs
+
+  kept = {"mnist_lenet_alp": _kept([True] * 6 + [False] * 4, twin="mnist_lenet"),
+          "mnist_lenet_pgd": _kept([True] * 9 + [False]),
+          "mnist_lenet": _kept([False] * 10)}
+  assert standard_runs.pairs(kept) == [("mnist_lenet_alp", "mnist_lenet"),
+                                       ("mnist_lenet_alp", "mnist_lenet_pgd")]
+  assert standard_runs.pairs(kept, [("mnist_lenet", "mnist_lenet_pgd"),
+                                    ("mnist_lenet", "cifar10_vgg")])[-1] == (
+                                        "mnist_lenet", "mnist_lenet_pgd")
+  text, _ = standard_runs.lines(kept, "t", [("mnist_lenet", "mnist_lenet_pgd")])
+  beside = next(t for t in text if t.startswith("mnist_lenet_alp vs mnist_lenet_pgd"))
+  # Robust 6 vs 9 of 10: 0 only here, 3 only there; exact McNemar p = 2 / 2^3.
+  assert "robust 60.0% vs 90.0%" in beside and "only here 0, only there 3" in beside
+  assert "p = 0.25" in beside
+  assert any(t.startswith("mnist_lenet vs mnist_lenet_pgd: robust 0.0% vs 90.0%") for t in text)
 
 
 @requires_data

@@ -13,6 +13,7 @@ Newcombe interval: `bench.stats.paired`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from advsweep.bench import stats
 from advsweep.bench.driver import results
 from advsweep.bench.evaluation import standard
 from advsweep.bench.reports import tables
-from advsweep.models import custom, datasets, files
+from advsweep.models import custom, datasets, files, zoo
 
 HEADER_START = ("model", "defense", "twin", "n", "clean")
 
@@ -115,11 +116,16 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
             version: str = standard.STANDARD, quick: bool = False,
             out_root: str | Path = "results", data_dir: str | None = None,
             checkpoint_dir: str | None = None, seed: int = 0, batch_size: int | None = None,
-            progress: bool = True, log=print) -> str:
-  """Evaluates each model (resuming from kept files), prints and writes the table; returns
-  its Markdown."""
+            beside: Sequence[tuple[str, str]] = (), progress: bool = True, log=print) -> str:
+  """Evaluates each model (resuming from kept files), prints and writes the table, each
+  model beside its twin and the `beside` pairs (model, other) image by image; returns its
+  Markdown."""
   if num_images < 1:
     raise ValueError(f"--num-images must be >= 1; got {num_images}")
+  for pair in beside:
+    if len(pair) != 2 or not all(m in models for m in pair):
+      raise ValueError(f"--beside {' '.join(pair)}: both models must be among --models "
+                       f"({' '.join(models)})")
   folder = Path(out_root) / f"standard-{norm}{'-quick' if quick else ''}"
   folder.mkdir(parents=True, exist_ok=True)
   kept: dict[str, tuple[dict[str, Any], pa.Table]] = {}
@@ -149,23 +155,37 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
     kept[name] = load(folder, name)
   title = (f"Standard evaluation ({norm}, first {num_images} test images"
            f"{', quick: not the standard figure' if quick else ''})")
-  text, markdown = lines(kept, title)
+  text, markdown = lines(kept, title, beside)
   log("\n".join(text))
   body = "\n".join(markdown) + "\n"
   tables.write_text(folder.with_suffix(".md"), body)
   return body
 
 
-def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str
-          ) -> tuple[list[str], list[str]]:
-  """The table, the twin comparisons and the flags, as text and as Markdown lines."""
+def pairs(kept: dict[str, tuple[dict[str, Any], pa.Table]],
+          beside: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+  """The (model, other) pairs compared image by image: each model with its twin (the
+  checkpoint's record) and with the zoo's `beside` model, then the pairs asked for; only where
+  both were evaluated."""
+  out: list[tuple[str, str]] = []
+  for name, (summary, _) in kept.items():
+    entry = zoo.ZOO.get(name)
+    out += [(name, other) for other in (summary.get("twin"), entry and entry.beside) if other]
+  out += [tuple(pair) for pair in beside]
+  return [pair for pair in dict.fromkeys(out) if pair[0] in kept and pair[1] in kept]
+
+
+def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str,
+          beside: Sequence[tuple[str, str]] = ()) -> tuple[list[str], list[str]]:
+  """The table, the paired comparisons (`pairs`) and the flags, as text and as Markdown
+  lines."""
   attacks: list[str] = []
   for summary, _ in kept.values():
     attacks += [a for a in summary["robust_after"] if a not in attacks]
   header = (*HEADER_START, *[f"after {a}" for a in attacks], "robust (95% interval)",
             "seconds")
   rows, flags, twins = [], [], []
-  for name, (summary, table) in kept.items():
+  for name, (summary, _) in kept.items():
     # The checkpoint's own metadata: what the evaluated weights were trained as.
     defense, twin = summary.get("defense") or "none", summary.get("twin") or "-"
     low, high = summary["robust_interval"]
@@ -175,29 +195,30 @@ def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str
                  f"{tables.pct(summary['robust_accuracy'])} ({tables.pct(low)}-"
                  f"{tables.pct(high)})", f"{summary['seconds']:.0f}"])
     flags += [f"{name}: {f}" for f in summary["flags"]]
-    if twin in kept:
-      ours, theirs = _robust_per_image(table), _robust_per_image(kept[twin][1])
-      if len(ours) == len(theirs):
-        p = stats.paired(ours, theirs)
-        twins.append(f"{name} vs {twin}: robust {tables.pct(p.a)} vs {tables.pct(p.b)}, "
-                     f"difference {100 * p.difference:+.1f} points ({100 * p.low:+.1f} to "
-                     f"{100 * p.high:+.1f}), robust only here {p.only_a}, only there "
-                     f"{p.only_b}, exact McNemar p = {p.p_value:.2g}: "
-                     f"{p.verdict()}")
+  for name, other in pairs(kept, beside):
+    ours, theirs = _robust_per_image(kept[name][1]), _robust_per_image(kept[other][1])
+    if len(ours) == len(theirs):
+      p = stats.paired(ours, theirs)
+      twins.append(f"{name} vs {other}: robust {tables.pct(p.a)} vs {tables.pct(p.b)}, "
+                   f"difference {100 * p.difference:+.1f} points ({100 * p.low:+.1f} to "
+                   f"{100 * p.high:+.1f}), robust only here {p.only_a}, only there "
+                   f"{p.only_b}, exact McNemar p = {p.p_value:.2g}: "
+                   f"{p.verdict()}")
   note = ("An image is robust only if it is classified correctly and every attack fails on "
           "it (AutoAttack's protocol, each attack on the images the earlier ones left). "
           "'after X': accuracy once X and every attack before it have run. 95% Wilson "
-          "interval; twins compared on the same images (Newcombe interval, exact McNemar).")
+          "interval; each model beside its twin (and the zoo's `beside` model, or the pairs "
+          "asked for) on the same images (Newcombe interval, exact McNemar).")
   flags = flags or ["no flag: no randomness, softmax output, saturation, zero gradients, "
                     "Square success or CE/DLR gap found"]
   text = [title, tables.format_text(header, rows), note, ""]
   markdown = [f"## {title}", "", tables.format_markdown(header, rows), "", note, ""]
   if twins:
-    text += ["Beside the twin:", *twins, ""]
-    markdown += ["### Beside the twin", "", *[f"- {t}" for t in twins], ""]
+    text += ["Beside the twin and other models:", *twins, ""]
+    markdown += ["### Beside the twin and other models", "", *[f"- {t}" for t in twins], ""]
   text += flags
   markdown += ["### Flags", "", *[f"- {f}" for f in flags]]
   return text, markdown
 
 
-__all__ = ["lines", "load", "run_zoo", "settings"]
+__all__ = ["lines", "load", "pairs", "run_zoo", "settings"]
