@@ -96,6 +96,22 @@ def test_worst_case_is_robust_under_every_attack_on_the_shared_images():
   assert "L-inf worst case 0.0% vs 30.0% (lower; -30.0 points" in twins[0]
 
 
+def test_twins_on_the_images_both_classify_correctly():
+  """Hess et al.'s susceptibility: the defended model is correct on the first 40 of 50 clean
+  images and keeps the first 30 under PGD, the twin all 50 and the first 35; on the 40 both
+  classify correctly that is 75% against 87.5% (5 images only the twin keeps)."""
+  table = _table(*_cells("mnist_lenet_pgd", fgsm=45, pgd=30, clean=40),
+                 *_cells("mnist_lenet", fgsm=20, pgd=35))
+  header, rows = robustness.twin_rows(table)
+  pgd = next(dict(zip(header, r, strict=True)) for r in rows if r[2] == "PGD")
+  assert (pgd["n"], pgd["accuracy"], pgd["twin's"]) == ("50", "60.0%", "70.0%")
+  header, rows = robustness.twin_rows(table, both_correct=True)
+  assert "clean" not in [r[2] for r in rows]
+  pgd = next(dict(zip(header, r, strict=True)) for r in rows if r[2] == "PGD")
+  assert (pgd["n"], pgd["accuracy"], pgd["twin's"]) == ("40", "75.0%", "87.5%")
+  assert pgd["p"] == f"{2 / 2 ** 5:.2g}"
+
+
 def test_all_image_metrics_count_clean_errors():
   table = _table(_rows("mnist_lenet", "pgd", {"eps": 0.3}, 40, 20, clean=30))
   cols = {k: np.asarray(v) for k, v in table.to_pydict().items()}

@@ -177,8 +177,18 @@ def _twins_section(table: pa.Table) -> tuple[str, list[str], list[list[str]]]:
           "Newcombe interval)", header, rows)
 
 
+def _twins_both_correct_section(table: pa.Table) -> tuple[str, list[str], list[list[str]]]:
+  from advsweep.bench.reports import robustness
+
+  header, rows = robustness.twin_rows(table, both_correct=True)
+  return ("Each defended model beside its twin on the images both classify correctly: the "
+          "share still correct is one minus the attack's success rate (exact McNemar test, "
+          "Newcombe interval)", header, rows)
+
+
 # A paper's own tables, named by its `sections` in its paper.toml.
-SECTIONS = {"class_pairs": _class_pairs_section, "twins": _twins_section}
+SECTIONS = {"class_pairs": _class_pairs_section, "twins": _twins_section,
+            "twins_both_correct": _twins_both_correct_section}
 
 def reproduce(paper: str, quick: bool = False, out_root: str | Path = "results",
               data_dir: str | None = None, overrides: list[str] | None = None,

@@ -102,10 +102,14 @@ def twin_lines(table: pa.Table) -> list[str]:
   return _twin_lines(_measure(table)[3])
 
 
-def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+                both_correct: bool = False
                 ) -> list[tuple[str, str, list[tuple[str, stats.Paired]]]]:
   """Per defended model measured beside its twin: (model, twin, [(column, paired outcome on
-  the images both were measured on)])."""
+  the images both were measured on)]); with `both_correct`, on those of them that both
+  classify correctly when clean, so that a lower clean accuracy does not show as a lower
+  accuracy under attack: the share kept is then one minus the attack's success rate, the
+  susceptibility Hess et al. compare."""
   out = []
   for model, own in per_image.items():
     twin = zoo.ZOO[model].twin if model in zoo.ZOO else ""
@@ -117,10 +121,22 @@ def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
         continue
       (ours_idx, ours), (theirs_idx, theirs) = own[column], per_image[twin][column]
       shared, at_ours, at_theirs = np.intersect1d(ours_idx, theirs_idx, return_indices=True)
-      if len(shared):
+      if both_correct:
+        if column == "clean":
+          continue
+        correct = np.intersect1d(_correct_images(own), _correct_images(per_image[twin]))
+        kept = np.isin(shared, correct)
+        at_ours, at_theirs = at_ours[kept], at_theirs[kept]
+      if len(at_ours):
         pairs.append((column, stats.paired(ours[at_ours], theirs[at_theirs])))
     out.append((model, twin, pairs))
   return out
+
+
+def _correct_images(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+  """The example_idx a model classifies correctly when clean."""
+  index, correct = columns["clean"]
+  return np.unique(index[correct])
 
 
 def _twin_lines(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> list[str]:
@@ -135,12 +151,15 @@ TWIN_HEADER = ("model", "twin", "attack", "n", "accuracy", "twin's", "difference
                "verdict")
 
 
-def twin_rows(table: pa.Table) -> tuple[list[str], list[list[str]]]:
-  """`twin_lines` as a table: one row per defended model and column."""
+def twin_rows(table: pa.Table, both_correct: bool = False
+              ) -> tuple[list[str], list[list[str]]]:
+  """`twin_lines` as a table: one row per defended model and column (`both_correct`: on the
+  images both classify correctly, `_twin_pairs`)."""
   rows = [[model, twin, column, str(p.n), tables.pct(p.a), tables.pct(p.b),
            f"{100 * p.difference:+.1f} ({100 * p.low:+.1f} to {100 * p.high:+.1f})",
            f"{p.p_value:.2g}", p.verdict()]
-          for model, twin, pairs in _twin_pairs(_measure(table)[3]) for column, p in pairs]
+          for model, twin, pairs in _twin_pairs(_measure(table)[3], both_correct)
+          for column, p in pairs]
   return list(TWIN_HEADER), rows
 
 
