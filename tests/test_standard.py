@@ -264,6 +264,8 @@ def test_models_are_paired_with_their_twin_the_zoo_beside_and_the_pairs_asked_fo
           "mnist_lenet": _kept([False] * 10)}
   assert standard_runs.pairs(kept) == [("mnist_lenet_alp", "mnist_lenet"),
                                        ("mnist_lenet_alp", "mnist_lenet_pgd")]
+  assert standard_runs.pairs(kept, [("mnist_lenet_pgd", "mnist_lenet_alp")]) == (
+      standard_runs.pairs(kept))  # the same pair the other way round: once
   assert standard_runs.pairs(kept, [("mnist_lenet", "mnist_lenet_pgd"),
                                     ("mnist_lenet", "cifar10_vgg")])[-1] == (
                                         "mnist_lenet", "mnist_lenet_pgd")

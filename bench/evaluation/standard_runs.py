@@ -165,14 +165,16 @@ def run_zoo(models: list[str], *, num_images: int = 1000, norm: str = standard.L
 def pairs(kept: dict[str, tuple[dict[str, Any], pa.Table]],
           beside: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
   """The (model, other) pairs compared image by image: each model with its twin (the
-  checkpoint's record) and with the zoo's `beside` model, then the pairs asked for; only where
-  both were evaluated."""
+  checkpoint's record) and with the zoo's `beside` model, then the pairs asked for; each pair
+  once, in either order, and only where both were evaluated."""
   out: list[tuple[str, str]] = []
   for name, (summary, _) in kept.items():
     entry = zoo.ZOO.get(name)
     out += [(name, other) for other in (summary.get("twin"), entry and entry.beside) if other]
   out += [tuple(pair) for pair in beside]
-  return [pair for pair in dict.fromkeys(out) if pair[0] in kept and pair[1] in kept]
+  unique = {frozenset(pair): pair for pair in reversed(out)}  # a pair once, first order kept
+  return [pair for pair in dict.fromkeys(out) if unique[frozenset(pair)] == pair
+          and pair[0] in kept and pair[1] in kept and pair[0] != pair[1]]
 
 
 def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str,
