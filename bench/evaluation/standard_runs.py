@@ -171,10 +171,13 @@ def pairs(kept: dict[str, tuple[dict[str, Any], pa.Table]],
   for name, (summary, _) in kept.items():
     entry = zoo.ZOO.get(name)
     out += [(name, other) for other in (summary.get("twin"), entry and entry.beside) if other]
-  out += [tuple(pair) for pair in beside]
-  unique = {frozenset(pair): pair for pair in reversed(out)}  # a pair once, first order kept
-  return [pair for pair in dict.fromkeys(out) if unique[frozenset(pair)] == pair
-          and pair[0] in kept and pair[1] in kept and pair[0] != pair[1]]
+  seen: set[frozenset[str]] = set()
+  unique = []
+  for model, other in [*out, *beside]:
+    if model != other and model in kept and other in kept and frozenset((model, other)) not in seen:
+      seen.add(frozenset((model, other)))
+      unique.append((model, other))
+  return unique
 
 
 def lines(kept: dict[str, tuple[dict[str, Any], pa.Table]], title: str,

@@ -116,6 +116,7 @@ def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     if twin not in per_image:
       continue
     pairs = []
+    correct = np.intersect1d(_correct_images(own), _correct_images(per_image[twin]))
     for column in ("clean", *COLUMNS, WORST_CASE):
       if column not in own or column not in per_image[twin]:
         continue
@@ -124,7 +125,6 @@ def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
       if both_correct:
         if column == "clean":
           continue
-        correct = np.intersect1d(_correct_images(own), _correct_images(per_image[twin]))
         kept = np.isin(shared, correct)
         at_ours, at_theirs = at_ours[kept], at_theirs[kept]
       if len(at_ours):
