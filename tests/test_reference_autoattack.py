@@ -198,3 +198,10 @@ def test_standard_vs_reference_writes_one_comparison_and_no_progress(data_dir, t
   assert result["ours"]["robust"] == result["reference"]["robust"] == 0.0
   assert result["within_one_point"] and result["only_ours_robust"] == 0
   assert "mnist_lenet" in capsys.readouterr().out
+  # A timing on set torch threads is kept beside it, never over it, and says how it ran.
+  assert versus.main(["--models", "mnist_lenet", "--n", "4", "--data-dir", str(data_dir),
+                      "--threads", "1", "--out", str(tmp_path)]) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == [f"mnist_lenet-4-{sha[:12]}.json",
+                                                         f"mnist_lenet-4-t1-{sha[:12]}.json"]
+  timed = json.loads((tmp_path / f"mnist_lenet-4-t1-{sha[:12]}.json").read_text())
+  assert versus.row(timed)[versus.HEADER.index("reference run")].startswith("native, 1 thread")

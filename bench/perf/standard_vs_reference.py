@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +35,8 @@ from advsweep.bench.reports import tables
 from advsweep.models import datasets, files, zoo
 
 HEADER = ("model", "weights", "n", "eps", "clean", "advsweep robust", "reference robust",
-          "only ours robust", "only reference robust", "McNemar p", "advsweep s",
-          "reference s", "speed-up")
+          "only ours robust", "only reference robust", "McNemar p", "reference run",
+          "advsweep s", "reference s", "speed-up")
 
 
 class _Kept:
@@ -125,7 +126,7 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
                       batch_size=reference_batch_size or reference.DEFAULT_BATCH_SIZE,
                       progress_path=None if progress_dir is None else progress_dir / (
                           result_stem(name, num_images, eps if explicit_eps else None,
-                                      model.meta.get("sha256", ""))
+                                      model.meta.get("sha256", ""), threads)
                           + ".reference.partial.npz"))
   ref_robust = np.asarray(ref["robust"], bool)
   log(f"{name}: reference robust {100 * ref_robust.mean():.1f}% in {ref['seconds']:.0f} s")
@@ -135,6 +136,7 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
   return {
       "model": name, "sha256": model.meta.get("sha256", ""), "num_images": num_images,
       "norm": norm, "eps": eps, "clean": ours.clean_accuracy(),
+      "cpus": _usable_cpus(),
       "ours": {"robust": acc, "interval": [low, high], "seconds": ours_seconds,
                "attack_seconds": {k: o.seconds for k, o in ours.outcomes.items()},
                "robust_after": ours.robust_after(), "flags": [str(f) for f in ours.flags]},
@@ -150,10 +152,20 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
   }
 
 
-def result_stem(name: str, num_images: int, eps: float | None, sha256: str) -> str:
-  """The comparison's file name without its suffix. Named by the weights too: a retrained
-  model's comparison never replaces the earlier weights' (the docs' page lists both)."""
-  return f"{name}-{num_images}" + ("" if eps is None else f"-eps{eps:g}") + f"-{sha256[:12]}"
+def _usable_cpus() -> int | None:
+  """The CPUs this process may run on (fewer than the machine's under `taskset`)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count()
+
+
+def result_stem(name: str, num_images: int, eps: float | None, sha256: str,
+                threads: int | None = None) -> str:
+  """The comparison's file name without its suffix. Named by the weights too, and by torch's
+  threads where they were set: a retrained model's comparison, or a timing on fewer threads,
+  never replaces another (the docs' page lists them all)."""
+  return (f"{name}-{num_images}" + ("" if eps is None else f"-eps{eps:g}")
+          + ("" if threads is None else f"-t{threads}") + f"-{sha256[:12]}")
 
 
 def row(result: dict[str, Any]) -> list[str]:
@@ -164,9 +176,20 @@ def row(result: dict[str, Any]) -> list[str]:
           f"{result['eps']:.4g}",
           tables.pct(result["clean"]), fmt(ours), fmt(ref), str(result["only_ours_robust"]),
           str(result["only_reference_robust"]), f"{result['mcnemar_p']:.2g}",
+          _reference_run(result),
           "kept" if math.isnan(ours["seconds"]) else f"{ours['seconds']:.0f}",
           f"{ref['seconds']:.0f}",
           "-" if math.isnan(ours["seconds"]) else f"{ref['seconds'] / ours['seconds']:.2f}x"]
+
+
+def _reference_run(result: dict[str, Any]) -> str:
+  """How the reference ran: a torch copy of the weights ('native') or the JAX model through the
+  autograd bridge, on how many torch threads, and on how many CPUs the process could use where
+  the comparison recorded it."""
+  ref = result["reference"]
+  cpus = result.get("cpus")
+  return (f"{ref.get('kind', '?')}, {ref.get('torch_threads', '?')} thread(s)"
+          + ("" if cpus is None else f", {cpus} CPU(s)"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = compare(name, args.n, eps=args.eps, norm=args.norm, data_dir=args.data_dir,
                      threads=args.threads, reference_batch_size=args.reference_batch_size,
                      ours_from=args.ours_from, progress_dir=args.out)
-    stem = result_stem(name, args.n, args.eps, result["sha256"])
+    stem = result_stem(name, args.n, args.eps, result["sha256"], args.threads)
     files.atomic_write_bytes(args.out / f"{stem}.json",
                              (json.dumps(result, indent=1) + "\n").encode())
     rows.append(row(result))
