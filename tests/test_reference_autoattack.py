@@ -116,6 +116,14 @@ def test_tiny_run_checks_its_output_and_writes_rows(lenet, data_dir, tmp_path, c
   assert (result["perturbation"] <= 0.3 + ref.EPS_TOLERANCE).all()
   assert result["torch_jax_disagreements"] == 0
   assert result["model_calls"] > 0 and result["gradient_calls"] > 0 and result["seconds"] > 0
+  # The cost per sub-attack: APGD-CE fooled all four, so AutoAttack never called the others;
+  # the ledger's calls are the module's, less MultiAttack's own checks between attacks.
+  costs = result["attack_costs"]
+  assert list(costs) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+  assert costs["APGD-CE"]["model_images"] > 0 and costs["APGD-CE"]["gradient_calls"] > 0
+  assert all(costs[a]["model_calls"] == 0 for a in ("APGD-T", "FAB-T", "Square"))
+  assert costs["APGD-CE"]["model_images"] == result["model_images"] - 4  # one check of 4
+  assert 0 < costs["APGD-CE"]["seconds"] <= result["seconds"]
   # robust is the JAX model's verdict on the returned images
   adv_pred = np.asarray(jnp.argmax(lenet.apply_fn(lenet.params, result["adversarial"]), -1))
   np.testing.assert_array_equal(result["robust"], adv_pred == result["label"])
@@ -175,6 +183,8 @@ def test_interrupted_run_resumes_at_its_next_batch(lenet, data_dir, tmp_path, mo
   np.testing.assert_array_equal(resumed["adversarial"], whole["adversarial"])
   np.testing.assert_array_equal(resumed["robust"], whole["robust"])
   assert resumed["model_calls"] == whole["model_calls"] > first_calls
+  for attack, cost in whole["attack_costs"].items():  # the parts' ledgers add up
+    assert resumed["attack_costs"][attack]["model_images"] == cost["model_images"], attack
 
   with pytest.warns(UserWarning, match="another evaluation"):  # other settings: afresh
     ref.progress.save(path, "not this run", {"adversarial": np.zeros((4, 1, 28, 28))})
@@ -205,3 +215,6 @@ def test_standard_vs_reference_writes_one_comparison_and_no_progress(data_dir, t
                                                          f"mnist_lenet-4-t1-{sha[:12]}.json"]
   timed = json.loads((tmp_path / f"mnist_lenet-4-t1-{sha[:12]}.json").read_text())
   assert versus.row(timed)[versus.HEADER.index("reference run")].startswith("native, 1 thread")
+  assert [r[versus.COST_HEADER.index("attack")] for r in versus.cost_rows(timed)] == [
+      "APGD-CE", "APGD-T", "FAB-T", "Square"]
+  assert versus.cost_rows(result | {"ours": result["ours"] | {"seconds": float("nan")}}) == []

@@ -70,7 +70,16 @@ def standard_vs_reference(root: Path) -> str:
   from advsweep.bench.perf import standard_vs_reference as versus
 
   folder = root / "results" / "standard-reference"
-  rows = [versus.row(json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))]
+  results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+  rows = [versus.row(r) for r in results]
+  costs = [line for r in results for line in versus.cost_rows(r)]
+  where = ["", "### Where the time goes", "",
+           "Per attack, on the comparisons that ran both sides in one process and recorded the "
+           "reference's ledger: each side's seconds, and the model images and gradient calls the "
+           "reference made inside the attack. The standard evaluation runs each attack with the "
+           "same iterations, restarts, targets and query budget, on the images the earlier "
+           "attacks left.", "",
+           tables.format_markdown(list(versus.COST_HEADER), costs)] if costs else []
   return "\n".join([*_header(
       "The standard evaluation beside the reference AutoAttack",
       "python -m advsweep.bench.perf.standard_vs_reference --models MODEL --n N "
@@ -80,7 +89,10 @@ def standard_vs_reference(root: Path) -> str:
       "Square's original schedule); 'kept' means our side was read from the standard "
       "evaluation's files instead of being run beside it. 'weights': the first digits of "
       "the checkpoint's sha256 (a retrained model's earlier rows stay, under the weights "
-      "they measured; `advsweep models` lists the shipped ones).", ""])
+      "they measured; `advsweep models` lists the shipped ones). 'reference run': a torch "
+      "copy of the weights ('native') or the JAX model through the autograd bridge, torch's "
+      "threads, and the CPUs the process could use where the run recorded them.", *where,
+      ""])
 
 
 def _newest_rows(folder: Path, pattern: str, key) -> dict[tuple, tuple[dict, str]]:

@@ -393,6 +393,48 @@ def perturbation_size(adv: np.ndarray, x: np.ndarray, norm: str) -> np.ndarray:
 
 # What a run's progress file adds up across its parts (an interrupted run and its resumes).
 _COUNTS = ("seconds", "compile_seconds", "model_calls", "model_images", "gradient_calls")
+_ATTACK_COUNTS = ("seconds", "model_calls", "model_images", "gradient_calls")
+
+
+class _AttackLedger:
+  """Per sub-attack of torchattacks' AutoAttack: its wall time and the model calls, images and
+  gradient calls made inside it (what the reference's cost is made of). Wraps each
+  sub-attack's `forward` on this instance; the attack's outputs are untouched."""
+
+  def __init__(self, atk: Any, net: Any, kept: dict[str, float] | None = None):
+    self.net = net
+    self.costs: dict[str, dict[str, float]] = {}
+    for sub in atk._autoattack.attacks:
+      name = _attack_name(sub)
+      self.costs[name] = {k: float((kept or {}).get(f"{name}/{k}", 0.0))
+                          for k in _ATTACK_COUNTS}
+      sub.forward = self._timed(name, sub.forward)
+
+  def _timed(self, name: str, forward):
+    def wrapped(*args, **kwargs):
+      net = self.net
+      before = (net.calls, net.images, net.gradient_calls)
+      tic = time.perf_counter()
+      try:
+        return forward(*args, **kwargs)
+      finally:
+        cost = self.costs[name]
+        cost["seconds"] += time.perf_counter() - tic
+        for key, start, now in zip(_ATTACK_COUNTS[1:], before,
+                                   (net.calls, net.images, net.gradient_calls), strict=True):
+          cost[key] += now - start
+    return wrapped
+
+  def flat(self) -> dict[str, np.float64]:
+    """The costs as a progress file's scalars (`NAME/seconds`, ...)."""
+    return {f"{name}/{k}": np.float64(v) for name, cost in self.costs.items()
+            for k, v in cost.items()}
+
+
+def _attack_name(sub: Any) -> str:
+  """AutoAttack's name for a torchattacks sub-attack: APGD-CE, APGD-T, FAB-T, Square."""
+  kind = type(sub).__name__
+  return {"APGD": "APGD-CE", "APGDT": "APGD-T", "FAB": "FAB-T"}.get(kind, kind)
 
 
 def _totals(before: dict[str, float], net: Any, start: float,
@@ -474,6 +516,7 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
   kept = progress.load(progress_path, stamp) if progress_path is not None else None
   adv = [torch.from_numpy(kept["adversarial"])] if kept is not None else []
   before = {k: float(kept[k]) if kept is not None else 0.0 for k in _COUNTS}
+  ledger = _AttackLedger(atk, net, kept)
   try:
     warm = x_t[:batch_size].clone().requires_grad_()  # torch's and the bridge's first calls
     net(warm).sum().backward()
@@ -486,7 +529,8 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
       if progress_path is not None and i + batch_size < n:
         totals = _totals(before, net, start, compile_before)
         progress.save(progress_path, stamp, {"adversarial": torch.cat(adv).numpy(),
-                                             **{k: np.float64(v) for k, v in totals.items()}})
+                                             **{k: np.float64(v) for k, v in totals.items()},
+                                             **ledger.flat()})
     totals = _totals(before, net, start, compile_before)
   finally:
     torch.set_num_threads(default_threads)
@@ -511,6 +555,8 @@ def run(name: Any, num_images: int = 1000, eps: float | None = None, norm: str =
       "kind": net.kind, "croce_hein": croce_hein, **_settings(atk), **versions(),
       "torch_threads": torch_threads, "seconds": seconds,
       "compile_seconds": totals["compile_seconds"], **counts,
+      "attack_costs": {name: {k: (v if k == "seconds" else int(v)) for k, v in cost.items()}
+                       for name, cost in ledger.costs.items()},
       "clean_accuracy": float(clean_correct.mean()), "robust_accuracy": float(robust.mean()),
       "violations": int((~within).sum()),
       "torch_jax_disagreements": int((robust != (torch_pred == labels)).sum()),

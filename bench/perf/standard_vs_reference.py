@@ -144,7 +144,8 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
                     "seconds": ref["seconds"],
                     **{k: ref[k] for k in ("kind", "torch_threads", "batch_size",
                                            "model_calls", "model_images", "gradient_calls",
-                                           "compile_seconds", "violations") if k in ref}},
+                                           "compile_seconds", "violations",
+                                           "attack_costs") if k in ref}},
       "only_ours_robust": paired.only_a, "only_reference_robust": paired.only_b,
       "difference": paired.difference, "difference_interval": [paired.low, paired.high],
       "mcnemar_p": paired.p_value,
@@ -190,6 +191,25 @@ def _reference_run(result: dict[str, Any]) -> str:
   cpus = result.get("cpus")
   return (f"{ref.get('kind', '?')}, {ref.get('torch_threads', '?')} thread(s)"
           + ("" if cpus is None else f", {cpus} CPU(s)"))
+
+
+COST_HEADER = ("model", "weights", "n", "reference run", "attack", "advsweep s",
+               "reference s", "reference model images", "reference gradient calls")
+
+
+def cost_rows(result: dict[str, Any]) -> list[list[str]]:
+  """Per attack of a comparison that ran both sides: each one's seconds and the reference's
+  model work inside that attack (its ledger); none for a kept or earlier comparison."""
+  ours, ref = result["ours"], result["reference"]
+  costs = ref.get("attack_costs")
+  if not costs or math.isnan(ours["seconds"]):
+    return []
+  mine = ours.get("attack_seconds", {})
+  head = [result["model"], result["sha256"][:12], str(result["num_images"]),
+          _reference_run(result)]
+  return [[*head, attack, f"{mine[attack]:.0f}" if attack in mine else "-",
+           f"{cost['seconds']:.0f}", str(cost["model_images"]), str(cost["gradient_calls"])]
+          for attack, cost in costs.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
