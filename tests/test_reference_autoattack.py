@@ -215,6 +215,7 @@ def test_standard_vs_reference_writes_one_comparison_and_no_progress(data_dir, t
                                                          f"mnist_lenet-4-t1-{sha[:12]}.json"]
   timed = json.loads((tmp_path / f"mnist_lenet-4-t1-{sha[:12]}.json").read_text())
   assert versus.row(timed)[versus.HEADER.index("reference run")].startswith("native, 1 thread")
-  assert [r[versus.COST_HEADER.index("attack")] for r in versus.cost_rows(timed)] == [
+  assert [r[versus.COST_HEADER.index("attack")] for r in versus.cost_rows(timed)][:4] == [
       "APGD-CE", "APGD-T", "FAB-T", "Square"]
+  assert 0 <= timed["ours"]["compile_seconds"] <= timed["ours"]["seconds"]
   assert versus.cost_rows(result | {"ours": result["ours"] | {"seconds": float("nan")}}) == []
