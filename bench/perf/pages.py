@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -52,18 +53,30 @@ def _header(title: str, command: str, source: str) -> list[str]:
           "```", ""]
 
 
-def standard_evaluation(root: Path) -> str:
-  folder = root / "results" / "standard-linf"
+def _kept_standard(folder: Path) -> dict[str, Any]:
   kept = {}
   for summary_path in sorted(folder.glob("*.json")):
     loaded = standard_runs.load(folder, json.loads(summary_path.read_text())["model"])
     if loaded is not None:
       kept[loaded[0]["model"]] = loaded
-  _, markdown = standard_runs.lines(kept, "Standard evaluation (L-inf, first 1,000 test "
-                                    "images)")
+  return kept
+
+
+def standard_evaluation(root: Path) -> str:
+  """The L-inf table (`results/standard-linf/`), and the L2 one where `results/standard-l2/`
+  holds a run (CIFAR-10 at 0.5, RobustBench's L2 budget)."""
+  _, markdown = standard_runs.lines(_kept_standard(root / "results" / "standard-linf"),
+                                    "Standard evaluation (L-inf, first 1,000 test images)")
+  l2 = _kept_standard(root / "results" / "standard-l2")
+  l2_lines = []
+  if l2:
+    _, l2_markdown = standard_runs.lines(l2, "Standard evaluation (L2, first 1,000 test "
+                                         "images)")
+    l2_lines = ["", "The L2 table was made by `advsweep robustness --standard --norm l2 "
+                "--models ...` (`results/standard-l2/`).", "", *l2_markdown]
   return "\n".join([*_header("The zoo under the standard evaluation",
                              "advsweep robustness --standard", "results/standard-linf/"),
-                    *markdown, ""])
+                    *markdown, *l2_lines, ""])
 
 
 def standard_vs_reference(root: Path) -> str:
