@@ -219,3 +219,5 @@ def test_standard_vs_reference_writes_one_comparison_and_no_progress(data_dir, t
       "APGD-CE", "APGD-T", "FAB-T", "Square"]
   assert 0 <= timed["ours"]["compile_seconds"] <= timed["ours"]["seconds"]
   assert versus.cost_rows(result | {"ours": result["ours"] | {"seconds": float("nan")}}) == []
+  assert versus.result_stem("m", 10, None, sha, 1, "l2") == f"m-10-l2-t1-{sha[:12]}"
+  assert versus.row(timed)[versus.HEADER.index("norm")] == "L-inf"

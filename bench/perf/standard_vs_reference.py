@@ -35,7 +35,7 @@ from advsweep.bench.evaluation import standard
 from advsweep.bench.reports import tables
 from advsweep.models import datasets, files, zoo
 
-HEADER = ("model", "weights", "n", "eps", "clean", "advsweep robust", "reference robust",
+HEADER = ("model", "weights", "n", "norm", "eps", "clean", "advsweep robust", "reference robust",
           "only ours robust", "only reference robust", "McNemar p", "reference run",
           "advsweep s", "reference s", "speed-up")
 
@@ -130,7 +130,7 @@ def compare(name: str, num_images: int, *, eps: float | None = None, norm: str =
                       batch_size=reference_batch_size or reference.DEFAULT_BATCH_SIZE,
                       progress_path=None if progress_dir is None else progress_dir / (
                           result_stem(name, num_images, eps if explicit_eps else None,
-                                      model.meta.get("sha256", ""), threads)
+                                      model.meta.get("sha256", ""), threads, norm)
                           + ".reference.partial.npz"))
   ref_robust = np.asarray(ref["robust"], bool)
   log(f"{name}: reference robust {100 * ref_robust.mean():.1f}% in {ref['seconds']:.0f} s")
@@ -166,11 +166,13 @@ def _usable_cpus() -> int | None:
 
 
 def result_stem(name: str, num_images: int, eps: float | None, sha256: str,
-                threads: int | None = None) -> str:
-  """The comparison's file name without its suffix. Named by the weights too, and by torch's
-  threads where they were set: a retrained model's comparison, or a timing on fewer threads,
-  never replaces another (the docs' page lists them all)."""
-  return (f"{name}-{num_images}" + ("" if eps is None else f"-eps{eps:g}")
+                threads: int | None = None, norm: str = "linf") -> str:
+  """The comparison's file name without its suffix. Named by the weights too, by the norm
+  where it is not L-inf, and by torch's threads where they were set: a retrained model's
+  comparison, one in another threat model, or a timing on fewer threads never replaces
+  another (the docs' page lists them all)."""
+  return (f"{name}-{num_images}" + ("" if norm == "linf" else f"-{norm}")
+          + ("" if eps is None else f"-eps{eps:g}")
           + ("" if threads is None else f"-t{threads}") + f"-{sha256[:12]}")
 
 
@@ -179,6 +181,7 @@ def row(result: dict[str, Any]) -> list[str]:
   fmt = lambda r: (f"{tables.pct(r['robust'])} ({tables.pct(r['interval'][0])}-"  # noqa: E731
                    f"{tables.pct(r['interval'][1])})")
   return [result["model"], result["sha256"][:12], str(result["num_images"]),
+          {"linf": "L-inf", "l2": "L2"}.get(result.get("norm", "linf"), result.get("norm")),
           f"{result['eps']:.4g}",
           tables.pct(result["clean"]), fmt(ours), fmt(ref), str(result["only_ours_robust"]),
           str(result["only_reference_robust"]), f"{result['mcnemar_p']:.2g}",
@@ -250,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = compare(name, args.n, eps=args.eps, norm=args.norm, data_dir=args.data_dir,
                      threads=args.threads, reference_batch_size=args.reference_batch_size,
                      ours_from=args.ours_from, progress_dir=args.out)
-    stem = result_stem(name, args.n, args.eps, result["sha256"], args.threads)
+    stem = result_stem(name, args.n, args.eps, result["sha256"], args.threads, args.norm)
     files.atomic_write_bytes(args.out / f"{stem}.json",
                              (json.dumps(result, indent=1) + "\n").encode())
     rows.append(row(result))
