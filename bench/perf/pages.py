@@ -338,6 +338,10 @@ def papers_page(root: Path) -> str:
 
 # The analyses' kept runs: (run folder, the config that made it).
 ANALYSIS_RUNS = (("onepixel-analysis", "onepixel_analysis"),
+                 ("onepixel-equal-budget", "onepixel_analysis --set images.per_bin=150 --set "
+                  "attacks.one_pixel.num_generations=25 --set "
+                  "attacks.one_pixel.stop_on_flip=false --set "
+                  "attacks.one_pixel.stop_true_prob=0.0"),
                  ("onepixel-class-pairs", "onepixel_class_pairs"))
 
 
