@@ -396,6 +396,12 @@ _COUNTS = ("seconds", "compile_seconds", "model_calls", "model_images", "gradien
 _ATTACK_COUNTS = ("seconds", "model_calls", "model_images", "gradient_calls")
 
 
+def _module_counts(net: Any) -> dict[str, int]:
+  """The torch module's counts so far, under the names a run's result and ledger use."""
+  return {"model_calls": net.calls, "model_images": net.images,
+          "gradient_calls": net.gradient_calls}
+
+
 class _AttackLedger:
   """Per sub-attack of torchattacks' AutoAttack: its wall time and the model calls, images and
   gradient calls made inside it (what the reference's cost is made of). Wraps each
@@ -412,17 +418,15 @@ class _AttackLedger:
 
   def _timed(self, name: str, forward):
     def wrapped(*args, **kwargs):
-      net = self.net
-      before = (net.calls, net.images, net.gradient_calls)
+      before = _module_counts(self.net)
       tic = time.perf_counter()
       try:
         return forward(*args, **kwargs)
       finally:
         cost = self.costs[name]
         cost["seconds"] += time.perf_counter() - tic
-        for key, start, now in zip(_ATTACK_COUNTS[1:], before,
-                                   (net.calls, net.images, net.gradient_calls), strict=True):
-          cost[key] += now - start
+        for key, now in _module_counts(self.net).items():
+          cost[key] += now - before[key]
     return wrapped
 
   def flat(self) -> dict[str, np.float64]:
@@ -443,8 +447,7 @@ def _totals(before: dict[str, float], net: Any, start: float,
   bridge = getattr(net, "bridge", None)
   part = {"seconds": time.perf_counter() - start,
           "compile_seconds": (bridge.compile_seconds - compile_before) if bridge else 0.0,
-          "model_calls": net.calls, "model_images": net.images,
-          "gradient_calls": net.gradient_calls}
+          **_module_counts(net)}
   return {k: before[k] + part[k] for k in _COUNTS}
 
 

@@ -38,6 +38,7 @@ from advsweep.models import datasets, files, zoo
 HEADER = ("model", "weights", "n", "norm", "eps", "clean", "advsweep robust", "reference robust",
           "only ours robust", "only reference robust", "McNemar p", "reference run",
           "advsweep s", "reference s", "speed-up")
+NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
 
 
 class _Kept:
@@ -181,7 +182,7 @@ def row(result: dict[str, Any]) -> list[str]:
   fmt = lambda r: (f"{tables.pct(r['robust'])} ({tables.pct(r['interval'][0])}-"  # noqa: E731
                    f"{tables.pct(r['interval'][1])})")
   return [result["model"], result["sha256"][:12], str(result["num_images"]),
-          {"linf": "L-inf", "l2": "L2"}.get(result.get("norm", "linf"), result.get("norm")),
+          NORM_LABELS.get(result.get("norm", "linf"), result.get("norm")),
           f"{result['eps']:.4g}",
           tables.pct(result["clean"]), fmt(ours), fmt(ref), str(result["only_ours_robust"]),
           str(result["only_reference_robust"]), f"{result['mcnemar_p']:.2g}",

@@ -116,7 +116,8 @@ def _twin_pairs(per_image: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     if twin not in per_image:
       continue
     pairs = []
-    correct = np.intersect1d(_correct_images(own), _correct_images(per_image[twin]))
+    correct = (np.intersect1d(_correct_images(own), _correct_images(per_image[twin]))
+               if both_correct else None)
     for column in ("clean", *COLUMNS, WORST_CASE):
       if column not in own or column not in per_image[twin]:
         continue
