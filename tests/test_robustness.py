@@ -16,9 +16,10 @@ from advsweep.models import zoo
 from tests.conftest import requires_data
 
 
-def _rows(model, attack, params, n, robust, clean=None, transfer=None):
+def _rows(model, attack, params, n, robust, clean=None, transfer=None, linf=0.3):
   """n images; the first `robust` stay correct, the first `clean` (default n) are
-  clean-correct; transfer: how many the twin's examples fool (None: not run)."""
+  clean-correct; transfer: how many the twin's examples fool (None: not run); linf: the
+  L-inf size of every change."""
   clean = n if clean is None else clean
   label = np.zeros(n, np.int64)
   adv_pred = np.where(np.arange(n) < robust, 0, 1)
@@ -26,7 +27,8 @@ def _rows(model, attack, params, n, robust, clean=None, transfer=None):
   return {"model": [model] * n, "attack": [attack] * n, "params": [json.dumps(params)] * n,
           "config_hash": [f"{attack}{json.dumps(params)}"] * n, "example_idx": list(range(n)),
           "clean_correct": list(np.arange(n) < clean), "label": list(label),
-          "adv_pred": list(adv_pred), "transfer_success": fooled or [None] * n}
+          "adv_pred": list(adv_pred), "transfer_success": fooled or [None] * n,
+          "linf": [float(linf)] * n}
 
 
 def _table(*parts):
@@ -71,6 +73,24 @@ def test_table_counts_every_image_and_flags_masking():
   assert "PGD 60.0% vs 0.0% (higher; +60.0 points" in twins[0]
   assert f"p = {2 / 2 ** 30:.2g}, n = 50)" in twins[0]
   assert "clean 100.0% vs 100.0% (no difference at 95%; +0.0 points" in twins[0]
+
+
+def test_black_box_flags_masking_only_within_pgds_budget():
+  """The one-pixel attack beating PGD flags masking where its changes lie within PGD's eps;
+  a pixel moved by 1.0 is outside the 0.3 ball PGD searches: no flag, a line that says why."""
+  def table(linf):
+    return _table(*_cells("mnist_lenet_pgd", fgsm=45, pgd=45),
+                  _rows("mnist_lenet_pgd", "one_pixel", {"num_pixels": 3}, 50, 20, linf=linf))
+
+  _, flags = robustness.robustness_rows(table(0.25))
+  assert any(f.startswith("FLAG mnist_lenet_pgd: the black-box 1-pixel k=3 (40.0%)")
+             for f in flags)
+  _, flags = robustness.robustness_rows(table(1.0))
+  assert not any(f.startswith("FLAG") for f in flags)
+  assert any(f.startswith("not flagged, mnist_lenet_pgd: 1-pixel k=3 (40.0%)")
+             and "up to 1.00 in L-inf, outside PGD's 0.3" in f for f in flags)
+  _, markdown = robustness.lines(table(1.0), "t")
+  assert any(line.startswith("- no model flagged") for line in markdown)
 
 
 def test_worst_case_is_robust_under_every_attack_on_the_shared_images():
