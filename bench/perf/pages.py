@@ -297,9 +297,10 @@ def robustness_page(root: Path) -> str:
       continue
     config = (results.read_run_meta(folder) or {}).get("config", {})
     table = results.read_run(folder)
+    per_model = config.get("images", {}).get("per_bin", "?")
+    per_model = f"{per_model:,}" if isinstance(per_model, int) else per_model
     _, markdown = robustness.lines(table, f"`results/{folder.name}/`: {table.num_rows:,} rows, "
-                                   f"{config.get('images', {}).get('per_bin', '?')} images "
-                                   "a model")
+                                   f"{per_model} images a model")
     body += [*markdown, "", f"Models: {', '.join(config.get('models', []))}.", ""]
   if not body:
     body = ["No run is committed yet.", ""]
