@@ -222,6 +222,17 @@ def ranked_targets(clean_logits: jax.Array, num_targets: int) -> jax.Array:
   return order[:, 1:num_targets + 1].astype(jnp.int32)
 
 
+BUDGET_SLACK = 1e-5  # float32's rounding of a change made exactly at the budget
+
+
+def within_linf(linf: Any, eps: float) -> Any:
+  """Whether L-inf sizes (a number or an array, numpy) lie within `eps`, with float32's slack:
+  what every check of an L-inf budget compares, attacks' and reports' alike."""
+  import numpy as np
+
+  return np.asarray(linf) <= float(eps) + BUDGET_SLACK
+
+
 def within_eps(config: Any, result: Any, num_features: int) -> Any:
   """[B] the perturbation respects `config.eps` in `config.norm` (L-inf by default), with
   float32's slack: the `within_budget` of every eps-bounded attack's spec (numpy)."""
@@ -229,8 +240,8 @@ def within_eps(config: Any, result: Any, num_features: int) -> Any:
 
   del num_features
   if getattr(config, "norm", LINF) == LINF:
-    return np.asarray(result.linf) <= float(config.eps) + 1e-5
-  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + 1e-5
+    return within_linf(result.linf, config.eps)
+  return np.asarray(result.l2) <= float(config.eps) * (1 + 1e-4) + BUDGET_SLACK
 
 
 def bucket(count: int) -> int:

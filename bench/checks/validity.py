@@ -244,7 +244,7 @@ def black_box_beats_white_box(cols: dict[str, np.ndarray], cell: dict[str, Any],
   for peer, rows in peers:
     if not gradient_free(peer["attack"]):
       continue
-    if eps < float(np.max(cols["linf"][rows], initial=0.0)):
+    if not attacks.common.within_linf(np.max(cols["linf"][rows], initial=0.0), eps):
       continue  # the peer's changes are outside this budget
     peer_won = _won(cols, rows)
     if stats.disjoint_above(peer_won, won):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from advsweep.attacks import common
 from advsweep.bench import stats
 from advsweep.bench.checks import masking
 from advsweep.bench.driver import config as config_lib
@@ -40,8 +41,6 @@ CONFIG = "robustness"
 WORST_CASE = "L-inf worst case"
 # The columns of attacks bounded by the dataset's L-inf eps, which the worst case is over.
 LINF_COLUMNS = ("FGSM", "PGD", "AdvGAN", "PGD from twin")
-# A change counts as within PGD's L-inf budget up to this much above it (float32 rounding).
-BUDGET_SLACK = 1e-5
 OVERFIT_GAP = 0.5  # FGSM minus PGD accuracy of an adversarially trained model that flags it
 HEADER = ("model", "defense", "twin", "n", "clean", "FGSM", "PGD", "1-pixel k=1",
           "1-pixel k=3", "JSMA", "AdvGAN", "PGD from twin", WORST_CASE)
@@ -261,12 +260,11 @@ def _measure(table: pa.Table) -> tuple[list[list[str]], list[str],
                    f"{_share(fgsm)} under FGSM but {_share(white_box)} under PGD: robust to "
                    "the one-step attack it was trained on only (catastrophic overfitting, "
                    "Wong et al. 2020)")
-    pgd_rows = in_model & (cols["attack"] == COLUMNS[WHITE_BOX][0])
-    budget = max((p.get("eps", 0.0) for p in params[pgd_rows]), default=None)
+    budget = max((p.get("eps", 0.0) for p in params[pgd]), default=None)
     for name in ("transfer", "1-pixel k=1", "1-pixel k=3", "AdvGAN"):
       if name not in rates or not masking.disjoint_above(white_box, rates[name]):
         continue
-      if budget is not None and reach.get(name, 0.0) > budget + BUDGET_SLACK:
+      if budget is not None and not common.within_linf(reach.get(name, 0.0), budget):
         flags.append(f"not flagged, {model}: {name} ({_share(rates[name])}) leaves fewer "
                      f"images correct than PGD ({_share(white_box)}), but with changes up to "
                      f"{reach[name]:.2f} in L-inf, outside PGD's {budget:.3g}: another threat "
